@@ -1,0 +1,29 @@
+"""Shared test fixtures.
+
+Tests that need the real data sets get them through the `data_dir` fixture: the directory named by
+the env var NANOLLM_DATA, default `../shared/data` beside the checkout. When it is missing the test
+is skipped with the reason, except under CI (CI=true), where a missing data directory fails the run.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `from model import ...` in tests, from any working directory
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("NANOLLM_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if not path.is_dir():
+        msg = f"real data directory {path} not found (set NANOLLM_DATA to the shared data folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
