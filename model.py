@@ -1,0 +1,606 @@
+"""A Llama-style decoder-only transformer, readable top to bottom.
+
+    tokens -> embed -> n_layers x [ x + Attention(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ] -> RMSNorm -> logits
+
+The pieces and where they come from:
+- RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, computed in fp32.
+- RoPE (Su et al. 2021) in the Hugging Face "rotate_half" layout, so HF Llama weights load without any
+  permutation; with linear (Chen et al. 2023), YaRN (Peng et al. 2023) and Llama-3 context scaling.
+- Grouped-query attention (Ainslie et al. 2023): n_kv_heads key/value heads shared by n_heads query
+  heads; multi-head (n_kv_heads == n_heads) and multi-query (n_kv_heads == 1) are the special cases.
+- SwiGLU MLP (Shazeer 2020): down(silu(gate(x)) * up(x)).
+- A preallocated KV cache for generation: prefill once, then one token per step, with left-padded
+  batches of prompts of different lengths.
+- Hugging Face interop: `load_hf(dir)` reads Llama / Mistral / Qwen2 / SmolLM checkpoints,
+  `save_hf(model, dir)` writes one that `transformers` loads.
+
+Three attention backends compute the same thing: `naive` (explicit softmax, the readable reference),
+`sdpa` (torch's fused scaled_dot_product_attention) and `triton` (kernels/flash_attention.py).
+
+    python model.py                 # table of the presets: parameters and FLOPs per token
+    python model.py --preset small  # one preset's full config
+"""
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTN_BACKENDS = ("naive", "sdpa", "triton")
+ROPE_TYPES = ("linear", "yarn", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 768                      # model (residual stream) width
+    n_layers: int = 12
+    n_heads: int = 12                   # query heads
+    n_kv_heads: int = 12                # key/value heads (GQA); must divide n_heads
+    hidden_dim: int = 2048              # SwiGLU inner width
+    max_seq_len: int = 1024
+    head_dim: int | None = None         # None: dim // n_heads (some checkpoints set it explicitly)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # e.g. {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False        # LM head shares the token embedding matrix
+    attention_bias: bool = False        # biases on q/k/v projections (Qwen2)
+    attention_out_bias: bool = False    # bias on the output projection (Llama with attention_bias=True)
+    dropout: float = 0.0                # on attention probabilities and on each residual branch
+    attn_backend: str = "sdpa"          # "naive" | "sdpa" | "triton"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), or give head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_scaling!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    # < 1M parameters: unit tests
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192,
+                 max_seq_len=256, tie_embeddings=True),
+    # ~11M parameters: trains on a laptop CPU in minutes
+    "small": dict(vocab_size=4096, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=1024,
+                  max_seq_len=512, tie_embeddings=True),
+    # GPT-2 small's budget (~124M) in Llama shape
+    "llama-124m": dict(vocab_size=50304, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048,
+                       max_seq_len=1024, tie_embeddings=True),
+    # Llama 3.2 1B's shape
+    "llama-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                     max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RoPE: rotate each (x_i, x_{i+d/2}) pair of a head by the angle position * inv_freq_i
+
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) in fp32 and the cos/sin scale, with optional context scaling.
+
+    inv_freq_i = theta^(-2i/d). Scaling stretches the low frequencies so that positions beyond the
+    training length map to angles the model has seen:
+      linear: every inv_freq / factor (position interpolation).
+      yarn:   interpolate only the dimensions that rotate fewer than beta_slow..beta_fast times over the
+              original context (a linear ramp between), and scale cos/sin by 0.1 ln(factor) + 1.
+      llama3: divide low frequencies (wavelength > original_len / low_freq_factor) by factor, keep the
+              high ones, and interpolate smoothly in between.
+    """
+    d, theta = config.head_dim, config.rope_theta
+    # on the CPU explicitly, also when the model is built on the meta device (load_hf)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    kind, factor = scaling["rope_type"], float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original_len = scaling.get("original_max_position_embeddings") or config.max_seq_len
+    if kind == "llama3":
+        low_wavelen = original_len / scaling["low_freq_factor"]
+        high_wavelen = original_len / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original_len / wavelen - scaling["low_freq_factor"]) / (
+            scaling["high_freq_factor"] - scaling["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    # yarn
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            attention_factor = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(n_rotations):  # the dimension that rotates n_rotations times over original_len
+        return d * math.log(original_len / (n_rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1: keep the original frequency, 0: interpolate
+    inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, head_dim); cos, sin: (B or 1, 1, T, head_dim)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention backends. All take q (B, n_heads, Tq, hd), k and v (B, n_kv_heads, Tk, hd) and return (B, n_heads, Tq, hd).
+# Queries are the last Tq of the Tk positions (Tq == Tk in training; Tq < Tk when decoding from a KV cache).
+# kv_start (B,) or None: keys before kv_start[b] are left padding and are never attended to.
+
+def attention_mask(Tq: int, Tk: int, kv_start: torch.Tensor | None, device) -> torch.Tensor:
+    """Boolean (B or 1, 1, Tq, Tk), True where query i may attend key j.
+
+    Causal: j <= i + (Tk - Tq). Left padding: j >= kv_start[b]. A padding query would then see no key
+    at all (softmax of nothing is NaN), so every query always sees itself: padded rows stay finite
+    and real tokens never look at them.
+    """
+    q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(Tk, device=device)[None, :]           # (1, Tk)
+    mask = k_pos <= q_pos
+    if kv_start is None:
+        return mask[None, None]
+    not_padding = k_pos[None] >= kv_start[:, None, None]       # (B, 1, Tk)
+    return (mask[None] & (not_padding | (k_pos == q_pos)[None]))[:, None]
+
+
+def naive_attention(q, k, v, kv_start, dropout_p):
+    """softmax(q k^T / sqrt(d) + mask) v, written out (GQA by repeating each K/V head n_heads/n_kv_heads times)."""
+    n_rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5                       # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~attention_mask(q.size(2), k.size(2), kv_start, q.device), float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    return probs @ v
+
+
+def sdpa_attention(q, k, v, kv_start, dropout_p):
+    """torch's fused kernel; its own causal flag when the mask is plain causal, an explicit mask otherwise."""
+    Tq, Tk = q.size(2), k.size(2)
+    if kv_start is None and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
+    if kv_start is None and Tq == 1:  # one new token sees the whole cache
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=True)
+    mask = attention_mask(Tq, Tk, kv_start, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+
+
+def triton_attention(q, k, v, kv_start, dropout_p):
+    """FlashAttention-2 in Triton (kernels/flash_attention.py); same masking rules."""
+    if dropout_p > 0:
+        raise ValueError("attn_backend='triton' has no attention dropout; set dropout=0 or use 'sdpa'")
+    from kernels.flash_attention import flash_attention
+    return flash_attention(q, k, v, causal=True, kv_start=kv_start)
+
+
+ATTENTION = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_attention}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, use_triton: bool = False):
+        super().__init__()
+        self.eps, self.use_triton = eps, use_triton
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        if self.use_triton:
+            from kernels.rmsnorm import rms_norm
+            return rms_norm(x, self.weight, self.eps)
+        # normalise in fp32 (bf16 mean-of-squares loses precision), cast back, then scale: HF's order
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.attention_out_bias)
+        self.attend = ATTENTION[config.attn_backend]
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_start = None
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_heads, start_pos + T, hd)
+            kv_start = kv_cache.pad_lens
+        y = self.attend(q, k, v, kv_start, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        use_triton = config.attn_backend == "triton"
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps, use_triton)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps, use_triton)
+        self.mlp = MLP(config)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
+        x = x + self.residual_dropout(self.self_attn(self.input_layernorm(x), cos, sin, start_pos, kv_cache))
+        return x + self.residual_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated as (batch, n_kv_heads, max_seq_len, head_dim).
+
+    `pad_lens` (batch,) is the number of left-padding tokens of each row when prompts of different
+    lengths are batched: those keys are masked out and each row's positions start at 0 on its first
+    real token. Rewinding (speculative decoding) is just calling forward with an earlier start_pos.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int | None = None,
+                 dtype=torch.float32, device="cpu", pad_lens: torch.Tensor | None = None):
+        self.max_seq_len = max_seq_len or config.max_seq_len
+        if self.max_seq_len > config.max_seq_len:
+            raise ValueError(f"KV cache length {self.max_seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+        shape = (config.n_layers, batch_size, config.n_kv_heads, self.max_seq_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        if pad_lens is not None:
+            pad_lens = torch.as_tensor(pad_lens, dtype=torch.long, device=device)
+            if pad_lens.shape != (batch_size,):
+                raise ValueError(f"pad_lens must have shape ({batch_size},), got {tuple(pad_lens.shape)}")
+        self.pad_lens = pad_lens
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.size(1)
+
+    def update(self, layer_idx: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv_heads, T, hd) at [start_pos, start_pos + T); return everything up to there."""
+        end = start_pos + k.size(2)
+        self.keys[layer_idx, :, :, start_pos:end] = k
+        self.values[layer_idx, :, :, start_pos:end] = v
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, config.attn_backend == "triton")
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Kept out of the state dict and out of .to(dtype): RoPE angles need fp32 even in a bf16 model.
+        self.inv_freq, self.rope_scale = rope_frequencies(config)
+        self.apply(self._init_weights)
+        # GPT-2 / Llama scaled init: each residual branch's output projection gets std / sqrt(2 n_layers),
+        # so the residual stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (a tied LM head counted once); non_embedding leaves out the token embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token, PaLM appendix B: 6 N + 12 L H hd T.
+
+        N counts every weight that takes part in a matmul (the LM head included, tied or not, the
+        embedding lookup excluded); the second term is the attention scores and weighted sum.
+        """
+        c = self.config
+        n_matmul = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if c.tie_embeddings else 0)
+        return 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: int | None = None, pad_lens=None) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_seq_len, p.dtype, p.device, pad_lens)
+
+    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for integer positions (T,) or (B, T) -> (1 or B, 1, T, head_dim), computed in fp32."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (..., T, hd/2)
+        angles = torch.cat((angles, angles), dim=-1)                                  # rotate_half layout
+        cos, sin = angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+        if positions.dim() == 1:
+            cos, sin = cos[None], sin[None]
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
+
+    def forward(self, idx, targets=None, loss_mask=None, start_pos: int = 0, kv_cache: KVCache | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab) , loss or None).
+
+        targets (B, T): next-token ids, -100 ignored; loss_mask (B, T): 0 drops a target from the mean.
+        With kv_cache, idx holds the tokens at positions [start_pos, start_pos + T) and their keys/values
+        are appended to the cache (prefill: the whole prompt with start_pos=0; decode: one token at a time).
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, seq_len), got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        limit = kv_cache.max_seq_len if kv_cache is not None else self.config.max_seq_len
+        if start_pos + T > limit:
+            raise ValueError(f"sequence of {start_pos + T} tokens (start_pos={start_pos} + {T}) exceeds "
+                             f"{'the KV cache length' if kv_cache is not None else 'max_seq_len'} {limit}")
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise ValueError(f"batch of {B} rows but the KV cache holds {kv_cache.batch_size}")
+        out_of_vocab = (idx < 0) | (idx >= self.config.vocab_size)
+        if out_of_vocab.any():
+            bad = idx[out_of_vocab][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+        positions = torch.arange(start_pos, start_pos + T, device=idx.device)             # (T,)
+        if kv_cache is not None and kv_cache.pad_lens is not None:
+            positions = (positions[None] - kv_cache.pad_lens[:, None]).clamp(min=0)      # (B, T)
+        x = self.embed_dropout(self.embed_tokens(idx))                                    # (B, T, dim)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos, kv_cache)
+        logits = self.lm_head(self.norm(x))                                               # (B, T, vocab)
+
+        loss = None
+        if targets is not None:
+            if loss_mask is not None:
+                targets = targets.masked_fill(loss_mask == 0, -100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints. Module names above mirror HF's, so a state dict key is HF's minus "model.".
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Map a Hugging Face config dict (classic top-level rope_theta/rope_scaling or transformers 5's
+    rope_parameters) to ModelConfig; raise on anything the model would silently compute differently."""
+    def need(key):
+        if key not in hf:
+            raise ValueError(f"{source}: missing field {key!r}")
+        return hf[key]
+
+    model_type = need("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    sliding = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        sliding = None
+    if sliding is not None and sliding < need("max_position_embeddings"):
+        raise ValueError(f"{source}: sliding_window={sliding} is in use (< max_position_embeddings="
+                         f"{hf['max_position_embeddings']}); nanollm attends to the full context and would differ")
+
+    rope = dict(hf.get("rope_parameters") or {})
+    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if not rope:
+        rope = dict(hf.get("rope_scaling") or {})
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+    rope.pop("partial_rotary_factor", None)
+    if rope_type == "default":
+        rope_scaling = None
+    elif rope_type in ROPE_TYPES:
+        rope_scaling = {"rope_type": rope_type, **rope}
+    else:
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (supported: default, {', '.join(ROPE_TYPES)})")
+
+    n_heads = need("num_attention_heads")
+    qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        hidden_dim=need("intermediate_size"), max_seq_len=need("max_position_embeddings"),
+        head_dim=hf.get("head_dim") or None, rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=qkv_bias, attention_out_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+        dropout=float(hf.get("attention_dropout", 0.0) or 0.0),
+    )
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """ModelConfig -> HF config dict: Qwen2 when only q/k/v have biases, Llama otherwise."""
+    if config.attention_out_bias and not config.attention_bias:
+        raise ValueError("an output-projection bias without q/k/v biases has no Hugging Face equivalent")
+    model_type = "qwen2" if config.attention_bias and not config.attention_out_bias else "llama"
+    hf = {
+        "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings, "attention_dropout": config.dropout,
+        # the classic layout that published checkpoints use, and transformers 5's rope_parameters
+        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+        "rope_parameters": {"rope_theta": config.rope_theta, **(config.rope_scaling or {"rope_type": "default"})},
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if model_type == "llama":
+        hf.update(attention_bias=config.attention_bias, mlp_bias=False)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        shard_names = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                f"(only safetensors checkpoints are read)")
+    tensors = {}
+    for name in shard_names:
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path / name}: shard listed in {index.name} is missing")
+        tensors.update(load_file(path / name))
+    return tensors
+
+
+def load_hf(path, dtype: torch.dtype | None = None, device="cpu", attn_backend: str = "sdpa") -> Transformer:
+    """Load a Llama-family Hugging Face checkpoint directory (config.json + safetensors, single or sharded).
+
+    dtype None keeps the checkpoint's dtype. Missing or unexpected tensors raise, listing their names.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint directory")
+    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    config.attn_backend = attn_backend
+
+    state = {}
+    for key, tensor in _read_safetensors(path).items():
+        if key.endswith("rotary_emb.inv_freq"):  # old checkpoints store the RoPE buffer; we recompute it
+            continue
+        if key == "lm_head.weight" and config.tie_embeddings:  # tied: the embedding is the head
+            continue
+        state[key.removeprefix("model.")] = tensor
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = Transformer(config)
+    shapes = {key: t.shape for key, t in model.state_dict().items()}
+    expected = set(shapes)
+    if config.tie_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the config. missing tensors: {missing or 'none'}; "
+                         f"unexpected tensors: {unexpected or 'none'}")
+    for key, tensor in state.items():
+        if tensor.shape != shapes[key]:
+            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config implies {tuple(shapes[key])}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.to(device=device, dtype=dtype)
+
+
+def save_hf(model: Transformer, path) -> None:
+    """Write config.json + model.safetensors that transformers.AutoModelForCausalLM.from_pretrained loads.
+
+    Each file is written under a temporary name and renamed, so an interrupted save never leaves a
+    half-written checkpoint behind.
+    """
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        state[key if key == "lm_head.weight" else "model." + key] = tensor.detach().contiguous().cpu()
+    dtype = model.embed_tokens.weight.dtype
+    files = {"model.safetensors": lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+             "config.json": lambda tmp: Path(tmp).write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))}
+    for name, write in files.items():
+        tmp = path / f".{name}.tmp"
+        write(str(tmp))
+        os.replace(tmp, path / name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description="nanollm model presets: parameter counts and FLOPs per token.")
+    parser.add_argument("--preset", choices=list(PRESETS), help="print this preset's full config")
+    parser.add_argument("--seq-len", type=int, default=1024, help="sequence length for the FLOPs/token column")
+    args = parser.parse_args()
+    if args.preset:
+        print(json.dumps(asdict(ModelConfig.from_preset(args.preset)), indent=2))
+        return
+    print(f"| preset | params | non-embedding | layers | dim | heads / kv | training FLOPs/token (T={args.seq_len}) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in PRESETS:
+        config = ModelConfig.from_preset(name)
+        with torch.device("meta"):  # shapes only: no memory for llama-1b
+            model = Transformer(config)
+        print(f"| {name} | {model.num_params() / 1e6:.2f}M | {model.num_params(non_embedding=True) / 1e6:.2f}M "
+              f"| {config.n_layers} | {config.dim} | {config.n_heads} / {config.n_kv_heads} "
+              f"| {model.flops_per_token(args.seq_len) / 1e6:.1f}M |")
+
+
+if __name__ == "__main__":
+    main()
