@@ -1,0 +1,93 @@
+"""Plumbing shared by the nanollm scripts: devices, atomic checkpoint files, loading a model to use.
+
+A nanollm checkpoint is a directory holding `ckpt.pt`: a dict with at least `model` (the state dict)
+and `model_config` (ModelConfig as a dict); training scripts add optimizer, step, RNG and sampler
+state, and save the tokenizer they used into the same directory. A Hugging Face directory
+(`config.json` + safetensors) is accepted wherever a checkpoint is.
+"""
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig, Transformer, load_hf
+
+CHECKPOINT_FILE = "ckpt.pt"
+
+
+def resolve_device(name: str = "auto") -> str:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps asked for, but MPS is not available")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N or mps)")
+    return name
+
+
+def atomic_write(path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: a crash at any moment leaves either the old
+    file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(ckpt_dir, model: Transformer, **state) -> Path:
+    """Write ckpt_dir/ckpt.pt atomically: the model's weights and config plus any extra state."""
+    path = Path(ckpt_dir) / CHECKPOINT_FILE
+    payload = {"model": model.state_dict(), "model_config": asdict(model.config), **state}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def read_checkpoint(ckpt_dir, map_location="cpu") -> dict:
+    path = Path(ckpt_dir)
+    path = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no nanollm checkpoint here (expected {CHECKPOINT_FILE} in the directory)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    for key in ("model", "model_config"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: checkpoint has no {key!r} entry")
+    return ckpt
+
+
+def load_model(path, device="cpu", dtype: torch.dtype | None = None, attn_backend: str | None = None) -> Transformer:
+    """A model from a nanollm checkpoint directory (or ckpt.pt file) or a Hugging Face directory."""
+    path = Path(path)
+    if (path / "config.json").exists() and not (path / CHECKPOINT_FILE).exists():
+        return load_hf(path, dtype=dtype, device=device, attn_backend=attn_backend or "sdpa").eval()
+    ckpt = read_checkpoint(path)
+    config = ckpt["model_config"]
+    if attn_backend:
+        config = {**config, "attn_backend": attn_backend}
+    model = Transformer(ModelConfig(**config))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device=device, dtype=dtype).eval()
