@@ -91,3 +91,48 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, attn_backen
     model = Transformer(ModelConfig(**config))
     model.load_state_dict(ckpt["model"])
     return model.to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config parsing for the training scripts: a dataclass of every hyperparameter becomes the CLI.
+# Precedence: dataclass defaults < --preset < --config FILE (JSON) < flags given on the command line.
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+    return type(default) if default is not None else str
+
+
+def parse_config(config_class, presets: dict, description: str, argv=None):
+    """Build an argparse CLI from `config_class`'s fields (help text from field metadata["help"]),
+    apply --preset, --config and the flags, and return the config instance."""
+    import argparse
+    import json
+    from dataclasses import fields
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=sorted(presets), help="a named set of hyperparameters")
+    parser.add_argument("--config", help="JSON file of hyperparameters (flags override it)")
+    for f in fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.metadata.get("type") or _flag_type(f.default)
+        is_bool = isinstance(f.default, bool)  # `--compile` alone means true; `--compile false` also works
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, **({"nargs": "?", "const": True} if is_bool else {}),
+                            help=f"{f.metadata.get('help', '')} (default: {f.default})",
+                            **({"choices": f.metadata["choices"]} if "choices" in f.metadata else {}))
+    args = vars(parser.parse_args(argv))
+    values = dict(presets[args.pop("preset")]) if args.get("preset") else {}
+    args.pop("preset", None)
+    config_file = args.pop("config", None)
+    if config_file:
+        try:
+            from_file = json.loads(open(config_file, encoding="utf-8").read())
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {config_file}: {e}")
+        known = {f.name for f in fields(config_class)}
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            parser.error(f"--config {config_file}: unknown keys {unknown}")
+        values.update(from_file)
+    values.update(args)
+    return config_class(**values)
