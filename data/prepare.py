@@ -1,0 +1,249 @@
+"""Turn a text corpus into training shards: train.bin / val.bin token streams plus meta.json.
+
+    python data/prepare.py --source ../shared/data/tinyshakespeare/input.txt --out data/shakespeare
+    python data/prepare.py --source ../shared/data/tang_poems --out data/tang --vocab-size 8192
+    python data/prepare.py --source ../shared/data/pretrain/c4_demo.jsonl --out data/c4 --tokenizer data/tang/tokenizer
+
+Formats (inferred from the source when --format is not given):
+  txt    plain text. `--txt-docs file` (default) treats the file as one document and holds out its last
+         10% as validation, as nanoGPT does for Tiny Shakespeare; `line` / `blank` split documents at
+         newlines / blank lines.
+  jsonl  one JSON object per line with a `text` field; `<s>` / `</s>` in the text become the
+         tokenizer's special tokens rather than literal characters.
+  tang   the chinese-poetry JSON (a file or a directory of poet.tang.*.json): each poem is one
+         document, `title\\nline\\nline...`.
+Documents are separated by `<|endoftext|>`; other corpora than a single txt file are split into
+train/val by document with a seeded shuffle. The tokenizer is `--tokenizer FILE` (a bpe.py
+tokenizer) or trained here on the training split only (`--vocab-size`). Tokens are stored as uint16
+when the vocabulary fits, else uint32. Re-running with the same inputs does nothing.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bpe import Tokenizer  # noqa: E402
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+EOT = "<|endoftext|>"
+JSONL_SPECIALS = ("<s>", "</s>")
+PREPARE_VERSION = 1  # bump when the output format changes, so old directories are rebuilt
+
+
+class PrepareError(ValueError):
+    """Bad input: reported as one clear line naming the file (and line) at fault."""
+
+
+def fetch(source: str, cache_dir: Path) -> Path:
+    """A local path as is; a URL downloaded once into cache_dir."""
+    if "://" not in source:
+        path = Path(source)
+        if not path.exists():
+            raise PrepareError(f"{path}: no such file or directory")
+        return path
+    target = cache_dir / source.rstrip("/").rsplit("/", 1)[-1]
+    if not target.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {source} -> {target}")
+        tmp = target.with_suffix(target.suffix + ".part")
+        try:
+            urllib.request.urlretrieve(source, tmp)
+        except OSError as e:
+            raise PrepareError(f"{source}: download failed ({e}); pass a local copy with --source PATH") from None
+        os.replace(tmp, target)
+    return target
+
+
+def infer_format(path: Path) -> str:
+    if path.is_dir() or path.suffix == ".json":
+        return "tang"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    return "txt"
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_jsonl(path: Path, skip_bad_lines: bool) -> tuple[list[str], int]:
+    docs, bad = [], 0
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError("no string field 'text'")
+        except ValueError as e:
+            if skip_bad_lines:
+                bad += 1
+                continue
+            raise PrepareError(f"{path}:{line_no}: {e} (use --skip-bad-lines to skip such lines)") from None
+        docs.append(record["text"])
+    return docs, bad
+
+
+def poems_in(obj) -> list[str]:
+    """Every {title, paragraphs} object anywhere in the JSON, as `title\\nline\\nline...`."""
+    if isinstance(obj, list):
+        return [poem for item in obj for poem in poems_in(item)]
+    if isinstance(obj, dict):
+        if isinstance(obj.get("paragraphs"), list):
+            title = obj.get("title") or obj.get("chapter") or ""
+            return ["\n".join([title, *obj["paragraphs"]]).strip("\n")]
+        return [poem for value in obj.values() for poem in poems_in(value)]
+    return []
+
+
+def read_tang(path: Path) -> list[str]:
+    files = sorted(path.glob("*.json"), key=lambda p: (len(p.name), p.name)) if path.is_dir() else [path]
+    docs = []
+    for f in files:
+        try:
+            docs.extend(poems_in(json.loads(read_text(f))))
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not docs:
+        raise PrepareError(f"{path}: no poems (objects with a 'paragraphs' list) found")
+    return docs
+
+
+def load_documents(path: Path, fmt: str, txt_docs: str, skip_bad_lines: bool, val_fraction: float, seed: int):
+    """-> (train documents, val documents, number of skipped bad lines)."""
+    bad = 0
+    if fmt == "txt":
+        text = read_text(path)
+        if txt_docs == "file":
+            cut = int(len(text) * (1 - val_fraction))  # nanoGPT: the last 10% of the characters
+            return [text[:cut]], [text[cut:]], 0
+        docs = [d for d in (text.split("\n\n") if txt_docs == "blank" else text.split("\n")) if d.strip()]
+    elif fmt == "jsonl":
+        docs, bad = read_jsonl(path, skip_bad_lines)
+    else:
+        docs = read_tang(path)
+    if len(docs) < 2:
+        raise PrepareError(f"{path}: {len(docs)} document(s); need at least 2 to split into train and val")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(len(docs) * val_fraction))
+    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]], bad
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]):
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenize(docs: list[str], tokenizer: Tokenizer, fmt: str, desc: str) -> np.ndarray:
+    """All documents, each followed by <|endoftext|>, as one token stream (tiktoken's threads do the work)."""
+    encoding = tokenizer.to_tiktoken()
+    allowed = {s for s in JSONL_SPECIALS if s in tokenizer.special_tokens} if fmt == "jsonl" else set()
+    eot = tokenizer.special_tokens[EOT]
+    chunks, batch = [], 1024
+    for start in range(0, len(docs), batch):
+        ids = encoding.encode_batch(docs[start:start + batch], num_threads=os.cpu_count() or 1,
+                                    allowed_special=allowed, disallowed_special=())
+        chunks.extend(np.array(doc + [eot], dtype=np.int64) for doc in ids)
+        done = min(start + batch, len(docs))
+        print(f"\rtokenizing {desc}: {done:,}/{len(docs):,} documents", end="", flush=True)
+    print()
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+def write_bin(path: Path, tokens: np.ndarray, dtype: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tokens.astype(dtype).tofile(tmp)
+    os.replace(tmp, path)
+
+
+def prepare(args) -> dict:
+    out = Path(args.out)
+    source = fetch(args.source, out / "raw")
+    fmt = args.format or infer_format(source)
+    fingerprint = {"version": PREPARE_VERSION, "source_sha256": sha256_of(source), "format": fmt,
+                   "txt_docs": args.txt_docs, "val_fraction": args.val_fraction, "seed": args.seed,
+                   "vocab_size_requested": None if args.tokenizer else args.vocab_size,
+                   "tokenizer_sha256": sha256_of(Path(args.tokenizer).with_suffix(".json")) if args.tokenizer else None,
+                   "dtype_requested": args.dtype}
+    meta_path = out / "meta.json"
+    if meta_path.exists() and (out / "train.bin").exists() and (out / "val.bin").exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fingerprint:
+            print(f"{out} is up to date with {source}: nothing to do")
+            return meta
+
+    train_docs, val_docs, bad = load_documents(source, fmt, args.txt_docs, args.skip_bad_lines,
+                                               args.val_fraction, args.seed)
+    if bad:
+        print(f"skipped {bad} bad line(s) of {source}")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+    else:
+        print(f"training a {args.vocab_size}-token BPE on the training split ({len(train_docs):,} documents)")
+        tokenizer = Tokenizer.train(train_docs, args.vocab_size)
+    if EOT not in tokenizer.special_tokens:
+        raise PrepareError(f"tokenizer {args.tokenizer or '(trained)'} has no {EOT} special token to separate documents")
+    tokenizer.save(out / "tokenizer")
+
+    dtype = args.dtype or ("uint16" if tokenizer.vocab_size <= 2**16 else "uint32")
+    if tokenizer.vocab_size > np.iinfo(dtype).max + 1:
+        raise PrepareError(f"vocabulary of {tokenizer.vocab_size} tokens does not fit --dtype {dtype}")
+    meta = {"tokenizer": "tokenizer", "vocab_size": tokenizer.vocab_size, "dtype": dtype, "format": fmt,
+            "source": args.source, "eot_id": tokenizer.special_tokens[EOT], "skipped_bad_lines": bad,
+            "fingerprint": fingerprint}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        tokens = tokenize(docs, tokenizer, fmt, split)
+        write_bin(out / f"{split}.bin", tokens, dtype)
+        meta[f"{split}_documents"] = len(docs)
+        meta[f"{split}_tokens"] = int(len(tokens))
+        meta[f"{split}_bytes"] = sum(len(d.encode("utf-8")) for d in docs)
+    meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    print(f"wrote {out}: train {meta['train_tokens']:,} tokens ({meta['train_bytes'] / meta['train_tokens']:.2f} "
+          f"bytes/token), val {meta['val_tokens']:,} tokens, vocab {tokenizer.vocab_size}, {dtype}")
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default=TINY_SHAKESPEARE_URL, help="local file/directory or URL of the corpus")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--format", choices=["txt", "jsonl", "tang"], help="input format (default: from the source)")
+    parser.add_argument("--txt-docs", choices=["file", "line", "blank"], default="file",
+                        help="txt: whole file (last 10%% is val), one document per line, or per blank-line block")
+    parser.add_argument("--tokenizer", help="a bpe.py tokenizer (the path given to Tokenizer.save); default: train one")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size when training the tokenizer")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the corpus held out for validation")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val document shuffle")
+    parser.add_argument("--dtype", choices=["uint16", "uint32"], help="token storage (default: smallest that fits)")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="jsonl: skip and count lines that are not "
+                                                                      "JSON objects with a 'text' field")
+    args = parser.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    try:
+        prepare(args)
+    except PrepareError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
