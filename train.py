@@ -160,7 +160,6 @@ def evaluate(model, data: np.ndarray, seq_len: int, batch_size: int, device, aut
     bits per byte = total nats / ln 2 / total UTF-8 bytes of the predicted tokens: comparable across
     tokenizers, unlike loss per token.
     """
-    model.eval()
     n_windows = (len(data) - 1) // seq_len
     if max_tokens:
         n_windows = min(n_windows, max(1, max_tokens // seq_len))
@@ -175,7 +174,6 @@ def evaluate(model, data: np.ndarray, seq_len: int, batch_size: int, device, aut
         total_nats += nats.item()
         total_tokens += y.numel()
         total_bytes += token_bytes[y.cpu()].sum().item()
-    model.train()
     loss = total_nats / total_tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
             "val_bpb": total_nats / math.log(2) / max(total_bytes, 1), "val_tokens": total_tokens}
@@ -341,11 +339,13 @@ def train(config: TrainConfig) -> dict:
             f.write(json.dumps(row) + "\n")
 
     def run_eval(max_tokens):
+        raw_model.eval()
         metrics = evaluate(raw_model, val_data, config.seq_len, config.batch_size, device, autocast, token_bytes, max_tokens)
         log(f"eval step {step}: val loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.2f} | "
             f"bpb {metrics['val_bpb']:.4f}")
         if config.sample_tokens:
-            log("sample: " + repr(generate_sample(raw_model, tokenizer, config.sample_tokens, device))[:400])
+            log("sample: " + repr(generate_sample(raw_model, tokenizer, config.sample_tokens))[:400])
+        raw_model.train()
         record({"step": step, **metrics})
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
         return metrics
@@ -435,13 +435,12 @@ def _cpu_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-@torch.no_grad()
-def generate_sample(model, tokenizer, n_tokens: int, device) -> str:
+def generate_sample(model, tokenizer, n_tokens: int) -> str:
+    """A continuation of <|endoftext|> (a new document), sampled at temperature 0.8, top-k 50."""
     from sample import generate
-    eot = tokenizer.special_tokens.get("<|endoftext|>")
-    start = torch.tensor([[eot if eot is not None else 0]], device=device)
-    out = generate(model, start, max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=0)
-    return tokenizer.decode(out[0].tolist())
+    eot = tokenizer.special_tokens["<|endoftext|>"]
+    new_tokens = generate(model, [[eot]], max_new_tokens=n_tokens, temperature=0.8, top_k=50, seed=0)[0]
+    return tokenizer.decode(new_tokens.tolist())
 
 
 def main(argv=None):
