@@ -229,8 +229,8 @@ PII_PATTERNS = [
     ("EMAIL", re.compile(r"(?<![A-Za-z0-9.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
                          r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![A-Za-z0-9-])"), None),
     ("ID_NUMBER", re.compile(r"(?<![0-9A-Za-z])" + _ID_SHAPE.pattern + r"(?![0-9A-Za-z])"), cn_id_valid),
-    ("CREDIT_CARD", re.compile(_NOT_AFTER_DIGITS + r"(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?"
-                               r"|\d{4}([ -]?)\d{6}\2\d{5}|\d{13,19})" + _NOT_BEFORE_DIGITS),
+    ("CREDIT_CARD", re.compile(_NOT_AFTER_DIGITS + r"(?<![A-Za-z])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?"
+                               r"|\d{4}([ -]?)\d{6}\2\d{5}|\d{13,19})" + _NOT_BEFORE_DIGITS + r"(?![A-Za-z])"),
      lambda m: luhn_valid(re.sub(r"\D", "", m)) and not _ID_SHAPE.fullmatch(m)),
     ("IP_ADDRESS", re.compile(r"(?<![\d.])" + _OCTET + r"(?:\." + _OCTET + r"){3}(?!\.?\d)"), None),
     ("PHONE", re.compile(
@@ -478,9 +478,11 @@ def exact_key(normalized: str) -> bytes:
 
 def shingles(normalized: str, ngram: int = 5, unit: str = "char") -> set:
     """The exact n-gram set that MinHash estimates Jaccard over (used to check the estimate)."""
-    items = list(normalized) if unit == "char" else _TOKEN.findall(normalized)
+    items = normalized if unit == "char" else _TOKEN.findall(normalized)  # n-grams: substrings or word tuples
     if len(items) < ngram:
-        return {tuple(items)}
+        return {items if unit == "char" else tuple(items)}
+    if unit == "char":
+        return {items[i:i + ngram] for i in range(len(items) - ngram + 1)}
     return {tuple(items[i:i + ngram]) for i in range(len(items) - ngram + 1)}
 
 
@@ -698,14 +700,14 @@ def _hasher(cfg: CurateConfig) -> MinHasher:
 def analyse_batch(texts: list[str], cfg: CurateConfig):
     """Stages 1-3 and the hashes of stages 4-5 for a batch (run in worker processes).
 
-    -> (per document: (scrubbed text, language, (rule, detail) or None, exact key, pii counts, pii found),
-        MinHash signatures of the documents that passed the filters, in order)."""
+    -> (per document: (scrubbed text or None when unchanged, language, (rule, detail) or None, exact key,
+        pii counts, pii found), MinHash signatures of the documents that passed the filters, in order)."""
     results, survivors = [], []
     disabled = frozenset(cfg.disabled)
-    for text in texts:
-        counts, found = Counter(), []
+    for original in texts:
+        text, counts, found = original, Counter(), []
         if cfg.pii:
-            text, counts, found = scrub_pii(text)
+            text, counts, found = scrub_pii(original)
         lang = detect_language(text)
         failure = None
         if cfg.lang != "any" and lang != cfg.lang and "language" not in disabled:
@@ -717,7 +719,7 @@ def analyse_batch(texts: list[str], cfg: CurateConfig):
         norm = normalize(text)
         if failure is None:
             survivors.append(norm)
-        results.append((text, lang, failure, exact_key(norm), counts, found))
+        results.append((None if text == original else text, lang, failure, exact_key(norm), counts, found))
     sig = _hasher(cfg).signatures(survivors) if cfg.near_dedup and "near_dup" not in disabled else None
     return results, sig
 
@@ -788,7 +790,7 @@ class _Examples:
 class Curator:
     """Runs the stages over a stream of {"text", "source"} documents; see the module docstring."""
 
-    def __init__(self, config: CurateConfig | None = None, workers: int = 1, batch_size: int = 256,
+    def __init__(self, config: CurateConfig | None = None, workers: int = 1, batch_size: int = 512,
                  spool_path: Path | None = None, progress: bool = False):
         self.cfg = config or CurateConfig()
         self.cfg.validate()
@@ -838,7 +840,8 @@ class Curator:
         t0 = last = time.perf_counter()
         for batch, (results, sig) in self._analysed(documents):
             survivor = 0
-            for doc, (text, lang, failure, key, counts, found) in zip(batch, results):
+            for doc, (scrubbed, lang, failure, key, counts, found) in zip(batch, results):
+                text = doc["text"] if scrubbed is None else scrubbed
                 self.docs_in += 1
                 self.chars_in += len(doc["text"])
                 self.languages[lang] += 1
@@ -927,7 +930,7 @@ class Curator:
             yield {"text": entry["text"], "source": entry["source"]}
 
     def report(self, sources=None, bad_lines: Counter | None = None) -> dict:
-        cfg = asdict(self.cfg)
+        cfg = json.loads(json.dumps(asdict(self.cfg)))  # as written to curation_report.json
         active = [r for r in RULES if r not in self.cfg.disabled
                   and not (r == "language" and self.cfg.lang == "any")
                   and not (r == "exact_dup" and not self.cfg.exact_dedup)
@@ -1057,7 +1060,7 @@ def edited_copy(normalized: str, target: float, rng: random.Random, ngram: int =
     zh = detect_language(normalized) == "zh"
     alphabet = "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会" if zh \
         else "abcdefghijklmnopqrstuvwxyz"
-    replacement = [rng.choice(alphabet) for _ in positions]
+    replacement = rng.choices(alphabet, k=len(positions))
 
     def edit(k):
         chars = list(normalized)
@@ -1130,7 +1133,7 @@ def synthetic_check(documents: list[dict], n_dups: int = 1000, n_pii: int = 100,
     kind (plus checksum-failing decoys) into `documents`; curate; measure recall and false positives."""
     rng = random.Random(seed)
     cfg = config or CurateConfig(disabled=tuple(QUALITY_RULES), pii=False)
-    bases = [i for i, d in enumerate(documents) if len(normalize(d["text"])) >= 200]
+    bases = [i for i, d in enumerate(documents) if 200 <= len(normalize(d["text"])) <= 5000]
     injected = []
     for k, i in enumerate(rng.sample(bases, min(n_dups, len(bases)))):
         copy_text, j = edited_copy(normalize(documents[i]["text"]), rng.uniform(0.3, 1.0), rng, cfg.ngram)
@@ -1215,8 +1218,9 @@ def speed(documents: list[dict], workers: int) -> list[tuple]:
 
 
 def short_documents(data_dir: Path, n: int = 100_000) -> list[dict]:
-    """n short real documents: Tang poems, Shakespeare paragraphs, then sentences of c4 and wiki."""
-    docs = list(read_documents([data_dir / "tang_poems", data_dir / "tinyshakespeare" / "input.txt"]))
+    """n short real documents: Tang poems, Shakespeare lines, then sentences of c4 and wiki."""
+    docs = list(read_documents([data_dir / "tang_poems"]))
+    docs += read_documents([data_dir / "tinyshakespeare" / "input.txt"], txt_docs="line")
     for d in read_documents([data_dir / "pretrain" / "c4_demo.jsonl", data_dir / "pretrain" / "wiki_demo.txt"]):
         docs += [{"text": s, "source": d["source"]} for s in re.split(r"(?<=[.!?])\s+", d["text"]) if len(s) > 20]
     return docs[:n]
