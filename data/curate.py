@@ -357,7 +357,7 @@ STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
 # C4's line blocklist (Raffel et al. 2020) and a few Chinese equivalents
 BOILERPLATE = re.compile("|".join(["javascript", "terms of use", "privacy policy", "cookie policy", "uses cookies",
                                    "use of cookies", "use cookies", "版权所有", "免责声明", "隐私政策"]))
-_TERMINAL = tuple('.!?;"\'”’…。！？；」』')
+_TERMINAL = tuple('.!?;"\'”’…)。！？；」』）')  # closing brackets: a note after the full stop
 _TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]|[^\W_]+")
 
 
@@ -798,6 +798,8 @@ class Curator:
         self.spool = _Spool(spool_path)
         self.examples = _Examples(self.cfg.examples, self.cfg.seed)
         self.removed = Counter({rule: 0 for rule in RULES})
+        self.across_files = Counter()  # duplicates whose kept twin comes from another input file
+        self.file_ids, self.spool_file = {}, []  # spool index -> id of its file (`a.jsonl` of `a.jsonl:17`)
         self.languages = Counter()
         self.docs_in = self.chars_in = 0
         self.seen_keys = {}
@@ -857,6 +859,7 @@ class Curator:
                     if key in self.seen_keys:
                         self.removed["exact_dup"] += 1
                         first = self.seen_keys[key]
+                        self.across_files["exact_dup"] += self.spool_file[first] != self._file_id(doc["source"])
                         self.examples.offer("exact_dup", lambda: {
                             "source": doc["source"], "text": _snippet(text),
                             "detail": f"same normalised text as {self.spool[first]['source']}"})
@@ -866,6 +869,7 @@ class Curator:
                     self.examples.offer(kind, lambda: {"source": doc["source"], "detail": f"{kind}: {mask(original)}",
                                                        "text": _snippet(_around(text, f"<{kind}>"))})
                 self.spool.append({"text": text, "source": doc["source"], "pii": dict(counts)})
+                self.spool_file.append(self._file_id(doc["source"]))
                 if sig is not None:
                     self.signatures.append(sig[row])
             now = time.perf_counter()
@@ -881,11 +885,16 @@ class Curator:
             self._near_dedup(np.stack(self.signatures))
             self.seconds["near_dedup_lsh"] = time.perf_counter() - t1
 
+    def _file_id(self, source: str) -> int:
+        return self.file_ids.setdefault(re.sub(r"[:#]\d+$", "", source), len(self.file_ids))
+
     def _near_dedup(self, sig: np.ndarray) -> None:
         cfg = self.cfg
         removed, n_candidates, verified, verified_est = near_duplicates(sig, cfg.bands, cfg.rows, cfg.jaccard)
         self.near_removed = removed
         self.removed["near_dup"] = len(removed)
+        self.across_files["near_dup"] = sum(self.spool_file[doc] != self.spool_file[root]
+                                            for doc, (root, _, _) in removed.items())
         rng = random.Random(cfg.seed)
         sample = sorted(rng.sample(range(len(verified)), min(cfg.jaccard_check_pairs, len(verified))))
         checks = []
@@ -942,6 +951,7 @@ class Curator:
             "characters_in": self.chars_in, "characters_out": self.chars_out,
             "bad_lines_skipped": dict(bad_lines or {}),
             "removed": {r: self.removed[r] for r in active},
+            "duplicates_across_files": {r: self.across_files[r] for r in ("exact_dup", "near_dup") if r in active},
             "rule_descriptions": {r: RULES[r] for r in active},
             "languages_in": dict(self.languages),
             "pii_replaced": dict(self.pii) if self.cfg.pii else {},
@@ -1015,6 +1025,10 @@ def report_markdown(report: dict) -> str:
               f"Characters: {report['characters_in']:,} in, {report['characters_out']:,} out. "
               f"Languages detected in the input: "
               + ", ".join(f"{k} {v:,}" for k, v in sorted(report["languages_in"].items())) + "."]
+    across = report["duplicates_across_files"]
+    if across:
+        lines.append("Duplicates whose kept twin is in another input file: "
+                     + ", ".join(f"`{r}` {n:,} of {report['removed'][r]:,}" for r, n in across.items()) + ".")
     if any(report["bad_lines_skipped"].values()):
         lines.append("Bad lines skipped: " + ", ".join(f"{k}: {v}" for k, v in report["bad_lines_skipped"].items()))
     if report["pii_replaced"]:
@@ -1235,7 +1249,7 @@ def bench(data_dir: Path, workers: int = 2) -> None:
     rules = [r for r in RULES if r != "language"]
     print("| corpus | in | " + " | ".join(rules) + " | out | PII | seconds |")
     print("|---|" + "---:|" * (len(rules) + 4))
-    everything = []
+    everything, across = [], []
     for name, paths in _corpora(data_dir).items():
         docs = list(read_documents(paths))
         everything += docs
@@ -1244,6 +1258,9 @@ def bench(data_dir: Path, workers: int = 2) -> None:
         pii = sum(report["pii_replaced"].values())
         print(f"| {name} | {report['documents_in']:,} | " + " | ".join(f"{report['removed'][r]:,}" for r in rules)
               + f" | {report['documents_out']:,} | {pii} | {time.perf_counter() - t0:.1f} |")
+        across.append(f"{name}: " + ", ".join(f"{r} {n:,} of {report['removed'][r]:,}"
+                                              for r, n in report["duplicates_across_files"].items()))
+    print("\nDuplicates whose kept twin is in another file: " + "; ".join(across))
 
     print("\n## Language by script ratio on labelled data (alpaca instruction + input + output)\n")
     print("| data set | documents | zh | en | other |\n|---|---:|---:|---:|---:|")

@@ -345,3 +345,11 @@ def test_synthetic_near_duplicates_and_pii_recall(data_dir):
     assert result["recall_at_0.8"] >= 0.95 and result["false_positive_at_0.5"] <= 0.01
     assert all(found == total for found, total in result["pii_recall"].values())
     assert all(kept == total for kept, total in result["decoys_untouched"].values())
+
+
+def test_duplicates_across_files_are_counted(tmp_path):
+    (tmp_path / "a.txt").write_text(f"{GOOD}\n{POEM.replace(chr(10), ' ')}\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text(f"{GOOD.upper()}\nA different line that is long enough to keep.\n"
+                                    f"a different line that is long enough to keep.\n", encoding="utf-8")
+    report = C.curate_files([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", progress=False)
+    assert report["removed"]["exact_dup"] == 2 and report["duplicates_across_files"]["exact_dup"] == 1
