@@ -587,8 +587,9 @@ def lsh_candidates(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 200
             pairs.append(np.stack([members[i], members[j]], axis=1))
     if not pairs:
         return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.sort(np.concatenate(pairs).astype(np.int64), axis=1)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
+    pairs = np.concatenate(pairs).astype(np.int64)
+    keys = np.unique(np.minimum(pairs[:, 0], pairs[:, 1]) * n + np.maximum(pairs[:, 0], pairs[:, 1]))
+    return np.stack([keys // n, keys % n], axis=1)
 
 
 def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
