@@ -9,7 +9,8 @@ near-duplicate removal, with a report of what was removed and why.
 Writes DIR/curated.jsonl (one {"text", "source"} object per kept document, in input order) and
 DIR/curation_report.json / .md: documents in and out, documents removed by each rule with three
 examples per rule, PII replaced, and the MinHash estimate checked against the exact Jaccard.
-From Python (data/prepare.py --curate does this): `kept_texts, report = curate(texts, CurateConfig())`.
+From Python (what `data/prepare.py --curate` calls): `kept_texts, report = curate(texts, CurateConfig())`,
+or `curate_files(paths, out_dir, config)` to stream files into out_dir as the CLI does.
 
 Every document goes through these stages, in this order (the first rule that fires removes it):
   1. PII scrubbing: e-mail addresses, phone numbers (international, Chinese mobile, North American),
@@ -17,10 +18,12 @@ Every document goes through these stages, in this order (the first rule that fir
      credit-card-like numbers (Luhn check) become <EMAIL>, <PHONE>, <IP_ADDRESS>, <ID_NUMBER>,
      <CREDIT_CARD>. Everything after sees the scrubbed text, so curating curated output changes nothing.
   2. language: script ratios (no model download) label a document zh (Han characters are at least
-     half of Han characters + Latin words), en (Latin letters >= 90% of letters) or other; `--lang zh|en` keeps one label, `--lang any` keeps all.
+     half of Han characters + Latin words), en (Latin letters >= 90% of letters) or other;
+     `--lang zh|en` keeps one label, `--lang any` (default) keeps all.
   3. quality heuristics after Gopher (Rae et al. 2021, "Scaling Language Models", appendix A) and C4
      (Raffel et al. 2020, section 2.2), each named and switchable (RULES below), with thresholds per
-     language (DEFAULT_THRESHOLDS): lengths count words in English and characters in Chinese.
+     language (DEFAULT_THRESHOLDS): lengths count words in English and characters in Chinese, and the
+     ratio rules only judge documents long enough for a ratio to mean something (50 words / 100 chars).
   4. exact duplicates: blake2b of the normalised text (NFKC, casefolded, whitespace collapsed);
      the first occurrence is kept. Needs only the set of hashes in memory.
   5. near duplicates: MinHash (Broder 1997) over character (or word) n-grams of the normalised text
@@ -28,7 +31,9 @@ Every document goes through these stages, in this order (the first rule that fir
      hashing: the signature is cut into `bands` bands of `rows` values, documents sharing a band are
      candidates (probability 1 - (1 - J^rows)^bands at Jaccard J), and a candidate pair is a duplicate
      when its estimated Jaccard (the share of equal signature values) reaches `jaccard`. Duplicate
-     pairs are joined with union-find; each cluster keeps its earliest document.
+     pairs are joined with union-find; each cluster keeps its earliest document. Defaults: character
+     5-grams, 128 hash functions, 20 bands x 6 rows (P(candidate) = 0.998 at J = 0.8, 0.27 at J = 0.5),
+     duplicate at estimated J >= 0.7 (the estimate's standard deviation is sqrt(J(1-J)/128) ~ 0.04).
 Stages 1-4 stream (documents are analysed in batches, in several processes with --workers); the
 survivors wait in a spool file while the signatures (num_perm x 4 bytes a document) are in memory.
 
@@ -57,6 +62,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class CurateError(ValueError):
@@ -1289,7 +1297,7 @@ def bench(data_dir: Path, workers: int = 2) -> None:
     print(f"\n## Speed on {len(docs):,} short real documents "
           f"(mean {np.mean([len(d['text']) for d in docs]):.0f} characters)\n")
     print("| what | documents | seconds | documents/s |\n|---|---:|---:|---:|")
-    for what, n, seconds in speed(docs, workers):
+    for what, n, seconds in speed(docs, max(2, workers)):
         print(f"| {what} | {n:,} | {seconds:.2f} | {n / seconds:,.0f} |")
 
 
@@ -1330,10 +1338,11 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=6, help="signature values per LSH band")
     parser.add_argument("--jaccard", type=float, default=0.7, help="estimated Jaccard that makes a near duplicate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hash functions and the report's samples")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="analysis processes")
+    parser.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1) - 1)),
+                        help="analysis processes (default: CPUs - 1, at most 4; 1 analyses in this process)")
     parser.add_argument("--bench", action="store_true", help="run the benchmark (synthetic check, speed, real corpora)")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"),
-                        help="--bench: the shared data directory")
+    parser.add_argument("--data", default=os.environ.get("NANOLLM_DATA", str(REPO.parent / "shared" / "data")),
+                        help="--bench: the shared data directory (default: $NANOLLM_DATA or ../shared/data)")
     args = parser.parse_args(argv)
     try:
         if args.bench:
