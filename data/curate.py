@@ -325,7 +325,8 @@ RULES = {
     "line_punctuation": "share of lines ending in terminal punctuation below min_punct_line_share (after C4)",
     "repeated_lines": "duplicate lines above max_dup_line_share of lines or max_dup_line_char_share of characters",
     "repeated_ngrams": "most frequent 2/3/4-gram or duplicated 5..10-grams cover too many characters (Gopher)",
-    "boilerplate": "'lorem ipsum', or C4's boilerplate lines (javascript, cookies, terms of use...) above max_boilerplate_line_share",
+    "boilerplate": ("'lorem ipsum', or C4's boilerplate lines (javascript, cookies, terms of use...) above "
+                    "max_boilerplate_line_share"),
     "exact_dup": "same normalised text (NFKC, casefold, whitespace collapsed) as an earlier document",
     "near_dup": "MinHash/LSH estimated Jaccard >= jaccard with an earlier document",
 }
@@ -452,9 +453,11 @@ def quality_failure(text: str, lang: str, thresholds: dict, disabled=frozenset()
         dup_lines = sum(c - 1 for c in counts.values())  # every copy after a line's first
         dup_chars = sum((c - 1) * len(line) for line, c in counts.items()) / sum(map(len, lines))
         if dup_lines / len(lines) > t["max_dup_line_share"]:
-            return "repeated_lines", f"{dup_lines}/{len(lines)} lines repeat an earlier line > {t['max_dup_line_share']}"
+            return "repeated_lines", (f"{dup_lines}/{len(lines)} lines repeat an earlier line "
+                                      f"> {t['max_dup_line_share']}")
         if dup_chars > t["max_dup_line_char_share"]:
-            return "repeated_lines", f"repeated lines hold {dup_chars:.2f} of characters > {t['max_dup_line_char_share']}"
+            return "repeated_lines", (f"repeated lines hold {dup_chars:.2f} of characters "
+                                      f"> {t['max_dup_line_char_share']}")
     if on("repeated_ngrams", "top_ngram_char_share", "dup_ngram_char_share", gate=long_enough):
         detail = _repetition(_TOKEN.findall(text.lower()), t["top_ngram_char_share"], t["dup_ngram_char_share"])
         if detail:
@@ -811,6 +814,8 @@ class Curator:
         self.file_ids, self.spool_file = {}, []  # spool index -> id of its file (`a.jsonl` of `a.jsonl:17`)
         self.languages = Counter()
         self.docs_in = self.chars_in = 0
+        self.docs_out = self.chars_out = 0  # counted while kept() yields the output
+        self.pii = Counter({kind: 0 for kind in PII_KINDS})
         self.seen_keys = {}
         self.signatures = []
         self.near_removed = {}
@@ -928,7 +933,8 @@ class Curator:
             "ngram": cfg.ngram, "unit": cfg.unit, "num_perm": cfg.num_perm, "bands": cfg.bands, "rows": cfg.rows,
             "jaccard_threshold": cfg.jaccard, "documents": len(sig), "candidate_pairs": n_candidates,
             "duplicate_pairs": len(verified),
-            "p_candidate": {f"{j:.1f}": round(p_candidate(j, cfg.bands, cfg.rows), 4) for j in (0.3, 0.5, 0.7, 0.8, 0.9)},
+            "p_candidate": {f"{j:.1f}": round(p_candidate(j, cfg.bands, cfg.rows), 4)
+                            for j in (0.3, 0.5, 0.7, 0.8, 0.9)},
             "jaccard_check": {"pairs": len(checks),
                               "mean_abs_error": round(float(np.mean(errors)), 4) if errors else None,
                               "max_abs_error": round(float(np.max(errors)), 4) if errors else None,
@@ -936,7 +942,7 @@ class Curator:
         }
 
     def kept(self):
-        """The surviving {"text", "source"} documents, in input order, with their PII counts in the report."""
+        """The surviving {"text", "source"} documents, in input order (counting characters and PII for the report)."""
         self.pii = Counter({kind: 0 for kind in PII_KINDS})
         self.docs_out = self.chars_out = 0
         for i, entry in enumerate(self.spool):
@@ -1132,7 +1138,8 @@ def fake_pii(kind: str, rng: random.Random, valid: bool = True) -> str:
             check = rng.choice([c for c in "0123456789X" if c != check])
         return first17 + check
     if kind == "CREDIT_CARD":
-        prefix = rng.choice(["4" + digits(14), "5" + str(rng.randint(1, 5)) + digits(13), "3" + rng.choice("47") + digits(12)])
+        prefix = rng.choice(["4" + digits(14), "5" + str(rng.randint(1, 5)) + digits(13),  # Visa, Mastercard
+                             "3" + rng.choice("47") + digits(12)])                           # Amex, 15 digits
         number = _luhn_complete(prefix)
         if not valid:
             number = number[:-1] + str((int(number[-1]) + rng.randint(1, 9)) % 10)
@@ -1324,7 +1331,8 @@ def main(argv=None):
     parser.add_argument("--txt-docs", choices=["auto", "file", "line", "blank"], default="auto",
                         help="txt documents: per line, per blank-line block, whole file; auto: blank if any")
     parser.add_argument("--skip-bad-lines", action="store_true", help="jsonl: count and skip lines without 'text'")
-    parser.add_argument("--lang", choices=["zh", "en", "any"], default="any", help="keep only this script-detected language")
+    parser.add_argument("--lang", choices=["zh", "en", "any"], default="any",
+                        help="keep only this script-detected language")
     parser.add_argument("--disable", nargs="*", default=[], metavar="RULE", help="switch these rules off")
     parser.add_argument("--set", action="append", default=[], metavar="LANG.NAME=VALUE",
                         help="override a threshold, e.g. en.min_words=50 or zh.min_punct_line_share=none")
@@ -1332,7 +1340,8 @@ def main(argv=None):
     parser.add_argument("--no-dedup", action="store_true", help="no exact deduplication")
     parser.add_argument("--no-near-dup", action="store_true", help="no MinHash near-duplicate removal")
     parser.add_argument("--ngram", type=int, default=5, help="MinHash n-gram size")
-    parser.add_argument("--unit", choices=["char", "word"], default="char", help="MinHash n-grams of characters or words")
+    parser.add_argument("--unit", choices=["char", "word"], default="char",
+                        help="MinHash n-grams of characters or words")
     parser.add_argument("--num-perm", type=int, default=128, help="MinHash hash functions")
     parser.add_argument("--bands", type=int, default=20, help="LSH bands")
     parser.add_argument("--rows", type=int, default=6, help="signature values per LSH band")

@@ -99,7 +99,8 @@ def test_detect_language(text, lang):
 
 
 def test_lang_selection_keeps_one_language():
-    kept, report = C.curate([GOOD, POEM, "Это русский текст, довольно длинный для проверки."], C.CurateConfig(lang="zh"))
+    russian = "Это русский текст, довольно длинный для проверки."
+    kept, report = C.curate([GOOD, POEM, russian], C.CurateConfig(lang="zh"))
     assert kept == [POEM] and report["removed"]["language"] == 2
     kept, _ = C.curate([GOOD, POEM], C.CurateConfig(lang="en"))
     assert kept == [GOOD]
@@ -115,7 +116,8 @@ def test_lang_selection_keeps_one_language():
     ("手机13812345678，或者 138-1234-5678", "手机<PHONE>，或者 <PHONE>"),
     ("(415) 555-0132 and 415-555-0132", "<PHONE> and <PHONE>"),
     ("server 192.168.1.100. and 10.0.0.1", "server <IP_ADDRESS>. and <IP_ADDRESS>"),
-    ("card 4111 1111 1111 1111, 4111-1111-1111-1111, 4111111111111111", "card <CREDIT_CARD>, <CREDIT_CARD>, <CREDIT_CARD>"),
+    ("card 4111 1111 1111 1111, 4111-1111-1111-1111, 4111111111111111",
+     "card <CREDIT_CARD>, <CREDIT_CARD>, <CREDIT_CARD>"),
     ("amex 3782 822463 10005", "amex <CREDIT_CARD>"),
     ("身份证11010519491231002X。", "身份证<ID_NUMBER>。"),
     # checksum failures and look-alikes stay as they are
@@ -297,6 +299,9 @@ def test_curate_files_writes_output_and_consistent_reports(tmp_path):
     assert "| removed by `repeated_ngrams` | 1 | 7.69% |" in md and "ja**@*******.*rg" in md
     assert all(len(examples) <= 3 for examples in report["examples"].values())
     assert not (tmp_path / "out" / ".curate_spool.jsonl").exists()
+    again = C.curate_files([tmp_path / "out" / "curated.jsonl"], tmp_path / "again", cfg, progress=False)
+    assert again["documents_out"] == again["documents_in"] == len(out)
+    assert (tmp_path / "again" / "curated.jsonl").read_text(encoding="utf-8").count("<EMAIL>") == 1
 
 
 def test_cli_help():
@@ -310,7 +315,8 @@ def test_cli_help():
 
 @pytest.fixture(scope="module")
 def real_docs(data_dir):
-    docs = list(C.read_documents([data_dir / "pretrain" / "c4_demo.jsonl", data_dir / "tang_poems" / "poet.tang.12000.json",
+    docs = list(C.read_documents([data_dir / "pretrain" / "c4_demo.jsonl",
+                                  data_dir / "tang_poems" / "poet.tang.12000.json",
                                   data_dir / "tang_poems" / "poet.tang.40000.json"]))
     rng = random.Random(0)
     for k in range(30):  # PII and near copies, so that every stage has something to do
