@@ -7,10 +7,10 @@ new token. GPT-2 (Radford et al. 2019) made it byte-level and first splits text 
 merges never cross a word/number/punctuation boundary; tiktoken encodes a chunk by repeatedly merging
 the adjacent pair whose concatenation has the lowest rank (= token id). This file implements:
 
-  training   `Tokenizer.train(texts, vocab_size)`: merges learned in time proportional to the pair
-             occurrences they touch (a linked list over the symbols of the unique pre-split chunks,
-             weighted by chunk frequency, pair counts updated only around each merged occurrence,
-             a lazy max-heap to pick the next pair), so 12.5 MB of Chinese trains in well under a minute.
+  training   `Tokenizer.train(texts, vocab_size)`: each merge costs time in proportion to its own
+             occurrences (an implicit linked list over the bytes of the unique pre-split chunks,
+             weighted by chunk frequency; pair counts and positions updated only around each merged
+             occurrence; a lazy max-heap picks the next pair), so 12.5 MB of Chinese trains in ~25 s.
   encoding   tiktoken's rule, chunk by chunk, with a chunk cache; special tokens with tiktoken's
              `allowed_special` / `disallowed_special` semantics.
   formats    `.tiktoken` ranks (+ a small JSON with pattern and special tokens), cl100k_base.tiktoken,
@@ -52,7 +52,7 @@ CL100K_SPECIAL_TOKENS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|f
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 
 SEP = 0xFF  # never occurs in UTF-8 text, so it marks chunk boundaries in the training buffer
-CACHE_LIMIT = 200_000  # encode() chunk cache entries kept between calls
+CACHE_LIMIT = 1_000_000  # encode() chunk cache entries kept between calls (~200 MB at most)
 NO_RANK = sys.maxsize  # the "rank" of a pair that is not a token: larger than every real rank
 
 
@@ -253,7 +253,7 @@ class Tokenizer:
                 raise ValueError(f"special token {text!r} has id {i}, which is already the id of "
                                  f"{owner.decode('utf-8', 'replace') if isinstance(owner, bytes) else owner!r}")
             self._bytes_of[i] = text.encode("utf-8")
-        self._special_ids = {i: text for text, i in self.special_tokens.items()}
+        self._vocab_size = max(self._bytes_of) + 1
         self._compile()
 
     def _compile(self):
@@ -267,7 +267,7 @@ class Tokenizer:
         self._cache = {}
         self._tiktoken = None
 
-    def __getstate__(self):  # for encode_batch's worker processes: rebuilt, not copied, there
+    def __getstate__(self):  # pickled for encode_batch's workers: the inputs only, caches are rebuilt
         return {"ranks": self.ranks, "pattern": self.pattern, "special_tokens": self.special_tokens,
                 "name": self.name}
 
@@ -281,7 +281,7 @@ class Tokenizer:
     @property
     def vocab_size(self):
         """Largest id + 1 (ids may have gaps, as in cl100k: 100261..100275 are unused)."""
-        return max(self._bytes_of) + 1
+        return self._vocab_size
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -416,10 +416,12 @@ class Tokenizer:
         texts = list(texts)
         if num_workers is None:
             num_workers = (os.cpu_count() or 1) if sum(map(len, texts)) > 1_000_000 else 1
-        encode = functools.partial(self.encode, allowed_special=allowed_special, disallowed_special=disallowed_special)
         if num_workers <= 1 or len(texts) < 2:
-            return [encode(text) for text in texts]
-        with ProcessPoolExecutor(num_workers) as pool:
+            return [self.encode(text, allowed_special, disallowed_special) for text in texts]
+        encode = functools.partial(_encode_in_worker, allowed_special=allowed_special,
+                                   disallowed_special=disallowed_special)
+        # the tokenizer travels once per worker (initargs), not once per task
+        with ProcessPoolExecutor(num_workers, initializer=_start_worker, initargs=(self,)) as pool:
             return list(pool.map(encode, texts, chunksize=max(1, len(texts) // (4 * num_workers))))
 
     # ---- decoding -----------------------------------------------------------------------------
@@ -523,6 +525,18 @@ class Tokenizer:
         return self._tiktoken
 
 
+_worker_tokenizer = None  # encode_batch's tokenizer, inside a worker process
+
+
+def _start_worker(tokenizer):
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(text, allowed_special, disallowed_special):
+    return _worker_tokenizer.encode(text, allowed_special, disallowed_special)
+
+
 def _fix_surrogates(text):
     # tiktoken's fix-up: join surrogate pairs, replace lone surrogates with U+FFFD
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
@@ -585,27 +599,58 @@ def _hf_pattern(pre_tokenizer, path):
 # Benchmark: python bpe.py compare
 
 def _timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
+    """(result, CPU seconds of this process): the machine is shared, so wall time would time the
+    neighbours too; every timed call here runs on one thread."""
+    t0 = time.process_time()
     result = fn(*args, **kwargs)
-    return result, time.perf_counter() - t0
+    return result, time.process_time() - t0
 
 
-def _train_sentencepiece(lines, vocab_size):
+def _sentences(docs):
+    """The corpus text ("\n".join(docs)) cut after each document and each blank line, newlines
+    kept, so SentencePiece sees and encodes exactly the same bytes as bpe.py."""
+    ends = [doc + "\n" for doc in docs[:-1]] + docs[-1:]
+    return [piece for doc in ends for piece in re.split(r"(?<=\n\n)", doc) if piece]
+
+
+def _train_sentencepiece(sentences, vocab_size):
     import io
     import sentencepiece as spm
     model = io.BytesIO()
-    # lossless settings: no normalization, keep whitespace, rare characters as bytes
+    # lossless settings: no normalization, whitespace and newlines kept, rare characters as bytes
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
-        character_coverage=0.9995, num_threads=1, max_sentence_length=1 << 16, minloglevel=2)
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        byte_fallback=True, character_coverage=0.9995, num_threads=1, max_sentence_length=1 << 20,
+        minloglevel=2)
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
-def _sp_token_count(sp, text):
-    # SentencePiece has no newline piece here: encode line by line, one token per newline
-    lines = text.split("\n")
-    return sum(map(len, sp.encode(lines, num_threads=1))) + len(lines) - 1
+def _partial_share(tokenizer, ids):
+    """Share of `ids` that are not whole characters: bpe.py tokens that are not valid UTF-8 on their
+    own, SentencePiece byte-fallback pieces."""
+    if isinstance(tokenizer, Tokenizer):
+        partial = set()
+        for token, i in tokenizer.ranks.items():
+            try:
+                token.decode("utf-8")
+            except UnicodeDecodeError:
+                partial.add(i)
+        return sum(i in partial for i in ids) / len(ids)
+    return sum(map(tokenizer.is_byte, ids)) / len(ids)
+
+
+def _han_notes(vocab_size, tokenizer, ids, sp):
+    """Where the vocabularies spend their ids on Chinese text."""
+    han = regex.compile(r"^\p{Han}$")
+    ours_whole = sum(bool(han.match(token.decode("utf-8", "replace"))) for token in tokenizer.ranks)
+    sp_whole = sum(bool(han.match(sp.id_to_piece(i))) for i in range(sp.get_piece_size()))
+    has_han, has_other = regex.compile(r"\p{Han}").search, regex.compile(r"[^\p{L}\p{N}]").search
+    joined = {i for i in set(ids) if has_han(tokenizer.decode([i])) and has_other(tokenizer.decode([i]))}
+    share = sum(i in joined for i in ids) / len(ids)
+    return (f"At vocab {vocab_size}: single Han characters with their own token: bpe.py {ours_whole}, "
+            f"SentencePiece {sp_whole}; bpe.py tokens joining punctuation or a newline to Han "
+            f"characters: {len(joined)} distinct, {share:.1%} of the held-out tokens.")
 
 
 def compare(data_dir, skip_tang=False):
@@ -620,68 +665,84 @@ def compare(data_dir, skip_tang=False):
         files = sorted(glob.glob(str(data_dir / "tang_poems/poet.tang.*.json")),
                        key=lambda f: int(f.split(".")[-2]))
         corpora.append(("Tang poems", [doc for f in files for doc in iter_documents(f)], 8192))
-    train_rows, speed_rows, size_rows, sweep_rows = [], [], [], []
+    train_rows, speed_rows, size_rows, sweep_rows, notes = [], [], [], [], []
     for corpus, docs, vocab_size in corpora:
         text = "\n".join(docs)
         mb = len(text.encode("utf-8")) / 1e6
-        print(f"{corpus}: {len(docs)} documents, {mb:.1f} MB; training...", file=sys.stderr)
-        # held-out = the last 10% (of the characters for one document, of the documents otherwise)
-        if len(docs) == 1:
-            cut = int(0.9 * len(text))
-            train_docs, heldout = [text[:cut]], text[cut:]
-        else:
-            cut = int(0.9 * len(docs))
-            train_docs, heldout = docs[:cut], "\n".join(docs[cut:])
-        lines = [line for doc in docs for line in doc.split("\n")]
-        train_lines = [line for doc in train_docs for line in doc.split("\n")]
-
+        print(f"{corpus}: {len(docs)} documents, {mb:.1f} MB: training...", file=sys.stderr)
         ours, t_ours = _timed(Tokenizer.train, docs, vocab_size)
-        sp, t_sp = _timed(_train_sentencepiece, lines, vocab_size)
+        sp, t_sp = _timed(_train_sentencepiece, _sentences(docs), vocab_size)
         train_rows.append(f"| {corpus} ({mb:.1f} MB) | {vocab_size} | {t_ours:.2f} | {t_sp:.2f} |")
 
+        print(f"{corpus}: encoding...", file=sys.stderr)
         for vocab_name, tok, sp_model in ((f"trained {vocab_size}", ours, sp), ("cl100k", cl100k, None)):
             tok._cache.clear()
             _, t_cold = _timed(tok.encode_ordinary, text)
             _, t_warm = _timed(tok.encode_ordinary, text)
-            _, t_tt = _timed(tok.to_tiktoken().encode_ordinary, text)
-            sp_speed = f"{mb / _timed(sp_model.encode, lines, num_threads=1)[1]:.2f}" if sp_model else "-"
+            _, t_tiktoken = _timed(tok.to_tiktoken().encode_ordinary, text)
+            sp_speed = "-"
+            if sp_model:
+                sp_speed = f"{mb / _timed(sp_model.encode, _sentences(docs), num_threads=1)[1]:.2f}"
             speed_rows.append(f"| {corpus} | {vocab_name} | {mb / t_cold:.2f} | {mb / t_warm:.2f} | "
-                              f"{mb / t_tt:.2f} | {sp_speed} |")
+                              f"{mb / t_tiktoken:.2f} | {sp_speed} |")
 
-        # compression: tokenizers trained on the first 90%, measured on the last 10%
-        sweep_sizes = [vocab_size] + ([12288, 16384, 20480, 24576, 32768] if len(docs) > 1 else [])
-        print(f"{corpus}: training on the first 90% for held-out compression...", file=sys.stderr)
-        ours_90 = Tokenizer.train(train_docs, max(sweep_sizes), special_tokens=())
-        sp_90 = _train_sentencepiece(train_lines, vocab_size)
+        # compression: trained on the first 90%, measured on the last 10% (of the characters of a
+        # single document, of the documents otherwise)
+        if len(docs) == 1:
+            cut = int(0.9 * len(text))
+            train_docs, heldout_docs = [text[:cut]], [text[cut:]]
+        else:
+            cut = int(0.9 * len(docs))
+            train_docs, heldout_docs = docs[:cut], docs[cut:]
+        heldout = "\n".join(heldout_docs)
         heldout_bytes = len(heldout.encode("utf-8"))
-        sp_bpt = heldout_bytes / _sp_token_count(sp_90, heldout)
+        sweep_sizes = [vocab_size] + ([12288, 16384, 24576, 32768] if len(docs) > 1 else [])
+        patterns = ["cl100k"] + (["r50k"] if len(docs) > 1 else [])
+        print(f"{corpus}: training on the first 90% (vocab {', '.join(map(str, sweep_sizes))}; "
+              f"split {', '.join(patterns)})...", file=sys.stderr)
+        # BPE is greedy, so the first n merges of a longer run are exactly the n-merge vocabulary
+        longest = {pattern: Tokenizer.train(train_docs, max(sweep_sizes), pattern) for pattern in patterns}
         cl_bpt = heldout_bytes / len(cl100k.encode_ordinary(heldout))
         for size in sweep_sizes:
-            # BPE is greedy, so the first n merges of a longer run are exactly the n-merge vocabulary
             n_ranks = size - len(DEFAULT_SPECIAL_TOKENS)
-            prefix = Tokenizer({t: r for t, r in ours_90.ranks.items() if r < n_ranks}, ours_90.pattern)
-            bpt = heldout_bytes / len(prefix.encode_ordinary(heldout))
+            ours_n = {pattern: Tokenizer({t: r for t, r in tok.ranks.items() if r < n_ranks}, pattern)
+                      for pattern, tok in longest.items()}
+            ids = {pattern: tok.encode_ordinary(heldout) for pattern, tok in ours_n.items()}
+            bpt = {pattern: heldout_bytes / len(pattern_ids) for pattern, pattern_ids in ids.items()}
+            sp_n = _train_sentencepiece(_sentences(train_docs), size)
+            sp_ids = [i for s in sp_n.encode(_sentences(heldout_docs)) for i in s]
+            sp_bpt = heldout_bytes / len(sp_ids)
+            if size == vocab_size and len(sweep_sizes) > 1:
+                notes.append(_han_notes(size, ours_n["cl100k"], ids["cl100k"], sp_n))
             if size == vocab_size:
-                size_rows.append(f"| {corpus} | {vocab_size} | {bpt:.3f} | {sp_bpt:.3f} | "
-                                 f"{100 * (bpt / sp_bpt - 1):+.1f}% | {cl_bpt:.3f} |")
+                size_rows.append(f"| {corpus} | {vocab_size} | {bpt['cl100k']:.3f} | {sp_bpt:.3f} | "
+                                 f"{100 * (bpt['cl100k'] / sp_bpt - 1):+.1f}% | {cl_bpt:.3f} |")
             if len(sweep_sizes) > 1:
-                sweep_rows.append(f"| {size} | {bpt:.3f} | {100 * (bpt / sp_bpt - 1):+.1f}% |")
+                sweep_rows.append(
+                    f"| {size} | {bpt['cl100k']:.3f} ({100 * (bpt['cl100k'] / sp_bpt - 1):+.1f}%) | "
+                    f"{bpt['r50k']:.3f} ({100 * (bpt['r50k'] / sp_bpt - 1):+.1f}%) | {sp_bpt:.3f} | "
+                    f"{_partial_share(ours_n['cl100k'], ids['cl100k']):.1%} | {_partial_share(sp_n, sp_ids):.1%} |")
 
-    print(f"\n`python bpe.py compare`, one run, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}, "
-          f"tiktoken {tiktoken.__version__}\n")
-    print("Training time, seconds (bpe.py pure Python on one core; SentencePiece BPE, num_threads=1):\n")
+    print(f"\n`python bpe.py compare`: {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}, "
+          f"tiktoken {tiktoken.__version__}; times are CPU seconds of one thread (process_time).\n")
+    print("Training time, seconds (bpe.py: pure Python; SentencePiece BPE: C++, num_threads=1):\n")
     print("| corpus | vocab | bpe.py | SentencePiece |\n|---|---|---|---|")
     print("\n".join(train_rows))
-    print("\nEncode throughput, MB/s of UTF-8 (one core; cold = empty chunk cache):\n")
+    print("\nEncode throughput, MB/s of UTF-8 (cold = empty chunk cache; tiktoken via to_tiktoken()):\n")
     print("| corpus | vocabulary | bpe.py cold | bpe.py warm | tiktoken | SentencePiece |\n|---|---|---|---|---|---|")
     print("\n".join(speed_rows))
-    print("\nCompression, UTF-8 bytes per token on the held-out last 10% (trained on the first 90%):\n")
+    print("\nCompression, UTF-8 bytes per token on the held-out last 10%, trained on the first 90% "
+          "(higher is better):\n")
     print("| corpus | vocab | bpe.py | SentencePiece | bpe.py vs SP | cl100k (100k) |\n|---|---|---|---|---|---|")
     print("\n".join(size_rows))
     if sweep_rows:
-        print(f"\nTang poems: bpe.py vocab size vs SentencePiece at 8192 ({sp_bpt:.3f} bytes/token):\n")
-        print("| bpe.py vocab | bytes/token | vs SP 8192 |\n|---|---|---|")
+        print("\nTang poems, bytes per token by vocab size (in brackets: vs SentencePiece at the same size); "
+              "partial = share of held-out tokens that are a piece of a character (bpe.py, cl100k split) "
+              "or a byte-fallback token (SentencePiece):\n")
+        print("| vocab | bpe.py, cl100k split | bpe.py, GPT-2 split | SentencePiece | bpe.py partial | SP partial |\n"
+              "|---|---|---|---|---|---|")
         print("\n".join(sweep_rows))
+        print("\n" + "\n".join(notes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,8 +754,10 @@ def _load_any(path, pattern):
     path = Path(path)
     if path.suffix == ".tiktoken":
         return Tokenizer.from_tiktoken(path, pattern, CL100K_SPECIAL_TOKENS if pattern == "cl100k" else None)
-    if path.suffix == ".json" and path.exists() and '"model"' in path.read_text(encoding="utf-8")[:1 << 20]:
-        return Tokenizer.from_hf(path)
+    if path.suffix == ".json" and path.exists():
+        with open(path, encoding="utf-8") as f:
+            if "nanollm-bpe" not in f.read(200):  # save() writes the format first
+                return Tokenizer.from_hf(path)
     return Tokenizer.load(path)
 
 
