@@ -63,134 +63,14 @@ from pathlib import Path
 
 import numpy as np
 
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data.corpus import CorpusError, read_documents  # noqa: E402
 
 
 class CurateError(ValueError):
-    """Bad input or configuration: reported as one clear line naming the file (and line) or option at fault."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading documents
-
-def infer_format(path: Path) -> str:
-    if path.suffix == ".json":
-        return "tang"
-    if path.suffix == ".jsonl":
-        return "jsonl"
-    return "txt"
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CurateError(f"{path}: no such file or directory") from None
-    except UnicodeDecodeError as e:
-        raise CurateError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-
-
-def _poems_in(obj, found: list) -> None:
-    """Every {title, paragraphs} object anywhere in the JSON, as `title\\nline\\nline...` (as prepare.py)."""
-    if isinstance(obj, list):
-        for item in obj:
-            _poems_in(item, found)
-    elif isinstance(obj, dict):
-        if isinstance(obj.get("paragraphs"), list):
-            title = obj.get("title") or obj.get("chapter") or ""
-            lines = [line if isinstance(line, str) else str(line) for line in obj["paragraphs"]]
-            found.append("\n".join([title, *lines]).strip("\n"))
-        else:
-            for value in obj.values():
-                _poems_in(value, found)
-
-
-def _files_of(path: Path) -> list[Path]:
-    if not path.exists():
-        raise CurateError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        return [path]
-    files = sorted((p for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".json") and p.is_file()),
-                   key=lambda p: (len(p.name), p.name))
-    if not files:
-        raise CurateError(f"{path}: directory has no .txt, .jsonl or .json files")
-    return files
-
-
-def read_documents(paths, fmt: str | None = None, txt_docs: str = "auto", skip_bad_lines: bool = False,
-                   bad_lines: Counter | None = None):
-    """Yield {"text", "source"} for every document of the given files/directories, in order.
-
-    `source` names the origin: `file:line` (txt, jsonl) or `file#poem` (tang). Bad JSONL lines raise
-    CurateError naming file and line, or are counted in bad_lines[path] when skip_bad_lines is set.
-    """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    for top in paths:
-        for path in _files_of(Path(top)):
-            kind = fmt or infer_format(path)
-            text = _read_text(path)
-            if kind == "txt":
-                yield from _txt_documents(path, text, txt_docs)
-            elif kind == "jsonl":
-                yield from _jsonl_documents(path, text, skip_bad_lines, bad_lines)
-            elif kind == "tang":
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise CurateError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-                poems = []
-                _poems_in(obj, poems)
-                if not poems:
-                    raise CurateError(f"{path}: no poems (objects with a 'paragraphs' list) found")
-                for i, poem in enumerate(poems, start=1):
-                    yield {"text": poem, "source": f"{path.name}#{i}"}
-            else:
-                raise CurateError(f"{path}: unknown format {kind!r} (expected txt, jsonl or tang)")
-
-
-def _txt_documents(path: Path, text: str, txt_docs: str):
-    if txt_docs not in ("auto", "file", "line", "blank"):
-        raise CurateError(f"txt_docs must be auto, file, line or blank, got {txt_docs!r}")
-    lines = text.split("\n")
-    if txt_docs == "auto":
-        txt_docs = "blank" if any(not line.strip() for line in lines[:-1]) else "line"
-    if txt_docs == "file":
-        if text.strip():
-            yield {"text": text, "source": f"{path.name}:1"}
-        return
-    block, first = [], 0
-    for i, line in enumerate(lines):
-        if txt_docs == "line":
-            if line.strip():
-                yield {"text": line, "source": f"{path.name}:{i + 1}"}
-        elif line.strip():
-            if not block:
-                first = i
-            block.append(line)
-        elif block:
-            yield {"text": "\n".join(block), "source": f"{path.name}:{first + 1}"}
-            block = []
-    if block:
-        yield {"text": "\n".join(block), "source": f"{path.name}:{first + 1}"}
-
-
-def _jsonl_documents(path: Path, text: str, skip_bad_lines: bool, bad_lines: Counter | None):
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError("no string field 'text'")
-        except ValueError as e:
-            if skip_bad_lines:
-                if bad_lines is not None:
-                    bad_lines[str(path)] += 1
-                continue
-            raise CurateError(f"{path}:{line_no}: {e} (use --skip-bad-lines to skip such lines)") from None
-        yield {"text": record["text"], "source": f"{path.name}:{line_no}"}
+    """Bad configuration: reported as one clear line naming the option at fault."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1361,7 +1241,7 @@ def main(argv=None):
             parser.error("--source and --out are required (or --bench)")
         report = curate_files(args.source, args.out, config_from_args(args), args.format, args.txt_docs,
                               args.skip_bad_lines, args.workers)
-    except CurateError as e:
+    except (CurateError, CorpusError) as e:
         sys.exit(f"error: {e}")
     removed = ", ".join(f"{r} {n:,}" for r, n in report["removed"].items() if n)
     print(f"curated {report['documents_in']:,} -> {report['documents_out']:,} documents ({removed or 'none removed'}) "

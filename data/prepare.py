@@ -12,6 +12,8 @@ Formats (inferred from the source when --format is not given):
          tokenizer's special tokens rather than literal characters.
   tang   the chinese-poetry JSON (a file or a directory of poet.tang.*.json): each poem is one
          document, `title\\nline\\nline...`.
+Files are read by data/corpus.py (the reader bpe.py and data/curate.py share); `--curate` runs
+data/curate.py's pipeline (PII scrubbing, language, quality rules, exact and near dedup) first.
 Documents are separated by `<|endoftext|>`; other corpora than a single txt file are split into
 train/val by document with a seeded shuffle. The tokenizer is `--tokenizer FILE` (a bpe.py
 tokenizer) or trained here on the training split only (`--vocab-size`). Tokens are stored as uint16
@@ -23,6 +25,7 @@ import json
 import os
 import random
 import sys
+from collections import Counter
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bpe import Tokenizer  # noqa: E402
+from data.corpus import CorpusError, files_of, infer_format, read_documents  # noqa: E402
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 EOT = "<|endoftext|>"
@@ -46,10 +50,7 @@ class PrepareError(ValueError):
 def fetch(source: str, cache_dir: Path) -> Path:
     """A local path as is; a URL downloaded once into cache_dir."""
     if "://" not in source:
-        path = Path(source)
-        if not path.exists():
-            raise PrepareError(f"{path}: no such file or directory")
-        return path
+        return Path(source)  # read_documents names a missing path
     target = cache_dir / source.rstrip("/").rsplit("/", 1)[-1]
     if not target.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -63,83 +64,33 @@ def fetch(source: str, cache_dir: Path) -> Path:
     return target
 
 
-def infer_format(path: Path) -> str:
-    if path.is_dir() or path.suffix == ".json":
-        return "tang"
-    if path.suffix == ".jsonl":
-        return "jsonl"
-    return "txt"
+def load_documents(source: Path, fmt: str | None, txt_docs: str, skip_bad_lines: bool, val_fraction: float,
+                   seed: int, curate_out: Path | None = None):
+    """-> (train documents, val documents, number of skipped bad lines).
 
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-
-
-def read_jsonl(path: Path, skip_bad_lines: bool) -> tuple[list[str], int]:
-    docs, bad = [], 0
-    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError("no string field 'text'")
-        except ValueError as e:
-            if skip_bad_lines:
-                bad += 1
-                continue
-            raise PrepareError(f"{path}:{line_no}: {e} (use --skip-bad-lines to skip such lines)") from None
-        docs.append(record["text"])
-    return docs, bad
-
-
-def poems_in(obj) -> list[str]:
-    """Every {title, paragraphs} object anywhere in the JSON, as `title\\nline\\nline...`."""
-    if isinstance(obj, list):
-        return [poem for item in obj for poem in poems_in(item)]
-    if isinstance(obj, dict):
-        if isinstance(obj.get("paragraphs"), list):
-            title = obj.get("title") or obj.get("chapter") or ""
-            return ["\n".join([title, *obj["paragraphs"]]).strip("\n")]
-        return [poem for value in obj.values() for poem in poems_in(value)]
-    return []
-
-
-def read_tang(path: Path) -> list[str]:
-    files = sorted(path.glob("*.json"), key=lambda p: (len(p.name), p.name)) if path.is_dir() else [path]
-    docs = []
-    for f in files:
-        try:
-            docs.extend(poems_in(json.loads(read_text(f))))
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{f}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not docs:
-        raise PrepareError(f"{path}: no poems (objects with a 'paragraphs' list) found")
-    return docs
-
-
-def load_documents(path: Path, fmt: str, txt_docs: str, skip_bad_lines: bool, val_fraction: float, seed: int):
-    """-> (train documents, val documents, number of skipped bad lines)."""
-    bad = 0
-    if fmt == "txt":
-        text = read_text(path)
-        if txt_docs == "file":
-            cut = int(len(text) * (1 - val_fraction))  # nanoGPT: the last 10% of the characters
-            return [text[:cut]], [text[cut:]], 0
-        docs = [d for d in (text.split("\n\n") if txt_docs == "blank" else text.split("\n")) if d.strip()]
-    elif fmt == "jsonl":
-        docs, bad = read_jsonl(path, skip_bad_lines)
-    else:
-        docs = read_tang(path)
+    A corpus that is a single document (a txt file read whole) is split by characters, its last
+    val_fraction held out (nanoGPT's Tiny Shakespeare split); otherwise documents are shuffled with
+    `seed` and the last val_fraction of them held out. With curate_out, data/curate.py's pipeline
+    (PII, language, quality, dedup) runs first and writes its report there.
+    """
+    bad_lines = Counter()
+    docs = [doc["text"] for doc in read_documents(source, fmt, txt_docs, skip_bad_lines, bad_lines)]
+    if curate_out is not None:
+        from data.curate import curate, write_report
+        docs, report = curate(docs)
+        curate_out.mkdir(parents=True, exist_ok=True)
+        write_report(report, curate_out)
+        print(f"curated {report['documents_in']:,} -> {report['documents_out']:,} documents "
+              f"(report in {curate_out / 'curation_report.md'})")
+    if len(docs) == 1:
+        cut = int(len(docs[0]) * (1 - val_fraction))
+        return [docs[0][:cut]], [docs[0][cut:]], 0
     if len(docs) < 2:
-        raise PrepareError(f"{path}: {len(docs)} document(s); need at least 2 to split into train and val")
+        raise PrepareError(f"{source}: no documents to split into train and val")
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_val = max(1, int(len(docs) * val_fraction))
-    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]], bad
+    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]], sum(bad_lines.values())
 
 
 def sha256_of(path: Path) -> str:
@@ -177,9 +128,9 @@ def write_bin(path: Path, tokens: np.ndarray, dtype: str) -> None:
 def prepare(args) -> dict:
     out = Path(args.out)
     source = fetch(args.source, out / "raw")
-    fmt = args.format or infer_format(source)
+    fmt = args.format or infer_format(files_of(source)[0])
     fingerprint = {"version": PREPARE_VERSION, "source_sha256": sha256_of(source), "format": fmt,
-                   "txt_docs": args.txt_docs, "val_fraction": args.val_fraction, "seed": args.seed,
+                   "txt_docs": args.txt_docs, "curate": args.curate, "val_fraction": args.val_fraction, "seed": args.seed,
                    "vocab_size_requested": None if args.tokenizer else args.vocab_size,
                    "tokenizer_sha256": sha256_of(Path(args.tokenizer).with_suffix(".json")) if args.tokenizer else None,
                    "dtype_requested": args.dtype}
@@ -190,8 +141,8 @@ def prepare(args) -> dict:
             print(f"{out} is up to date with {source}: nothing to do")
             return meta
 
-    train_docs, val_docs, bad = load_documents(source, fmt, args.txt_docs, args.skip_bad_lines,
-                                               args.val_fraction, args.seed)
+    train_docs, val_docs, bad = load_documents(source, args.format, args.txt_docs, args.skip_bad_lines,
+                                               args.val_fraction, args.seed, out if args.curate else None)
     if bad:
         print(f"skipped {bad} bad line(s) of {source}")
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the corpus held out for validation")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val document shuffle")
     parser.add_argument("--dtype", choices=["uint16", "uint32"], help="token storage (default: smallest that fits)")
+    parser.add_argument("--curate", action="store_true", help="run data/curate.py's pipeline (PII scrubbing, "
+                        "language, quality, exact and near dedup) before splitting; its report goes to --out")
     parser.add_argument("--skip-bad-lines", action="store_true", help="jsonl: skip and count lines that are not "
                                                                       "JSON objects with a 'text' field")
     args = parser.parse_args(argv)
@@ -241,7 +194,7 @@ def main(argv=None):
         parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     try:
         prepare(args)
-    except PrepareError as e:
+    except (PrepareError, CorpusError) as e:
         sys.exit(f"error: {e}")
 
 

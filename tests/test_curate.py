@@ -253,21 +253,21 @@ def test_reader_formats(tmp_path):
 def test_bad_input_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n{"title": "no text"}\n', encoding="utf-8")
-    with pytest.raises(C.CurateError, match=r"bad\.jsonl:2: .*skip-bad-lines"):
+    with pytest.raises(C.CorpusError, match=r"bad\.jsonl:2: .*skip-bad-lines"):
         list(C.read_documents(bad))
     counts = Counter()
     assert [d["text"] for d in C.read_documents(bad, skip_bad_lines=True, bad_lines=counts)] == ["ok"]
     assert counts == {str(bad): 2}
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(C.CurateError, match=r"latin1\.txt: not UTF-8 text \(byte 3"):
+    with pytest.raises(C.CorpusError, match=r"latin1\.txt: not UTF-8 text \(byte 3"):
         list(C.read_documents(tmp_path / "latin1.txt"))
-    with pytest.raises(C.CurateError, match="missing.txt: no such file"):
+    with pytest.raises(C.CorpusError, match="missing.txt: no such file"):
         list(C.read_documents(tmp_path / "missing.txt"))
     (tmp_path / "broken.json").write_text('[{"title": "x",\n "paragraphs": [}', encoding="utf-8")
-    with pytest.raises(C.CurateError, match=r"broken\.json:2: not valid JSON"):
+    with pytest.raises(C.CorpusError, match=r"broken\.json:2: not valid JSON"):
         list(C.read_documents(tmp_path / "broken.json"))
     (tmp_path / "empty.json").write_text('[{"title": "x"}]', encoding="utf-8")
-    with pytest.raises(C.CurateError, match="no poems"):
+    with pytest.raises(C.CorpusError, match="no poems"):
         list(C.read_documents(tmp_path / "empty.json"))
     for bad_config, message in [(dict(lang="fr"), "lang must be"), (dict(disabled=("nope",)), "unknown rule"),
                                 (dict(bands=20, rows=7), "exceeds num_perm"), (dict(jaccard=1.5), "jaccard must")]:

@@ -155,3 +155,13 @@ def test_tang_poems_are_one_document_each(tmp_path, data_dir):
     assert meta["train_documents"] + meta["val_documents"] == n_poems and meta["dtype"] == "uint32"
     tokens = np.fromfile(tmp_path / "t" / "val.bin", dtype=np.uint32)
     assert (tokens == meta["eot_id"]).sum() == meta["val_documents"]
+
+
+def test_prepare_curate_drops_what_the_report_says(tmp_path, data_dir):
+    source = data_dir / "pretrain" / "c4_demo.jsonl"
+    run("data/prepare.py", "--source", source, "--out", tmp_path / "c", "--vocab-size", "300", "--curate")
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    report = json.loads((tmp_path / "c" / "curation_report.json").read_text())
+    assert report["documents_in"] == len(source.read_text(encoding="utf-8").splitlines())
+    assert report["documents_out"] < report["documents_in"]
+    assert meta["train_documents"] + meta["val_documents"] == report["documents_out"]
