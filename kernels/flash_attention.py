@@ -138,7 +138,9 @@ def _attn_fwd(Q, K, V, Out, LSE, KV_START,
               seq_bucket,  # only read by the autotuner: re-tune when the length changes scale
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    # last query tiles first: under the causal mask they have the most key tiles, and the short
+    # ones launched afterwards fill the tail of the grid
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
@@ -351,7 +353,7 @@ def _attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, KV_START,
                  seq_bucket,  # only read by the autotuner
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest tiles first, as in _attn_fwd
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
@@ -396,14 +398,16 @@ def _attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, KV_START,
 # decode: split the keys across programs, then reduce
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "keys_per_split"])
-def _attn_decode_split(Q, K, V, PartOut, PartLse, KV_START,
+def _attn_decode_split(Q, K, V, PartOut, PartLse, Out, KV_START,
                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                       stride_vb, stride_vh, stride_vt,
+                       stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                        n_kv_heads, Tq, Tk, sm_scale, keys_per_split,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       SINGLE_SPLIT: tl.constexpr):
     """One key split of one K/V head: the rows of the tile are (query head g of the group, query i),
-    row r = g * Tq + i, so all GROUP * Tq queries share each K/V load."""
+    row r = g * Tq + i, so all GROUP * Tq queries share each K/V load. With a single split (a short
+    cache, or enough batch x heads to fill the GPU) the result goes straight to Out, with no reduce."""
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     pid_bkv = tl.program_id(1)
@@ -436,11 +440,15 @@ def _attn_decode_split(Q, K, V, PartOut, PartLse, KV_START,
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))  # an empty split weighs 0 in the reduce
-    # PartOut: (B, n_heads, n_splits, Tq, D) fp32, PartLse: (B, n_heads, n_splits, Tq) fp32
-    part_row = ((b * (n_kv_heads * GROUP) + h).to(tl.int64) * n_splits + split) * Tq + i
-    tl.store(PartOut + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
-    tl.store(PartLse + part_row, lse, mask=row_ok)
+    if SINGLE_SPLIT:
+        tl.store(Out + b.to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh
+                 + i[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))  # an empty split weighs 0 in the reduce
+        # PartOut: (B, n_heads, n_splits, Tq, D) fp32, PartLse: (B, n_heads, n_splits, Tq) fp32
+        part_row = ((b * (n_kv_heads * GROUP) + h).to(tl.int64) * n_splits + split) * Tq + i
+        tl.store(PartOut + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(PartLse + part_row, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["Tq", "n_splits"])
@@ -561,23 +569,28 @@ def _decode(q, k, v, causal, sm_scale, kv_start):
     group = n_heads // n_kv_heads
     block_n = INTERPRET_BLOCK if INTERPRET else 64
     if INTERPRET:
-        target_programs = 16  # several splits, so the tests exercise the reduction
+        target_programs = 8  # several splits for small batches, so the tests exercise the reduction
     else:
         target_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
     # enough splits to fill the machine, each at least one key tile long
     n_splits = max(1, min(triton.cdiv(Tk, block_n), triton.cdiv(target_programs, B * n_kv_heads)))
     keys_per_split = triton.cdiv(triton.cdiv(Tk, n_splits), block_n) * block_n
     n_splits = triton.cdiv(Tk, keys_per_split)
-    part_out = torch.empty((B, n_heads, n_splits, Tq, head_dim), device=q.device, dtype=torch.float32)
-    part_lse = torch.empty((B, n_heads, n_splits, Tq), device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    if n_splits == 1:  # the split kernel writes out itself; the partial buffers are not touched
+        part_out = part_lse = out
+    else:
+        part_out = torch.empty((B, n_heads, n_splits, Tq, head_dim), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((B, n_heads, n_splits, Tq), device=q.device, dtype=torch.float32)
     _attn_decode_split[(n_splits, B * n_kv_heads)](
-        q, k, v, part_out, part_lse, kv_start if kv_start is not None else q,
-        *_strides(q), *_strides(k), *_strides(v),
+        q, k, v, part_out, part_lse, out, kv_start if kv_start is not None else q,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         n_kv_heads, Tq, Tk, sm_scale, keys_per_split,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_R=max(16, triton.next_power_of_2(group * Tq)), BLOCK_N=block_n,
         CAUSAL=causal, HAS_KV_START=kv_start is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4)
-    out = torch.empty_like(q)
+        SINGLE_SPLIT=n_splits == 1, num_warps=4)
+    if n_splits == 1:
+        return out
     _attn_decode_reduce[(B * n_heads * Tq,)](
         part_out, part_lse, out, *_strides(out), n_heads, Tq, n_splits,
         HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(n_splits))

@@ -52,8 +52,9 @@ def test_poison_is_active():
 
 def rel_err(out, ref):
     """max |out - ref| / max |ref|; NaN anywhere (an unwritten element) makes it NaN and fails `<=`.
-    The floor on the denominator is for gradients that cancel to exactly 0 (Tq = Tk = 1 gives dq = 0)."""
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-2)).item()
+    The floor on the denominator is for gradients that cancel to exactly 0 (Tq = Tk = 1 gives dq = dk = 0
+    from terms of size ~1): every other output and gradient here has max |ref| of order 1."""
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(0.1)).item()
 
 
 def randn(*shape, dtype):
