@@ -41,6 +41,8 @@ from pathlib import Path
 
 import regex  # the `regex` module (a tiktoken dependency): \p{L}, \p{N} and possessive quantifiers
 
+from data.corpus import read_documents
+
 # Pre-split patterns, as in tiktoken_ext/openai_public.py. r50k is GPT-2's (written the fast way).
 PATTERNS = {
     "r50k": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
@@ -59,52 +61,13 @@ NO_RANK = sys.maxsize  # the "rank" of a pair that is not a token: larger than e
 # ----------------------------------------------------------------------------------------------
 # Reading corpora
 
-def iter_documents(path):
-    """Yield the documents (str) of one corpus file, chosen by its extension:
-    .txt    the whole file is one document;
-    .jsonl  one JSON object a line, its "text" field;
-    .json   Tang-poem JSON (chinese-poetry): every object with a "paragraphs" list, anywhere in the
-            file, is one poem `title\\nline\\nline...` (title from "title", else "chapter").
-    Errors name the file (and line) at fault."""
-    path = Path(path)
-    if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-                yield record["text"]
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        poems = list(_find_poems(data))
-        if not poems:
-            raise ValueError(f"{path}: no poems found (expected objects with a 'paragraphs' list)")
-        yield from poems
-    else:
-        raise ValueError(f"{path}: unknown corpus format {path.suffix!r} (expected .txt, .jsonl or .json)")
-
-
-def _find_poems(node):
-    if isinstance(node, dict):
-        if isinstance(node.get("paragraphs"), list):
-            title = node.get("title") or node.get("chapter") or ""
-            yield "\n".join([title, *node["paragraphs"]])
-        else:
-            for value in node.values():
-                yield from _find_poems(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _find_poems(item)
+def iter_documents(path, txt_docs="file"):
+    """Yield the documents (str) of a corpus file or directory, read by data/corpus.py (the reader
+    shared with data/prepare.py and data/curate.py): .txt is one document (`txt_docs="file"`; or
+    "line", "blank", "auto"), .jsonl gives each line's "text" field, .json (chinese-poetry) gives each
+    poem as `title\nline\nline...`. Errors (a ValueError) name the file and line at fault."""
+    for doc in read_documents(path, txt_docs=txt_docs):
+        yield doc["text"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,18 +544,25 @@ def _bytes_to_unicode():
 
 
 def _hf_pattern(pre_tokenizer, path):
+    """The pre-split regex of a byte-level tokenizer.json: ByteLevel alone (GPT-2's pattern), or a
+    Split regex before a regex-free ByteLevel (Llama 3 style). Other steps (e.g. Digits) change the
+    splitting in ways one regex cannot express, so they are refused rather than approximated."""
     steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if isinstance(pre_tokenizer, dict) else []
-    split = [s for s in steps if s.get("type") == "Split"]
-    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-    if not byte_level:
-        raise ValueError(f"{path}: pre_tokenizer has no ByteLevel step; not a byte-level BPE")
+    kinds = [step.get("type") for step in steps]
+    byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
+    if len(byte_level) != 1:
+        raise ValueError(f"{path}: pre_tokenizer {kinds} has no ByteLevel step; not a byte-level BPE")
     if byte_level[0].get("add_prefix_space"):
         raise ValueError(f"{path}: ByteLevel add_prefix_space=true is not supported")
-    if byte_level[0].get("use_regex", True):
+    if kinds == ["ByteLevel"] and byte_level[0].get("use_regex", True):
         return PATTERNS["r50k"]
-    if len(split) == 1 and "Regex" in split[0].get("pattern", {}):
-        return split[0]["pattern"]["Regex"]
-    raise ValueError(f"{path}: cannot tell the pre-split regex from pre_tokenizer {pre_tokenizer}")
+    split = steps[0]
+    if (kinds == ["Split", "ByteLevel"] and not byte_level[0].get("use_regex", True)
+            and "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated"
+            and not split.get("invert")):
+        return split["pattern"]["Regex"]
+    raise ValueError(f"{path}: unsupported pre_tokenizer steps {kinds}: bpe.py supports ByteLevel alone "
+                     "or an isolating Split regex followed by ByteLevel(use_regex=false)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,7 +737,8 @@ def main(argv=None):
 
     train = commands.add_parser("train", help="learn a vocabulary from corpus files")
     train.add_argument("--input", nargs="+", required=True,
-                       help="corpus files: .txt (one document), .jsonl ('text' field), .json (Tang poems)")
+                       help="corpus files or directories: .txt (one document), .jsonl ('text' field), "
+                            ".json (Tang poems)")
     train.add_argument("--vocab-size", type=int, required=True, help="ids in all: 256 bytes + merges + specials")
     train.add_argument("--out", required=True, help="output prefix: writes OUT.tiktoken and OUT.json")
     train.add_argument("--pattern", default="cl100k", help="pre-split regex or a name: cl100k (default), r50k")
