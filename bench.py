@@ -1,7 +1,12 @@
 """Benchmarks, each a subcommand printing Markdown tables with the reference side by side:
 
+    python bench.py model              # model.py forward+backward tokens/s against transformers (CPU)
     python bench.py kernels            # Triton kernels (kernels/) against torch, on a CUDA GPU
     python bench.py kernels --quick    # fewer shapes, a minute or two
+
+`model`: forward+backward tokens/s of the `tiny` and `small` presets for the `naive` and `sdpa`
+backends against `transformers.LlamaForCausalLM` (eager and sdpa attention) with the same config and
+weights, steps interleaved so that background load hits every side alike.
 
 `kernels`: FlashAttention-2 (kernels/flash_attention.py) against torch SDPA's FlashAttention backend
 and a naive softmax(QK^T)V, in TFLOP/s (forward, and forward+backward) and peak memory, for bf16,
@@ -209,12 +214,65 @@ def bench_kernels(args):
 
 # ----------------------------------------------------------------------------------------------------
 
+def bench_model(args):
+    """Forward+backward tokens/s on the CPU: nanollm's backends against transformers' LlamaForCausalLM
+    with the same config and weights, in the same run."""
+    import time
+
+    import transformers  # the reference side of the comparison only
+    from model import ModelConfig, Transformer, config_to_hf
+
+    torch.manual_seed(0)
+    shapes = {"tiny": (8, 256), "small": (4, 256)}  # preset -> (batch, seq_len)
+    print(f"forward+backward tokens/s on {torch.get_num_threads()} CPU threads (median of {args.iters} steps)\n")
+    print("| preset | batch x seq | nanollm naive | nanollm sdpa | transformers eager | transformers sdpa | sdpa / HF sdpa |")
+    print("|---|---|---|---|---|---|---|")
+    for preset, (B, T) in shapes.items():
+        config = ModelConfig.from_preset(preset)
+        ours = {b: Transformer(ModelConfig.from_preset(preset, attn_backend=b)) for b in ("naive", "sdpa")}
+        state = ours["sdpa"].state_dict()
+        for m in ours.values():
+            m.load_state_dict(state)
+        hf_config = transformers.LlamaConfig(**config_to_hf(config, torch.float32))
+        hf_state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()}
+        theirs = {}
+        for impl in ("eager", "sdpa"):
+            hf_config._attn_implementation = impl
+            theirs[impl] = transformers.LlamaForCausalLM(hf_config)
+            theirs[impl].load_state_dict(hf_state, strict=False)
+        idx = torch.randint(0, config.vocab_size, (B, T))
+
+        def step_ours(m):
+            _, loss = m(idx, idx)
+            loss.backward()
+
+        def step_hf(m):
+            m(input_ids=idx, labels=idx).loss.backward()
+
+        runs = {"naive": lambda: step_ours(ours["naive"]), "sdpa": lambda: step_ours(ours["sdpa"]),
+                "hf-eager": lambda: step_hf(theirs["eager"]), "hf-sdpa": lambda: step_hf(theirs["sdpa"])}
+        times = {name: [] for name in runs}
+        for name, fn in runs.items():  # warm-up
+            fn()
+        for _ in range(args.iters):  # interleaved, so background load hits every side alike
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        tps = {name: B * T / sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+        print(f"| {preset} | {B} x {T} | {tps['naive']:,.0f} | {tps['sdpa']:,.0f} | {tps['hf-eager']:,.0f} "
+              f"| {tps['hf-sdpa']:,.0f} | {tps['sdpa'] / tps['hf-sdpa']:.2f}x |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subcommands = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     kernels = subcommands.add_parser("kernels", help="Triton kernels against torch (CUDA GPU)")
     kernels.add_argument("--quick", action="store_true", help="fewer shapes (about a minute or two)")
     kernels.set_defaults(run=bench_kernels)
+    model = subcommands.add_parser("model", help="model.py forward+backward on the CPU against transformers' Llama")
+    model.add_argument("--iters", type=int, default=10, help="timed steps per configuration (median reported)")
+    model.set_defaults(run=bench_model)
     args = parser.parse_args(argv)
     args.run(args)
 
