@@ -77,19 +77,19 @@ def test_training_reduces_loss_and_writes_summary(shakespeare, tmp_path):
 
 
 def test_kill_and_resume_is_bit_exact(shakespeare, tmp_path):
-    args = ["--data", shakespeare, "--max-steps", "60", "--eval-interval", "15", "--dropout", "0.1", *TINY_RUN]
+    args = ["--data", shakespeare, "--max-steps", "60", "--eval-interval", "10", "--dropout", "0.1", *TINY_RUN]
     run("train.py", *args, "--out-dir", tmp_path / "straight")
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args), "--out-dir", str(killed)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not logged_steps_at_least(killed, 40):
+    while not logged_steps_at_least(killed, 25):
         assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline, "training too slow to reach step 40"
+        assert time.time() < deadline, "training too slow to reach step 25"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(losses(killed)) < 60
+    assert len(losses(killed)) < 60 and not (killed / "summary.json").exists()
     run("train.py", *args, "--out-dir", killed, "--resume")
     assert losses(killed) == losses(tmp_path / "straight")  # identical floats, step by step
 
