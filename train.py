@@ -12,7 +12,7 @@ The recipe, each piece a few lines below:
 - evaluation of loss, perplexity and bits per byte (nats / ln 2 / bytes) on the validation split;
 - checkpoints written atomically with everything needed to resume bit for bit: model, optimizer,
   step, RNG states and the batch sampler's generator.
-Outputs in --out-dir: ckpt.pt, metrics.jsonl, loss.png, summary.json and the tokenizer.
+Outputs in --out-dir: ckpt.pt, train_config.json, metrics.jsonl, loss.png, summary.json and the tokenizer.
 """
 import json
 import math
@@ -315,7 +315,7 @@ def train(config: TrainConfig) -> dict:
     if master:
         for f in tokenizer_path.parent.glob(tokenizer_path.name + "*"):  # the tokenizer travels with the checkpoint
             shutil.copy(f, out_dir / f.name)
-        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
 
     raw_model = model
     if config.compile:
