@@ -291,7 +291,7 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: f
     lengths = [max_new_tokens] * B                        # where each row's output ends
     done = torch.zeros(B, dtype=torch.bool, device=device)
     if params.has_penalties:
-        real = torch.arange(T, device=device)[None] >= (pad_lens[:, None] if pad_lens is not None else 0)
+        real = (torch.arange(T, device=device)[None] >= (pad_lens[:, None] if pad_lens is not None else 0)).expand(B, T)
         seen = torch.zeros(B, model.config.vocab_size, device=device).scatter_add_(1, ids, real.float()) > 0
         counts = torch.zeros(B, model.config.vocab_size, device=device)
 
@@ -311,18 +311,21 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: f
         if params.has_penalties:  # (rows already done update too: their output is discarded)
             counts.scatter_add_(1, next_ids[:, None], torch.ones_like(counts[:, :1]))
             seen.scatter_(1, next_ids[:, None], True)
-        finished = ~done & torch.isin(next_ids, stop_ids)
-        for b in finished.nonzero().flatten().tolist():
-            lengths[b] = i
-        if streams is not None:
-            for b in (~done & ~finished).nonzero().flatten().tolist():
-                text = streams[b].push(next_ids[b].item())
-                if text and on_text:
-                    on_text(b, text)
-                if streams[b].stopped:
-                    lengths[b], finished[b] = i + 1, True
-        done |= finished
-        if i == max_new_tokens - 1 or bool(done.all()):
+        if stop_ids.numel() or streams is not None:  # (skipped otherwise: each check costs a little per step)
+            finished = ~done & torch.isin(next_ids, stop_ids)
+            for b in finished.nonzero().flatten().tolist():
+                lengths[b] = i
+            if streams is not None:
+                for b in (~done & ~finished).nonzero().flatten().tolist():
+                    text = streams[b].push(next_ids[b].item())
+                    if text and on_text:
+                        on_text(b, text)
+                    if streams[b].stopped:
+                        lengths[b], finished[b] = i + 1, True
+            done |= finished
+            if bool(done.all()):
+                break
+        if i == max_new_tokens - 1:
             break
         if use_cache:
             logits = step(next_ids[:, None], start_pos=T + i, kv_cache=cache)[0][:, -1]
@@ -815,11 +818,12 @@ def complete(args, model, draft, tokenizer):
                                      (lambda _, text: print(text, end="", flush=True)) if streaming else None)
     elapsed = time.perf_counter() - started
     if streaming:
-        print()
+        print(flush=True)
     else:
         for i, text in enumerate(texts):
             print(f"--- sample {i + 1} of {len(texts)} ---\n{args.prompt}{text}")
-    print(f"[{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:.1f} tokens/s{'; ' + extra if extra else ''}]",
+    notes = [extra] * bool(extra) + ["the first run includes compiling"] * args.compile
+    print(f"[{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:.1f} tokens/s{''.join('; ' + n for n in notes)}]",
           file=sys.stderr)
 
 
@@ -871,7 +875,7 @@ def chat(args, model, draft, tokenizer):
         texts, n_tokens, extra = respond(args, model, draft, tokenizer, ids, stop_tokens,
                                          None if args.strategy == "beam" else lambda _, text: print(text, end="", flush=True))
         elapsed = time.perf_counter() - started
-        print(texts[0] if args.strategy == "beam" else "")
+        print(texts[0] if args.strategy == "beam" else "", flush=True)
         history.append({"role": "assistant", "content": texts[0]})
         print(f"[{n_tokens} tokens, {n_tokens / elapsed:.1f} tokens/s{'; ' + extra if extra else ''}]", file=sys.stderr)
 

@@ -175,11 +175,12 @@ def test_batched_prompts_of_different_lengths_equal_each_alone():
     batched = generate(model, prompts, 20, temperature=0)
     for prompt, out in zip(prompts, batched):
         assert out.tolist() == greedy_reference(model, prompt, 20)
-    # penalties count each row's own prompt, never the padding
-    penalised = generate(model, prompts, 20, temperature=0, repetition_penalty=1.5, presence_penalty=0.3)
-    for prompt, out in zip(prompts, penalised):
-        assert torch.equal(out, generate(model, prompt, 20, temperature=0, repetition_penalty=1.5,
-                                         presence_penalty=0.3)[0])
+    # penalties count each row's own prompt, never the padding (and batches without padding work too)
+    for batch in (prompts, [[5, 9, 2], [4, 4, 4]]):
+        penalised = generate(model, batch, 20, temperature=0, repetition_penalty=1.5, presence_penalty=0.3)
+        for prompt, out in zip(batch, penalised):
+            assert torch.equal(out, generate(model, prompt, 20, temperature=0, repetition_penalty=1.5,
+                                             presence_penalty=0.3)[0])
 
 
 def test_repetition_penalty_changes_greedy_output_as_computed_by_hand():
@@ -491,3 +492,19 @@ def test_cli_prompt_longer_than_the_context(checkpoint, capsys):
     sample.main(["--ckpt", str(directory), "--prompt", long_prompt, "--max-new-tokens", "4", "--truncate", "left",
                  "--strategy", "greedy"])
     assert "tokens/s" in capsys.readouterr().err
+
+
+def test_cli_loads_a_hugging_face_directory_with_its_tokenizer(tmp_path, data_dir, capsys):
+    """A Hugging Face model directory (save_hf) whose tokenizer.json is GPT-2's."""
+    import shutil
+    from model import save_hf
+    from sample import load_tokenizer
+    model = make_model(vocab_size=50257, dim=16, n_heads=2, n_kv_heads=1, hidden_dim=32, std=0.1)
+    save_hf(model, tmp_path)
+    shutil.copy(data_dir / "tokenizers" / "gpt2_tokenizer.json", tmp_path / "tokenizer.json")
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.special_tokens["<|endoftext|>"] == 50256
+    sample.main(["--ckpt", str(tmp_path), "--prompt", "Hello world", "--strategy", "greedy", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    expected = generate(model, tokenizer.encode("Hello world"), 6, temperature=0, stop_tokens=[50256])[0]
+    assert out == "Hello world" + tokenizer.decode(expected.tolist()) + "\n"
