@@ -33,6 +33,7 @@ Streaming decodes token bytes with an incremental UTF-8 decoder, so a character 
 """
 import argparse
 import codecs
+import json
 import math
 import sys
 import time
@@ -240,7 +241,7 @@ _compiled_models = weakref.WeakKeyDictionary()
 
 
 def compiled(model: Transformer):
-    """model, torch.compile'd for decode steps (built once per model, then reused).
+    """model, torch.compile'd for decode steps (built once per model and kept for the process's life).
 
     Freezing folds the weights into the graph as constants and the C++ wrapper calls the kernels
     without Python in between: on the CPU most of a small model's per-token time is Python and
@@ -547,7 +548,6 @@ def load_tokenizer(model_path, tokenizer_path=None):
     json_path = path if path.suffix == ".json" else path.with_name(path.name + ".json")
     if not json_path.exists():
         raise FileNotFoundError(f"{json_path}: no tokenizer there (give one with --tokenizer)")
-    import json
     try:
         is_ours = json.loads(json_path.read_text(encoding="utf-8")).get("format") == "nanollm-bpe"
     except (ValueError, AttributeError):
