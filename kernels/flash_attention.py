@@ -33,7 +33,8 @@ see no key at all produce zeros, never NaN.
 Decode (Tq of 1..a few tokens, no gradient): one program per (key split, batch, K/V head) packs all the
 query heads of the group and all Tq queries into the rows of one tile, so each K/V element is read once;
 each split writes a partial output and its log-sum-exp, and a reduce kernel combines the splits:
-    out = sum_s exp(L_s - L) out_s,   L = log sum_s exp(L_s).
+    out = sum_s exp(L_s - L) out_s,   L = log sum_s exp(L_s)
+(with a single split, for a short cache or a batch that already fills the GPU, it writes out directly).
 
 Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (small fixed blocks, no autotuning).
 Tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py`; speed: `python bench.py kernels`.
@@ -46,9 +47,9 @@ import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-LOG2_E = 1.4426950408889634
+LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): exp2 is the native instruction
 DECODE_MAX_ROWS = 64  # decode path when n_heads // n_kv_heads * Tq fits one tile of this many rows
-INTERPRET_BLOCK = 32  # tile size under the CPU interpreter: small so tests exercise many tiles
+INTERPRET_BLOCK = 32  # tile size under the CPU interpreter: small, so short test sequences span several tiles
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def _attn_fwd(Q, K, V, Out, LSE, KV_START,
         kv_start = 0
     lo, prefix_end, full_lo, full_hi, hi = _key_tile_ranges(start_m, Tq, Tk, kv_start,
                                                             BLOCK_M, BLOCK_N, CAUSAL, HAS_KV_START)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+    qk_scale = sm_scale * LOG2_E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -291,7 +292,7 @@ def _attn_bwd_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, KV_START,
     full_hi = tl.maximum(Tq // BLOCK_M * BLOCK_M, full_lo)
     prefix_end = tl.minimum(full_lo, hi)
 
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2_E
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for g in range(GROUP):  # every query head that reads this K/V head
@@ -377,7 +378,7 @@ def _attn_bwd_dq(Q, K, V, dOut, LSE, Delta, dQ, KV_START,
         kv_start = 0
     lo, prefix_end, full_lo, full_hi, hi = _key_tile_ranges(start_m, Tq, Tk, kv_start,
                                                             BLOCK_M, BLOCK_N, CAUSAL, HAS_KV_START)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2_E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if HAS_KV_START:
         dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m_pos, offs_d,
@@ -435,7 +436,7 @@ def _attn_decode_split(Q, K, V, PartOut, PartLse, Out, KV_START,
     acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     # decode is memory bound: masking every tile costs nothing measurable, so one masked loop
     acc, l_i, m_i = _online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                          offs_m_pos, offs_d, lo, hi, Tk, kv_start, sm_scale * 1.4426950408889634,
+                                          offs_m_pos, offs_d, lo, hi, Tk, kv_start, sm_scale * LOG2_E,
                                           BLOCK_N, True, CAUSAL, HAS_KV_START, DOT_PRECISION)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -530,7 +531,7 @@ def _forward(q, k, v, causal, sm_scale, kv_start):
     lse = torch.empty((B, n_heads, Tq), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * n_heads)
     _launch(_attn_fwd, _attn_fwd_tuned, grid,
-            q, k, v, out, lse, kv_start if kv_start is not None else q,
+            q, k, v, out, lse, kv_start if kv_start is not None else q,  # any pointer when HAS_KV_START is off
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             n_heads, Tq, Tk, sm_scale, _seq_bucket(Tq, Tk),
             GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, CAUSAL=causal,
