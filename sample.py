@@ -612,73 +612,75 @@ def bench(args):
         save_hf(model, hf_dir)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
-    def best_of(fn, repeats=args.repeats):
-        times, result = [], None
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = fn()
-            times.append(time.perf_counter() - start)
-        return min(times), result
-
-    def hf_generate(prompts, do_sample=False):
+    def hf_generate(prompts):
         ids, pad_lens = left_pad(prompts)
         pad_lens = pad_lens if pad_lens is not None else torch.zeros(len(ids), dtype=torch.long)
         mask = (torch.arange(ids.size(1))[None] >= pad_lens[:, None]).long()
         with torch.no_grad():
-            out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=do_sample, pad_token_id=0,
+            out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False, pad_token_id=0,
                                     top_k=None, top_p=None, temperature=None)
-        return out[:, ids.size(1):]
+        return list(out[:, ids.size(1):])
 
-    rows = []
-    print(f"decode tokens/s on {torch.get_num_threads()} CPU thread(s), {N} new tokens per prompt, "
-          f"fastest of {args.repeats} runs (prefill included)", file=sys.stderr)
+    def speculative(name, temperature):
+        def run():
+            tokens, stats = speculative_generate(target, draft, prompt, N, 4, temperature=temperature, seed=0)
+            acceptance[name] = stats["acceptance_rate"]
+            return [tokens]
+        return run
 
-    def row(name, batch_size, seconds, tokens, note=""):
-        rows.append((name, batch_size, tokens / seconds, note))
-        print(f"  {name}: {tokens / seconds:.1f} tokens/s", file=sys.stderr)
-        return tokens / seconds
-
-    no_cache = row("nanollm, no cache (recompute every step)", 1,
-                   *best_of(lambda: generate(model, prompt, N, temperature=0, use_cache=False)[0].numel(), 1))
-    seconds, ours = best_of(lambda: generate(model, prompt, N, temperature=0)[0])
-    cached = row("nanollm, KV cache", 1, seconds, ours.numel())
-    start = time.perf_counter()
-    generate(model, prompt, 8, temperature=0, compile=True)  # compiles (prefill runs eagerly)
-    compile_seconds = time.perf_counter() - start
-    compiled_rate = row("nanollm, KV cache + torch.compile", 1,
-                        *best_of(lambda: generate(model, prompt, N, temperature=0, compile=True)[0].numel()),
-                        f"compiling took {compile_seconds:.0f} s, once")
-    seconds, theirs = best_of(lambda: hf_generate([prompt])[0])
-    same = torch.equal(ours, theirs)
-    hf_rate = row("transformers generate, KV cache", 1, seconds, theirs.numel(),
-                  "same tokens as nanollm" if same else "tokens differ from nanollm")
-    batched = row("nanollm, KV cache, batch of 8 prompts (5-30 tokens)", 8,
-                  *best_of(lambda: sum(o.numel() for o in generate(model, batch, N, temperature=0))))
-    hf_batched = row("transformers generate, batch of 8 prompts", 8,
-                     *best_of(lambda: hf_generate(batch).numel()))
-    speculative = []
+    # name -> (batch size, function returning the new tokens of each row)
+    cases = {
+        "nanollm, KV cache": (1, lambda: generate(model, prompt, N, temperature=0)),
+        "nanollm, KV cache + torch.compile": (1, lambda: generate(model, prompt, N, temperature=0, compile=True)),
+        "transformers generate, KV cache": (1, lambda: hf_generate([prompt])),
+        "nanollm, KV cache, batch of 8 prompts (5-30 tokens)": (8, lambda: generate(model, batch, N, temperature=0)),
+        "transformers generate, batch of 8 prompts": (8, lambda: hf_generate(batch)),
+    }
+    acceptance, speculative_pairs = {}, []   # (label, plain decoding case, speculative case)
     if draft is not None:
         for temperature in (0.0, 1.0):
             label = "greedy" if temperature == 0 else f"sampling T={temperature:g}"
-            plain = row(f"target ({target.config.n_layers} layers), plain decoding, {label}", 1,
-                        *best_of(lambda: generate(target, prompt, N, temperature=temperature, seed=0)[0].numel()))
-            seconds, (tokens, stats) = best_of(lambda: speculative_generate(target, draft, prompt, N, 4,
-                                                                            temperature=temperature, seed=0))
-            spec = row(f"speculative, {draft.config.n_layers}-layer draft, 4 drafted per round, {label}", 1,
-                       seconds, tokens.numel(), f"acceptance {stats['acceptance_rate']:.2f}")
-            speculative.append((label, spec / plain, stats["acceptance_rate"]))
+            plain = f"target ({target.config.n_layers} layers), plain decoding, {label}"
+            fast = f"speculative, {draft.config.n_layers}-layer draft, 4 tokens drafted per round, {label}"
+            cases[plain] = (1, lambda t=temperature: generate(target, prompt, N, temperature=t, seed=0))
+            cases[fast] = (1, speculative(fast, temperature))
+            speculative_pairs.append((label, plain, fast))
 
+    print(f"decode tokens/s on {torch.get_num_threads()} CPU thread(s), {N} new tokens per prompt (prefill "
+          f"included), fastest of {args.repeats} rounds that run every case in turn", file=sys.stderr)
+    start = time.perf_counter()
+    generate(model, prompt, 8, temperature=0, compile=True)  # compiles the decode step, once
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    no_cache_tokens = generate(model, prompt, N, temperature=0, use_cache=False)[0].numel()  # one run: it is slow
+    rates = {"nanollm, no cache (recompute every step)": no_cache_tokens / (time.perf_counter() - start)}
+    outputs = {}
+    for round_ in range(args.repeats):
+        for name, (_, fn) in cases.items():
+            start = time.perf_counter()
+            outputs[name] = fn()
+            rate = sum(o.numel() for o in outputs[name]) / (time.perf_counter() - start)
+            rates[name] = max(rate, rates.get(name, 0.0))
+        print(f"  round {round_ + 1}/{args.repeats} done", file=sys.stderr)
+
+    same = torch.equal(outputs["nanollm, KV cache"][0], outputs["transformers generate, KV cache"][0])
+    notes = {"nanollm, KV cache + torch.compile": f"compiling took {compile_seconds:.0f} s, once",
+             "transformers generate, KV cache": "same tokens as nanollm" if same else "tokens differ from nanollm"}
+    notes.update((name, f"acceptance {rate:.2f}") for name, rate in acceptance.items())
+    sizes = {name: size for name, (size, _) in cases.items()}
     print(f"\n| {'model: ' + args.ckpt if args.ckpt else 'small preset, random weights'} | batch | tokens/s | |")
     print("|---|---|---|---|")
-    for name, batch_size, rate, note in rows:
-        print(f"| {name} | {batch_size} | {rate:.1f} | {note} |")
-    print(f"\nKV cache vs recomputation: {cached / no_cache:.1f}x (target >= 5x)")
-    print(f"nanollm vs transformers, greedy, batch 1: {cached / hf_rate:.2f}x eager, {compiled_rate / hf_rate:.2f}x "
-          f"compiled (target >= 1.5x); batch 8: {batched / hf_batched:.2f}x eager")
-    for label, speedup, acceptance in speculative:
-        print(f"speculative vs plain, {label}: {speedup:.2f}x at acceptance {acceptance:.2f} "
-              f"(target: faster when acceptance >= 0.7)")
-
+    for name, rate in rates.items():
+        print(f"| {name} | {sizes.get(name, 1)} | {rate:.1f} | {notes.get(name, '')} |")
+    hf = rates["transformers generate, KV cache"]
+    print(f"\nKV cache vs recomputation: {rates['nanollm, KV cache'] / rates['nanollm, no cache (recompute every step)']:.1f}x"
+          f" (target >= 5x)")
+    print(f"nanollm vs transformers, greedy, batch 1: {rates['nanollm, KV cache'] / hf:.2f}x eager, "
+          f"{rates['nanollm, KV cache + torch.compile'] / hf:.2f}x compiled (target >= 1.5x); batch 8: "
+          f"{rates['nanollm, KV cache, batch of 8 prompts (5-30 tokens)'] / rates['transformers generate, batch of 8 prompts']:.2f}x")
+    for label, plain, fast in speculative_pairs:
+        print(f"speculative vs plain decoding, {label}: {rates[fast] / rates[plain]:.2f}x at acceptance "
+              f"{acceptance[fast]:.2f} (target: faster when acceptance >= 0.7)")
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
