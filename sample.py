@@ -188,7 +188,11 @@ class TextStream:
         """Add one token; return the text that became final (possibly '')."""
         if self.stopped:
             return ""
-        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        try:
+            data = self.tokenizer.decode_bytes([token_id])
+        except ValueError:  # an id the tokenizer lacks: a padded vocabulary's tail, a gap like cl100k's
+            data = "\ufffd".encode()
+        self.pending += self.decoder.decode(data)
         hits = [i for i in (self.pending.find(s) for s in self.stop_strings) if i >= 0]
         if hits:
             self.stopped = True

@@ -378,6 +378,16 @@ def test_stream_stop_strings_cut_the_text_across_token_boundaries():
     assert stream.push(0xE4) == "" and stream.finish() == "\ufffd"  # a truly incomplete character
 
 
+def test_stream_shows_ids_the_tokenizer_lacks_as_replacement_characters():
+    class PaddedVocabulary(ByteTokenizer):  # the model's vocabulary is larger than the tokenizer's
+        def decode_bytes(self, ids):
+            if any(i >= 256 for i in ids):
+                raise ValueError(f"id {max(ids)} is not in the vocabulary")
+            return bytes(ids)
+    stream = TextStream(PaddedVocabulary())
+    assert [stream.push(i) for i in (ord("a"), 300, ord("b"))] == ["a", "\ufffd", "b"]
+
+
 class LetterTokenizer:
     """Token i is the letter 'a' + i % 26."""
     special_tokens = {}
