@@ -713,7 +713,8 @@ def build_parser():
                         help="beam search: continue while a live beam can still beat a finished one")
     parser.add_argument("--draft-ckpt", help="speculative: the small draft model (same tokenizer)")
     parser.add_argument("--n-draft", type=int, default=4, help="speculative: tokens drafted per round (default: 4)")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop string, repeatable (in bash, $'\\n\\n' is a blank line)")
     parser.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     parser.add_argument("--truncate", choices=("error", "left"), default="error",
                         help="a prompt too long for the context: error, or keep its end (default: error)")
