@@ -53,6 +53,7 @@ class TrainConfig:
     dropout: float = opt(0.0, "dropout on attention and residual branches")
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
     attn_backend: str = opt("sdpa", "attention implementation", choices=["naive", "sdpa", "triton"])
+    fused_ce: bool = opt(False, "loss through kernels/cross_entropy.py (chunked, no fp32 copy of the logits)")
     # optimisation
     batch_size: int = opt(16, "sequences per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
@@ -350,6 +351,8 @@ def train(config: TrainConfig) -> dict:
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
         return metrics
 
+    if config.fused_ce:
+        from kernels.cross_entropy import cross_entropy as fused_cross_entropy
     model.train()
     t_start = time.time()
     elapsed = elapsed_before
@@ -367,7 +370,11 @@ def train(config: TrainConfig) -> dict:
             x, y = (t.to(device) for t in sampler.next_batch())
             sync = not ddp or micro == config.grad_accum - 1  # all-reduce gradients once per step
             with autocast, (model.no_sync() if not sync else nullcontext()):
-                _, loss = model(x, y)
+                if config.fused_ce:
+                    logits, _ = model(x)
+                    loss = fused_cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+                else:
+                    _, loss = model(x, y)
                 loss = loss / config.grad_accum
             scaler.scale(loss).backward()
             loss_sum += loss.detach()

@@ -165,3 +165,13 @@ def test_prepare_curate_drops_what_the_report_says(tmp_path, data_dir):
     assert report["documents_in"] == len(source.read_text(encoding="utf-8").splitlines())
     assert report["documents_out"] < report["documents_in"]
     assert meta["train_documents"] + meta["val_documents"] == report["documents_out"]
+
+
+def test_fused_cross_entropy_gives_the_same_losses(shakespeare, tmp_path):
+    """--fused-ce (kernels/cross_entropy.py, in the Triton interpreter here) against torch's loss."""
+    pytest.importorskip("triton")
+    args = ["--data", shakespeare, "--max-steps", "3", "--eval-interval", "100", *TINY_RUN]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run("train.py", *args, "--out-dir", tmp_path / "torch", env=env)
+    run("train.py", *args, "--out-dir", tmp_path / "fused", "--fused-ce", env=env)
+    assert np.allclose(losses(tmp_path / "fused"), losses(tmp_path / "torch"), rtol=1e-5, atol=1e-6)
