@@ -181,7 +181,9 @@ def main(argv=None):
     parser.add_argument("--txt-docs", choices=["file", "line", "blank"], default="file",
                         help="txt: whole file (last 10%% is val), one document per line, or per blank-line block")
     parser.add_argument("--tokenizer", help="a bpe.py tokenizer (the path given to Tokenizer.save); default: train one")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size when training the tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=2048,
+                        help="vocabulary size when training the tokenizer (2048 suits a 1 MB corpus such as Tiny "
+                             "Shakespeare; the Tang poems want 8192)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the corpus held out for validation")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val document shuffle")
     parser.add_argument("--dtype", choices=["uint16", "uint32"], help="token storage (default: smallest that fits)")
