@@ -88,7 +88,7 @@ TRAIN_PRESETS = {
                             warmup_steps=50, eval_interval=500, eval_tokens=8192, log_interval=100),
     # the complete Tang poems on a CPU
     "cpu-tang": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
-                     seq_len=64, batch_size=12, max_steps=20000, max_time=600.0, lr=2e-3, min_lr=2e-4,
+                     seq_len=64, batch_size=12, max_steps=20000, max_time=180.0, lr=2e-3, min_lr=2e-4,
                      warmup_steps=50, eval_interval=1000, eval_tokens=8192, log_interval=100),
     # GPT-2 small's budget on GPUs: 0.5M tokens per step over 8 GPUs
     "gpu-124m": dict(model="llama-124m", seq_len=1024, batch_size=32, grad_accum=2, max_steps=20000,
