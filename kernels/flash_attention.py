@@ -94,6 +94,20 @@ def _visible(offs_m_pos, offs_n, Tk, kv_start, CAUSAL: tl.constexpr, HAS_KV_STAR
 
 
 @triton.jit
+def _load_kv_tile(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, Tk, MASKED: tl.constexpr):
+    """The key and value rows offs_n (BLOCK_N, D); rows past Tk read as 0 when the tile may overhang."""
+    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return k, v
+
+
+@triton.jit
 def _online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m_pos, offs_d,
                           start, end, Tk, kv_start, qk_scale,
                           BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -103,14 +117,7 @@ def _online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, D)
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]  # (BLOCK_N, D)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v = _load_kv_tile(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, Tk, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (rows, BLOCK_N)
         if MASKED:
             s = tl.where(_visible(offs_m_pos, offs_n, Tk, kv_start, CAUSAL, HAS_KV_START), s, float("-inf"))
@@ -327,14 +334,7 @@ def _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, o
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, D)
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]  # (BLOCK_N, D)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v = _load_kv_tile(k_base, v_base, stride_kt, stride_vt, offs_n, offs_d, Tk, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
