@@ -175,3 +175,13 @@ def test_fused_cross_entropy_gives_the_same_losses(shakespeare, tmp_path):
     run("train.py", *args, "--out-dir", tmp_path / "torch", env=env)
     run("train.py", *args, "--out-dir", tmp_path / "fused", "--fused-ce", env=env)
     assert np.allclose(losses(tmp_path / "fused"), losses(tmp_path / "torch"), rtol=1e-5, atol=1e-6)
+
+
+def test_prepare_refuses_a_vocabulary_that_does_not_fit_the_dtype(tmp_path, data_dir):
+    from bpe import CL100K_SPECIAL_TOKENS, Tokenizer
+    cl100k = Tokenizer.from_tiktoken(data_dir / "tokenizers" / "cl100k_base.tiktoken",
+                                     special_tokens=CL100K_SPECIAL_TOKENS)
+    cl100k.save(tmp_path / "cl100k")
+    result = run("data/prepare.py", "--source", data_dir / "pretrain" / "wiki_demo.txt", "--out", tmp_path / "w",
+                 "--tokenizer", tmp_path / "cl100k", "--dtype", "uint16", check=False)
+    assert result.returncode != 0 and "100277 tokens does not fit --dtype uint16" in result.stderr
