@@ -5,9 +5,11 @@ and `model_config` (ModelConfig as a dict); training scripts add optimizer, step
 state, and save the tokenizer they used into the same directory. A Hugging Face directory
 (`config.json` + safetensors) is accepted wherever a checkpoint is.
 """
+import argparse
+import json
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -106,10 +108,6 @@ def _flag_type(default):
 def parse_config(config_class, presets: dict, description: str, argv=None):
     """Build an argparse CLI from `config_class`'s fields (help text from field metadata["help"]),
     apply --preset, --config and the flags, and return the config instance."""
-    import argparse
-    import json
-    from dataclasses import fields
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=sorted(presets), help="a named set of hyperparameters")
     parser.add_argument("--config", help="JSON file of hyperparameters (flags override it)")
