@@ -185,3 +185,19 @@ def test_prepare_refuses_a_vocabulary_that_does_not_fit_the_dtype(tmp_path, data
     result = run("data/prepare.py", "--source", data_dir / "pretrain" / "wiki_demo.txt", "--out", tmp_path / "w",
                  "--tokenizer", tmp_path / "cl100k", "--dtype", "uint16", check=False)
     assert result.returncode != 0 and "100277 tokens does not fit --dtype uint16" in result.stderr
+
+
+def test_config_precedence_defaults_preset_file_flags(tmp_path):
+    from common import parse_config
+    from train import TRAIN_PRESETS, TrainConfig
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"lr": 0.5, "batch_size": 3}))
+    config = parse_config(TrainConfig, TRAIN_PRESETS, "test", ["--preset", "cpu-shakespeare", "--config",
+                                                                str(config_file), "--batch-size", "7", "--compile"])
+    assert config.lr == 0.5                          # file over preset
+    assert config.batch_size == 7                    # flag over file
+    assert config.seq_len == 64 and config.max_time == 120.0  # preset over defaults
+    assert config.compile is True and config.weight_decay == 0.1
+    config_file.write_text(json.dumps({"learning_rate": 1.0}))
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, TRAIN_PRESETS, "test", ["--config", str(config_file)])
