@@ -1,0 +1,196 @@
+"""LoRA: low-rank adapters on the linear layers of a frozen model (Hu et al. 2021, arXiv:2106.09685).
+
+A wrapped layer computes
+
+    y = W x + (alpha / r) * B A x          A: (r, in), B: (out, r), r << min(in, out)
+
+with W frozen. A starts Kaiming-uniform (as in the paper's reference code, loralib) and B at zero, so
+training starts exactly at the base model; dropout acts on the adapter's input only. rsLoRA (Kalajdzievski
+2023) scales by alpha / sqrt(r) instead, which keeps the update's size stable as r grows. Merging
+folds B A into W (inference at the base model's cost); unmerging takes it out again.
+
+    from lora import apply_lora, disable_adapters, save_adapter, load_adapter, merge_lora
+    counts = apply_lora(model, targets=["q_proj", "v_proj"], r=8, alpha=16)   # freezes the rest
+    with disable_adapters(model): ...     # the base model, e.g. DPO's reference, without a second copy
+    save_adapter(model, "out/adapter.pt")  # the adapters alone: a few hundred KB for a small model
+
+The base layer may be any module with `in_features`, `out_features` and a forward (quant.py's
+QuantLinear: QLoRA). Targets name the layers by their last name component (model.py follows
+Hugging Face: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or Meta's Llama names (wq wk
+wv wo w1 w2 w3), or an fnmatch pattern over the full name ("layers.0.*").
+"""
+import math
+from contextlib import contextmanager
+from fnmatch import fnmatch
+
+import torch
+import torch.nn as nn
+
+from common import atomic_write
+
+# Meta's Llama names -> Hugging Face names (w1 is the gate, w3 the up projection, w2 the down)
+META_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+              "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        self.base = base
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        weight = getattr(base, "weight", None)
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32} \
+            if weight is not None else {}
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as loralib does
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.enabled = True
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged or not self.enabled:
+            return y
+        # (..., in) -> (..., r) -> (..., out): never forms the (out, in) product B A
+        return y + (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    def _check_mergeable(self):
+        if not isinstance(getattr(self.base, "weight", None), nn.Parameter) or not self.base.weight.is_floating_point():
+            raise TypeError(f"cannot merge into a {type(self.base).__name__} base (quantized?): dequantize it first")
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self._check_mergeable()
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}"
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def _targeted(name: str, targets) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(last == META_NAMES.get(t, t) or fnmatch(name, t) for t in targets)
+
+
+def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               rslora: bool = False) -> dict:
+    """Wrap every targeted linear layer in a LoRALinear and freeze everything else.
+
+    Returns {"trainable": n, "total": n, "layers": n}. A target that matches no layer is an error
+    (a typo would otherwise train nothing)."""
+    targets = list(targets or ALL_LINEAR)
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if hasattr(module, "in_features") and hasattr(module, "out_features") and _targeted(name, targets)]
+    if not chosen:
+        raise ValueError(f"LoRA targets {targets} match no linear layer (names look like "
+                         f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:3]})")
+    unmatched = [t for t in targets if not any(_targeted(name, [t]) for name, _ in chosen)]
+    if unmatched:
+        raise ValueError(f"LoRA target(s) {unmatched} match no linear layer")
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, r, alpha, dropout, rslora))
+    model.lora_config = {"targets": targets, "r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters()), "layers": len(chosen)}
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside the block the model is its base model (adapters off, merged ones taken out)."""
+    layers = lora_layers(model)
+    was_merged = [layer.merged for layer in layers]
+    for layer in layers:
+        layer.unmerge()
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, merged in zip(layers, was_merged):
+            layer.enabled = True
+            if merged:
+                layer.merge()
+
+
+def merge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain base layers back (a normal model)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
+
+
+def save_adapter(model: nn.Module, path) -> None:
+    """The adapters and their config, atomically; nothing of the base model."""
+    if not lora_layers(model):
+        raise ValueError("the model has no LoRA adapters to save")
+    payload = {"lora": lora_state_dict(model), "lora_config": model.lora_config}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Apply the adapters saved at `path` to a base model (adding the LoRA layers if it has none)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        state, config = payload["lora"], payload["lora_config"]
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"{path}: not a LoRA adapter file ({type(e).__name__}: {e})") from None
+    if not lora_layers(model):
+        apply_lora(model, **config)
+    missing = set(lora_state_dict(model)) - set(state)
+    unexpected = set(state) - set(lora_state_dict(model))
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter does not fit this model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(state, strict=False)
+    return model
