@@ -29,7 +29,8 @@ A checkpoint is a nanollm directory, a Hugging Face directory (common.load_model
   Both tokenize text into words, punctuation marks and single Han characters (sacrebleu's zh tokenizer
   splits Chinese the same way), so they work for English and Chinese alike.
 - Tang-poem form: a poem's lines are the pieces between newlines and punctuation (，。！？；：、 and
-  ASCII ,.!?;:); within a line only Han characters count. A poem has the form when it has at least two
+  ASCII ,.!?;:); within a line only Han characters count, and text in parentheses (the corpus's
+  editorial notes, "(明年 一作：年年)") is dropped. A poem has the form when it has at least two
   lines and all of them have 5 characters, or all 7 (五言 / 七言). Generated poems are sampled from
   <|endoftext|> (a prepared Tang corpus is `title\\nline\\nline...`), and their first line, the title,
   is left out.
@@ -407,12 +408,14 @@ def rouge_l(hypotheses: list[str], references: list, tokenize=words) -> float:
 # Tang-poem form
 
 _LINE_BREAKS = re.compile(r"[\n，。！？；：、,.!?;:]")
+_NOTE = re.compile(r"[(（][^)）]*(?:[)）]|$)")  # an editor's note, "(明年 一作：年年)", maybe over lines
 _HAN_CHAR = re.compile(rf"[{HAN}]")
 
 
 def poem_lines(poem: str) -> list[int]:
-    """Han characters per line: lines end at newlines and punctuation; lines without Han text are dropped."""
-    counts = [len(_HAN_CHAR.findall(piece)) for piece in _LINE_BREAKS.split(poem)]
+    """Han characters per line: lines end at newlines and punctuation; text in parentheses (the corpus's
+    variant notes) is no part of the poem; lines without Han text are dropped."""
+    counts = [len(_HAN_CHAR.findall(piece)) for piece in _LINE_BREAKS.split(_NOTE.sub("", poem))]
     return [c for c in counts if c]
 
 
@@ -548,7 +551,7 @@ def main(argv=None):
                  max_new_tokens=args.max_new_tokens, dtype=args.dtype, seed=args.seed)
     results = {}
     try:
-        for path in args.compare or [args.ckpt]:
+        for path in dict.fromkeys(args.compare or [args.ckpt]):  # each checkpoint once
             print(f"evaluating {path}", file=sys.stderr)
             results[path] = evaluate_checkpoint(path, args.device, args.tokenizer, **tasks)
     except (ValueError, FileNotFoundError) as e:
