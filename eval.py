@@ -10,7 +10,7 @@ and the form of generated Tang poems; several checkpoints side by side in one ta
     python eval.py --compare out/a out/b out/c --data data/shakespeare --out results.json
 
 A checkpoint is a nanollm directory, a Hugging Face directory (common.load_model) or a quantized one
-(quant.py, when it provides a loader: see load_for_eval). The metrics, each a few lines below:
+(quant.py's load_quantized). The metrics, each a few lines below:
 - perplexity = exp(mean nats per token) and bits per byte = total nats / ln 2 / total UTF-8 bytes of
   the predicted tokens, over consecutive non-overlapping windows of the context length: exactly
   train.py's final evaluation (train.evaluate), so `--data` reproduces its val_bpb. A raw file is
@@ -62,24 +62,27 @@ class EvalError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
-def load_for_eval(path, device="cpu", tokenizer_path=None):
-    """(model, tokenizer) of a nanollm directory, a Hugging Face directory or a quantized checkpoint.
+def is_quantized(path) -> bool:
+    """Whether `path` is a quant.py checkpoint: a ckpt.pt with a `quant_config` entry (read by mmap, no weights)."""
+    path = Path(path)
+    ckpt_file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not ckpt_file.is_file():
+        return False
+    return torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False).get("quant_config") is not None
 
-    Quantized checkpoints are quant.py's: when the directory has no ckpt.pt/config.json that
-    load_model reads, quant.load_quantized(path, device) is tried (the hook for quant.py's loader)."""
+
+def load_for_eval(path, device="cpu", tokenizer_path=None):
+    """(model, tokenizer) of a nanollm directory, a Hugging Face directory (common.load_model) or a
+    quantized checkpoint (quant.load_quantized: its QuantLinear layers in place)."""
     from sample import load_tokenizer
     path = Path(path)
     if not path.exists():
         raise EvalError(f"{path}: no such checkpoint")
-    if (path / CHECKPOINT_FILE).exists() or (path / "config.json").exists() or path.is_file():
-        model = load_model(path, device=device)
-    else:
-        try:
-            from quant import load_quantized
-        except ImportError:
-            raise EvalError(f"{path}: neither a nanollm checkpoint ({CHECKPOINT_FILE}) nor a Hugging Face "
-                            f"directory (config.json), and quant.py has no load_quantized to try") from None
+    if is_quantized(path):
+        from quant import load_quantized
         model = load_quantized(path, device=device)
+    else:
+        model = load_model(path, device=device)
     return model.eval(), load_tokenizer(path, tokenizer_path)
 
 

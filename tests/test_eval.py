@@ -328,6 +328,19 @@ def test_cli_compare_prints_one_table_and_writes_json(trained, capsys):
     assert json.loads((root / "results.json").read_text())[ckpt]["val_tokens"] == 256 == results[ckpt]["val_tokens"]
 
 
+def test_a_quantized_checkpoint_is_loaded_with_its_quantized_layers(trained, tmp_path):
+    quant = pytest.importorskip("quant")
+    root, _ = trained
+    model, tok = ev.load_for_eval(root / "ckpt")
+    quant.quantize_model(model, quant.QuantSpec(method="rtn", bits=4, group_size=0), log=lambda *a: None)
+    quant.save_quantized(model, tmp_path, quant.QuantSpec(method="rtn", bits=4, group_size=0), source_dir=root / "ckpt")
+    loaded, _ = ev.load_for_eval(tmp_path)
+    assert ev.is_quantized(tmp_path) and not ev.is_quantized(root / "ckpt")
+    assert any(isinstance(m, quant.QuantLinear) for m in loaded.modules())
+    data = root / "data"
+    assert ev.split_perplexity(loaded, tok, data, seq_len=32) == ev.split_perplexity(model, tok, data, seq_len=32)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "/nonexistent"], "nothing to evaluate"),
     (["--ckpt", "/nonexistent", "--data", "/nonexistent"], "/nonexistent: no such checkpoint"),
