@@ -42,7 +42,7 @@ import re
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +150,8 @@ def encode_documents(tokenizer, path, txt_docs: str = "file") -> np.ndarray:
         raise EvalError(str(e)) from None
     if not docs:
         raise EvalError(f"{path}: no documents")
-    return tokenize(docs, tokenizer, fmt, str(path))
+    with redirect_stdout(sys.stderr):  # prepare.py's progress line; stdout carries the results table
+        return tokenize(docs, tokenizer, fmt, str(path))
 
 
 def text_perplexity(model, tokenizer, path, txt_docs: str = "file", **kwargs) -> dict:
