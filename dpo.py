@@ -1,0 +1,748 @@
+"""Preference alignment: DPO and its main variants, from an SFT checkpoint and pairs of answers.
+
+    python dpo.py --init out/sft --data ../shared/data/preference/dpo_en_demo.json --out-dir out/dpo
+    python dpo.py --init out/sft --data pairs.jsonl --loss simpo --lora-rank 8 --out-dir out/simpo
+    python dpo.py --init out/sft --data ../shared/data/preference/kto_en_demo.json --loss kto --out-dir out/kto
+    python dpo.py --bench arithmetic --init out/sft_arith      # the verifiable benchmark (README)
+    python dpo.py --bench demo --init out/base                 # sigmoid / ipo / simpo curves on the demo pairs
+
+For a prompt x with a chosen answer y_w and a rejected one y_l, each loss is a function of sequence
+log-probabilities log pi(y | x), summed over the answer tokens only (the prompt is masked by the chat
+template, chat.py), under the policy pi and, for most losses, a frozen reference pi_ref (the SFT model).
+With h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]:
+
+  sigmoid  DPO (Rafailov et al. 2023, eq. 7):            -log sigmoid(beta h)
+  cDPO     label smoothing eps (Mitchell 2023):           -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+  ipo      IPO (Azar et al. 2023, eq. 17):                (h - 1 / (2 beta))^2
+  hinge    SLiC-HF (Zhao et al. 2023):                    max(0, 1 - beta h)
+  simpo    SimPO (Meng et al. 2024, eq. 6), no reference, length-normalised, margin gamma:
+                                                          -log sigmoid(beta avg log pi(y_w|x) - beta avg log pi(y_l|x) - gamma)
+  orpo     ORPO (Hong et al. 2024, eq. 6), no reference:  -avg log pi(y_w|x) - lambda log sigmoid(log odds(y_w) - log odds(y_l)),
+           odds(y) = P / (1 - P) with P = exp(avg log pi(y|x)), the per-token geometric mean probability
+  kto      KTO (Ethayarajh et al. 2024, eq. 8) on unpaired answers labelled good or bad, r = log pi/pi_ref:
+           good: w_d (1 - sigmoid(beta (r - z0))), bad: w_u (1 - sigmoid(beta (z0 - r))), z0 = max(0, KL
+           estimate) from mismatched (prompt, answer) pairs, not back-propagated
+
+The implicit reward of an answer is beta (log pi - log pi_ref) (DPO's eq. 5; for simpo and orpo beta /
+lambda times the average log-prob). Logged each step: loss, rewards/chosen, rewards/rejected,
+rewards/accuracy (share of pairs whose chosen reward is higher), rewards/margin, and the policy's and
+reference's log-probs. At step 0 the policy IS the reference, so h = 0 and the sigmoid loss is exactly
+ln 2 = 0.693; a loss that stays there means nothing moves (a warning names the usual causes).
+
+Chosen and rejected answers go through the model in one batch (B chosen rows, then B rejected rows).
+The reference is one of: a frozen copy of the initial model; with --lora-rank, the policy's own base
+weights with the adapters switched off (lora.disable_adapters: no second model in memory); or with
+--precompute-ref, log-probs computed once before training and cached (only the policy in memory).
+Dropout is off throughout (the policy is in eval mode), so policy and reference agree at step 0.
+Data: chat.py's preference formats (ShareGPT pairs, {"prompt","chosen","rejected"}, message-list pairs);
+for kto also {"messages", "label"} records (paired files are split into good and bad answers).
+Outputs in --out-dir: ckpt.pt (the merged model, loadable by common.load_model) with the tokenizer,
+adapter.pt with LoRA, metrics.jsonl, loss.png, rewards.png and summary.json.
+"""
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chat import ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired, pad_batch, \
+    prompt_ids, read_records, PAD, IM_END
+from common import CHECKPOINT_FILE, load_model, parse_config, read_checkpoint, resolve_device, save_checkpoint
+from lora import ALL_LINEAR, apply_lora, disable_adapters, lora_state_dict, merge_and_unload, save_adapter
+from train import (TrainingError, _cpu_peak_rss, format_seconds, learning_rate, make_optimizer, opt, plot_losses,
+                   rng_state, set_rng_state)
+
+LN2 = math.log(2)
+LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
+REFERENCE_FREE = ("simpo", "orpo")
+INTERNAL = ("answer_tokens", "max_abs_logratio")  # per-batch diagnostics for the ln 2 warning, not logged
+
+
+@dataclass
+class DPOConfig:
+    init: str = opt("", "the starting model: a nanollm checkpoint directory (an SFT model) or a Hugging Face one")
+    data: str = opt("", "preference file(s), comma-separated (.json or .jsonl)")
+    val_data: str = opt("", "held-out preference file(s); empty: hold out --val-fraction of --data")
+    val_fraction: float = opt(0.1, "share of the pairs held out for evaluation when --val-data is not given")
+    out_dir: str = opt("out/dpo", "where the model, metrics and the summary go")
+    # the objective
+    loss: str = opt("sigmoid", "preference loss (see the docstring)", choices=list(LOSSES))
+    beta: float = opt(0.1, "beta: strength of the KL tie to the reference (sigmoid, ipo, hinge, kto)")
+    label_smoothing: float = opt(0.0, "cDPO: assumed share of flipped labels, 0 <= eps < 0.5 (sigmoid)")
+    simpo_beta: float = opt(2.0, "SimPO's beta (it scales average log-probs, hence larger than DPO's)")
+    simpo_gamma: float = opt(1.0, "SimPO's target reward margin gamma")
+    orpo_lambda: float = opt(0.1, "ORPO's weight lambda of the odds-ratio term")
+    kto_desirable_weight: float = opt(1.0, "KTO's w_d, weight of the good answers")
+    kto_undesirable_weight: float = opt(1.0, "KTO's w_u, weight of the bad answers")
+    # the reference model
+    precompute_ref: bool = opt(False, "compute the reference log-probs once before training (no reference in memory)")
+    lora_rank: int = opt(0, "train LoRA adapters of this rank (0: every weight); the reference is then the base")
+    lora_alpha: float = opt(16.0, "LoRA alpha")
+    lora_targets: str = opt(",".join(ALL_LINEAR), "comma-separated layers to adapt")
+    # data
+    max_len: int = opt(512, "prompt + answer tokens (the prompt's start is cut first; capped at the model's context)")
+    set: str = opt("", "placeholder values for {{key}} in the data, e.g. name=nanollm,author=me")
+    skip_bad_records: bool = opt(False, "skip (and count) records that cannot be used instead of stopping")
+    # optimisation
+    batch_size: int = opt(8, "pairs per micro-batch (2x sequences through the model)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_steps: int = opt(200, "optimizer steps (the cosine schedule ends here)")
+    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none); stops cleanly, then the final eval")
+    lr: float = opt(5e-5, "peak learning rate")
+    min_lr: float = opt(5e-6, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(10, "linear warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    # logging
+    log_interval: int = opt(10, "print a progress line every N steps")
+    eval_interval: int = opt(50, "evaluate on the held-out pairs and checkpoint every N steps")
+    stuck_steps: int = opt(30, "warn when the sigmoid loss stays at ln 2 for this many steps")
+    # system
+    device: str = opt("auto", "auto | cpu | cuda | mps")
+    seed: int = opt(1337, "random seed (held-out split, pair order)")
+    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
+    bench: str = opt("", "run a benchmark instead of one training run: arithmetic | demo", choices=["", "arithmetic", "demo"])
+
+
+DPO_PRESETS = {
+    # the arithmetic benchmark on a 2-core CPU: right-vs-wrong sums from tasks.py (README)
+    "cpu-arithmetic": dict(loss="sigmoid", beta=0.1, lr=2e-4, min_lr=2e-5, batch_size=16, max_steps=150,
+                           warmup_steps=10, eval_interval=25, log_interval=10, max_len=64),
+    # the LLaMA-Factory demo pairs with the small CPU model: answers cut to the model's context
+    "cpu-demo": dict(lr=1e-4, min_lr=1e-5, batch_size=8, max_steps=60, warmup_steps=5, eval_interval=10,
+                     log_interval=10, max_len=128, val_fraction=0.2),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The losses: log-probs in (B,), per-pair losses and implicit rewards out (B,)
+
+def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
+    """DPO, -log sigmoid(beta h); with label smoothing eps, conservative DPO (cDPO)."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """IPO: regress h onto 1 / (2 beta) (here beta is the paper's tau); no sigmoid saturates it."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """SLiC's hinge on the reference-relative log-ratio: zero once beta h >= 1."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    losses = torch.relu(1 - beta * h)
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+def simpo_loss(avg_chosen, avg_rejected, beta: float, gamma: float):
+    """SimPO on average log-probs per answer token (no reference): -log sigmoid(beta (avg_w - avg_l) - gamma)."""
+    losses = -F.logsigmoid(beta * (avg_chosen - avg_rejected) - gamma)
+    return losses, beta * avg_chosen.detach(), beta * avg_rejected.detach()
+
+
+def log_odds(avg_logp):
+    """log(P / (1 - P)) for P = exp(avg_logp) < 1; log(1 - P) as log(-expm1(.)), exact near P = 1."""
+    avg_logp = avg_logp.clamp(max=-1e-6)
+    return avg_logp - torch.log(-torch.expm1(avg_logp))
+
+
+def orpo_loss(avg_chosen, avg_rejected, lam: float):
+    """ORPO: the SFT loss on the chosen answer plus lambda times the odds-ratio loss (no reference)."""
+    odds_ratio_loss = -F.logsigmoid(log_odds(avg_chosen) - log_odds(avg_rejected))
+    losses = -avg_chosen + lam * odds_ratio_loss
+    return losses, lam * avg_chosen.detach(), lam * avg_rejected.detach()
+
+
+def kto_loss(policy, ref, policy_mismatched, ref_mismatched, desirable, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO on unpaired answers: (B,) log-probs of the answers and of mismatched (prompt, answer) pairs,
+    desirable (B,) bool. z0 = max(0, mean log-ratio of the mismatched pairs), detached (the paper's
+    batch estimate of KL(pi || pi_ref)). Returns per-example losses, rewards beta * r, and z0."""
+    z0 = (policy_mismatched - ref_mismatched).mean().clamp(min=0).detach()
+    r = policy - ref
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return losses, beta * r.detach(), z0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: every item becomes two sequences, (chosen, rejected), or for kto (answer, mismatched answer)
+
+def parse_placeholders(text: str) -> dict:
+    pairs = [p for p in text.split(",") if p.strip()]
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise ValueError(f"--set {bad[0]!r}: expected key=value")
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def is_unpaired_file(path) -> bool:
+    records = read_records(path)
+    return bool(records) and isinstance(records[0], dict) and "label" in records[0]
+
+
+def load_items(paths: str, config: DPOConfig) -> tuple[list[dict], int]:
+    """(items, n_skipped) from comma-separated files. Paired: {"prompt", "chosen", "rejected"};
+    kto: {"prompt", "completion", "label"} (a paired file gives one good and one bad item per pair)."""
+    placeholders = parse_placeholders(config.set)
+    items, skipped = [], 0
+    for path in [p for p in paths.split(",") if p]:
+        if is_unpaired_file(path):
+            if config.loss != "kto":
+                raise ChatDataError(f"{path}: unpaired ('label') records; --loss {config.loss} needs chosen/rejected pairs "
+                                    f"(use --loss kto)")
+            got, n = load_unpaired(path, placeholders, config.skip_bad_records)
+        else:
+            got, n = load_preference_pairs(path, placeholders, config.skip_bad_records)
+            if config.loss == "kto":
+                got = [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+                       for p in got for key in ("chosen", "rejected")]
+        items += got
+        skipped += n
+    return items, skipped
+
+
+def fit(prompt: list[int], answer: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
+    """(ids, mask, truncated): prompt + answer in at most max_len tokens, the answer's tokens masked 1.
+    Too long: the prompt keeps its last tokens (at least half of max_len), then the answer is cut."""
+    if len(prompt) + len(answer) > max_len:
+        keep = max(max_len // 2, max_len - len(answer))
+        prompt = prompt[-keep:]
+        answer = answer[:max_len - len(prompt)]
+        return prompt + answer, [0] * len(prompt) + [1] * len(answer), True
+    return prompt + answer, [0] * len(prompt) + [1] * len(answer), False
+
+
+def tokenize_items(tokenizer, items, config: DPOConfig, max_len: int) -> tuple[list, int]:
+    """[(first (ids, mask), second (ids, mask))] per item and the number truncated.
+
+    Paired: (prompt + chosen, prompt + rejected). kto: (prompt_i + answer_i, prompt_i + answer_{i+1}):
+    the second is a mismatched pair for the KL estimate, fixed per item so it can be precomputed."""
+    prompts = [prompt_ids(tokenizer, item["prompt"]) for item in items]
+    truncated = 0
+    sequences = []
+    if config.loss == "kto":
+        answers = [answer_ids(tokenizer, item["completion"]) for item in items]
+        pairs = [(answers[i], answers[(i + 1) % len(items)]) for i in range(len(items))]
+    else:
+        pairs = [(answer_ids(tokenizer, item["chosen"]), answer_ids(tokenizer, item["rejected"])) for item in items]
+    for prompt, (first, second) in zip(prompts, pairs):
+        a, b = fit(prompt, first, max_len), fit(prompt, second, max_len)
+        truncated += a[2] or b[2]
+        sequences.append(((a[0], a[1]), (b[0], b[1])))
+    return sequences, truncated
+
+
+def make_batch(sequences, index: list[int], pad_id: int, device, labels=None) -> dict:
+    """Rows 0..B-1 the items' first sequences, rows B..2B-1 their second: one forward pass for both."""
+    rows = [sequences[i][0] for i in index] + [sequences[i][1] for i in index]
+    inputs, targets, loss_mask = pad_batch(rows, pad_id, device)
+    batch = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask, "index": torch.tensor(index)}
+    if labels is not None:
+        batch["desirable"] = torch.tensor([labels[i] for i in index], device=device)
+    return batch
+
+
+def sequence_logps(model, inputs, targets, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(target) over the masked-in (answer) tokens, their count), each (N,)."""
+    logits, _ = model(inputs)                                                       # (N, T, V)
+    token_logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    token_logps = token_logps.view_as(loss_mask)                                    # (N, T)
+    return (token_logps * loss_mask).sum(-1), loss_mask.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference: what log pi_ref(y|x) of a batch comes from
+
+class Reference:
+    """kind: "none" (reference-free loss), "copy" (a frozen copy), "lora" (the policy with its adapters
+    off) or "cache" (log-probs precomputed per item, (n_items, 2))."""
+
+    def __init__(self, kind: str, policy=None, cache: dict | None = None):
+        self.kind, self.policy, self.cache = kind, policy, cache or {}
+        self.model = None
+        if kind == "copy":
+            self.model = copy.deepcopy(policy).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    def describe(self) -> str:
+        return {"none": "none (reference-free loss)",
+                "copy": "a frozen copy of the initial model (two models in memory)",
+                "lora": "the base weights with the LoRA adapters switched off (one model in memory)",
+                "cache": "log-probs precomputed once (only the policy in memory)"}[self.kind]
+
+    @torch.no_grad()
+    def live_logps(self, batch) -> torch.Tensor:
+        if self.kind == "copy":
+            return sequence_logps(self.model, batch["inputs"], batch["targets"], batch["loss_mask"])[0]
+        with disable_adapters(self.policy):
+            return sequence_logps(self.policy, batch["inputs"], batch["targets"], batch["loss_mask"])[0]
+
+    def logps(self, batch, split: str) -> torch.Tensor | None:
+        """(2B,) reference log-probs in the batch's row order, or None when reference-free."""
+        if self.kind == "none":
+            return None
+        if self.kind == "cache":
+            return self.cache[split][batch["index"]].T.reshape(-1).to(batch["inputs"].device)
+        return self.live_logps(batch)
+
+
+@torch.no_grad()
+def precompute_reference(model, sequences, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """(n_items, 2) log-probs of every item's two sequences under `model` (called before any update)."""
+    out = torch.zeros(len(sequences), 2)
+    for start in range(0, len(sequences), batch_size):
+        index = list(range(start, min(start + batch_size, len(sequences))))
+        batch = make_batch(sequences, index, pad_id, device)
+        logps = sequence_logps(model, batch["inputs"], batch["targets"], batch["loss_mask"])[0].cpu()
+        out[index] = logps.view(2, -1).T
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One batch: loss and metrics
+
+def batch_loss(policy, batch, reference: Reference, split: str, config: DPOConfig) -> tuple[torch.Tensor, dict]:
+    """(mean loss, metrics): each metric a (sum, count) so micro-batches and eval batches average exactly."""
+    logps, n_tokens = sequence_logps(policy, batch["inputs"], batch["targets"], batch["loss_mask"])  # (2B,)
+    ref = reference.logps(batch, split)
+    B = logps.numel() // 2
+    first, second = logps[:B], logps[B:]
+    stats = {}
+    if config.loss == "kto":
+        desirable = batch["desirable"]
+        losses, rewards, z0 = kto_loss(first, ref[:B], second, ref[B:], desirable, config.beta,
+                                       config.kto_desirable_weight, config.kto_undesirable_weight)
+        good, bad = desirable.float(), (~desirable).float()
+        stats["rewards/chosen"] = ((rewards * good).sum().item(), good.sum().item())
+        stats["rewards/rejected"] = ((rewards * bad).sum().item(), bad.sum().item())
+        stats["rewards/accuracy"] = (((rewards > 0) == desirable).float().sum().item(), B)  # reward sign right
+        stats["kl"] = (z0.item() * B, B)
+        stats["logps/answer"] = (first.detach().sum().item(), B)
+        stats["ref_logps/answer"] = (ref[:B].sum().item(), B)
+    else:
+        if config.loss in ("sigmoid", "ipo", "hinge"):
+            args = (first, second, ref[:B], ref[B:], config.beta)
+            losses, chosen, rejected = (sigmoid_loss(*args, config.label_smoothing) if config.loss == "sigmoid"
+                                        else ipo_loss(*args) if config.loss == "ipo" else hinge_loss(*args))
+        else:
+            avg_chosen, avg_rejected = first / n_tokens[:B], second / n_tokens[B:]
+            losses, chosen, rejected = (simpo_loss(avg_chosen, avg_rejected, config.simpo_beta, config.simpo_gamma)
+                                        if config.loss == "simpo" else orpo_loss(avg_chosen, avg_rejected, config.orpo_lambda))
+        stats["rewards/chosen"] = (chosen.sum().item(), B)
+        stats["rewards/rejected"] = (rejected.sum().item(), B)
+        stats["rewards/accuracy"] = ((chosen > rejected).float().sum().item(), B)
+        stats["rewards/margin"] = ((chosen - rejected).sum().item(), B)
+        stats["logps/chosen"] = (first.detach().sum().item(), B)
+        stats["logps/rejected"] = (second.detach().sum().item(), B)
+        if ref is not None:
+            stats["ref_logps/chosen"] = (ref[:B].sum().item(), B)
+            stats["ref_logps/rejected"] = (ref[B:].sum().item(), B)
+            stats["max_abs_logratio"] = ((logps.detach() - ref).abs().max().item(), 1)
+    loss = losses.mean()
+    stats["loss"] = (loss.item() * B, B)
+    stats["answer_tokens"] = (n_tokens.sum().item(), 1)
+    if config.loss == "kto":
+        stats["rewards/margin"] = (0.0, 0)  # filled in by averaged(): mean good reward - mean bad reward
+    return loss, stats
+
+
+def accumulate(total: dict, stats: dict) -> None:
+    for k, (s, n) in stats.items():
+        a, b = total.get(k, (0.0, 0))
+        total[k] = (a + s, b + n)
+
+
+def averaged(total: dict, prefix: str = "") -> dict:
+    out = {prefix + k: s / n for k, (s, n) in total.items() if n}
+    if total.get("rewards/margin", (0, 1))[1] == 0 and {prefix + "rewards/chosen", prefix + "rewards/rejected"} <= set(out):
+        out[prefix + "rewards/margin"] = out[prefix + "rewards/chosen"] - out[prefix + "rewards/rejected"]
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, sequences, reference, labels, pad_id, config, device, split="val") -> dict:
+    total = {}
+    for start in range(0, len(sequences), config.batch_size):
+        index = list(range(start, min(start + config.batch_size, len(sequences))))
+        batch = make_batch(sequences, index, pad_id, device, labels)
+        accumulate(total, batch_loss(policy, batch, reference, split, config)[1])
+    return averaged(total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The items' order in one epoch: a function of (seed, epoch) only, so --resume needs just the position."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+
+
+def plot_rewards(metrics_file: Path, out_png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "rewards/accuracy", "reward accuracy"), (axes[1], "rewards/margin", "reward margin")):
+        for prefix, style in (("", "-"), ("val/", "o-")):
+            points = [(r["step"], r[prefix + key]) for r in rows if prefix + key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=("held-out " if prefix else "train ") + label, alpha=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def stuck_warning(n_steps: int, lr: float, n_trainable: int, stats: dict, config: DPOConfig) -> str:
+    diff = stats.get("max_abs_logratio", (float("nan"), 1))[0]
+    return (f"warning: the loss has stayed at ln 2 = {LN2:.3f} for {n_steps} steps, i.e. the policy's log-probs "
+            f"still equal the reference's (largest |log pi - log pi_ref| in the last batch: {diff:.2e}). Usual "
+            f"causes: the policy is the reference or nothing trains ({n_trainable:,} trainable parameters), a zero "
+            f"learning rate (lr now {lr:.2e}), answers masked out of the loss "
+            f"({stats['answer_tokens'][0]:.0f} answer tokens in the last batch), or a beta ({config.beta}) too small "
+            f"to move the loss")
+
+
+def build_policy(config: DPOConfig, device):
+    model = load_model(config.init, device=device).float()
+    lora_counts = None
+    if config.lora_rank:
+        targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+        lora_counts = apply_lora(model, targets=targets, r=config.lora_rank, alpha=config.lora_alpha)
+    return model.eval(), lora_counts  # eval: no dropout, so the policy starts equal to its reference
+
+
+def check_config(config: DPOConfig) -> None:
+    if not config.init:
+        raise ValueError("--init is required: the SFT checkpoint directory to start from")
+    if not config.data:
+        raise ValueError("--data is required: preference file(s)")
+    if not 0 <= config.label_smoothing < 0.5:
+        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {config.label_smoothing}")
+    if config.label_smoothing and config.loss != "sigmoid":
+        raise ValueError(f"--label-smoothing is a variant of the sigmoid loss, not of {config.loss}")
+    if config.beta <= 0:
+        raise ValueError(f"--beta must be positive, got {config.beta}")
+    if config.loss == "kto" and config.batch_size < 2:
+        raise ValueError("--loss kto needs --batch-size >= 2 (the KL estimate averages over the batch)")
+    if config.precompute_ref and config.loss in REFERENCE_FREE:
+        raise ValueError(f"--precompute-ref: --loss {config.loss} uses no reference model")
+    if not 0 <= config.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+
+
+def train(config: DPOConfig, log=print) -> dict:
+    check_config(config)
+    device = resolve_device(config.device)
+    out_dir = Path(config.out_dir)
+    from sample import load_tokenizer
+    tokenizer = load_tokenizer(config.init)
+    pad_id = chat_token_ids(tokenizer)[PAD]
+
+    items, skipped = load_items(config.data, config)
+    if config.val_data:
+        val_items, val_skipped = load_items(config.val_data, config)
+        skipped += val_skipped
+    else:
+        order = list(range(len(items)))
+        random.Random(config.seed).shuffle(order)
+        n_val = round(len(items) * config.val_fraction)
+        val_items = [items[i] for i in order[:n_val]]
+        items = [items[i] for i in sorted(order[n_val:])]
+    if not items:
+        raise TrainingError(f"no usable training records in {config.data} ({skipped} skipped)")
+
+    policy, lora_counts = build_policy(config, device)
+    max_len = min(config.max_len, policy.config.max_seq_len)
+    train_seqs, truncated = tokenize_items(tokenizer, items, config, max_len)
+    val_seqs, val_truncated = tokenize_items(tokenizer, val_items, config, max_len)
+    labels = [item["label"] for item in items] if config.loss == "kto" else None
+    val_labels = [item["label"] for item in val_items] if config.loss == "kto" else None
+
+    kind = ("none" if config.loss in REFERENCE_FREE else "cache" if config.precompute_ref
+            else "lora" if config.lora_rank else "copy")
+    optimizer = make_optimizer(policy, config, device)
+    step, position, elapsed_before, cache = 0, 0, 0.0, None
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    resuming = config.resume and ckpt_path.exists()
+    if resuming:
+        ckpt = read_checkpoint(out_dir)
+        if config.lora_rank:
+            policy.load_state_dict(ckpt["lora"], strict=False)
+        else:
+            policy.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        step, position, elapsed_before, cache = ckpt["step"], ckpt["position"], ckpt["elapsed"], ckpt.get("ref_cache")
+        metrics_file = out_dir / "metrics.jsonl"
+        rows = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+        metrics_file.write_text("".join(row + "\n" for row in rows))
+        log(f"resumed from {ckpt_path} at step {step}")
+    else:
+        torch.manual_seed(config.seed)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").write_text("")
+    if kind == "cache" and cache is None:  # before any update the policy is the reference
+        t0 = time.time()
+        cache = {"train": precompute_reference(policy, train_seqs, pad_id, config.batch_size, device),
+                 "val": precompute_reference(policy, val_seqs, pad_id, config.batch_size, device)}
+        log(f"precomputed reference log-probs of {len(train_seqs) + len(val_seqs)} items in {time.time() - t0:.1f}s")
+    if kind == "copy" and resuming:
+        reference = Reference(kind, load_model(config.init, device=device).float())
+    else:
+        reference = Reference(kind, policy, cache)
+    tokenizer.save(out_dir / "tokenizer")
+    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+
+    n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    log(f"model: {policy.num_params() / 1e6:.2f}M parameters, {n_trainable:,} trainable"
+        f"{' (LoRA rank %d on %d layers)' % (config.lora_rank, lora_counts['layers']) if lora_counts else ''} | "
+        f"loss {config.loss} | reference: {reference.describe()}")
+    log(f"data: {len(train_seqs)} train / {len(val_seqs)} held-out {'examples' if labels else 'pairs'} | "
+        f"{truncated + val_truncated} truncated to {max_len} tokens | {skipped} bad records skipped")
+
+    def save():
+        final = copy.deepcopy(policy)
+        if config.lora_rank:
+            merge_and_unload(final)
+        state = dict(optimizer=optimizer.state_dict(), rng=rng_state(), step=step, position=position,
+                     elapsed=elapsed, dpo_config=asdict(config), tokenizer="tokenizer")
+        if config.lora_rank:
+            state["lora"] = lora_state_dict(policy)
+            save_adapter(policy, out_dir / "adapter.pt")
+        if cache is not None:
+            state["ref_cache"] = cache
+        save_checkpoint(out_dir, final, **state)
+
+    def record(row):
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run_eval():
+        if not val_seqs:
+            return {}
+        metrics = {"val/" + k: v for k, v in evaluate_pairs(policy, val_seqs, reference, val_labels, pad_id,
+                                                              config, device).items() if k not in INTERNAL}
+        log(f"eval step {step}: held-out loss {metrics['val/loss']:.4f} | reward accuracy "
+            f"{metrics['val/rewards/accuracy']:.3f} | margin {metrics['val/rewards/margin']:.3f}")
+        record({"step": step, "val_loss": metrics["val/loss"], **metrics})
+        return metrics
+
+    elapsed = elapsed_before
+    if step == 0:
+        run_eval()
+    n = len(train_seqs)
+    t_start = time.time()
+    window_t, window_step = time.time(), step
+    stop_reason, stuck, warned, last = "max_steps", 0, False, {}
+    while step < config.max_steps:
+        progress = step / config.max_steps
+        if config.max_time:
+            progress = max(progress, elapsed / config.max_time)
+        lr = learning_rate(progress, step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = {}
+        for _ in range(config.grad_accum):
+            index = []
+            while len(index) < min(config.batch_size, n):
+                epoch, offset = divmod(position, n)
+                index.append(epoch_order(n, config.seed, epoch)[offset])
+                position += 1
+            batch = make_batch(train_seqs, index, pad_id, device, labels)
+            loss, stats = batch_loss(policy, batch, reference, "train", config)
+            (loss / config.grad_accum).backward()
+            accumulate(total, stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = averaged(total)
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingError(f"loss is {metrics['loss']} at step {step + 1}: stopping. The last good checkpoint "
+                                f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is intact; try a lower --lr")
+        step += 1
+        elapsed = elapsed_before + time.time() - t_start
+        last = metrics
+
+        stuck = stuck + 1 if config.loss == "sigmoid" and abs(metrics["loss"] - LN2) < 1e-3 else 0
+        if stuck == config.stuck_steps and not warned:
+            log(stuck_warning(stuck, lr, n_trainable, total, config))
+            warned = True
+        if step % config.log_interval == 0 or step == config.max_steps:
+            now = time.time()
+            step_time = (now - window_t) / max(step - window_step, 1)
+            window_t, window_step = now, step
+            eta = (config.max_steps - step) * step_time
+            if config.max_time:
+                eta = min(eta, max(config.max_time - elapsed, 0))
+            pairs_per_s = config.batch_size * config.grad_accum / step_time
+            shown = {k: metrics.get("rewards/" + k, float("nan")) for k in ("accuracy", "margin", "chosen", "rejected")}
+            log(f"step {step}/{config.max_steps} | loss {metrics['loss']:.4f} | accuracy {shown['accuracy']:.2f} | "
+                f"margin {shown['margin']:.3f} | chosen {shown['chosen']:.3f} | rejected {shown['rejected']:.3f} | lr {lr:.2e} | "
+                f"{pairs_per_s:.1f} {'examples' if labels else 'pairs'}/s | ETA {format_seconds(eta)}")
+        record({"step": step, **{k: v for k, v in metrics.items() if k not in INTERNAL},
+                "lr": lr, "grad_norm": grad_norm.item(), "elapsed": elapsed})
+        if config.max_time and elapsed >= config.max_time:
+            stop_reason = "max_time"
+            break
+        if step % config.eval_interval == 0 and step < config.max_steps:
+            run_eval()
+            save()
+            window_t = time.time()
+
+    final = run_eval()
+    save()
+    plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    plot_rewards(out_dir / "metrics.jsonl", out_dir / "rewards.png")
+    summary = {**{k: v for k, v in last.items() if k not in INTERNAL}, **final,
+               "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "loss_type": config.loss,
+               "reference": kind, "train_items": len(train_seqs), "val_items": len(val_seqs),
+               "truncated": truncated + val_truncated, "skipped_records": skipped, "trainable_params": n_trainable,
+               "stuck_at_ln2_warning": warned, "peak_memory_mb": (torch.cuda.max_memory_allocated(device)
+                                                                 if device.startswith("cuda") else _cpu_peak_rss()) / 2**20}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason})" +
+        (f" | held-out reward accuracy {final['val/rewards/accuracy']:.3f}, margin {final['val/rewards/margin']:.3f}"
+         if final else "") + f" | summary in {out_dir / 'summary.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, problems, batch_size: int = 50) -> tuple[float, list[str]]:
+    """Share of problems whose greedy answer tasks.check accepts, and the answers."""
+    from sample import generate
+    from tasks import check
+    stop = chat_token_ids(tokenizer)[IM_END]
+    answers = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p["question"]}]) for p in chunk]
+        outputs = generate(model, prompts, max_new_tokens=16, temperature=0.0, stop_tokens=[stop])
+        answers += [tokenizer.decode(o.tolist()) for o in outputs]
+    return sum(check(p, a) for p, a in zip(problems, answers)) / len(problems), answers
+
+
+def write_jsonl(path: Path, records) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def bench_arithmetic(config: DPOConfig) -> dict:
+    """DPO on right-vs-wrong sums (tasks.py) from an SFT model; held-out reward accuracy and greedy accuracy."""
+    from tasks import arithmetic_problems, preference_pairs, question_text, split_of
+    from sample import load_tokenizer
+    out = Path(config.out_dir)
+    n_test = sum(split_of(question_text([a, b, c])) == "test" for a in range(10) for b in range(10) for c in range(10))
+    test = arithmetic_problems(n_test, "test")                       # every held-out question
+    train_problems = arithmetic_problems(800, "train", seed=1)
+    write_jsonl(out / "train_pairs.jsonl", preference_pairs(train_problems, seed=1))
+    write_jsonl(out / "test_pairs.jsonl", preference_pairs(test, seed=2))
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(config.init)
+    run = replace(config, bench="", data=str(out / "train_pairs.jsonl"), val_data=str(out / "test_pairs.jsonl"),
+                  out_dir=str(out / f"run_{config.loss}"))
+    rows = []
+    for name, path in (("SFT (start)", config.init), (f"DPO ({config.loss})", None)):
+        if path is None:
+            train(run)
+            path = run.out_dir
+        model = load_model(path, device=device).float()
+        greedy, answers = greedy_accuracy(model, tokenizer, test)
+        seqs, _ = tokenize_items(tokenizer, preference_pairs(test, seed=2), run, model.config.max_seq_len)
+        logps = precompute_reference(model, seqs, chat_token_ids(tokenizer)[PAD], 64, device)
+        rows.append({"model": name, "likelihood_preference": (logps[:, 0] > logps[:, 1]).float().mean().item(),
+                     "greedy_accuracy": greedy, "example": answers[0]})
+    summary = json.loads((Path(run.out_dir) / "summary.json").read_text())
+    result = {"held_out_prompts": len(test), "train_pairs": len(train_problems), "steps": summary["step"],
+              "wall_time_s": summary["wall_time_s"], "held_out_reward_accuracy": summary["val/rewards/accuracy"],
+              "held_out_reward_margin": summary["val/rewards/margin"], "models": rows}
+    print(f"\n{len(test)} held-out prompts, {len(train_problems)} training pairs, {summary['step']} steps "
+          f"({format_seconds(summary['wall_time_s'])})\n")
+    print("| model | held-out reward accuracy | log pi(right) > log pi(wrong) | greedy accuracy |")
+    print("|---|---|---|---|")
+    for row, acc in zip(rows, (0.0, summary["val/rewards/accuracy"])):
+        print(f"| {row['model']} | {acc:.1%} | {row['likelihood_preference']:.1%} | {row['greedy_accuracy']:.1%} |")
+    (out / "bench_arithmetic.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def bench_demo(config: DPOConfig, data_dir: Path = Path(__file__).resolve().parent.parent / "shared" / "data") -> dict:
+    """sigmoid, ipo and simpo on dpo_en_demo / dpo_zh_demo: held-out reward accuracy and margin curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = Path(config.out_dir)
+    curves = {}
+    for lang in ("en", "zh"):
+        for loss in ("sigmoid", "ipo", "simpo"):
+            run = replace(config, bench="", loss=loss, data=str(data_dir / "preference" / f"dpo_{lang}_demo.json"),
+                          out_dir=str(out / f"{lang}_{loss}"))
+            summary = train(run)
+            rows = [json.loads(line) for line in (Path(run.out_dir) / "metrics.jsonl").read_text().splitlines()]
+            curves[lang, loss] = {"steps": [r["step"] for r in rows if "val/loss" in r],
+                                  "accuracy": [r["val/rewards/accuracy"] for r in rows if "val/loss" in r],
+                                  "margin": [r["val/rewards/margin"] for r in rows if "val/loss" in r],
+                                  "wall_time_s": summary["wall_time_s"]}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for i, lang in enumerate(("en", "zh")):
+        for j, key in enumerate(("accuracy", "margin")):
+            ax = axes[i, j]
+            for loss in ("sigmoid", "ipo", "simpo"):
+                ax.plot(curves[lang, loss]["steps"], curves[lang, loss][key], "o-", label=loss, markersize=3)
+            ax.set_title(f"dpo_{lang}_demo: held-out reward {key}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "demo_curves.png", dpi=100)
+    plt.close(fig)
+    print("\n| data | loss | held-out reward accuracy (start -> end) | held-out margin (end) | time |")
+    print("|---|---|---|---|---|")
+    for (lang, loss), c in curves.items():
+        print(f"| dpo_{lang}_demo | {loss} | {c['accuracy'][0]:.1%} -> {c['accuracy'][-1]:.1%} | {c['margin'][-1]:.3f} "
+              f"| {format_seconds(c['wall_time_s'])} |")
+    result = {f"{lang}_{loss}": c for (lang, loss), c in curves.items()}
+    (out / "bench_demo.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def bench(config: DPOConfig) -> None:
+    if not config.init:
+        raise ValueError("--bench needs --init: the model to start from (an SFT checkpoint for arithmetic)")
+    (bench_arithmetic if config.bench == "arithmetic" else bench_demo)(config)
+
+
+def main(argv=None):
+    config = parse_config(DPOConfig, DPO_PRESETS, __doc__.split("\n\n")[0], argv)
+    try:
+        if config.bench:
+            bench(config)
+        else:
+            train(config)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
