@@ -461,12 +461,19 @@ def tang_poems(model, tokenizer, n: int = 20, max_new_tokens: int = 96, batch_si
 # ----------------------------------------------------------------------------------------------------------
 # Everything for one checkpoint, and several side by side
 
+def weights_bytes(model) -> int:
+    """Bytes of the state dict, a tied tensor counted once: quantized layers keep their packed codes,
+    scales and zeros in buffers, which `params` (parameters only) leaves out."""
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(tensors.values())
+
+
 def evaluate_model(model, tokenizer, data=None, split: str = "val", text=None, txt_docs: str = "file", mc=None,
                    arithmetic: int = 0, shots: int = 0, gen=None, template: str = "chatml", tang: int = 0,
                    seq_len: int = 0, batch_size: int = 8, max_tokens: int = 0, max_new_tokens: int = 64,
                    dtype: str = "auto", seed: int = 0) -> dict:
     """Every metric asked for, in one flat dict (lists of example outputs under *_examples)."""
-    metrics = {"params": sum(p.numel() for p in model.parameters())}
+    metrics = {"params": sum(p.numel() for p in model.parameters()), "weights_mb": weights_bytes(model) / 2**20}
     ppl_args = dict(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, dtype=dtype)
     if data:
         metrics.update({f"{split}_{k}": v for k, v in split_perplexity(model, tokenizer, data, split, **ppl_args).items()})

@@ -337,6 +337,9 @@ def test_a_quantized_checkpoint_is_loaded_with_its_quantized_layers(trained, tmp
     loaded, _ = ev.load_for_eval(tmp_path)
     assert ev.is_quantized(tmp_path) and not ev.is_quantized(root / "ckpt")
     assert any(isinstance(m, quant.QuantLinear) for m in loaded.modules())
+    fp32, _ = ev.load_for_eval(root / "ckpt")
+    assert ev.weights_bytes(fp32) == 4 * sum(p.numel() for p in fp32.parameters())  # tied embedding counted once
+    assert ev.weights_bytes(loaded) < ev.weights_bytes(fp32) / 2                      # packed 4-bit layers
     data = root / "data"
     assert ev.split_perplexity(loaded, tok, data, seq_len=32) == ev.split_perplexity(model, tok, data, seq_len=32)
 
