@@ -66,9 +66,10 @@ def is_quantized(path) -> bool:
     """Whether `path` is a quant.py checkpoint: a ckpt.pt with a `quant_config` entry (read by mmap, no weights)."""
     path = Path(path)
     ckpt_file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not ckpt_file.is_file():
+    try:
+        return torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False).get("quant_config") is not None
+    except Exception:  # missing or unreadable: load_model says what is wrong with it
         return False
-    return torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False).get("quant_config") is not None
 
 
 def load_for_eval(path, device="cpu", tokenizer_path=None):
@@ -106,6 +107,8 @@ def perplexity(model, tokens: np.ndarray, token_bytes: torch.Tensor, seq_len: in
     """{"loss", "ppl", "bpb", "tokens"} of `tokens` (a 1-D stream): train.evaluate over windows of seq_len
     (default the model's context). token_bytes: (vocab,) UTF-8 bytes per token (train.token_byte_lengths)."""
     seq_len = seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise EvalError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_seq_len} tokens")
     if len(tokens) < seq_len + 1:
         seq_len = len(tokens) - 1  # a short text: one window of all of it
     if seq_len < 1:
@@ -229,13 +232,12 @@ def read_jsonl(path, required: dict) -> list[dict]:
 
 def multiple_choice(model, tokenizer, items, batch_size: int = 16, dtype: str = "auto") -> dict:
     """{"mc_acc", "mc_acc_norm", "mc_n"} on items {"context": str, "choices": [str], "label": int}."""
-    requests, owners = [], []
+    requests = []
     for n, item in enumerate(items):
         if not item["choices"] or not 0 <= item["label"] < len(item["choices"]):
             raise EvalError(f"item {n}: label {item['label']} is not an index of its {len(item['choices'])} choices")
         for choice in item["choices"]:
             requests.append(choice_request(tokenizer, item["context"], choice))
-            owners.append(n)
     scores = [s for s, _ in continuation_logprobs(model, requests, batch_size, dtype)]
     right = right_norm = 0
     position = 0
@@ -501,7 +503,7 @@ def evaluate_checkpoint(path, device: str = "auto", tokenizer=None, **tasks) -> 
 
 
 def format_value(value) -> str:
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"

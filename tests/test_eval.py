@@ -273,10 +273,22 @@ def test_reference_generation_metrics(chat_checkpoint, monkeypatch):
     assert metrics["gen_rouge_l"] == pytest.approx(1.0) and metrics["gen_n"] == 2
 
 
-def test_tang_poems_sample_and_score(chat_checkpoint):
+def test_tang_poems_start_from_endoftext_and_judge_the_bodies(chat_checkpoint, monkeypatch):
     _, model, tok = chat_checkpoint
-    metrics = ev.tang_poems(model, tok, n=3, max_new_tokens=8)
-    assert metrics["tang_n"] == 3 and 0.0 <= metrics["tang_form"] <= 1.0 and len(metrics["tang_examples"]) == 3
+    eot = tok.special_tokens["<|endoftext|>"]
+    documents = ["静夜思\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",   # in form
+                 "无题\n床前明月光，疑是地上霜。举头望明",                        # cut by the budget: 2 lines of 5
+                 "床前明月光，疑是地上霜。"]                                       # the title line only: no body
+    calls = []
+
+    def sampled(model, tokenizer, prompts, max_new_tokens, batch_size, stop_tokens, temperature, seed):
+        calls.append((prompts, stop_tokens, temperature))
+        return documents, [True, False, True]
+
+    monkeypatch.setattr(ev, "generate_texts", sampled)
+    metrics = ev.tang_poems(model, tok, n=3)
+    assert calls == [([[eot]] * 3, [eot], 0.8)]
+    assert metrics["tang_form"] == pytest.approx(2 / 3) and metrics["tang_lines_5or7"] == 1.0 and metrics["tang_n"] == 3
 
 
 # ----------------------------------------------------------------------------------------------------------
