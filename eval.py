@@ -293,16 +293,26 @@ def arithmetic_conversations(problems, shots: int = 0, seed: int = 0) -> list[li
     return [examples + [{"role": "user", "content": p["question"]}] for p in problems]
 
 
+def checked_generation(model, tokenizer, conversations, checkers, max_new_tokens: int = 64,
+                       batch_size: int = 16) -> tuple[float, list[str], list[bool]]:
+    """(accuracy, answers, verdicts): greedy answers to ChatML conversations, each judged by its own
+    checker(text) -> bool (an exact match, tasks.check, anything verifiable)."""
+    prompts = chat_prompts(tokenizer, conversations)
+    texts, _ = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size,
+                              stop_tokens=[tokenizer.special_tokens[IM_END]])
+    right = [bool(checker(text)) for checker, text in zip(checkers, texts, strict=True)]
+    return sum(right) / max(len(right), 1), texts, right
+
+
 def arithmetic_accuracy(model, tokenizer, n: int = 100, shots: int = 0, max_new_tokens: int = 64,
                         batch_size: int = 16, seed: int = 0) -> dict:
     """Share of n test problems of tasks.py answered right (tasks.check), zero- or k-shot, greedy."""
     from tasks import arithmetic_problems, check
     problems = arithmetic_problems(n, split="test", seed=seed)
-    prompts = chat_prompts(tokenizer, arithmetic_conversations(problems, shots, seed))
-    texts, _ = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size,
-                              stop_tokens=[tokenizer.special_tokens[IM_END]])
-    right = [check(p, t) for p, t in zip(problems, texts)]
-    return {f"arith_acc_{shots}shot": sum(right) / n, "arith_n": n,
+    checkers = [lambda text, p=p: check(p, text) for p in problems]
+    accuracy, texts, right = checked_generation(model, tokenizer, arithmetic_conversations(problems, shots, seed),
+                                                checkers, max_new_tokens, batch_size)
+    return {f"arith_acc_{shots}shot": accuracy, "arith_n": n,
             "arith_examples": [{"question": p["question"], "output": t, "right": r}
                                for p, t, r in list(zip(problems, texts, right))[:5]]}
 

@@ -233,6 +233,18 @@ def test_batched_generation_equals_one_prompt_at_a_time(chat_checkpoint):
     assert texts == [tok.decode(generate(model, p, 6, temperature=0)[0].tolist()) for p in prompts]
 
 
+def test_checked_generation_answers_in_chatml_and_applies_each_checker(chat_checkpoint):
+    from chat import prompt_ids
+    from sample import generate
+    _, model, tok = chat_checkpoint
+    conversations = [[{"role": "user", "content": q}] for q in ("What is 3 + 5?", "床前")]
+    expected = [tok.decode(generate(model, prompt_ids(tok, c), 10, temperature=0,
+                                    stop_tokens=[tok.special_tokens["<|im_end|>"]])[0].tolist()) for c in conversations]
+    accuracy, texts, right = ev.checked_generation(model, tok, conversations,
+                                                   [lambda t: t == expected[0], lambda t: False], max_new_tokens=10)
+    assert texts == expected and right == [True, False] and accuracy == 0.5
+
+
 def test_arithmetic_prompts_are_chatml_with_k_solved_train_problems(chat_checkpoint):
     from chat import prompt_ids
     _, _, tok = chat_checkpoint
