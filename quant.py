@@ -1,0 +1,734 @@
+"""Weight-only quantization of a trained model: round-to-nearest, GPTQ and NF4, packed storage, QLoRA.
+
+    python quant.py --ckpt out/shakespeare --method gptq --bits 4 --group-size 128 --out out/shakespeare-gptq4
+    python quant.py --ckpt out/shakespeare --method rtn --bits 8 --group-size 0 --out out/shakespeare-int8
+    python quant.py --ckpt out/shakespeare --bench            # the README table: every method on one model
+
+The linear layers of the blocks (q k v o gate up down) become `QuantLinear`; the embedding and the LM head
+stay in full precision unless --quantize-head.
+
+Quantization grid (per output row, per group of `group_size` input columns; group size 0 = one group per
+row, "per channel"): b-bit codes q in [0, 2^b - 1], a scale s and a zero point z, w ~ s (q - z).
+Asymmetric: s = (max(w, 0) - min(w, 0)) / (2^b - 1), z = round(-min(w, 0) / s); symmetric: s = 2 max|w| /
+(2^b - 1), z = 2^(b-1). Scales and zeros are stored in fp16 and s is rounded to fp16 before any code is
+chosen, so the stored model is exactly the one that was evaluated.
+
+- RTN: each weight to its nearest grid point, independently.
+- GPTQ (Frantar, Ashkboos, Hoefler & Alistarh 2022, arXiv:2210.17323, Algorithm 1): minimise the layer's
+  output error ||W X - Q X||^2 over the calibration inputs X (in_features, n_tokens), one column of W at a
+  time, pushing each column's rounding error onto the columns not yet quantized through the inverse
+  Hessian of that quadratic, H = 2 X X^T:
+      H += percdamp * mean(diag H) * I                  dampening: H^-1 stays well conditioned
+      U = cholesky(H^-1, upper)                         the rows of U are the OBS updates, computed once
+      for each column i:  q_i = quant(w_i);  e_i = (w_i - q_i) / U_ii;  W[:, i:] -= e_i U[i, i:]
+  with the updates applied lazily in blocks of 128 columns (one rank-128 update of the remaining columns
+  per block), dead inputs (H_ii = 0: W's column is irrelevant, set to 0), optional act-order (columns in
+  order of decreasing H_ii, the permutation undone at the end; --static-groups fixes the group grids on
+  the unpermuted weights first, so groups stay contiguous in storage) and group-wise grids found when a
+  group's first column is reached (so they see the error pushed onto it). Layers are done block by block,
+  in the order their inputs are computed (q k v, then o, then gate up, then down), each with inputs that
+  went through the already quantized layers before it.
+- NF4 (Dettmers, Pagnoni, Holtzman & Zettlemoyer 2023, "QLoRA", arXiv:2305.14314): the 16 NormalFloat
+  values (quantiles of N(0, 1) scaled to [-1, 1], with an exact 0), a per-group absmax scale, each weight to
+  the nearest value (the paper's double quantization of the scales is not done: scales stay fp16).
+
+Storage: codes packed along the input dimension, 8 codes in `bits` bytes (int4: two per byte, the even
+column in the low nibble), fp16 scales and zeros (out, n_groups), and for act-order without static groups
+the group index of every input column. On CUDA a 4-bit QuantLinear runs through kernels/quant_matmul.py
+(dequantization in registers); elsewhere it dequantizes and calls F.linear.
+
+QLoRA: `apply_lora` (lora.py) wraps QuantLinear layers like any linear layer; the base stays frozen and
+gradients reach the adapters through the dequantized weights. `merge_qlora` folds the adapters into a
+full-precision model that can be quantized again.
+"""
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import CHECKPOINT_FILE, atomic_write, load_model, read_checkpoint, resolve_device
+from model import ModelConfig, Transformer
+
+BITS = (2, 3, 4, 8)
+METHODS = ("rtn", "gptq", "nf4")
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# GPTQ's "true sequential" order inside a block: layers that read the same input are done together
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+# NF4: the 16 values of bitsandbytes / the QLoRA paper (appendix E), in increasing order
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171180725, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+class QuantError(ValueError):
+    """Bad quantization input (bits, group size, a Hessian that cannot be factored): one line, no traceback."""
+
+
+@dataclass
+class QuantSpec:
+    method: str = "gptq"         # rtn | gptq | nf4
+    bits: int = 4
+    group_size: int = 128        # input columns sharing one scale and zero; 0: one group per row
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128        # GPTQ's lazy-update block
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise QuantError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.bits not in BITS:
+            raise QuantError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.method == "nf4" and self.bits != 4:
+            raise QuantError(f"nf4 is a 4-bit data type, got bits={self.bits}")
+        if self.group_size < 0:
+            raise QuantError(f"group size must be 0 (per channel) or positive, got {self.group_size}")
+        if not 0 < self.percdamp < 1:
+            raise QuantError(f"percdamp must be in (0, 1), got {self.percdamp}")
+
+    def groups_of(self, in_features: int, name: str = "layer") -> int:
+        """The group size actually used for a layer of this width (per channel: the whole row)."""
+        if self.group_size == 0:
+            return in_features
+        if in_features % self.group_size:
+            raise QuantError(f"{name}: group size {self.group_size} does not divide in_features {in_features} "
+                             f"(choose a divisor, or 0 for per-channel)")
+        return self.group_size
+
+    def label(self) -> str:
+        group = "pc" if self.group_size == 0 else f"g{self.group_size}"
+        kind = "nf" if self.method == "nf4" else "int"
+        extra = (" sym" if self.sym else "") + (" act-order" if self.act_order else "") + \
+                (" static-groups" if self.static_groups else "")
+        return f"{self.method.upper()} {kind}{self.bits} {group}{extra}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing: 8 codes of b bits -> b bytes (one little-endian 8b-bit word), along the input dimension
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) integer codes in [0, 2^bits) -> (rows, cols * bits / 8) uint8."""
+    rows, cols = codes.shape
+    if cols % 8:
+        raise QuantError(f"cannot pack {cols} columns: need a multiple of 8")
+    if bits == 8:
+        return codes.to(torch.uint8)
+    groups = codes.to(torch.int64).view(rows, cols // 8, 8)
+    words = (groups << (bits * torch.arange(8, device=codes.device))).sum(-1)          # (rows, cols/8)
+    packed = (words[..., None] >> (8 * torch.arange(bits, device=codes.device))) & 0xFF  # (rows, cols/8, bits)
+    return packed.to(torch.uint8).view(rows, cols * bits // 8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack: (rows, cols * bits / 8) uint8 -> (rows, cols) uint8 codes."""
+    if bits == 8:
+        return packed
+    rows = packed.shape[0]
+    groups = packed.to(torch.int64).view(rows, -1, bits)
+    words = (groups << (8 * torch.arange(bits, device=packed.device))).sum(-1)         # (rows, cols/8)
+    codes = (words[..., None] >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).view(rows, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The grid: scales and zeros for a set of weights, and rounding onto it
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (rows, n) -> scale, zero (rows, 1) fp32, both exactly representable in fp16."""
+    maxq = 2 ** bits - 1
+    w_min = w.min(dim=1, keepdim=True).values.clamp(max=0)  # the grid always contains 0 (padding, ReLU zeros)
+    w_max = w.max(dim=1, keepdim=True).values.clamp(min=0)
+    if sym:
+        w_max = torch.maximum(-w_min, w_max)
+        w_min = -w_max
+    empty = (w_min == 0) & (w_max == 0)
+    w_min, w_max = w_min.masked_fill(empty, -1.0), w_max.masked_fill(empty, 1.0)
+    scale = ((w_max - w_min) / maxq).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-w_min / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+
+
+def nf4_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (rows, n) -> absmax scale (rows, 1) fp32 (fp16-representable), zero unused (0)."""
+    scale = w.abs().amax(dim=1, keepdim=True).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+    return scale, torch.zeros_like(scale)
+
+
+def nf4_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    values = torch.tensor(NF4_VALUES, device=w.device)
+    return (w / scale)[..., None].sub(values).abs().argmin(-1).float()  # nearest of the 16 values
+
+
+class Grid:
+    """Finds a group's grid and rounds onto it, for the integer grids and NF4 alike."""
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+        self.nf4 = spec.method == "nf4"
+
+    def params(self, w):
+        return nf4_params(w) if self.nf4 else grid_params(w, self.spec.bits, self.spec.sym)
+
+    def codes(self, w, scale, zero):
+        return nf4_codes(w, scale) if self.nf4 else quantize_codes(w, scale, zero, self.spec.bits)
+
+    def dequant(self, codes, scale, zero):
+        if self.nf4:
+            return torch.tensor(NF4_VALUES, device=codes.device)[codes.long()] * scale
+        return scale * (codes - zero)
+
+
+@dataclass
+class Quantized:
+    """One quantized weight: codes (out, in) in the original column order, grids per group."""
+    codes: torch.Tensor        # (out, in) float holding integers
+    scales: torch.Tensor       # (out, n_groups) fp32
+    zeros: torch.Tensor        # (out, n_groups) fp32
+    g_idx: torch.Tensor        # (in,) group of each input column
+    bits: int
+    nf4: bool
+    ordered_groups: bool       # g_idx == column // group_size: nothing to store
+
+    def dequantize(self) -> torch.Tensor:
+        scale, zero = self.scales[:, self.g_idx], self.zeros[:, self.g_idx]
+        if self.nf4:
+            return torch.tensor(NF4_VALUES, device=self.codes.device)[self.codes.long()] * scale
+        return scale * (self.codes - zero)
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "layer") -> Quantized:
+    """Round to nearest, group by group."""
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    group_size = spec.groups_of(in_features, name)
+    grid = Grid(spec)
+    groups = w.view(out_features, in_features // group_size, group_size)
+    scales, zeros, codes = [], [], []
+    for g in range(groups.shape[1]):
+        scale, zero = grid.params(groups[:, g])
+        scales.append(scale)
+        zeros.append(zero)
+        codes.append(grid.codes(groups[:, g], scale, zero))
+    g_idx = torch.arange(in_features, device=w.device) // group_size
+    return Quantized(torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1), g_idx, spec.bits,
+                     grid.nf4, ordered_groups=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPTQ
+
+class GPTQ:
+    """The Hessian of one linear layer's output error, accumulated from its inputs, and Algorithm 1."""
+
+    def __init__(self, in_features: int, name: str = "layer", device="cpu"):
+        self.name = name
+        self.H = torch.zeros(in_features, in_features, device=device)  # fp32 always (bf16 X X^T overflows)
+        self.n_samples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """x (..., in_features): H = 2/n sum_t x_t x_t^T, kept as a running mean over all tokens seen."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        self.H *= self.n_samples / (self.n_samples + n)
+        self.n_samples += n
+        x = math.sqrt(2 / self.n_samples) * x
+        self.H += x.T @ x
+
+    def inverse_hessian_cholesky(self, H: torch.Tensor, percdamp: float) -> torch.Tensor:
+        """Upper Cholesky factor of (H + damp I)^-1; retries with 10x the damping, then a clear error."""
+        mean_diag = torch.mean(torch.diag(H))
+        eye = torch.eye(H.shape[0], device=H.device)
+        for attempt in range(4):
+            damp = percdamp * 10 ** attempt
+            L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+            if info == 0:
+                H_inv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(H_inv, upper=True)
+                if info == 0:
+                    return U
+        raise QuantError(f"{self.name}: the Hessian is not positive definite even with damping {damp:g} "
+                         f"x mean diagonal (too few or degenerate calibration samples?)")
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> tuple[Quantized, float]:
+        """Returns the quantized weight and GPTQ's own loss estimate sum (w - q)^2 / U_ii^2 / 2."""
+        W = weight.detach().float().clone()                                # (out, in)
+        out_features, in_features = W.shape
+        group_size = spec.groups_of(in_features, self.name)
+        grid = Grid(spec)
+        H = self.H.clone()
+        dead = torch.diag(H) == 0                                          # inputs that are always 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        n_groups = in_features // group_size
+        scales = torch.zeros(out_features, n_groups, device=W.device)
+        zeros = torch.zeros(out_features, n_groups, device=W.device)
+        upfront = spec.static_groups or n_groups == 1  # per channel: one grid per row from the whole row
+        if upfront:  # every group's grid from the unpermuted, not yet updated weights (GPTQ's reference code)
+            for g in range(n_groups):
+                scales[:, g:g + 1], zeros[:, g:g + 1] = grid.params(W[:, g * group_size:(g + 1) * group_size])
+
+        perm = torch.arange(in_features, device=W.device)
+        if spec.act_order:  # the columns with the largest input energy first, while there is slack left
+            perm = torch.argsort(torch.diag(H), descending=True)
+            W, H = W[:, perm], H[perm][:, perm]
+        U = self.inverse_hessian_cholesky(H, spec.percdamp)                # (in, in) upper triangular
+
+        # a group must not straddle two lazy blocks: its grid is found from the block's updated columns
+        block = group_size * max(1, spec.block_size // group_size) if group_size < in_features else spec.block_size
+        Q = torch.zeros_like(W)                                            # codes, permuted order
+        column_group = torch.zeros(in_features, dtype=torch.long, device=W.device)  # permuted order
+        losses = torch.zeros_like(W)
+        for i1 in range(0, in_features, block):
+            i2 = min(i1 + block, in_features)
+            W1 = W[:, i1:i2].clone()
+            U1 = U[i1:i2, i1:i2]
+            Err1 = torch.zeros_like(W1)
+            for i in range(i2 - i1):
+                col = i1 + i
+                if upfront:
+                    g = perm[col].item() // group_size
+                else:
+                    g = col // group_size
+                    if col % group_size == 0:  # a new group: its grid from the columns as updated so far
+                        scales[:, g:g + 1], zeros[:, g:g + 1] = grid.params(W1[:, i:i + group_size])
+                column_group[col] = g
+                w, d = W1[:, i], U1[i, i]
+                q = grid.codes(w[:, None], scales[:, g:g + 1], zeros[:, g:g + 1])[:, 0]
+                w_hat = grid.dequant(q[:, None], scales[:, g:g + 1], zeros[:, g:g + 1])[:, 0]
+                Q[:, col] = q
+                losses[:, col] = (w - w_hat) ** 2 / d ** 2 / 2
+                err = (w - w_hat) / d                                      # (out,)
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]             # OBS update inside the block
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]                              # lazy: the rest, once per block
+
+        inverse = torch.argsort(perm)
+        ordered = not spec.act_order or spec.static_groups
+        quantized = Quantized(Q[:, inverse], scales, zeros, column_group[inverse], spec.bits, grid.nf4,
+                              ordered_groups=ordered)
+        return quantized, losses.sum().item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The quantized layer
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored as packed b-bit codes with fp16 scales and zeros per group.
+
+    Buffers: qweight (out, in * bits / 8) uint8, scales and zeros (out, n_groups) fp16, g_idx (in,) int32
+    only when the groups are not contiguous (act-order without static groups), bias as the original.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 has_g_idx: bool = False, nf4: bool = False, device=None):
+        super().__init__()
+        if in_features % 8:
+            raise QuantError(f"QuantLinear needs in_features divisible by 8, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.nf4 = bits, group_size, nf4
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device) if has_g_idx else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, q: Quantized, bias: torch.Tensor | None = None) -> "QuantLinear":
+        out_features, in_features = q.codes.shape
+        group_size = in_features // q.scales.shape[1]
+        layer = cls(in_features, out_features, q.bits, group_size, bias is not None, not q.ordered_groups, q.nf4,
+                    device=q.codes.device)
+        layer.qweight.copy_(pack(q.codes.to(torch.uint8), q.bits))
+        layer.scales.copy_(q.scales)
+        layer.zeros.copy_(q.zeros)
+        if layer.g_idx is not None:
+            layer.g_idx.copy_(q.g_idx)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def group_index(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) fp32 weight."""
+        codes = unpack(self.qweight, self.bits)
+        g = self.group_index()
+        scale = self.scales.float()[:, g]
+        if self.nf4:
+            return torch.tensor(NF4_VALUES, device=codes.device)[codes.long()] * scale
+        return scale * (codes.float() - self.zeros.float()[:, g])
+
+    def forward(self, x):
+        if x.is_cuda and self.bits == 4 and not self.nf4:
+            from kernels.quant_matmul import int4_matmul
+            return int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_index().int(), self.bias)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self):
+        kind = "nf4" if self.nf4 else f"int{self.bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"group_size={self.group_size}, g_idx={self.g_idx is not None}")
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def target_names(model: Transformer, quantize_head: bool) -> list[str]:
+    names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in BLOCK_LINEARS]
+    return names + (["lm_head"] if quantize_head else [])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole models
+
+def relative_output_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """||(W - Q) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T), D = W - Q, from H = 2 X X^T / n."""
+    D = (weight.float() - w_hat)
+    return ((D @ H) * D).sum().item() / max(((weight.float() @ H) * weight.float()).sum().item(), 1e-30)
+
+
+@torch.no_grad()
+def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | None = None, quantize_head=False,
+                   batch_size: int = 16, log=print) -> list[dict]:
+    """Replace the target linear layers by QuantLinear in place. calib (n, T) token ids: GPTQ's
+    calibration sequences (also used by RTN/NF4 to report output errors when given). Returns one row per layer."""
+    names = target_names(model, quantize_head)
+    for name in names:  # every layer checked before any work: a bad group size fails at once
+        layer = model.get_submodule(name)
+        spec.groups_of(layer.in_features, name)
+        if layer.in_features % 8:
+            raise QuantError(f"{name}: in_features {layer.in_features} is not a multiple of 8 (needed for packing)")
+    if spec.method == "gptq" and calib is None:
+        raise QuantError("GPTQ needs calibration data")
+    if calib is None:
+        report = []
+        for name in names:
+            layer = model.get_submodule(name)
+            q = rtn_quantize(layer.weight, spec, name)
+            report.append(_layer_row(name, layer.weight, q, None, log))
+            _set_module(model, name, QuantLinear.from_quantized(q, layer.bias))
+        return report
+
+    # Sequential pass: the inputs of block i are the outputs of blocks 0..i-1 as already quantized.
+    device = model.embed_tokens.weight.device
+    T = calib.shape[1]
+    cos, sin = model.rope(torch.arange(T, device=device), model.embed_tokens.weight.dtype)
+    batches = [calib[i:i + batch_size].to(device) for i in range(0, len(calib), batch_size)]
+    hidden = [model.embed_tokens(b) for b in batches]                    # list of (b, T, dim)
+    report = []
+
+    def quantize_group(root, prefix, group_names, run):
+        layers = {n: root.get_submodule(n) for n in group_names}
+        full = {n: prefix + n for n in group_names}
+        hessians = {n: GPTQ(layer.in_features, full[n], device) for n, layer in layers.items()}
+        hooks = [layer.register_forward_hook(lambda m, inp, out, g=hessians[n]: g.add_batch(inp[0]))
+                 for n, layer in layers.items()]
+        for h in hidden:
+            run(h)
+        for hook in hooks:
+            hook.remove()
+        for n, layer in layers.items():
+            if spec.method == "gptq":
+                q, _ = hessians[n].quantize(layer.weight, spec)
+            else:
+                q = rtn_quantize(layer.weight, spec, full[n])
+            report.append(_layer_row(full[n], layer.weight, q, hessians[n].H, log))
+            _set_module(root, n, QuantLinear.from_quantized(q, layer.bias))
+
+    for i, block in enumerate(model.layers):
+        for group in SEQUENTIAL_GROUPS:
+            quantize_group(block, f"layers.{i}.", group, lambda h: block(h, cos, sin))
+        hidden = [block(h, cos, sin) for h in hidden]
+    if quantize_head:
+        quantize_group(model, "", ["lm_head"], lambda h: model.lm_head(model.norm(h)))
+    return report
+
+
+def _layer_row(name, weight, q: Quantized, H, log) -> dict:
+    w_hat = q.dequantize()
+    row = {"layer": name, "weight_rel_err": ((weight.float() - w_hat).norm() / weight.float().norm()).item()}
+    if H is not None:
+        row["output_rel_err"] = relative_output_error(weight, w_hat, H)
+    if log:
+        log(f"  {name:28s} weight rel err {row['weight_rel_err']:.4f}" +
+            (f" | output rel err {row['output_rel_err']:.5f}" if H is not None else ""))
+    return row
+
+
+def calibration_tokens(data_dir, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """n_samples random windows of seq_len tokens from the train split of a prepared data directory."""
+    from train import load_split, read_meta
+    data_dir = Path(data_dir)
+    data = load_split(data_dir, "train", read_meta(data_dir))
+    if len(data) <= seq_len:
+        raise QuantError(f"{data_dir}: train split has {len(data)} tokens, fewer than --calib-seq-len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(data) - seq_len, (n_samples,), generator=g).tolist()
+    return torch.from_numpy(np.stack([data[s:s + seq_len] for s in starts]).astype(np.int64))
+
+
+def linear_bytes(model: nn.Module, names: list[str]) -> tuple[int, int]:
+    """(bytes the named layers take as stored, bytes the same weights take in fp16)."""
+    stored, fp16 = 0, 0
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, QuantLinear):
+            stored += layer.storage_bytes()
+            fp16 += layer.in_features * layer.out_features * 2
+        else:
+            stored += layer.weight.numel() * layer.weight.element_size()
+            fp16 += layer.weight.numel() * 2
+    return stored, fp16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving and loading a quantized checkpoint
+
+def save_quantized(model: Transformer, out_dir, spec: QuantSpec, source_dir=None, extra: dict | None = None) -> Path:
+    """out_dir/ckpt.pt: the state dict (QuantLinear buffers included), model config and quantization
+    config; the tokenizer files beside the source checkpoint are copied along."""
+    out_dir = Path(out_dir)
+    layers = {name: {"bits": m.bits, "group_size": m.group_size, "nf4": m.nf4, "g_idx": m.g_idx is not None,
+                     "bias": m.bias is not None}
+              for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    payload = {"model": model.state_dict(), "model_config": asdict(model.config),
+               "quant_config": {**asdict(spec), "layers": layers}, **(extra or {})}
+    path = out_dir / CHECKPOINT_FILE
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    if source_dir is not None:
+        source_dir = Path(source_dir)
+        for f in source_dir.iterdir():
+            if f.name.startswith("tokenizer"):
+                shutil.copy(f, out_dir / f.name)
+    return path
+
+
+def load_quantized(path, device="cpu") -> Transformer:
+    """A model saved by save_quantized, its QuantLinear layers in place."""
+    ckpt = read_checkpoint(path)
+    if "quant_config" not in ckpt:
+        raise QuantError(f"{path}: not a quantized checkpoint (no quant_config entry); load it with common.load_model")
+    model = Transformer(ModelConfig(**ckpt["model_config"]))
+    for name, c in ckpt["quant_config"]["layers"].items():
+        layer = model.get_submodule(name)
+        _set_module(model, name, QuantLinear(layer.in_features, layer.out_features, c["bits"], c["group_size"],
+                                             c["bias"], c["g_idx"], c["nf4"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# QLoRA
+
+def merge_qlora(model: Transformer) -> Transformer:
+    """A full-precision copy of a QLoRA model: every QuantLinear dequantized into an nn.Linear and the
+    adapters folded in (lora.merge_and_unload). The result can be quantized again."""
+    import copy
+    from lora import merge_and_unload
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):  # a LoRALinear's QuantLinear is its `.base`
+        if isinstance(module, QuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.qweight.device)
+            linear.weight.data.copy_(module.dequantize())
+            if module.bias is not None:
+                linear.bias.data.copy_(module.bias)
+            _set_module(model, name, linear)
+    return merge_and_unload(model)
+
+
+def train_qlora(model: Transformer, data: np.ndarray, steps: int, lr: float = 1e-3, batch_size: int = 8,
+                seq_len: int = 64, seed: int = 0, log=print) -> list[float]:
+    """A minimal QLoRA loop: AdamW on the adapters only, next-token loss on random windows. Returns the losses."""
+    from train import BatchSampler
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise QuantError("no trainable parameters: apply_lora(model, ...) first")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sampler = BatchSampler(data, seq_len, batch_size, seed)
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    for step in range(steps):
+        x, y = (t.to(device) for t in sampler.next_batch())
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log and (step + 1) % max(1, steps // 10) == 0:
+            log(f"qlora step {step + 1}/{steps} | loss {loss.item():.4f}")
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation and the CLI
+
+def evaluate_model(model, data_dir, seq_len: int, max_tokens: int = 0, batch_size: int = 32) -> dict:
+    from bpe import Tokenizer
+    from train import evaluate, load_split, read_meta, token_byte_lengths
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    val = load_split(data_dir, "val", meta)
+    token_bytes = token_byte_lengths(Tokenizer.load(data_dir / meta["tokenizer"]), meta["vocab_size"])
+    device = next(model.parameters()).device
+    return evaluate(model, val, seq_len, batch_size, device, nullcontext(), token_bytes, max_tokens)
+
+
+def data_dir_of(ckpt_dir, given: str | None) -> Path:
+    """--data, else the data directory the checkpoint was trained on (train.py records it)."""
+    if given:
+        return Path(given)
+    ckpt = read_checkpoint(ckpt_dir)
+    data = (ckpt.get("train_config") or {}).get("data")
+    if not data:
+        raise QuantError(f"{ckpt_dir}: the checkpoint does not name its training data; give --data")
+    return Path(data)
+
+
+def run_one(args, spec: QuantSpec, data_dir: Path, log=print) -> tuple[Transformer, dict]:
+    model = load_model(args.ckpt, device=args.device)
+    seq_len = args.calib_seq_len or min(512, model.config.max_seq_len)
+    calib = calibration_tokens(data_dir, args.calib_samples, seq_len, args.seed) if spec.method == "gptq" else None
+    t0 = time.time()
+    report = quantize_model(model, spec, calib, args.quantize_head, log=log)
+    elapsed = time.time() - t0
+    names = target_names(model, args.quantize_head)
+    stored, fp16 = linear_bytes(model, names)
+    return model, {"report": report, "quant_time_s": elapsed, "linear_bytes": stored, "linear_fp16_bytes": fp16}
+
+
+def bench(args, data_dir: Path) -> None:
+    """Every method of the README table on one checkpoint."""
+    base = load_model(args.ckpt, device=args.device)
+    eval_len = base.config.max_seq_len
+    names = target_names(base, args.quantize_head)
+    fp_bytes = sum(base.get_submodule(n).weight.numel() * 4 for n in names)
+    g = args.group_size or 128
+    specs = [("fp32", None),
+             ("RTN int8 pc", QuantSpec("rtn", 8, 0)),
+             ("RTN int4 pc", QuantSpec("rtn", 4, 0)),
+             ("GPTQ int4 pc", QuantSpec("gptq", 4, 0, percdamp=args.percdamp)),
+             (f"RTN int4 g{g}", QuantSpec("rtn", 4, g)),
+             (f"GPTQ int4 g{g}", QuantSpec("gptq", 4, g, percdamp=args.percdamp)),
+             (f"GPTQ int4 g{g} act-order", QuantSpec("gptq", 4, g, act_order=True, static_groups=True,
+                                                     percdamp=args.percdamp)),
+             (f"NF4 g64", QuantSpec("nf4", 4, 64)),
+             (f"RTN int3 g{g}", QuantSpec("rtn", 3, g)),
+             (f"GPTQ int3 g{g}", QuantSpec("gptq", 3, g, percdamp=args.percdamp)),
+             (f"GPTQ int3 g{g} act-order", QuantSpec("gptq", 3, g, act_order=True, static_groups=True,
+                                                     percdamp=args.percdamp))]
+    rows = []
+    for label, spec in specs:
+        if spec is None:
+            model, info = base, {"quant_time_s": 0.0, "linear_bytes": fp_bytes}
+        else:
+            model, info = run_one(args, spec, data_dir, log=None)
+        metrics = evaluate_model(model, data_dir, eval_len, args.eval_tokens)
+        rows.append({"method": label, **metrics, **{k: v for k, v in info.items() if k != "report"}})
+        print(f"{label:28s} ppl {metrics['val_ppl']:8.3f} | bpb {metrics['val_bpb']:.4f} | linear layers "
+              f"{info['linear_bytes'] / 1e6:.3f} MB ({info['linear_bytes'] / fp_bytes * 2:.3f}x fp16) | "
+              f"{info['quant_time_s']:.1f} s", flush=True)
+    fp = rows[0]["val_ppl"]
+    by = {r["method"]: r["val_ppl"] for r in rows}
+    print(f"\n| method | val ppl | val bpb | linear layers (MB) | vs fp16 | quant time (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['val_ppl']:.3f} | {r['val_bpb']:.4f} | {r['linear_bytes'] / 1e6:.3f} | "
+              f"{r['linear_bytes'] / fp_bytes * 2:.3f}x | {r['quant_time_s']:.1f} |")
+    increase_rtn, increase_gptq = by["RTN int4 pc"] - fp, by["GPTQ int4 pc"] - fp
+    removed = 1 - increase_gptq / increase_rtn if increase_rtn > 0 else float("nan")
+    print(f"\nGPTQ int4 per-channel removes {removed:.0%} of RTN int4 per-channel's perplexity increase "
+          f"(target >= 60%; the paper's OPT-125M: fp16 27.65, RTN 37.28, GPTQ 31.12 -> 64%)")
+    if args.bench_json:
+        Path(args.bench_json).write_text(json.dumps({"ckpt": args.ckpt, "rows": rows, "gptq_removed": removed}, indent=2))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="trained model: a nanollm checkpoint directory or a Hugging Face directory")
+    p.add_argument("--out", help="where to write the quantized checkpoint (omit: evaluate only)")
+    p.add_argument("--method", default="gptq", choices=METHODS)
+    p.add_argument("--bits", type=int, default=4, help=f"bits per weight, one of {BITS}")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero (0: per output channel)")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (zero fixed at the middle)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ act-order: group grids fixed before reordering")
+    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, a fraction of the mean Hessian diagonal")
+    p.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=0, help="tokens per calibration sequence (0: min(512, model context))")
+    p.add_argument("--data", help="prepared data directory: train split for calibration, val split for perplexity "
+                                  "(default: the one the checkpoint was trained on)")
+    p.add_argument("--quantize-head", action="store_true", help="quantize the LM head too")
+    p.add_argument("--eval-tokens", type=int, default=0, help="validation tokens for perplexity (0: the whole split)")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
+    p.add_argument("--bench", action="store_true", help="run every method of the README table on --ckpt")
+    p.add_argument("--bench-json", help="with --bench: also write the rows here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+        data_dir = data_dir_of(args.ckpt, args.data)
+        if args.bench:
+            return bench(args, data_dir)
+        spec = QuantSpec(args.method, args.bits, args.group_size, args.sym, args.act_order, args.static_groups,
+                         args.percdamp)
+        print(f"{spec.label()}: quantizing {args.ckpt}")
+        model, info = run_one(args, spec, data_dir)
+        print(f"quantized in {info['quant_time_s']:.1f} s | linear layers {info['linear_bytes'] / 1e6:.3f} MB = "
+              f"{info['linear_bytes'] / info['linear_fp16_bytes']:.3f}x of fp16")
+        if args.out:
+            path = save_quantized(model, args.out, spec, Path(args.ckpt) if Path(args.ckpt).is_dir() else None,
+                                  extra={"tokenizer": read_checkpoint(args.ckpt).get("tokenizer")}
+                                  if (Path(args.ckpt) / CHECKPOINT_FILE).exists() else None)
+            source = Path(args.ckpt) / CHECKPOINT_FILE
+            print(f"wrote {path}: {path.stat().st_size / 1e6:.3f} MB on disk"
+                  + (f" (source {source.stat().st_size / 1e6:.3f} MB)" if source.exists() else ""))
+        if not args.no_eval:
+            seq_len = model.config.max_seq_len
+            fp = evaluate_model(load_model(args.ckpt, device=args.device), data_dir, seq_len, args.eval_tokens)
+            q = evaluate_model(model, data_dir, seq_len, args.eval_tokens)
+            print("\n| model | val ppl | val bpb |\n|---|---|---|")
+            print(f"| full precision | {fp['val_ppl']:.3f} | {fp['val_bpb']:.4f} |")
+            print(f"| {spec.label()} | {q['val_ppl']:.3f} | {q['val_bpb']:.4f} |")
+    except (QuantError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
