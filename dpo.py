@@ -19,6 +19,7 @@ With h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x
                                                           -log sigmoid(beta avg log pi(y_w|x) - beta avg log pi(y_l|x) - gamma)
   orpo     ORPO (Hong et al. 2024, eq. 6), no reference:  -avg log pi(y_w|x) - lambda log sigmoid(log odds(y_w) - log odds(y_l)),
            odds(y) = P / (1 - P) with P = exp(avg log pi(y|x)), the per-token geometric mean probability
+  RPO      --rpo-alpha a (Pang et al. 2024): any of the three above plus a times the chosen answer's NLL per token
   kto      KTO (Ethayarajh et al. 2024, eq. 8) on unpaired answers labelled good or bad, r = log pi/pi_ref:
            good: w_d (1 - sigmoid(beta (r - z0))), bad: w_u (1 - sigmoid(beta (z0 - r))), z0 = max(0, KL
            estimate) from mismatched (prompt, answer) pairs, not back-propagated
@@ -78,6 +79,7 @@ class DPOConfig:
     simpo_beta: float = opt(2.0, "SimPO's beta (it scales average log-probs, hence larger than DPO's)")
     simpo_gamma: float = opt(1.0, "SimPO's target reward margin gamma")
     orpo_lambda: float = opt(0.1, "ORPO's weight lambda of the odds-ratio term")
+    rpo_alpha: float = opt(0.0, "RPO: add alpha times the chosen answers' NLL per token to sigmoid / ipo / hinge")
     kto_desirable_weight: float = opt(1.0, "KTO's w_d, weight of the good answers")
     kto_undesirable_weight: float = opt(1.0, "KTO's w_u, weight of the bad answers")
     # the reference model
@@ -114,7 +116,7 @@ class DPOConfig:
 
 DPO_PRESETS = {
     # the arithmetic benchmark on a 2-core CPU: right-vs-wrong sums from tasks.py (README)
-    "cpu-arithmetic": dict(loss="sigmoid", beta=0.1, lr=2e-4, min_lr=2e-5, batch_size=16, max_steps=150,
+    "cpu-arithmetic": dict(loss="sigmoid", beta=0.1, rpo_alpha=1.0, lr=2e-4, min_lr=2e-5, batch_size=16, max_steps=150,
                            warmup_steps=10, eval_interval=25, log_interval=10, max_len=64),
     # the LLaMA-Factory demo pairs with the small CPU model: answers cut to the model's context
     "cpu-demo": dict(lr=1e-4, min_lr=1e-5, batch_size=8, max_steps=60, warmup_steps=5, eval_interval=10,
@@ -338,6 +340,8 @@ def batch_loss(policy, batch, reference: Reference, split: str, config: DPOConfi
             args = (first, second, ref[:B], ref[B:], config.beta)
             losses, chosen, rejected = (sigmoid_loss(*args, config.label_smoothing) if config.loss == "sigmoid"
                                         else ipo_loss(*args) if config.loss == "ipo" else hinge_loss(*args))
+            if config.rpo_alpha:  # keeps the chosen answers likely while the margin grows
+                losses = losses - config.rpo_alpha * first / n_tokens[:B]
         else:
             avg_chosen, avg_rejected = first / n_tokens[:B], second / n_tokens[B:]
             losses, chosen, rejected = (simpo_loss(avg_chosen, avg_rejected, config.simpo_beta, config.simpo_gamma)
@@ -656,7 +660,8 @@ def bench_arithmetic(config: DPOConfig) -> dict:
     n_test = sum(split_of(question_text([a, b, c])) == "test" for a in range(10) for b in range(10) for c in range(10))
     test = arithmetic_problems(n_test, "test")                       # every held-out question
     train_problems = arithmetic_problems(800, "train", seed=1)
-    write_jsonl(out / "train_pairs.jsonl", preference_pairs(train_problems, seed=1))
+    # three wrong answers per problem: the pairs vary, so the model learns sums rather than pairs
+    write_jsonl(out / "train_pairs.jsonl", [p for seed in (1, 2, 3) for p in preference_pairs(train_problems, seed=seed)])
     write_jsonl(out / "test_pairs.jsonl", preference_pairs(test, seed=2))
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.init)
@@ -674,10 +679,10 @@ def bench_arithmetic(config: DPOConfig) -> dict:
         rows.append({"model": name, "likelihood_preference": (logps[:, 0] > logps[:, 1]).float().mean().item(),
                      "greedy_accuracy": greedy, "example": answers[0]})
     summary = json.loads((Path(run.out_dir) / "summary.json").read_text())
-    result = {"held_out_prompts": len(test), "train_pairs": len(train_problems), "steps": summary["step"],
+    result = {"held_out_prompts": len(test), "train_pairs": 3 * len(train_problems), "steps": summary["step"],
               "wall_time_s": summary["wall_time_s"], "held_out_reward_accuracy": summary["val/rewards/accuracy"],
               "held_out_reward_margin": summary["val/rewards/margin"], "models": rows}
-    print(f"\n{len(test)} held-out prompts, {len(train_problems)} training pairs, {summary['step']} steps "
+    print(f"\n{len(test)} held-out prompts, {3 * len(train_problems)} training pairs, {summary['step']} steps "
           f"({format_seconds(summary['wall_time_s'])})\n")
     print("| model | held-out reward accuracy | log pi(right) > log pi(wrong) | greedy accuracy |")
     print("|---|---|---|---|")

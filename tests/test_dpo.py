@@ -146,6 +146,9 @@ def test_identical_policy_and_reference_give_ln2_and_zero_rewards(tokenizer, pai
         assert loss.item() == pytest.approx(LN2, abs=1e-6)
         assert stats["rewards/chosen"][0] == pytest.approx(0, abs=1e-5)
         assert stats["rewards/accuracy"][0] == 0  # no pair is preferred yet
+    rpo, _ = batch_loss(policy, batch, Reference("copy", policy), "train", DPOConfig(loss="sigmoid", rpo_alpha=0.5))
+    logps, n_tokens = sequence_logps(policy, batch["inputs"], batch["targets"], batch["loss_mask"])
+    assert rpo.item() == pytest.approx(LN2 + 0.5 * (-logps[:6] / n_tokens[:6]).mean().item(), abs=1e-5)
     apply_lora(policy, r=4)  # adapters start at zero: the base is the reference
     loss, stats = batch_loss(policy, batch, Reference("lora", policy), "train", config)
     assert loss.item() == LN2 or loss.item() == pytest.approx(LN2, abs=1e-6)
