@@ -1,0 +1,756 @@
+"""Knowledge distillation: a small student learns from a bigger teacher that shares its tokenizer.
+
+White-box: the student matches the teacher's next-token distributions (live, or from a top-k cache):
+
+    python distill.py --preset cpu-shakespeare-student --teacher out/teacher --data data/shakespeare --out-dir out/kd
+    python distill.py cache --teacher out/teacher --data data/shakespeare --seq-len 64 --top-k 32 --temperature 2 --out cache/kd
+    python distill.py --preset cpu-shakespeare-student --teacher-cache cache/kd --data data/shakespeare --out-dir out/kd-cached
+    python distill.py --init out/student --teacher out/teacher-sft --data chat.jsonl --seq-len 256 --out-dir out/kd-chat
+
+Black-box: the teacher answers prompts; the student is fine-tuned on its answers with sft.py:
+
+    python distill.py generate --teacher out/teacher-sft --prompts prompts.jsonl --out teacher.jsonl --reasoning
+    python sft.py --init out/student --data teacher.jsonl --think-weight 1 --out-dir out/student-sft
+
+The white-box loss (p: the teacher, q: the student, both softened by the temperature T):
+
+    loss = alpha * T^2 * D(p_T, q_T) + (1 - alpha) * CE(hard labels)       (Hinton et al. 2015)
+
+D is `--loss`: forward_kl KL(p||q) (mean seeking: Hinton's KD); reverse_kl KL(q||p) (mode seeking,
+MiniLLM, Gu et al. 2024); jsd, the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024):
+beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q. The T^2 factor keeps the gradient
+of the soft term on the scale of the hard one as T changes (its gradient shrinks as 1/T^2). `--alpha 0`
+trains on the hard labels alone (no teacher needed): the baseline KD is compared against.
+
+Data: `--data` is a directory from data/prepare.py (every position of random windows is trained on)
+or chat files (chat.py formats, comma-separated), where only the assistant's tokens count, as in sft.py.
+
+The top-k cache (`distill.py cache`): one teacher pass writes, for every input position of the data,
+the teacher's k largest log-probabilities at T and their token ids, plus the log of the tail mass
+(everything outside the top k). The divergence is then computed over k + 1 outcomes, the k tokens and
+one "rest" bucket, for teacher and student alike (the student's rest is the logsumexp of its other
+log-probs): an exact divergence between the two distributions coarsened the same way, never larger
+than the full one, and equal to it when k = vocab. Renormalising the teacher over the top k instead
+would claim the tail has no mass. Shards are cached as consecutive windows of seq_len tokens (the
+teacher's context), so a cached run samples those windows rather than random offsets; the cache's
+temperature is fixed (it changes which mass is in the tail) and checked, as are the data and tokenizer.
+Log-probs are stored in float16 (about 3 significant digits), ids as uint16 (int32 above 65536 tokens).
+
+Outputs in --out-dir, as train.py: ckpt.pt (resumable), metrics.jsonl, loss.png, summary.json, the tokenizer.
+"""
+import argparse
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bpe import Tokenizer
+from chat import (ChatDataError, chat_token_ids, IM_END, PAD, pad_batch, prompt_ids, read_records,
+                  record_to_messages, split_think, tokenize_conversations)
+from common import CHECKPOINT_FILE, atomic_write, load_model, parse_config, read_checkpoint, resolve_device, save_checkpoint
+from model import ModelConfig, Transformer
+from sample import generate, load_tokenizer
+from sft import ExampleSampler, eval_loss, load_chat_files
+from train import (TRAIN_PRESETS, BatchSampler, TrainConfig, TrainingError, evaluate, format_seconds, learning_rate,
+                   load_split, make_optimizer, opt, plot_losses, read_meta, rng_state, set_rng_state,
+                   token_byte_lengths, _cpu_peak_rss)
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd")
+REST_LOGP = -1e4  # "log 0" that stays finite: exp() of it is 0 in float32, and no inf - inf makes a NaN
+
+
+class DistillError(TrainingError):
+    """Bad input to distillation (mismatched tokenizers, a stale cache): reported without a traceback."""
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    data: str = opt("", "a data/prepare.py directory (train.bin, val.bin), or chat files (comma-separated .json/.jsonl)")
+    out_dir: str = opt("out/distill", "where checkpoints, metrics and the summary go")
+    teacher: str = opt("", "teacher checkpoint (nanollm or Hugging Face directory), run live under no_grad")
+    teacher_cache: str = opt("", "a top-k cache from `distill.py cache`, used instead of a live teacher")
+    init: str = opt("", "start the student from this checkpoint (the model flags are then ignored)")
+    loss: str = opt("forward_kl", "divergence between teacher and student distributions", choices=list(LOSSES))
+    temperature: float = opt(2.0, "softmax temperature of both distributions in the KD term (scaled by T^2)")
+    alpha: float = opt(0.5, "weight of the KD term; 1 - alpha goes to the hard-label CE (0: no teacher)")
+    beta: float = opt(0.5, "jsd: the mixture m = beta * teacher + (1 - beta) * student, 0 < beta < 1")
+    windows: str = opt("auto", "shards: random offsets (train.py), or the aligned windows a cache holds; auto: "
+                       "aligned with --teacher-cache, else random", choices=["auto", "random", "aligned"])
+    # chat data
+    truncate: str = opt("left", "chat examples over seq_len + 1 tokens: drop the oldest turns ('left') or the "
+                        "example ('drop')", choices=["left", "drop"])
+    think_weight: float = opt(1.0, "chat: weight of <think>...</think> tokens in both loss terms")
+    eval_fraction: float = opt(0.05, "chat: share of the conversations held out for the validation loss")
+
+
+DISTILL_PRESETS = {
+    **TRAIN_PRESETS,
+    # the README's student: 2 layers at a quarter of the width of train.py's cpu-shakespeare model (the
+    # teacher), for a fixed number of steps (runs are compared at equal steps: the CPU is shared)
+    "cpu-shakespeare-student": {**TRAIN_PRESETS["cpu-shakespeare"], "n_layers": 2, "dim": 32, "n_heads": 2,
+                                "n_kv_heads": 2, "hidden_dim": 96, "max_steps": 1000, "max_time": 0.0,
+                                "eval_interval": 500, "sample_tokens": 0},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The divergences
+
+def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """(...,) divergence between two distributions given as log-probs over the same n outcomes (..., n).
+
+    Terms with zero probability contribute 0 (log-probs must be finite: use REST_LOGP for 'log 0')."""
+    p, q = teacher_logp.exp(), student_logp.exp()
+    if kind == "forward_kl":
+        return (p * (teacher_logp - student_logp)).sum(-1)
+    if kind == "reverse_kl":
+        return (q * (student_logp - teacher_logp)).sum(-1)
+    if kind == "jsd":
+        if not 0 < beta < 1:
+            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+        mix_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))
+        return beta * (p * (teacher_logp - mix_logp)).sum(-1) + (1 - beta) * (q * (student_logp - mix_logp)).sum(-1)
+    raise ValueError(f"unknown loss {kind!r} (one of {', '.join(LOSSES)})")
+
+
+def topk_log_probs(logits: torch.Tensor, k: int, temperature: float):
+    """The teacher side of the cache: (log-probs of the top k at T (..., k), their ids (..., k),
+    log of the tail mass (...,)), in float32."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    top_logp, top_ids = logp.topk(k, dim=-1)
+    return top_logp, top_ids, rest_log_prob(logp, top_ids)
+
+
+def rest_log_prob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the mass outside `ids` (..., k) of the distribution logp (..., V): the other entries' logsumexp
+    (finite, about REST_LOGP, when ids covers the vocabulary)."""
+    return logp.scatter(-1, ids, REST_LOGP).logsumexp(-1).clamp(min=REST_LOGP)
+
+
+def kd_loss(student_logits, teacher, kind: str, temperature: float, beta: float, mask=None) -> torch.Tensor:
+    """T^2 * mean over positions (weighted by mask (B, T)) of D(teacher_T, student_T).
+
+    teacher: full logits (B, T, V), or a cached top-k (top_logp (B, T, k), top_ids (B, T, k), rest_logp (B, T))."""
+    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher, torch.Tensor):
+        teacher_logp = F.log_softmax(teacher.float() / temperature, dim=-1)
+    else:  # k tokens + one rest bucket, for both distributions
+        top_logp, top_ids, rest_logp = teacher
+        teacher_logp = torch.cat([top_logp.float(), rest_logp.float()[..., None]], dim=-1)
+        student_logp = torch.cat([student_logp.gather(-1, top_ids), rest_log_prob(student_logp, top_ids)[..., None]], -1)
+    per_position = divergence(teacher_logp, student_logp, kind, beta)
+    if mask is None:
+        return temperature ** 2 * per_position.mean()
+    return temperature ** 2 * (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+def hard_loss(student_logits, targets, mask=None) -> torch.Tensor:
+    ce = F.cross_entropy(student_logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    if mask is None:
+        return ce.mean()
+    return (ce * mask.flatten()).sum() / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers and data
+
+def check_same_tokenizer(teacher: Tokenizer, student: Tokenizer, teacher_name: str, student_name: str) -> None:
+    """Distillation compares distributions id by id: the two tokenizers must be the same (ranks, specials, split)."""
+    def fail(what):
+        raise DistillError(f"teacher and student tokenizers differ ({what}): teacher {teacher_name}, student "
+                           f"{student_name}; white-box distillation needs one shared tokenizer (black-box "
+                           f"`distill.py generate` does not)")
+    if teacher.vocab_size != student.vocab_size:
+        fail(f"vocab size {teacher.vocab_size} vs {student.vocab_size}")
+    if teacher.ranks != student.ranks:
+        token = next((t for t in teacher.ranks if student.ranks.get(t) != teacher.ranks[t]), None)
+        fail(f"token {teacher.ranks[token]} is {token!r} in the teacher, not in the student" if token is not None
+             else "the student has tokens the teacher lacks")
+    if teacher.special_tokens != student.special_tokens:
+        fail(f"special tokens {teacher.special_tokens} vs {student.special_tokens}")
+    if teacher.pattern != student.pattern:
+        fail("pre-tokenizer patterns")
+
+
+def is_shard_dir(data: str) -> bool:
+    return Path(data).is_dir()
+
+
+def aligned_windows(data: np.ndarray, seq_len: int) -> int:
+    """How many non-overlapping windows of seq_len inputs (+1 target) the token stream holds."""
+    return (len(data) - 1) // seq_len
+
+
+class AlignedSampler(BatchSampler):
+    """train.py's sampler over the non-overlapping windows a cache holds; also returns the window indices."""
+
+    def next_batch(self):
+        rows = torch.randint(aligned_windows(self.data, self.seq_len), (self.batch_size,), generator=self.generator)
+        starts = (rows * self.seq_len).tolist()
+        windows = torch.from_numpy(np.stack([self.data[s:s + self.seq_len + 1] for s in starts]).astype(np.int64))
+        return windows[:, :-1], windows[:, 1:], rows
+
+
+def fingerprint(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def chat_examples(config, tokenizer, paths: str):
+    """Tokenized chat examples of at most seq_len + 1 tokens (the same list the cache indexes)."""
+    conversations = load_chat_files(paths, {}, False)
+    examples, stats = tokenize_conversations(tokenizer, conversations, config.seq_len + 1, config.truncate,
+                                             config.think_weight)
+    if stats["truncated"] or stats["dropped"]:
+        print(f"chat data: {stats['truncated']} examples truncated, {stats['dropped']} dropped (over {config.seq_len + 1} tokens)")
+    if not examples:
+        raise DistillError(f"{paths}: no chat example fits in seq_len + 1 = {config.seq_len + 1} tokens")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The top-k cache: one teacher pass over every input position of the data
+
+CACHE_META = "cache.json"
+
+
+def cache_items(data: str, seq_len: int, tokenizer, config=None):
+    """The sequences a cache covers: shards -> aligned windows (seq_len + 1 tokens), chat -> examples."""
+    if is_shard_dir(data):
+        meta = read_meta(Path(data))
+        tokens = load_split(Path(data), "train", meta)
+        n = aligned_windows(tokens, seq_len)
+        return [np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64) for i in range(n)], \
+            fingerprint(np.asarray(tokens[:n * seq_len + 1]))
+    examples = chat_examples(config, tokenizer, data)
+    return [np.asarray(ids, dtype=np.int64) for ids, _ in examples], fingerprint(*[np.asarray(i) for i, _ in examples])
+
+
+def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, temperature: float, batch_size: int = 32,
+                device: str = "auto", config=None) -> dict:
+    """Run the teacher once over the data and write the top-k cache to `out` (cache.json written last)."""
+    device = resolve_device(device)
+    teacher = load_model(teacher_path, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
+    tokenizer = load_tokenizer(teacher_path)
+    if is_shard_dir(data):
+        meta = read_meta(Path(data))
+        check_same_tokenizer(tokenizer, Tokenizer.load(Path(data) / meta["tokenizer"]), teacher_path, data)
+    config = config or DistillConfig(seq_len=seq_len)
+    items, data_hash = cache_items(data, seq_len, tokenizer, config)
+    vocab = teacher.config.vocab_size
+    if not 1 <= k <= vocab:
+        raise DistillError(f"--top-k {k}: must be between 1 and the vocabulary size {vocab}")
+    if max(map(len, items)) - 1 > teacher.config.max_seq_len:
+        raise DistillError(f"seq_len {seq_len} exceeds the teacher's context of {teacher.config.max_seq_len} tokens")
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(ids) - 1 for ids in items])
+    n_positions = int(offsets[-1])
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CACHE_META).unlink(missing_ok=True)  # incomplete until rewritten at the end
+    id_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
+    values = np.lib.format.open_memmap(out_dir / "top_logp.npy", "w+", np.float16, (n_positions, k))
+    ids_out = np.lib.format.open_memmap(out_dir / "top_ids.npy", "w+", id_dtype, (n_positions, k))
+    rest = np.lib.format.open_memmap(out_dir / "rest_logp.npy", "w+", np.float32, (n_positions,))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    t0 = time.time()
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            inputs = torch.zeros((len(batch), max(map(len, batch)) - 1), dtype=torch.long)
+            for row, ids in enumerate(batch):
+                inputs[row, :len(ids) - 1] = torch.from_numpy(ids[:-1])
+            with autocast:
+                logits, _ = teacher(inputs.to(device))
+            top_logp, top_ids, rest_logp = (t.cpu().numpy() for t in topk_log_probs(logits, k, temperature))
+            for row, ids in enumerate(batch):
+                a, b = offsets[start + row], offsets[start + row + 1]
+                values[a:b], ids_out[a:b], rest[a:b] = top_logp[row, :b - a], top_ids[row, :b - a], rest_logp[row, :b - a]
+            done = min(start + batch_size, len(items))
+            if done == len(items) or (start // batch_size) % 20 == 0:
+                rate = offsets[done] / max(time.time() - t0, 1e-9)
+                print(f"cache: {done:,}/{len(items):,} sequences | {rate:,.0f} tok/s | "
+                      f"ETA {format_seconds((n_positions - offsets[done]) / max(rate, 1e-9))}", flush=True)
+    for array in (values, ids_out, rest):
+        array.flush()
+    np.save(out_dir / "offsets.npy", offsets)
+    tok_src = Path(tokenizer_file(teacher_path))
+    for f in tok_src.parent.glob(tok_src.stem + "*"):
+        shutil.copy(f, out_dir / f.name)
+    meta = {"teacher": str(teacher_path), "data": str(data), "data_fingerprint": data_hash, "kind":
+            "shards" if is_shard_dir(data) else "chat", "seq_len": seq_len, "top_k": k, "temperature": temperature,
+            "vocab_size": vocab, "positions": n_positions, "sequences": len(items), "tokenizer": tok_src.name,
+            "seconds": time.time() - t0, "bytes": sum(f.stat().st_size for f in out_dir.glob("*.npy"))}
+    atomic_write(out_dir / CACHE_META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    print(f"cache: {n_positions:,} positions x top-{k} in {format_seconds(meta['seconds'])}, "
+          f"{meta['bytes'] / 2**20:.1f} MiB in {out_dir}")
+    return meta
+
+
+def tokenizer_file(model_path) -> str:
+    """The tokenizer .json that load_tokenizer(model_path) reads."""
+    path = Path(model_path)
+    name = None
+    if (path / CHECKPOINT_FILE).exists():
+        name = torch.load(path / CHECKPOINT_FILE, map_location="cpu", mmap=True, weights_only=False).get("tokenizer")
+    json_path = path / (name or "tokenizer.json")
+    return str(json_path if json_path.suffix == ".json" else json_path.with_name(json_path.name + ".json"))
+
+
+class TopKCache:
+    """A cache written by build_cache, read by sequence index (memory-mapped)."""
+
+    def __init__(self, path: str):
+        self.dir = Path(path)
+        meta_path = self.dir / CACHE_META
+        if not meta_path.exists():
+            raise DistillError(f"{meta_path} not found: not a finished cache (write one with `distill.py cache`)")
+        self.meta = json.loads(meta_path.read_text())
+        self.top_logp = np.load(self.dir / "top_logp.npy", mmap_mode="r")
+        self.top_ids = np.load(self.dir / "top_ids.npy", mmap_mode="r")
+        self.rest_logp = np.load(self.dir / "rest_logp.npy", mmap_mode="r")
+        self.offsets = np.load(self.dir / "offsets.npy")
+        self.tokenizer = load_tokenizer(self.dir, self.dir / self.meta["tokenizer"])
+
+    def batch(self, items, T: int, device):
+        """(top_logp (B, T, k), top_ids (B, T, k), rest_logp (B, T)) of sequences `items`, right-padded to T
+        (padding has log-probs 0 and id 0: masked out by the caller)."""
+        k = self.meta["top_k"]
+        top_logp, top_ids = np.zeros((len(items), T, k), np.float32), np.zeros((len(items), T, k), np.int64)
+        rest_logp = np.full((len(items), T), REST_LOGP, np.float32)
+        for row, i in enumerate(items):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            top_logp[row, :b - a], top_ids[row, :b - a], rest_logp[row, :b - a] = \
+                self.top_logp[a:b], self.top_ids[a:b], self.rest_logp[a:b]
+        return tuple(torch.from_numpy(x).to(device) for x in (top_logp, top_ids, rest_logp))
+
+    def check(self, config, data_hash: str) -> None:
+        where = f"--teacher-cache {self.dir}"
+        if abs(self.meta["temperature"] - config.temperature) > 1e-9:
+            raise DistillError(f"{where} holds the teacher at temperature {self.meta['temperature']}, but "
+                               f"--temperature is {config.temperature}: use that, or rebuild the cache")
+        if self.meta["kind"] == "shards" and self.meta["seq_len"] != config.seq_len:
+            raise DistillError(f"{where} holds windows of {self.meta['seq_len']} tokens, but --seq-len is {config.seq_len}")
+        if self.meta["data_fingerprint"] != data_hash:
+            raise DistillError(f"{where} was built from other data ({self.meta['data']}) than --data {config.data}, or "
+                               f"with other --seq-len/--truncate/--think-weight: rebuild it")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# White-box training
+
+def build_student(config: DistillConfig, vocab_size: int, device: str) -> Transformer:
+    if config.init:
+        student = load_model(config.init, device=device).train()
+        if student.config.max_seq_len < config.seq_len:
+            raise DistillError(f"--init {config.init}: context {student.config.max_seq_len} < --seq-len {config.seq_len}")
+        return student
+    overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim")
+                 if getattr(config, k)}
+    model_config = ModelConfig.from_preset(config.model, vocab_size=vocab_size, max_seq_len=config.seq_len,
+                                           dropout=config.dropout, tie_embeddings=config.tie_embeddings,
+                                           attn_backend=config.attn_backend, **overrides)
+    return Transformer(model_config).to(device)
+
+
+def check_config(config: DistillConfig) -> None:
+    if not config.data:
+        raise DistillError("--data is required: a data/prepare.py directory or chat files")
+    if not 0 <= config.alpha <= 1:
+        raise DistillError(f"--alpha {config.alpha}: must be in [0, 1] (the weight of the KD term)")
+    if config.temperature <= 0:
+        raise DistillError(f"--temperature {config.temperature}: must be > 0")
+    if config.loss == "jsd" and not 0 < config.beta < 1:
+        raise DistillError(f"--beta {config.beta}: jsd needs 0 < beta < 1")
+    if config.teacher and config.teacher_cache:
+        raise DistillError("give --teacher (live) or --teacher-cache, not both")
+    if config.alpha > 0 and not (config.teacher or config.teacher_cache):
+        raise DistillError("--alpha > 0 needs a teacher: --teacher CKPT or --teacher-cache DIR (--alpha 0: hard labels only)")
+    if config.windows == "random" and config.teacher_cache and is_shard_dir(config.data):
+        raise DistillError("--teacher-cache holds aligned windows: use --windows aligned (or auto)")
+
+
+def distill(config: DistillConfig) -> dict:
+    check_config(config)
+    device = resolve_device(config.device)
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
+    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    device_type = device.split(":")[0]
+    autocast = torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+    use_teacher = config.alpha > 0
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+
+    shards = is_shard_dir(config.data)
+    if shards:
+        data_dir = Path(config.data)
+        meta = read_meta(data_dir)
+        train_data, val_data = load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
+        tokenizer_path = data_dir / meta["tokenizer"]
+        tokenizer = Tokenizer.load(tokenizer_path)
+        vocab_size = meta["vocab_size"]
+    else:
+        source = config.init or config.teacher
+        if not source:
+            raise DistillError("chat data needs --init (the student) or --teacher: the tokenizer comes from there")
+        tokenizer_path = Path(tokenizer_file(source))
+        tokenizer = load_tokenizer(source)
+        vocab_size = tokenizer.vocab_size
+    student = build_student(config, vocab_size, device)
+
+    teacher, cache = None, None
+    if use_teacher and config.teacher:
+        teacher = load_model(config.teacher, device=device, dtype=torch.bfloat16 if device_type == "cuda" else None)
+        teacher.requires_grad_(False)
+        check_same_tokenizer(load_tokenizer(config.teacher), tokenizer, config.teacher, str(tokenizer_path))
+        if teacher.config.vocab_size != student.config.vocab_size:
+            raise DistillError(f"teacher logits have {teacher.config.vocab_size} entries, the student's "
+                               f"{student.config.vocab_size}: the same tokenizer but padded differently")
+        if teacher.config.max_seq_len < config.seq_len:
+            raise DistillError(f"--seq-len {config.seq_len} exceeds the teacher's context of {teacher.config.max_seq_len}")
+    elif use_teacher:
+        cache = TopKCache(config.teacher_cache)
+        check_same_tokenizer(cache.tokenizer, tokenizer, config.teacher_cache, str(tokenizer_path))
+
+    if shards:
+        aligned = config.windows == "aligned" or (config.windows == "auto" and cache is not None)
+        sampler = (AlignedSampler if aligned else BatchSampler)(train_data, config.seq_len, config.batch_size, config.seed)
+        if cache is not None:
+            n = aligned_windows(train_data, config.seq_len)
+            cache.check(config, fingerprint(np.asarray(train_data[:n * config.seq_len + 1])))
+        token_bytes = token_byte_lengths(tokenizer, vocab_size)
+    else:
+        examples = chat_examples(config, tokenizer, config.data)
+        if cache is not None:
+            cache.check(config, fingerprint(*[np.asarray(ids) for ids, _ in examples]))
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        n_eval = max(1, int(len(examples) * config.eval_fraction)) if len(examples) > 1 else 0
+        eval_examples = [examples[i] for i in order[:n_eval]]
+        train_index = order[n_eval:]  # positions in `examples` (what the cache indexes)
+        sampler = ExampleSampler(len(train_index), config.batch_size, config.seed)
+        pad_id = chat_token_ids(tokenizer)[PAD]
+
+    def next_batch():
+        """(inputs, targets, loss_mask or None, cache rows or None) on the device."""
+        if not shards:
+            rows = [train_index[i] for i in sampler.next_indices()]
+            inputs, targets, mask = pad_batch([examples[r] for r in rows], pad_id, device)
+            return inputs, targets, mask, rows
+        batch = sampler.next_batch()
+        return batch[0].to(device), batch[1].to(device), None, (batch[2].tolist() if len(batch) == 3 else None)
+
+    optimizer = make_optimizer(student, config, device)
+    out_dir = Path(config.out_dir)
+    step, elapsed_before = 0, 0.0
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    sampler_state = (lambda: sampler.generator.get_state()) if shards else sampler.state
+    if config.resume and ckpt_path.exists():
+        ckpt = read_checkpoint(out_dir)
+        student.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if shards:
+            sampler.generator.set_state(ckpt["sampler"])
+        else:
+            sampler.load_state(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        step, elapsed_before = ckpt["step"], ckpt["elapsed"]
+        rows = [line for line in (out_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+        (out_dir / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
+        print(f"resumed from {ckpt_path} at step {step}")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").write_text("")
+    for f in tokenizer_path.parent.glob(tokenizer_path.stem + "*"):  # the tokenizer travels with the checkpoint
+        shutil.copy(f, out_dir / f.name)
+    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    source = f"live teacher {config.teacher}" if teacher else (f"cache {config.teacher_cache}" if cache else "hard labels only")
+    print(f"student: {student.num_params() / 1e6:.2f}M parameters | {source} | loss {config.alpha} * "
+          f"{config.loss}(T={config.temperature}) + {1 - config.alpha:g} * CE | device {device} {dtype}")
+
+    def save():
+        save_checkpoint(out_dir, student, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                        sampler=sampler_state(), rng=rng_state(), step=step, elapsed=elapsed,
+                        train_config=asdict(config), tokenizer=tokenizer_path.stem)
+
+    def record(row):
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run_eval(max_tokens):
+        student.eval()
+        if shards:
+            metrics = evaluate(student, val_data, config.seq_len, config.batch_size, device, autocast, token_bytes, max_tokens)
+        else:
+            with autocast:
+                loss = eval_loss(student, eval_examples, pad_id, config.batch_size, device)
+            metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        student.train()
+        print(f"eval step {step}: val loss {metrics['val_loss']:.4f}"
+              + (f" | bpb {metrics['val_bpb']:.4f}" if "val_bpb" in metrics else ""))
+        record({"step": step, **metrics})
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+        return metrics
+
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+    student.train()
+    t_start = time.time()
+    elapsed = elapsed_before
+    window_t, window_step, teacher_s = time.time(), step, 0.0
+    stop_reason = "max_steps"
+    while step < config.max_steps:
+        progress = step / config.max_steps
+        if config.max_time:
+            progress = max(progress, elapsed / config.max_time)
+        lr = learning_rate(progress, step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(3)  # loss, kd, ce
+        for _ in range(config.grad_accum):
+            inputs, targets, mask, rows = next_batch()
+            if use_teacher:
+                t0 = time.time()
+                if teacher is not None:
+                    with torch.no_grad(), autocast:
+                        teacher_out, _ = teacher(inputs)
+                else:
+                    teacher_out = cache.batch(rows, inputs.size(1), device)
+                teacher_s += time.time() - t0
+            with autocast:
+                logits, _ = student(inputs)
+            ce = hard_loss(logits, targets, mask)
+            kd = kd_loss(logits, teacher_out, config.loss, config.temperature, config.beta, mask) if use_teacher \
+                else torch.zeros((), device=device)
+            loss = config.alpha * kd + (1 - config.alpha) * ce
+            scaler.scale(loss / config.grad_accum).backward()
+            sums += torch.stack([loss.detach(), kd.detach(), ce.detach()]).cpu() / config.grad_accum
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value, kd_value, ce_value = sums.tolist()
+        if not math.isfinite(loss_value):
+            raise DistillError(f"loss is {loss_value} at step {step + 1}: try a lower --lr or --dtype float32")
+        step += 1
+        elapsed = elapsed_before + time.time() - t_start
+        if step % config.log_interval == 0 or step == config.max_steps:
+            now = time.time()
+            step_time = (now - window_t) / max(step - window_step, 1)
+            teacher_share = teacher_s / max(now - window_t, 1e-9)
+            window_t, window_step, teacher_s = now, step, 0.0
+            eta = (config.max_steps - step) * step_time
+            if config.max_time:
+                eta = min(eta, max(config.max_time - elapsed, 0))
+            print(f"step {step}/{config.max_steps} | loss {loss_value:.4f} | kd {kd_value:.4f} | ce {ce_value:.4f} | "
+                  f"lr {lr:.2e} | {tokens_per_step / step_time:,.0f} tok/s | teacher {teacher_share:.0%} | "
+                  f"ETA {format_seconds(eta)}", flush=True)
+            record({"step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "lr": lr,
+                    "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_time, "elapsed": elapsed})
+        if config.max_time and elapsed >= config.max_time:
+            stop_reason = "max_time"
+            break
+        if step % config.eval_interval == 0 and step < config.max_steps:
+            run_eval(config.eval_tokens)
+            save()
+            window_t = time.time()
+
+    final = run_eval(0)
+    save()
+    summary = {**final, "step": step, "stop_reason": stop_reason, "tokens_seen": step * tokens_per_step,
+               "wall_time_s": elapsed, "s_per_step": elapsed / max(step, 1), "params": student.num_params(),
+               "teacher": config.teacher or config.teacher_cache or None, "loss": config.loss,
+               "temperature": config.temperature, "alpha": config.alpha,
+               "peak_memory_mb": (torch.cuda.max_memory_allocated(device) if device_type == "cuda" else _cpu_peak_rss()) / 2**20}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | val loss {final['val_loss']:.4f}"
+          + (f" | val bpb {final['val_bpb']:.4f}" if "val_bpb" in final else "") + f" | summary in {out_dir / 'summary.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Black-box: the teacher's answers become an SFT dataset
+
+def read_prompts(path) -> list[dict]:
+    """[{"messages": prompt messages, "problem": the tasks.py problem or None}] from a prompts file.
+
+    A record is a string (one user message), {"question": ...} (a tasks.py problem, kept for checking),
+    {"prompt": str or messages}, or any chat.py SFT record (its last assistant answer is dropped)."""
+    prompts = []
+    for i, record in enumerate(read_records(path)):
+        where = f"{path}: record {i}"
+        problem = None
+        if isinstance(record, str):
+            messages = [{"role": "user", "content": record}]
+        elif isinstance(record, dict) and "question" in record:
+            messages, problem = [{"role": "user", "content": str(record["question"])}], record
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": record["prompt"]}]
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), list):
+            messages = record_to_messages({"messages": record["prompt"]}, where)
+        else:
+            if isinstance(record, dict) and "instruction" in record and "output" not in record:
+                record = {**record, "output": ""}
+            messages = record_to_messages(record, where)
+            while messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            raise ChatDataError(f"{where}: a prompt must end with a user message")
+        prompts.append({"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "problem": problem})
+    if not prompts:
+        raise ChatDataError(f"{path}: no prompts")
+    return prompts
+
+
+def done_ids(out: Path) -> set:
+    """Prompt ids already in the output file; a torn last line (a crash mid-write) is removed."""
+    if not out.exists():
+        return set()
+    lines = out.read_text(encoding="utf-8").splitlines()
+    good = []
+    for n, line in enumerate(lines):
+        try:
+            good.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n != len(lines) - 1:
+                raise ChatDataError(f"{out}: line {n + 1} is not valid JSON (not a file this command wrote?)")
+            atomic_write(out, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines[:-1]), encoding="utf-8"))
+    if any("id" not in r for r in good):
+        raise ChatDataError(f"{out}: records without an 'id': not a file `distill.py generate` wrote")
+    return {r["id"] for r in good}
+
+
+def generate_dataset(args) -> dict:
+    """Sample the teacher's answers to every prompt (batched, resumable) into an SFT file."""
+    device = resolve_device(args.device)
+    teacher = load_model(args.teacher, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
+    tokenizer = load_tokenizer(args.teacher)
+    end = chat_token_ids(tokenizer)[IM_END]
+    prompts = read_prompts(args.prompts)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_ids(out)
+    todo = [i for i in range(len(prompts)) if i not in done]
+    print(f"{len(prompts):,} prompts, {len(done):,} already in {out}, {len(todo):,} to generate")
+    counts = {"written": 0, "unfinished": 0, "no_think": 0, "checked": 0, "correct": 0}
+    t0, n_tokens = time.time(), 0
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        ids = [prompt_ids(tokenizer, prompts[i]["messages"]) for i in batch]
+        new = generate(teacher, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k or None, top_p=args.top_p, seed=args.seed + start, stop_tokens=[end])
+        lines = []
+        for i, prompt, tokens in zip(batch, ids, new):
+            n_tokens += len(tokens)
+            text = tokenizer.decode(tokens.tolist())
+            finished = len(tokens) < args.max_new_tokens and len(prompt) + len(tokens) < teacher.config.max_seq_len
+            think, answer = split_think(text)
+            counts["no_think"] += not think
+            content = text if args.reasoning else answer
+            record = {"id": i, "messages": prompts[i]["messages"] + [{"role": "assistant", "content": content}],
+                      "finished": finished}
+            problem = prompts[i]["problem"]
+            if problem is not None and "answer" in problem:
+                from tasks import check
+                record["correct"] = check(problem, answer)
+                counts["checked"] += 1
+                counts["correct"] += record["correct"]
+            if not finished:
+                counts["unfinished"] += 1
+            if (args.keep == "correct" and not record.get("correct")) or (not finished and not args.keep_unfinished):
+                record["messages"][-1]["loss_weight"] = 0  # kept for resume, never trained on
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            counts["written"] += 1
+        with open(out, "a", encoding="utf-8") as f:
+            f.writelines(lines)
+            f.flush()
+        done_n = min(start + args.batch_size, len(todo))
+        rate = n_tokens / max(time.time() - t0, 1e-9)
+        eta = (len(todo) - done_n) * (time.time() - t0) / max(done_n, 1)
+        accuracy = f" | teacher correct {counts['correct'] / counts['checked']:.1%}" if counts["checked"] else ""
+        print(f"generate: {len(done) + done_n:,}/{len(prompts):,} | {rate:,.0f} tok/s{accuracy} | ETA {format_seconds(eta)}",
+              flush=True)
+    print(f"wrote {counts['written']:,} answers to {out} ({counts['unfinished']} hit --max-new-tokens"
+          + (f", {counts['no_think']} without a <think> trace" if args.reasoning else "") + ")")
+    return counts
+
+
+def generate_main(argv) -> None:
+    parser = argparse.ArgumentParser(prog="distill.py generate", description="Black-box distillation data: the "
+                                     "teacher's answers to prompts, as an SFT file (messages format) for sft.py.")
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint directory (chat-tuned)")
+    parser.add_argument("--prompts", required=True, help="prompts: .json/.jsonl of strings, {question}, {prompt} or chat records")
+    parser.add_argument("--out", required=True, help="output .jsonl (appended to: prompts already there are skipped)")
+    parser.add_argument("--reasoning", action="store_true", help="keep the teacher's <think>...</think> trace before "
+                        "the answer (sft.py --think-weight weights it); without it only the answer is kept")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", choices=["all", "correct"], default="all", help="correct: train only on answers "
+                        "that tasks.check accepts (prompts with a 'question' and 'answer'), rejection sampling")
+    parser.add_argument("--keep-unfinished", action="store_true", help="train on answers cut by --max-new-tokens too")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        generate_dataset(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def cache_main(argv) -> None:
+    parser = argparse.ArgumentParser(prog="distill.py cache", description="One teacher pass over the data: its top-k "
+                                     "log-probabilities at a temperature, for white-box distillation of many students.")
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint directory")
+    parser.add_argument("--data", required=True, help="a data/prepare.py directory or chat files (as distill.py --data)")
+    parser.add_argument("--out", required=True, help="the cache directory")
+    parser.add_argument("--seq-len", type=int, default=64, help="window length (shards; chat: the longest example - 1)")
+    parser.add_argument("--top-k", type=int, default=32, help="log-probs kept per position")
+    parser.add_argument("--temperature", type=float, default=2.0, help="must equal distill.py's --temperature")
+    parser.add_argument("--truncate", choices=["left", "drop"], default="left", help="chat: as distill.py")
+    parser.add_argument("--think-weight", type=float, default=1.0, help="chat: as distill.py")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    config = DistillConfig(data=args.data, seq_len=args.seq_len, truncate=args.truncate, think_weight=args.think_weight)
+    try:
+        build_cache(args.teacher, args.data, args.out, args.seq_len, args.top_k, args.temperature, args.batch_size,
+                    args.device, config)
+    except (ValueError, FileNotFoundError, TrainingError) as e:
+        sys.exit(f"error: {e}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "generate":
+        return generate_main(argv[1:])
+    if argv and argv[0] == "cache":
+        return cache_main(argv[1:])
+    config = parse_config(DistillConfig, DISTILL_PRESETS, __doc__.split("\n\n")[0] + " Subcommands: `distill.py "
+                          "cache --help`, `distill.py generate --help`.", argv)
+    try:
+        distill(config)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
