@@ -152,8 +152,10 @@ class RLConfig:
 @dataclass
 class GRPOConfig(RLConfig):
     out_dir: str = opt("out/grpo", "where the policy, metrics and summary go")
-    prompts_per_step: int = opt(8, "prompts sampled per step")
+    prompts_per_step: int = opt(16, "prompts sampled per step")
     samples_per_prompt: int = opt(8, "the group size G: answers sampled per prompt")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr: float = opt(1e-3, "learning rate at the end of the cosine decay")
     group_eps: float = opt(1e-4, "added to the group's std in the advantage")
 
 
@@ -164,7 +166,9 @@ class PPOConfig(RLConfig):
     prompts_per_step: int = opt(32, "prompts (one answer each) per step")
     ppo_epochs: int = opt(2, "passes over each batch of rollouts")
     minibatches: int = opt(2, "minibatches per pass")
-    beta: float = opt(0.05, "initial KL penalty coefficient")
+    beta: float = opt(0.2, "initial KL penalty coefficient (0.05 let the policy hack the reward model: README)")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr: float = opt(1e-3, "learning rate at the end of the cosine decay")
     target_kl: float = opt(0.0, "adaptive KL controller's target per answer (0: fixed beta)")
     kl_horizon: int = opt(10000, "adaptive KL controller's horizon (answers)")
     gamma: float = opt(1.0, "GAE discount")

@@ -325,7 +325,7 @@ def test_ppo_cli_runs_with_a_learned_reward(tmp_path, sft_checkpoint):
     out = tmp_path / "ppo"
     main(["ppo", "--init", str(sft_checkpoint), "--reward-model", str(tmp_path / "rm"), "--out-dir", str(out),
           "--prompts-per-step", "4", "--max-new-tokens", "8", *TASK, "--max-steps", "3",
-          "--target-kl", "0.1", "--log-interval", "1"])
+          "--beta", "0.05", "--target-kl", "0.1", "--log-interval", "1"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
