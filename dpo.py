@@ -46,16 +46,17 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from chat import ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired, pad_batch, \
-    prompt_ids, read_records, PAD, IM_END
+from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
+                  pad_batch, prompt_ids, read_records)
 from common import CHECKPOINT_FILE, load_model, parse_config, read_checkpoint, resolve_device, save_checkpoint
 from lora import ALL_LINEAR, apply_lora, disable_adapters, lora_state_dict, merge_and_unload, save_adapter
+from sft import parse_placeholders
 from train import (TrainingError, _cpu_peak_rss, format_seconds, learning_rate, make_optimizer, opt, plot_losses,
                    rng_state, set_rng_state)
 
@@ -89,7 +90,7 @@ class DPOConfig:
     lora_targets: str = opt(",".join(ALL_LINEAR), "comma-separated layers to adapt")
     # data
     max_len: int = opt(512, "prompt + answer tokens (the prompt's start is cut first; capped at the model's context)")
-    set: str = opt("", "placeholder values for {{key}} in the data, e.g. name=nanollm,author=me")
+    set: list = field(default_factory=list, metadata={"append": True, "help": "fill a {{KEY}} placeholder: KEY=VALUE (repeatable)"})
     skip_bad_records: bool = opt(False, "skip (and count) records that cannot be used instead of stopping")
     # optimisation
     batch_size: int = opt(8, "pairs per micro-batch (2x sequences through the model)")
@@ -181,14 +182,6 @@ def kto_loss(policy, ref, policy_mismatched, ref_mismatched, desirable, beta: fl
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: every item becomes two sequences, (chosen, rejected), or for kto (answer, mismatched answer)
-
-def parse_placeholders(text: str) -> dict:
-    pairs = [p for p in text.split(",") if p.strip()]
-    bad = [p for p in pairs if "=" not in p]
-    if bad:
-        raise ValueError(f"--set {bad[0]!r}: expected key=value")
-    return dict(p.split("=", 1) for p in pairs)
-
 
 def is_unpaired_file(path) -> bool:
     records = read_records(path)
@@ -677,17 +670,18 @@ def bench_arithmetic(config: DPOConfig) -> dict:
         seqs, _ = tokenize_items(tokenizer, preference_pairs(test, seed=2), run, model.config.max_seq_len)
         logps = precompute_reference(model, seqs, chat_token_ids(tokenizer)[PAD], 64, device)
         rows.append({"model": name, "likelihood_preference": (logps[:, 0] > logps[:, 1]).float().mean().item(),
-                     "greedy_accuracy": greedy, "example": answers[0]})
+                     "mean_logp_right": logps[:, 0].mean().item(), "greedy_accuracy": greedy, "example": answers[0]})
     summary = json.loads((Path(run.out_dir) / "summary.json").read_text())
     result = {"held_out_prompts": len(test), "train_pairs": 3 * len(train_problems), "steps": summary["step"],
               "wall_time_s": summary["wall_time_s"], "held_out_reward_accuracy": summary["val/rewards/accuracy"],
               "held_out_reward_margin": summary["val/rewards/margin"], "models": rows}
     print(f"\n{len(test)} held-out prompts, {3 * len(train_problems)} training pairs, {summary['step']} steps "
           f"({format_seconds(summary['wall_time_s'])})\n")
-    print("| model | held-out reward accuracy | log pi(right) > log pi(wrong) | greedy accuracy |")
-    print("|---|---|---|---|")
-    for row, acc in zip(rows, (0.0, summary["val/rewards/accuracy"])):
-        print(f"| {row['model']} | {acc:.1%} | {row['likelihood_preference']:.1%} | {row['greedy_accuracy']:.1%} |")
+    print("| model | held-out reward accuracy | log pi(right) > log pi(wrong) | greedy accuracy | mean log pi(right) |")
+    print("|---|---|---|---|---|")
+    for row, acc in zip(rows, ("0 (policy = reference)", f"{summary['val/rewards/accuracy']:.1%}")):
+        print(f"| {row['model']} | {acc} | {row['likelihood_preference']:.1%} | {row['greedy_accuracy']:.1%} | "
+              f"{row['mean_logp_right']:.2f} |")
     (out / "bench_arithmetic.json").write_text(json.dumps(result, indent=2))
     return result
 
