@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 IM_START, IM_END, PAD, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|pad|>", "<|endoftext|>"
+THINK_START, THINK_END = "<think>", "</think>"  # a reasoning trace, ordinary text (distill.py --reasoning)
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -52,23 +53,35 @@ def chat_token_ids(tokenizer) -> dict:
     return {t: tokenizer.special_tokens[t] for t in (IM_START, IM_END, PAD)}
 
 
-def encode_chat(tokenizer, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """(ids, loss_mask) of a conversation in ChatML; see the module docstring for what is trained on."""
+def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, think_weight: float = 1.0):
+    """(ids, loss_mask) of a conversation in ChatML; see the module docstring for what is trained on.
+
+    An assistant answer that opens with a reasoning trace, "<think>...</think>answer", has the trace
+    encoded as its own piece and weighted by think_weight (0 masks it: learn the answer, not the steps)."""
     special = chat_token_ids(tokenizer)
     start, end = special[IM_START], special[IM_END]
     newline = tokenizer.encode_ordinary("\n")
     ids, mask = [], []
     for m in messages:
         header = [start] + tokenizer.encode_ordinary(m["role"] + "\n")
-        body = tokenizer.encode_ordinary(m["content"]) + [end]
-        trained = int(m["role"] == "assistant" and m.get("loss_weight", 1.0) != 0)
-        ids += header + body + newline
-        mask += [0] * len(header) + [trained] * len(body) + [0] * len(newline)
+        weight = 1 if m["role"] == "assistant" and m.get("loss_weight", 1.0) != 0 else 0
+        think, answer = split_think(m["content"]) if weight else ("", m["content"])
+        think_ids, body = tokenizer.encode_ordinary(think), tokenizer.encode_ordinary(answer) + [end]
+        ids += header + think_ids + body + newline
+        mask += [0] * len(header) + [weight * think_weight] * len(think_ids) + [weight] * len(body) + [0] * len(newline)
     if add_generation_prompt:
         header = [start] + tokenizer.encode_ordinary("assistant\n")
         ids += header
         mask += [0] * len(header)
     return ids, mask
+
+
+def split_think(content: str) -> tuple[str, str]:
+    """("<think>...</think>", rest) when content opens with a reasoning trace, else ("", content)."""
+    if content.startswith(THINK_START) and THINK_END in content:
+        cut = content.index(THINK_END) + len(THINK_END)
+        return content[:cut], content[cut:]
+    return "", content
 
 
 def prompt_ids(tokenizer, messages) -> list[int]:
@@ -314,7 +327,7 @@ def load_unpaired(path, placeholders: dict | None = None, skip_bad_records: bool
 # ----------------------------------------------------------------------------------------------------------
 # Tokenized examples and batches
 
-def tokenize_conversations(tokenizer, conversations, max_len: int, truncate: str = "left"):
+def tokenize_conversations(tokenizer, conversations, max_len: int, truncate: str = "left", think_weight: float = 1.0):
     """[(ids, loss_mask)] of at most max_len tokens, and {"truncated", "dropped"} counts.
 
     truncate="left": drop the oldest messages (a system message stays) until the example fits, then, if
@@ -324,7 +337,7 @@ def tokenize_conversations(tokenizer, conversations, max_len: int, truncate: str
         raise ValueError(f"truncate must be 'left' or 'drop', got {truncate!r}")
     examples, stats = [], {"truncated": 0, "dropped": 0}
     for messages in conversations:
-        ids, mask = encode_chat(tokenizer, messages)
+        ids, mask = encode_chat(tokenizer, messages, think_weight=think_weight)
         if len(ids) > max_len:
             if truncate == "drop":
                 stats["dropped"] += 1
@@ -332,7 +345,7 @@ def tokenize_conversations(tokenizer, conversations, max_len: int, truncate: str
             system, rest = ([messages[0]], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
             while len(ids) > max_len and len(rest) > 1:
                 rest = rest[1:]
-                ids, mask = encode_chat(tokenizer, system + rest)
+                ids, mask = encode_chat(tokenizer, system + rest, think_weight=think_weight)
             ids, mask = ids[-max_len:], mask[-max_len:]
             if sum(mask[1:]) == 0:
                 stats["dropped"] += 1

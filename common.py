@@ -113,6 +113,10 @@ def parse_config(config_class, presets: dict, description: str, argv=None):
     parser.add_argument("--config", help="JSON file of hyperparameters (flags override it)")
     for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
+        if f.metadata.get("append"):  # a list field: the flag may be given several times
+            parser.add_argument(flag, action="append", default=argparse.SUPPRESS,
+                                help=f"{f.metadata.get('help', '')} (repeatable)")
+            continue
         kind = f.metadata.get("type") or _flag_type(f.default)
         is_bool = isinstance(f.default, bool)  # `--compile` alone means true; `--compile false` also works
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, **({"nargs": "?", "const": True} if is_bool else {}),

@@ -166,6 +166,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_state_dict(model: nn.Module) -> dict:
+    """The state dict of the model with every adapter folded in, under the base model's names (what
+    merge_and_unload(model).state_dict() gives), computed without touching the model."""
+    deltas = {name + ".base.weight": layer.delta_weight() for name, layer in model.named_modules()
+              if isinstance(layer, LoRALinear) and not layer.merged and layer.enabled}
+    merged = {}
+    for key, value in model.state_dict().items():
+        if ".lora_A" in key or ".lora_B" in key:
+            continue
+        if key in deltas:
+            value = value + deltas[key].to(value.dtype)
+        merged[key.replace(".base.", ".")] = value.detach().clone()
+    return merged
+
+
 def lora_state_dict(model: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
 

@@ -250,7 +250,7 @@ class Attention(nn.Module):
         self.attend = ATTENTION[config.attn_backend]
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
+    def forward(self, x, cos, sin, start_pos=0, kv_cache=None, doc_mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, hd)
@@ -260,7 +260,11 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_heads, start_pos + T, hd)
             kv_start = kv_cache.pad_lens
-        y = self.attend(q, k, v, kv_start, self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if doc_mask is not None:  # packed sequences: an explicit (B, 1, T, T) mask, through SDPA
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask, dropout_p=dropout_p, enable_gqa=True)
+        else:
+            y = self.attend(q, k, v, kv_start, dropout_p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -285,8 +289,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, start_pos=0, kv_cache=None):
-        x = x + self.residual_dropout(self.self_attn(self.input_layernorm(x), cos, sin, start_pos, kv_cache))
+    def forward(self, x, cos, sin, start_pos=0, kv_cache=None, doc_mask=None):
+        x = x + self.residual_dropout(self.self_attn(self.input_layernorm(x), cos, sin, start_pos, kv_cache, doc_mask))
         return x + self.residual_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -383,12 +387,15 @@ class Transformer(nn.Module):
             cos, sin = cos[None], sin[None]
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
-    def forward(self, idx, targets=None, loss_mask=None, start_pos: int = 0, kv_cache: KVCache | None = None):
+    def forward(self, idx, targets=None, loss_mask=None, start_pos: int = 0, kv_cache: KVCache | None = None,
+                doc_ids=None):
         """idx (B, T) token ids -> (logits (B, T, vocab) , loss or None).
 
         targets (B, T): next-token ids, -100 ignored; loss_mask (B, T): 0 drops a target from the mean.
         With kv_cache, idx holds the tokens at positions [start_pos, start_pos + T) and their keys/values
         are appended to the cache (prefill: the whole prompt with start_pos=0; decode: one token at a time).
+        doc_ids (B, T): packed training sequences (sft.py --pack); each token attends only to earlier tokens
+        of its own document and its position counts from that document's first token.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, seq_len), got shape {tuple(idx.shape)}")
@@ -407,10 +414,20 @@ class Transformer(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=idx.device)             # (T,)
         if kv_cache is not None and kv_cache.pad_lens is not None:
             positions = (positions[None] - kv_cache.pad_lens[:, None]).clamp(min=0)      # (B, T)
+        doc_mask = None
+        if doc_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("doc_ids (packed sequences) is for training; it cannot be used with a KV cache")
+            t = torch.arange(T, device=idx.device)
+            starts = torch.ones_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            positions = t - torch.where(starts, t, 0).cummax(dim=1).values                  # (B, T)
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]                          # (B, T, T)
+            doc_mask = (same_doc & (t[None, :] <= t[:, None]))[:, None]                    # (B, 1, T, T)
         x = self.embed_dropout(self.embed_tokens(idx))                                    # (B, T, dim)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos, kv_cache)
+            x = layer(x, cos, sin, start_pos, kv_cache, doc_mask)
         logits = self.lm_head(self.norm(x))                                               # (B, T, vocab)
 
         loss = None

@@ -106,3 +106,15 @@ def test_only_adapters_change_when_training():
     for key, value in model.state_dict().items():
         if "lora_" not in key:
             assert torch.equal(value, frozen[key.replace(".base.", ".")]), key
+
+
+def test_merged_state_dict_equals_merge_and_unload():
+    model = tiny_model()
+    apply_lora(model, r=4, alpha=8)
+    randomize_adapters(model)
+    merged = merge_and_unload(copy.deepcopy(model)).state_dict()
+    from lora import merged_state_dict
+    computed = merged_state_dict(model)
+    assert set(computed) == set(merged)
+    for key in merged:
+        torch.testing.assert_close(computed[key], merged[key], atol=1e-6, rtol=0)

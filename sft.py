@@ -1,0 +1,410 @@
+"""Supervised fine-tuning on chat data: full or LoRA, with the loss on the assistant's tokens only.
+
+    python sft.py --init out/base --data ../shared/data/sft/identity.json --set name=nanollm --out-dir out/sft
+    python sft.py --init out/base --data ../shared/data/sft/alpaca_en_demo.json --lora-rank 8 --out-dir out/lora
+    python sft.py --init out/base --data a.json,b.jsonl --pack --max-len 512 --max-steps 1000
+
+The recipe (InstructGPT's SFT stage; the masking of Alpaca/Vicuna's training code):
+- conversations in ChatML (chat.py), from Alpaca, ShareGPT or OpenAI-messages files, `{{name}}`
+  placeholders filled by `--set name=VALUE`;
+- the loss is the cross-entropy of the assistant's tokens, including each turn's `<|im_end|>` so the
+  model learns to stop: sum(loss_mask * CE) / sum(loss_mask), system and user tokens masked;
+- full fine-tuning, or `--lora-rank R`: LoRA adapters (lora.py) on the linear layers, the rest frozen;
+- `--pack`: several examples share one sequence of `--max-len` tokens, each attending only to itself with
+  its positions restarting at 0 (document masking), so no compute goes to padding;
+- AdamW with warmup + cosine, checkpoints that resume bit for bit, metrics.jsonl, loss.png, summary.json,
+  as in train.py. The evaluation holds out `--eval-fraction` of the conversations (or `--eval-data`):
+  masked loss, and the template metrics of greedy answers to the held-out prompts: the share that
+  end with `<|im_end|>` (the model stops) within `--eval-new-tokens`.
+Outputs in --out-dir: ckpt.pt (the full model, adapters merged, loadable by sample.py and every stage),
+adapter.pt with --lora-rank (the adapters alone), the tokenizer, metrics, loss.png, summary.json.
+"""
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations, pad_batch, prompt_ids,
+                  tokenize_conversations)
+from common import CHECKPOINT_FILE, load_model, parse_config, read_checkpoint, resolve_device, save_checkpoint
+from lora import apply_lora, lora_state_dict, merged_state_dict, save_adapter
+from train import (TrainingError, format_seconds, learning_rate, make_optimizer, opt, plot_losses, rng_state,
+                   set_rng_state, _cpu_peak_rss)
+
+
+@dataclass
+class SFTConfig:
+    init: str = opt("", "the model to fine-tune: a nanollm checkpoint directory or a Hugging Face directory")
+    data: str = opt("", "chat data: comma-separated .json/.jsonl files (alpaca, sharegpt or messages format)")
+    eval_data: str = opt("", "held-out chat data (default: --eval-fraction of --data)")
+    out_dir: str = opt("out/sft", "where the checkpoint, adapter, metrics and summary go")
+    set: list = field(default_factory=list, metadata={"append": True, "help": "fill a {{KEY}} placeholder: KEY=VALUE"})
+    tokenizer: str = opt("", "tokenizer file (default: the one beside --init)")
+    max_len: int = opt(512, "longest example in tokens (raises the model's max_seq_len if needed)")
+    truncate: str = opt("left", "longer examples: drop the oldest turns/tokens ('left') or the example ('drop')",
+                        choices=["left", "drop"])
+    skip_bad_records: bool = opt(False, "skip records with missing/bad fields (counted) instead of stopping")
+    pack: bool = opt(False, "pack several examples per sequence with document masking")
+    think_weight: float = opt(1.0, "loss weight of <think>...</think> reasoning tokens (0: masked)")
+    # LoRA
+    lora_rank: int = opt(0, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: float = opt(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA adapters' input")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "comma-separated layer names (or Meta names wq,wk,wv,wo,w1,w2,w3) to adapt")
+    rslora: bool = opt(False, "scale LoRA by alpha / sqrt(rank) (rsLoRA)")
+    # optimisation
+    batch_size: int = opt(8, "examples (or packed sequences) per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_steps: int = opt(300, "optimizer steps")
+    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none)")
+    lr: float = opt(1e-4, "peak learning rate (LoRA usually wants ~10x more than full fine-tuning)")
+    min_lr: float = opt(1e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm (0: off)")
+    # evaluation and logging
+    eval_fraction: float = opt(0.05, "share of --data held out for evaluation when --eval-data is not given")
+    eval_interval: int = opt(100, "evaluate and checkpoint every N steps")
+    eval_prompts: int = opt(16, "held-out prompts answered greedily at each eval (template metrics)")
+    eval_new_tokens: int = opt(64, "longest generated answer at eval")
+    log_interval: int = opt(10, "print a progress line every N steps")
+    # system
+    device: str = opt("auto", "auto | cpu | cuda | mps")
+    dtype: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16",
+                     choices=["auto", "float32", "bfloat16"])
+    seed: int = opt(1337, "random seed (split, order, adapters)")
+    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
+
+
+SFT_PRESETS = {
+    # the identity benchmark on a 2-core CPU (bench.py sft)
+    "cpu-identity": dict(max_len=128, batch_size=8, max_steps=150, lr=1e-3, min_lr=1e-4, warmup_steps=10,
+                         eval_fraction=0.0, eval_interval=50, eval_prompts=8),
+    "cpu-alpaca": dict(max_len=256, batch_size=8, max_steps=300, lr=1e-3, min_lr=1e-4, eval_interval=100),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+def parse_placeholders(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TrainingError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set name=nanollm")
+        out[key] = value
+    return out
+
+
+def load_chat_files(paths: str, placeholders: dict, skip_bad_records: bool) -> list:
+    conversations = []
+    for path in filter(None, (p.strip() for p in paths.split(","))):
+        found, skipped = load_conversations(path, placeholders, skip_bad_records)
+        print(f"{path}: {len(found):,} conversations" + (f" ({skipped} bad records skipped)" if skipped else ""))
+        conversations += found
+    if not conversations:
+        raise TrainingError(f"no conversations in {paths!r}")
+    return conversations
+
+
+def pack_examples(examples, max_len: int, pad_id: int):
+    """Greedy first-fit packing into sequences of max_len tokens -> list of (ids, loss_mask, doc_ids).
+
+    doc_ids numbers the examples inside a sequence (1, 2, ...; 0 is padding): attention and positions
+    follow it, so packing changes no example's loss."""
+    bins = []  # [ids, mask, doc_ids]
+    for ids, mask in sorted(examples, key=lambda e: -len(e[0])):
+        target = next((b for b in bins if len(b[0]) + len(ids) <= max_len), None)
+        if target is None:
+            target = [[], [], []]
+            bins.append(target)
+        doc = (target[2][-1] if target[2] else 0) + 1
+        target[0] += ids
+        target[1] += mask
+        target[2] += [doc] * len(ids)
+    return bins
+
+
+class ExampleSampler:
+    """Shuffled passes over the examples; its generator state is checkpointed, so resume is exact."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position, self.epoch = [], 0, 0
+
+    def next_indices(self) -> list[int]:
+        out = []
+        while len(out) < self.batch_size:
+            if self.position >= len(self.order):
+                self.order = torch.randperm(self.n, generator=self.generator).tolist()
+                self.position, self.epoch = 0, self.epoch + 1
+            take = self.order[self.position:self.position + self.batch_size - len(out)]
+            out += take
+            self.position += len(take)
+        return out
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position,
+                "epoch": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position, self.epoch = state["order"], state["position"], state["epoch"]
+
+
+def make_batch(items, pad_id: int, device, packed: bool):
+    """(inputs, targets, loss_mask, doc_ids or None) for a list of examples or packed sequences."""
+    if not packed:
+        return (*pad_batch(items, pad_id, device), None)
+    inputs, targets, loss_mask = pad_batch([(ids, mask) for ids, mask, _ in items], pad_id, device)
+    doc_ids = torch.zeros_like(inputs)
+    for row, (_, _, docs) in enumerate(items):
+        doc_ids[row, :len(docs) - 1] = torch.tensor(docs[:-1])
+    # a target that belongs to the next example is not predictable from this one's context
+    same_doc = torch.zeros_like(loss_mask)
+    for row, (_, _, docs) in enumerate(items):
+        d = torch.tensor(docs)
+        same_doc[row, :len(docs) - 1] = (d[1:] == d[:-1]).float()
+    return inputs, targets, loss_mask * same_doc, doc_ids.to(device)
+
+
+def masked_loss(model, inputs, targets, loss_mask, doc_ids=None):
+    """sum(loss_mask * CE) / sum(loss_mask): the mean cross-entropy of the trained tokens (weights allowed)."""
+    logits, _ = model(inputs, doc_ids=doc_ids)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (ce * loss_mask.flatten()).sum() / loss_mask.sum().clamp(min=1), loss_mask.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def eval_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
+    """Masked cross-entropy over every held-out example (token-weighted)."""
+    total, count = 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        inputs, targets, loss_mask = pad_batch(examples[i:i + batch_size], pad_id, device)
+        loss, n = masked_loss(model, inputs, targets, loss_mask)
+        total, count = total + loss.item() * n.item(), count + n.item()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def answer(model, tokenizer, conversations, max_new_tokens: int, batch_size: int = 16):
+    """Greedy answers to each conversation's prompt -> [(text, stopped)], stopped = ended with <|im_end|>."""
+    from sample import generate
+    end = chat_token_ids(tokenizer)[IM_END]
+    out = []
+    for i in range(0, len(conversations), batch_size):
+        prompts = [prompt_ids(tokenizer, c) for c in conversations[i:i + batch_size]]
+        room = model.config.max_seq_len - max(map(len, prompts))
+        new = generate(model, prompts, max_new_tokens=min(max_new_tokens + 1, max(room, 0)), temperature=0.0,
+                       stop_tokens=[end])
+        for p, tokens in zip(prompts, new):
+            stopped = len(tokens) <= max_new_tokens and len(p) + len(tokens) < model.config.max_seq_len
+            out.append((tokenizer.decode(tokens[:max_new_tokens].tolist()), stopped))
+    return out
+
+
+def prompt_of(conversation):
+    """The conversation up to (not including) its last assistant message."""
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    return conversation[:last]
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def finetune(config: SFTConfig) -> dict:
+    if not config.init or not config.data:
+        raise TrainingError("--init (the model to fine-tune) and --data (chat files) are required")
+    device = resolve_device(config.device)
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+
+    from sample import load_tokenizer
+    tokenizer = load_tokenizer(config.init, config.tokenizer or None)
+    pad_id = chat_token_ids(tokenizer)[PAD]
+    placeholders = parse_placeholders(config.set)
+    conversations = load_chat_files(config.data, placeholders, config.skip_bad_records)
+    if config.eval_data:
+        eval_conversations = load_chat_files(config.eval_data, placeholders, config.skip_bad_records)
+    else:
+        random.Random(config.seed).shuffle(conversations)
+        n_eval = int(len(conversations) * config.eval_fraction)
+        eval_conversations, conversations = conversations[:n_eval], conversations[n_eval:]
+    examples, stats = tokenize_conversations(tokenizer, conversations, config.max_len, config.truncate,
+                                             config.think_weight)
+    eval_examples, _ = tokenize_conversations(tokenizer, eval_conversations, config.max_len, config.truncate,
+                                              config.think_weight)
+    if not examples:
+        raise TrainingError(f"every example is longer than --max-len {config.max_len} (dropped); raise it")
+    print(f"{len(examples):,} training examples ({stats['truncated']} truncated, {stats['dropped']} dropped at "
+          f"--max-len {config.max_len}), {len(eval_examples):,} held out; "
+          f"{sum(sum(1 for w in m[1:] if w) for _, m in examples):,} trained tokens")
+    items = pack_examples(examples, config.max_len, pad_id) if config.pack else examples
+
+    model = load_model(config.init, device=device)
+    if config.max_len > model.config.max_seq_len:  # RoPE has no table to outgrow: just allow longer inputs
+        model.config.max_seq_len = config.max_len
+    largest_id = max([len(tokenizer.ranks) - 1, *tokenizer.special_tokens.values()])
+    if largest_id >= model.config.vocab_size:
+        raise TrainingError(f"the tokenizer's ids go up to {largest_id}, beyond the model's vocab_size {model.config.vocab_size}")
+    counts = {"trainable": model.num_params(), "total": model.num_params()}
+    if config.lora_rank:
+        counts = apply_lora(model, config.lora_targets.split(","), config.lora_rank, config.lora_alpha,
+                            config.lora_dropout, config.rslora)
+    print(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['trainable'] / 1e6:.3f}M trainable "
+          f"({counts['trainable'] / counts['total']:.2%}){' (LoRA r=%d)' % config.lora_rank if config.lora_rank else ''}")
+    optimizer = make_optimizer(model, config, device)
+    sampler = ExampleSampler(len(items), config.batch_size, config.seed)
+
+    out_dir = Path(config.out_dir)
+    step, elapsed_before = 0, 0.0
+    if config.resume and (out_dir / CHECKPOINT_FILE).exists():
+        ckpt = read_checkpoint(out_dir)
+        if config.lora_rank:
+            model.load_state_dict(ckpt["lora"], strict=False)
+        else:
+            model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        step, elapsed_before = ckpt["step"], ckpt["elapsed"]
+        rows = [r for r in (out_dir / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= step]
+        (out_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+        print(f"resumed from {out_dir / CHECKPOINT_FILE} at step {step}")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").write_text("")
+    tokenizer.save(out_dir / "tokenizer")
+    (out_dir / "sft_config.json").write_text(json.dumps(asdict(config), indent=2))
+
+    def save():
+        state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state(), "rng": rng_state(), "step": step,
+                 "elapsed": elapsed, "sft_config": asdict(config), "tokenizer": "tokenizer"}
+        if config.lora_rank:  # the merged model for every later stage, the adapters to resume from
+            save_adapter(model, out_dir / "adapter.pt")
+            state["lora"] = lora_state_dict(model)
+            payload = {"model": merged_state_dict(model), "model_config": asdict(model.config), **state}
+            from common import atomic_write
+            atomic_write(out_dir / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))
+        else:
+            save_checkpoint(out_dir, model, **state)
+
+    def record(row):
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    eval_prompts = [prompt_of(c) for c in eval_conversations[:config.eval_prompts]]
+
+    def run_eval():
+        model.eval()
+        with autocast:
+            metrics = {"val_loss": eval_loss(model, eval_examples, pad_id, config.batch_size, device)} \
+                if eval_examples else {}
+            if eval_prompts:
+                answers = answer(model, tokenizer, eval_prompts, config.eval_new_tokens)
+                metrics["stop_rate"] = sum(stopped for _, stopped in answers) / len(answers)
+                metrics["sample_answer"] = answers[0][0][:200]
+        model.train()
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"eval step {step}: {shown}" + (f" | answer: {metrics['sample_answer']!r}" if eval_prompts else ""))
+        record({"step": step, **metrics})
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+        return metrics
+
+    if step == 0:
+        initial = run_eval()
+    else:
+        initial = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
+    model.train()
+    t_start = time.time()
+    elapsed = elapsed_before
+    window_t, window_step, window_tokens = time.time(), step, 0
+    stop_reason = "max_steps"
+    while step < config.max_steps:
+        progress = step / config.max_steps
+        if config.max_time:
+            progress = max(progress, elapsed / config.max_time)
+        lr = learning_rate(progress, step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(config.grad_accum):
+            batch = make_batch([items[i] for i in sampler.next_indices()], pad_id, device, config.pack)
+            with autocast:
+                loss, n_tokens = masked_loss(model, *batch)
+            (loss / config.grad_accum).backward()
+            loss_sum += loss.item() / config.grad_accum
+            window_tokens += batch[0].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   config.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"loss is {loss_sum} at step {step + 1}; try a lower --lr")
+        step += 1
+        elapsed = elapsed_before + time.time() - t_start
+        if step % config.log_interval == 0 or step == config.max_steps:
+            now = time.time()
+            step_time = (now - window_t) / max(step - window_step, 1)
+            tokens_per_s = window_tokens / max(now - window_t, 1e-9)
+            window_t, window_step, window_tokens = now, step, 0
+            eta = (config.max_steps - step) * step_time
+            if config.max_time:
+                eta = min(eta, max(config.max_time - elapsed, 0))
+            print(f"step {step}/{config.max_steps} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} "
+                  f"| {tokens_per_s:,.0f} tok/s | ETA {format_seconds(eta)}")
+            record({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tokens_per_s, "elapsed": elapsed})
+        if config.max_time and elapsed >= config.max_time:
+            stop_reason = "max_time"
+            break
+        if step % config.eval_interval == 0 and step < config.max_steps:
+            run_eval()
+            save()
+            window_t = time.time()
+
+    final = run_eval()
+    save()
+    peak_memory = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else _cpu_peak_rss()
+    summary = {**{f"initial_{k}": v for k, v in initial.items() if k in ("val_loss", "stop_rate")}, **final,
+               "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "train_examples": len(examples),
+               "eval_examples": len(eval_examples), "truncated": stats["truncated"], "dropped": stats["dropped"],
+               "trainable_params": counts["trainable"], "total_params": counts["total"],
+               "peak_memory_mb": peak_memory / 2**20}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason})"
+          + (f" | val loss {initial.get('val_loss', float('nan')):.4f} -> {final['val_loss']:.4f}" if "val_loss" in final else "")
+          + (f" | stop rate {initial['stop_rate']:.0%} -> {final['stop_rate']:.0%}" if "stop_rate" in final else "")
+          + f" | summary in {out_dir / 'summary.json'}")
+    return summary
+
+
+def main(argv=None):
+    config = parse_config(SFTConfig, SFT_PRESETS, __doc__.split("\n\n")[0], argv)
+    try:
+        finetune(config)
+    except (TrainingError, ChatDataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
