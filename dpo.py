@@ -430,6 +430,8 @@ def build_policy(config: DPOConfig, device):
 def check_config(config: DPOConfig) -> None:
     if not config.init:
         raise ValueError("--init is required: the SFT checkpoint directory to start from")
+    if not Path(config.init).exists():
+        raise ValueError(f"--init {config.init}: no such checkpoint directory")
     if not config.data:
         raise ValueError("--data is required: preference file(s)")
     if not 0 <= config.label_smoothing < 0.5:
