@@ -344,3 +344,17 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint, capsys):
               "--out-dir", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="samples-per-prompt must be >= 2"):
         main(["grpo", "--init", str(checkpoint), "--samples-per-prompt", "1", "--out-dir", str(tmp_path / "z")])
+
+
+def test_reward_cli_resumes_exactly(tmp_path, checkpoint):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(arithmetic_problems(10, "train"))))
+    common = ["--init", str(checkpoint), "--data", str(data), "--eval-fraction", "0.2", "--batch-size", "3",
+              "--eval-interval", "2", "--lr", "3e-3"]
+    main(["reward", *common, "--out-dir", str(tmp_path / "straight"), "--max-steps", "5"])
+    main(["reward", *common, "--out-dir", str(tmp_path / "resumed"), "--max-steps", "2"])
+    main(["reward", *common, "--out-dir", str(tmp_path / "resumed"), "--max-steps", "5", "--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 5
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
