@@ -19,7 +19,7 @@ from rlhf import (AdaptiveKLController, GRPOConfig, bradley_terry_loss, clipped_
 from tasks import arithmetic_problems, preference_pairs, sft_conversations
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine the spare thread's waits cost a lot."""
     threads = torch.get_num_threads()
