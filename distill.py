@@ -509,10 +509,11 @@ def distill(config: DistillConfig) -> dict:
         return metrics
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+    ckpt_step = step  # the teacher time below counts this run's steps only
     student.train()
     t_start = time.time()
     elapsed = elapsed_before
-    window_t, window_step, teacher_s = time.time(), step, 0.0
+    window_t, window_step, teacher_s, teacher_total_s = time.time(), step, 0.0, 0.0
     stop_reason = "max_steps"
     while step < config.max_steps:
         progress = step / config.max_steps
@@ -532,6 +533,7 @@ def distill(config: DistillConfig) -> dict:
                 else:
                     teacher_out = cache.batch(rows, inputs.size(1), device)
                 teacher_s += time.time() - t0
+                teacher_total_s += time.time() - t0
             with autocast:
                 logits, _ = student(inputs)
             ce = hard_loss(logits, targets, mask)
@@ -575,6 +577,7 @@ def distill(config: DistillConfig) -> dict:
     save()
     summary = {**final, "step": step, "stop_reason": stop_reason, "tokens_seen": step * tokens_per_step,
                "wall_time_s": elapsed, "s_per_step": elapsed / max(step, 1), "params": student.num_params(),
+               "teacher_s_per_step": teacher_total_s / max(step - ckpt_step, 1),
                "teacher": config.teacher or config.teacher_cache or None, "loss": config.loss,
                "temperature": config.temperature, "alpha": config.alpha,
                "peak_memory_mb": (torch.cuda.max_memory_allocated(device) if device_type == "cuda" else _cpu_peak_rss()) / 2**20}
@@ -645,17 +648,18 @@ def generate_dataset(args) -> dict:
     prompts = read_prompts(args.prompts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = done_ids(out)
+    rejected_out = out.with_name(out.stem + ".rejected.jsonl")  # kept apart: sft.py trains on `out` as it is
+    done = done_ids(out) | done_ids(rejected_out)
     todo = [i for i in range(len(prompts)) if i not in done]
     print(f"{len(prompts):,} prompts, {len(done):,} already in {out}, {len(todo):,} to generate")
-    counts = {"written": 0, "unfinished": 0, "no_think": 0, "checked": 0, "correct": 0}
+    counts = {"written": 0, "rejected": 0, "unfinished": 0, "no_think": 0, "checked": 0, "correct": 0}
     t0, n_tokens = time.time(), 0
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         ids = [prompt_ids(tokenizer, prompts[i]["messages"]) for i in batch]
         new = generate(teacher, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k or None, top_p=args.top_p, seed=args.seed + start, stop_tokens=[end])
-        lines = []
+        lines, rejected = [], []
         for i, prompt, tokens in zip(batch, ids, new):
             n_tokens += len(tokens)
             text = tokenizer.decode(tokens.tolist())
@@ -673,13 +677,13 @@ def generate_dataset(args) -> dict:
                 counts["correct"] += record["correct"]
             if not finished:
                 counts["unfinished"] += 1
-            if (args.keep == "correct" and not record.get("correct")) or (not finished and not args.keep_unfinished):
-                record["messages"][-1]["loss_weight"] = 0  # kept for resume, never trained on
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-            counts["written"] += 1
-        with open(out, "a", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
+            keep = (args.keep == "all" or record.get("correct")) and (finished or args.keep_unfinished) and answer.strip()
+            (lines if keep else rejected).append(json.dumps(record, ensure_ascii=False) + "\n")
+            counts["written" if keep else "rejected"] += 1
+        for path, records in ((out, lines), (rejected_out, rejected)):
+            if records:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.writelines(records)
         done_n = min(start + args.batch_size, len(todo))
         rate = n_tokens / max(time.time() - t0, 1e-9)
         eta = (len(todo) - done_n) * (time.time() - t0) / max(done_n, 1)
@@ -687,7 +691,8 @@ def generate_dataset(args) -> dict:
         print(f"generate: {len(done) + done_n:,}/{len(prompts):,} | {rate:,.0f} tok/s{accuracy} | ETA {format_seconds(eta)}",
               flush=True)
     print(f"wrote {counts['written']:,} answers to {out} ({counts['unfinished']} hit --max-new-tokens"
-          + (f", {counts['no_think']} without a <think> trace" if args.reasoning else "") + ")")
+          + (f", {counts['no_think']} without a <think> trace" if args.reasoning else "") + ")"
+          + (f"; {counts['rejected']:,} left out, in {rejected_out}" if counts["rejected"] else ""))
     return counts
 
 
@@ -705,9 +710,10 @@ def generate_main(argv) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", choices=["all", "correct"], default="all", help="correct: train only on answers "
-                        "that tasks.check accepts (prompts with a 'question' and 'answer'), rejection sampling")
-    parser.add_argument("--keep-unfinished", action="store_true", help="train on answers cut by --max-new-tokens too")
+    parser.add_argument("--keep", choices=["all", "correct"], default="all", help="correct: keep only answers that "
+                        "tasks.check accepts (prompts with a 'question' and 'answer'): rejection sampling")
+    parser.add_argument("--keep-unfinished", action="store_true", help="keep answers cut by --max-new-tokens too "
+                        "(left-out answers go to OUT.rejected.jsonl, which resume also reads)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:

@@ -276,7 +276,7 @@ def test_generate_writes_an_sft_dataset_and_resumes(tmp_path, tokenizer, capsys)
             "--max-new-tokens", "8", "--reasoning", "--keep-unfinished", "--device", "cpu"]
     main(args)
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["id"] for r in records] == [0, 1, 2, 3, 4]  # (--keep-unfinished: a random teacher rarely stops)
     assert records[0]["messages"][0]["content"] == problems[0]["question"] and "correct" in records[0]
     assert records[4]["messages"][:1] == [{"role": "user", "content": "2 + 2?"}]  # the old answer is replaced
     conversations, skipped = load_conversations(out)  # the loader sft.py uses
@@ -298,10 +298,13 @@ def test_generate_without_reasoning_keeps_the_answer_only(tmp_path, tokenizer, m
     trace = tokenizer.encode_ordinary("<think>1 + 2 = 3.</think>The answer is 3.")
     monkeypatch.setattr(distill_module, "generate", lambda model, prompts, **kw: [torch.tensor(trace)] * len(prompts))
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"question": "What is 1 + 2?", "answer": 3, "terms": [1, 2]}]))
+    prompts.write_text(json.dumps([{"question": "What is 1 + 2?", "answer": 3, "terms": [1, 2]},
+                                   {"question": "What is 2 + 2?", "answer": 4, "terms": [2, 2]}]))
     for reasoning, expected in ((False, "The answer is 3."), (True, "<think>1 + 2 = 3.</think>The answer is 3.")):
         out = tmp_path / f"out-{reasoning}.jsonl"
         main(["generate", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(out), "--device", "cpu",
-              "--keep-unfinished"] + (["--reasoning"] if reasoning else []))
-        record = json.loads(out.read_text())
+              "--keep", "correct"] + (["--reasoning"] if reasoning else []))
+        record, = [json.loads(line) for line in out.read_text().splitlines()]  # "3" is wrong for 2 + 2: left out
         assert record["messages"][-1]["content"] == expected and record["correct"] is True
+        rejected, = [json.loads(line) for line in out.with_name(out.stem + ".rejected.jsonl").read_text().splitlines()]
+        assert rejected["id"] == 1 and rejected["correct"] is False
