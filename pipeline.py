@@ -1,0 +1,536 @@
+"""The whole chain in one command: text -> tokenizer -> pretrained model -> chat model (SFT, RL, DPO) ->
+distilled student -> quantized model, every stage evaluated, and a report card (report.md).
+
+    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out runs/tiny            # < 20 min, 2-core CPU
+    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out runs/tiny-zh --lang zh
+    python pipeline.py --preset ci --data-dir ../shared/data --out /tmp/ci                    # a few minutes, tiny sizes
+    python pipeline.py --preset gpu --data-dir ../shared/data --out runs/gpu --device cuda
+
+Stages, each a subprocess of the project's own scripts with its log in OUT/logs/<stage>.log:
+
+  tokenizer    bpe.py train: a byte-level BPE with the chat special tokens, on the raw corpus
+  prepare      data/prepare.py --curate: PII scrubbing, quality rules, dedup, then train.bin / val.bin
+  chat_data    the arithmetic task (tasks.py) as SFT conversations and DPO pairs, written to JSONL
+  pretrain     train.py: the base model (en: Wikipedia + C4 excerpts; zh: the Tang poems)
+  sft          sft.py, full fine-tuning on identity.json (--set name=nanollm) + arithmetic + alpaca(_zh)
+  sft_lora     sft.py --lora-rank: the same data, LoRA adapters (a side branch, compared in the table)
+  reward       rlhf.py reward: a Bradley-Terry reward model on the arithmetic right/wrong pairs
+  grpo         rlhf.py grpo: RL of the SFT model against the verifiable reward (tasks.check)
+  dpo          dpo.py: DPO of the RL model on dpo_en (dpo_zh) + arithmetic pairs -> the final chat model
+  distill_ce   distill.py --alpha 0: a smaller student on the pretraining data, hard labels only (baseline)
+  distill      distill.py: the same student with the base model as its teacher (KD gain = the difference)
+  quant_rtn    quant.py: the final chat model to int4, round to nearest
+  quant_gptq   quant.py --method gptq: the same with GPTQ
+  eval         every checkpoint: val bpb, chat stop rate, identity and arithmetic accuracy, samples, tok/s
+  sample       sample.py: answers of the final chat model
+
+A stage is done when its output directory holds summary.json (the scripts write it last; for the
+ones that write none, this file writes it after they succeed), so a rerun skips finished stages and
+training stages continue from their checkpoint (--resume). A failing stage stops the run with one line
+naming the stage and its log. report.md (OUT/report.md) has one table of every stage's metrics, the
+loss curves, sample generations, the machine, the commit and each stage's wall time.
+
+Simplified against a production recipe: the RL stage is GRPO on the verifiable arithmetic reward (the
+reward model is trained and evaluated, and rlhf.py ppo uses it, but the chain does not run PPO); the
+student is distilled on the pretraining corpus (a language-model student, not a chat student); the
+sizes and budgets of the CPU presets (PRESETS) are small enough that quality numbers are only
+indicative. `python pipeline.py evaluate ...` is the eval stage's worker (see evaluate_stage).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+IDENTITY_NAME, IDENTITY_AUTHOR = "nanollm", "the nanollm authors"
+
+# Per preset: the vocabulary, the corpus choice and every stage's extra flags. Budgets are in steps and
+# (on the CPU presets) in seconds (--max-time), so a slow shared machine ends stages early, not late.
+PRESETS = {
+    # the end-to-end test: tiny sizes, every stage a few seconds
+    "ci": dict(
+        vocab_size={"en": 512, "zh": 1024}, zh_source="tang_poems/tangshisanbaishou.json",
+        n_arith_sft=300, n_arith_pairs=200, eval_tokens=16384, eval_arith=20,
+        pretrain=["--model", "tiny", "--seq-len", "128", "--batch-size", "16", "--max-steps", "150",
+                  "--lr", "3e-3", "--warmup-steps", "20", "--eval-interval", "150", "--eval-tokens", "8192",
+                  "--sample-tokens", "0", "--log-interval", "25"],
+        sft=["--max-len", "128", "--batch-size", "8", "--max-steps", "60", "--lr", "2e-3", "--warmup-steps", "6",
+             "--eval-interval", "60", "--eval-prompts", "8", "--eval-new-tokens", "24", "--log-interval", "20"],
+        sft_lora=["--lora-rank", "8", "--max-len", "128", "--batch-size", "8", "--max-steps", "30", "--lr", "5e-3",
+                  "--warmup-steps", "3", "--eval-interval", "30", "--eval-prompts", "8", "--eval-new-tokens", "24",
+                  "--log-interval", "10"],
+        reward=["--n-problems", "100", "--pairs-per-problem", "2", "--n-eval-problems", "20", "--max-len", "64",
+                "--batch-size", "16", "--max-steps", "20", "--eval-interval", "20", "--log-interval", "5"],
+        grpo=["--n-train", "100", "--n-eval", "20", "--prompts-per-step", "4", "--samples-per-prompt", "4",
+              "--max-steps", "4", "--eval-interval", "4", "--log-interval", "1"],
+        dpo=["--max-len", "128", "--batch-size", "4", "--max-steps", "10", "--eval-interval", "10",
+             "--log-interval", "5", "--lr", "1e-4"],
+        distill=["--model", "tiny", "--n-layers", "1", "--dim", "32", "--n-heads", "2", "--n-kv-heads", "2",
+                 "--hidden-dim", "96", "--seq-len", "128", "--batch-size", "16", "--max-steps", "60", "--lr", "3e-3",
+                 "--warmup-steps", "10", "--eval-interval", "60", "--eval-tokens", "8192", "--sample-tokens", "0",
+                 "--log-interval", "20"],
+        quant=["--group-size", "32"], gptq=["--calib-samples", "8", "--calib-seq-len", "64"],
+        sample=["--max-new-tokens", "32", "--num-samples", "2"]),
+    # a 2-core CPU in under 20 minutes: time budgets per stage add up to about 16 minutes
+    "cpu-tiny": dict(
+        vocab_size={"en": 2048, "zh": 4096}, zh_source="tang_poems",
+        n_arith_sft=2000, n_arith_pairs=800, eval_tokens=65536, eval_arith=100,
+        pretrain=["--preset", "cpu-shakespeare", "--seq-len", "128", "--max-steps", "3000", "--max-time", "300",
+                  "--eval-interval", "1000", "--sample-tokens", "0"],
+        sft=["--max-len", "192", "--batch-size", "8", "--max-steps", "400", "--max-time", "150", "--lr", "1e-3",
+             "--min-lr", "1e-4", "--eval-interval", "200", "--eval-prompts", "16", "--eval-new-tokens", "32"],
+        sft_lora=["--lora-rank", "16", "--max-len", "192", "--batch-size", "8", "--max-steps", "200", "--max-time", "60",
+                  "--lr", "5e-3", "--eval-interval", "200", "--eval-prompts", "16", "--eval-new-tokens", "32"],
+        reward=["--n-problems", "400", "--n-eval-problems", "100", "--max-len", "64", "--max-steps", "200",
+                "--max-time", "60"],
+        grpo=["--n-eval", "100", "--max-steps", "100", "--max-time", "120", "--eval-interval", "20"],
+        dpo=["--max-len", "256", "--batch-size", "4", "--max-steps", "100", "--max-time", "60", "--eval-interval", "50"],
+        distill=["--preset", "cpu-shakespeare-student", "--seq-len", "128", "--max-steps", "400",
+                 "--eval-interval", "400"],
+        quant=["--group-size", "32"], gptq=["--calib-samples", "32", "--calib-seq-len", "128"],
+        sample=["--max-new-tokens", "64", "--num-samples", "3"]),
+    # about an hour on a 2-core CPU
+    "cpu-small": dict(
+        vocab_size={"en": 4096, "zh": 8192}, zh_source="tang_poems",
+        n_arith_sft=3000, n_arith_pairs=800, eval_tokens=0, eval_arith=200,
+        pretrain=["--preset", "cpu-shakespeare", "--n-layers", "6", "--dim", "256", "--n-heads", "8",
+                  "--n-kv-heads", "4", "--hidden-dim", "768", "--seq-len", "256", "--batch-size", "16",
+                  "--max-steps", "20000", "--max-time", "1500", "--eval-interval", "2000", "--sample-tokens", "0"],
+        sft=["--max-len", "256", "--batch-size", "8", "--max-steps", "2000", "--max-time", "600", "--lr", "5e-4",
+             "--min-lr", "5e-5", "--eval-interval", "500", "--eval-new-tokens", "48"],
+        sft_lora=["--lora-rank", "16", "--max-len", "256", "--batch-size", "8", "--max-steps", "1000",
+                  "--max-time", "240", "--lr", "3e-3", "--eval-interval", "500", "--eval-new-tokens", "48"],
+        reward=["--max-len", "64", "--max-steps", "400", "--max-time", "180"],
+        grpo=["--n-eval", "200", "--max-steps", "200", "--max-time", "480"],
+        dpo=["--max-len", "384", "--batch-size", "4", "--max-steps", "300", "--max-time", "240"],
+        distill=["--preset", "cpu-shakespeare-student", "--dim", "64", "--n-heads", "4", "--n-kv-heads", "4",
+                 "--hidden-dim", "192", "--seq-len", "256", "--max-steps", "1500", "--eval-interval", "500"],
+        quant=["--group-size", "64"], gptq=["--calib-samples", "64", "--calib-seq-len", "256"],
+        sample=["--max-new-tokens", "128", "--num-samples", "3"]),
+    # one CUDA GPU: llama-124m-shaped base, bf16
+    "gpu": dict(
+        vocab_size={"en": 8192, "zh": 16384}, zh_source="tang_poems",
+        n_arith_sft=5000, n_arith_pairs=2000, eval_tokens=0, eval_arith=500,
+        pretrain=["--model", "small", "--n-layers", "12", "--dim", "768", "--n-heads", "12", "--n-kv-heads", "4",
+                  "--hidden-dim", "2048", "--seq-len", "512", "--batch-size", "32", "--max-steps", "5000",
+                  "--lr", "6e-4", "--min-lr", "6e-5", "--warmup-steps", "200", "--eval-interval", "1000"],
+        sft=["--max-len", "512", "--batch-size", "16", "--max-steps", "2000", "--lr", "1e-4"],
+        sft_lora=["--lora-rank", "16", "--max-len", "512", "--batch-size", "16", "--max-steps", "1000", "--lr", "1e-3"],
+        reward=["--max-len", "128", "--max-steps", "600"],
+        grpo=["--n-eval", "500", "--prompts-per-step", "32", "--max-steps", "300"],
+        dpo=["--max-len", "512", "--batch-size", "8", "--max-steps", "400"],
+        distill=["--model", "small", "--n-layers", "4", "--dim", "256", "--n-heads", "4", "--n-kv-heads", "4",
+                 "--hidden-dim", "768", "--seq-len", "512", "--batch-size", "32", "--max-steps", "3000",
+                 "--lr", "1e-3", "--eval-interval", "1000"],
+        quant=["--group-size", "128"], gptq=["--calib-samples", "128", "--calib-seq-len", "512"],
+        sample=["--max-new-tokens", "256", "--num-samples", "3"]),
+}
+
+# The eval stage's prompts: identity questions (answered right when the answer names the model) and open ones.
+IDENTITY_PROMPTS = {"en": ["Who are you?", "What is your name?", "Can you introduce yourself?", "Who created you?",
+                           "What are you called?"],
+                    "zh": ["你是谁？", "请告诉我你的名字", "你的名字是什么？谁创造了你？", "你有名字吗？", "能介绍一下你自己吗？"]}
+OPEN_PROMPTS = {"en": ["Give three tips for staying healthy.", "What is 4 + 3 + 2?"],
+                "zh": ["写一首关于春天的诗。", "What is 4 + 3 + 2?"]}
+RAW_PROMPTS = {"en": ["The history of", "In 1990, the"], "zh": ["春晓\n", "静夜思\n"]}
+
+
+class PipelineError(RuntimeError):
+    """A stage failed: the message is one line naming the stage and its log."""
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str                      # one line for the report
+    out: str                       # output directory, relative to the run directory
+    commands: list                 # argv lists run in order, or a callable(run_dir) doing the work in-process
+    writes_summary: bool = True    # False: the pipeline writes out/summary.json once the commands succeed
+    kind: str = ""                 # "base" | "chat" | "" : which evaluation the stage's checkpoint gets
+    pngs: list = field(default_factory=list)
+
+    def summary_path(self, run_dir: Path) -> Path:
+        return run_dir / self.out / "summary.json"
+
+
+def py(script, *args) -> list:
+    return [sys.executable, str(REPO / script), *map(str, args)]
+
+
+def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: str = "auto") -> list[Stage]:
+    """The chain for one preset and language, as a list of stages with their exact commands."""
+    p = PRESETS[preset]
+    d, r = Path(data_dir), Path(run_dir)
+    dev = ["--device", device]
+    if lang == "en":
+        corpus, corpus_args = d / "pretrain", ["--txt-docs", "line"]  # wiki_demo.txt (a document a line) + c4_demo.jsonl
+        alpaca, preference = d / "sft" / "alpaca_en_demo.json", d / "preference" / "dpo_en_demo.json"
+    else:
+        corpus, corpus_args = d / p["zh_source"], []
+        alpaca, preference = d / "sft" / "alpaca_zh_demo.json", d / "preference" / "dpo_zh_demo.json"
+    sets = ["--set", f"name={IDENTITY_NAME}", "--set", f"author={IDENTITY_AUTHOR}"]
+    sft_data = ",".join(map(str, [d / "sft" / "identity.json", r / "chat_data" / "arithmetic_sft.jsonl", alpaca]))
+    dpo_data = ",".join(map(str, [preference, r / "chat_data" / "arithmetic_pairs.jsonl"]))
+    data = r / "data"
+    stages = [
+        Stage("tokenizer", f"bpe.py: {p['vocab_size'][lang]}-token BPE on {corpus.name}", "tokenizer",
+              [py("bpe.py", "train", "--input", corpus, "--vocab-size", p["vocab_size"][lang],
+                  "--out", r / "tokenizer" / "tokenizer")], writes_summary=False),
+        Stage("prepare", "data/prepare.py --curate: curated train/val token shards", "data",
+              [py("data/prepare.py", "--source", corpus, *corpus_args, "--curate",
+                  "--tokenizer", r / "tokenizer" / "tokenizer", "--out", data)], writes_summary=False),
+        Stage("chat_data", "tasks.py: arithmetic SFT conversations and preference pairs (JSONL)", "chat_data",
+              lambda run_dir: write_chat_data(run_dir / "chat_data", p["n_arith_sft"], p["n_arith_pairs"]),
+              writes_summary=False),
+        Stage("pretrain", "train.py: the base model", "pretrain",
+              [py("train.py", "--data", data, "--out-dir", r / "pretrain", *p["pretrain"], *dev, "--resume")],
+              kind="base", pngs=["loss.png"]),
+        Stage("sft", "sft.py: full fine-tuning (identity + arithmetic + alpaca)", "sft",
+              [py("sft.py", "--init", r / "pretrain", "--data", sft_data, *sets, "--out-dir", r / "sft", *p["sft"],
+                  *dev, "--resume")], kind="chat", pngs=["loss.png"]),
+        Stage("sft_lora", "sft.py --lora-rank: LoRA fine-tuning on the same data", "sft_lora",
+              [py("sft.py", "--init", r / "pretrain", "--data", sft_data, *sets, "--out-dir", r / "sft_lora",
+                  *p["sft_lora"], *dev, "--resume")], kind="chat", pngs=["loss.png"]),
+        Stage("reward", "rlhf.py reward: Bradley-Terry reward model (arithmetic pairs)", "reward",
+              [py("rlhf.py", "reward", "--init", r / "sft", "--data", "arithmetic", "--out-dir", r / "reward",
+                  *p["reward"], *dev, "--resume")], pngs=["curves.png"]),
+        Stage("grpo", "rlhf.py grpo: RL against the verifiable arithmetic reward", "grpo",
+              [py("rlhf.py", "grpo", "--init", r / "sft", "--out-dir", r / "grpo", *p["grpo"], *dev, "--resume")],
+              kind="chat", pngs=["curves.png"]),
+        Stage("dpo", f"dpo.py: DPO on {preference.name} + arithmetic pairs (the final chat model)", "dpo",
+              [py("dpo.py", "--init", r / "grpo", "--data", dpo_data, *sets, "--out-dir", r / "dpo", *p["dpo"],
+                  *dev, "--resume")], kind="chat", pngs=["loss.png", "rewards.png"]),
+        Stage("distill_ce", "distill.py --alpha 0: the student on hard labels only (baseline)", "distill_ce",
+              [py("distill.py", "--data", data, "--out-dir", r / "distill_ce", *p["distill"], "--alpha", "0",
+                  *dev, "--resume")], kind="base", pngs=["loss.png"]),
+        Stage("distill", "distill.py: the same student taught by the base model (forward KL, T=2)", "distill",
+              [py("distill.py", "--data", data, "--teacher", r / "pretrain", "--out-dir", r / "distill",
+                  *p["distill"], *dev, "--resume")], kind="base", pngs=["loss.png"]),
+        Stage("quant_rtn", "quant.py: the final chat model to int4, round to nearest", "quant_rtn",
+              [py("quant.py", "--ckpt", r / "dpo", "--out", r / "quant_rtn", "--method", "rtn", "--bits", "4",
+                  *p["quant"], "--data", data, "--no-eval", *dev)], writes_summary=False, kind="chat"),
+        Stage("quant_gptq", "quant.py --method gptq: int4 GPTQ of the final chat model", "quant_gptq",
+              [py("quant.py", "--ckpt", r / "dpo", "--out", r / "quant_gptq", "--method", "gptq", "--bits", "4",
+                  *p["quant"], *p["gptq"], "--data", data, "--no-eval", *dev)], writes_summary=False, kind="chat"),
+    ]
+    evaluated = [f"{s.name}={s.kind}" for s in stages if s.kind]
+    stages.append(Stage("eval", "eval.py: every checkpoint on the same held-out data and prompts", "eval",
+                        [py("pipeline.py", "evaluate", "--run-dir", r, "--data", data, "--lang", lang,
+                            "--max-tokens", p["eval_tokens"], "--arithmetic", p["eval_arith"], *dev, *evaluated)]))
+    chat_prompt = f"<|im_start|>user\n{IDENTITY_PROMPTS[lang][0]}<|im_end|>\n<|im_start|>assistant\n"
+    stages.append(Stage("sample", "sample.py: the final chat model answers (temperature 0.8, top-k 50)", "sample",
+                        [py("sample.py", "--ckpt", r / "dpo", "--prompt", chat_prompt, "--temperature", "0.8",
+                            "--top-k", "50", "--seed", "0", "--stop", "<|im_end|>", *p["sample"], *dev)],
+                        writes_summary=False))
+    return stages
+
+
+def write_chat_data(out: Path, n_sft: int, n_pairs: int) -> None:
+    """tasks.py's arithmetic as chat.py formats: messages conversations for SFT, prompt pairs for DPO."""
+    from tasks import arithmetic_problems, preference_pairs, sft_conversations
+    out.mkdir(parents=True, exist_ok=True)
+    chats = sft_conversations(arithmetic_problems(n_sft, split="train", seed=1))
+    pairs = preference_pairs(arithmetic_problems(n_pairs, split="train", seed=2), seed=2)
+    for name, records in (("arithmetic_sft.jsonl", [{"messages": c} for c in chats]),
+                          ("arithmetic_pairs.jsonl", pairs)):
+        (out / name).write_text("".join(json.dumps(x) + "\n" for x in records))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running stages
+
+def last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else "(empty log)"
+
+
+def stage_summary(stage: Stage, run_dir: Path, wall_s: float) -> dict:
+    """summary.json of a stage whose script writes none: what its outputs say."""
+    out = run_dir / stage.out
+    if stage.name == "tokenizer":
+        info = json.loads((out / "tokenizer.json").read_text())
+        return {"vocab_size": len(info.get("special_tokens", {})) + len(
+            (out / "tokenizer.tiktoken").read_text().splitlines()), "wall_time_s": wall_s}
+    if stage.name == "prepare":
+        meta = json.loads((out / "meta.json").read_text())
+        curation = json.loads((out / "curation_report.json").read_text())
+        return {**{k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens", "train_bytes", "val_bytes")},
+                "documents_in": curation["documents_in"], "documents_out": curation["documents_out"],
+                "wall_time_s": wall_s}
+    if stage.name == "sample":
+        return {"text": (run_dir / "logs" / "sample.log").read_text(errors="replace"), "wall_time_s": wall_s}
+    if stage.name.startswith("quant"):
+        return {"ckpt_mb": (out / "ckpt.pt").stat().st_size / 2**20, "wall_time_s": wall_s}
+    return {"wall_time_s": wall_s}
+
+
+def run_stage(stage: Stage, run_dir: Path, log_dir: Path) -> tuple[str, float]:
+    """Run one stage unless its summary.json exists -> ("done" | "skipped", seconds). Raises PipelineError."""
+    if stage.summary_path(run_dir).exists():
+        return "skipped", 0.0
+    log = log_dir / f"{stage.name}.log"
+    t0 = time.time()
+    with open(log, "w") as fh:
+        if callable(stage.commands):
+            try:
+                stage.commands(run_dir)
+            except Exception as e:  # report it as a stage failure with its log, like a failed subprocess
+                fh.write(f"error: {e}\n")
+                raise PipelineError(f"stage '{stage.name}' failed ({e}); log: {log}") from None
+        else:
+            for argv in stage.commands:
+                fh.write("$ " + " ".join(map(str, argv)) + "\n")
+                fh.flush()
+                code = subprocess.call(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+                if code != 0:
+                    fh.close()
+                    raise PipelineError(f"stage '{stage.name}' failed (exit {code}: {last_line(log)}); log: {log}")
+    wall = time.time() - t0
+    if not stage.summary_path(run_dir).exists():
+        if stage.writes_summary:
+            raise PipelineError(f"stage '{stage.name}' wrote no {stage.summary_path(run_dir)}; log: {log}")
+        write_json(stage.summary_path(run_dir), stage_summary(stage, run_dir, wall))
+    return "done", wall
+
+
+def write_json(path: Path, obj) -> None:
+    from common import atomic_write
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False)))
+
+
+def run_pipeline(stages: list[Stage], run_dir: Path, report_header: dict, only=None) -> dict:
+    """Every stage in order (skipping finished ones), timings in run_dir/timings.json, then report.md."""
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    timings_path = run_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    for stage in stages:
+        if only and stage.name not in only:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {stage.name:<11} {stage.what}", flush=True)
+        status, wall = run_stage(stage, run_dir, log_dir)
+        if status == "done":
+            timings[stage.name] = wall
+            write_json(timings_path, timings)
+        print(f"{'':<12} {status}" + (f" in {wall:.1f} s" if status == "done" else " (summary.json exists)"),
+              flush=True)
+    report = build_report(stages, run_dir, timings, report_header)
+    (run_dir / "report.md").write_text(report)
+    return timings
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The eval stage's worker: one process evaluates every checkpoint with eval.py's functions
+
+def evaluate_stage(args) -> None:
+    """Per checkpoint NAME=KIND: val bpb on the prepared data; for chat models the stop rate and identity
+    accuracy on IDENTITY_PROMPTS, zero-shot arithmetic accuracy (tasks.py test split) and greedy answers;
+    for base models continuations of RAW_PROMPTS (and the Tang form for zh); decode tokens/s."""
+    import torch
+    from eval import (IM_END, arithmetic_accuracy, chat_prompts, evaluate_model, generate_texts, load_for_eval,
+                      markdown_table)
+    from common import resolve_device
+    from sample import generate
+    run_dir, out_dir = Path(args.run_dir), Path(args.run_dir) / "eval"
+    device = resolve_device(args.device)
+    results = {}
+    for spec in args.checkpoints:
+        name, kind = spec.split("=")
+        path = out_dir / f"{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+            continue
+        print(f"evaluating {name} ({kind})", flush=True)
+        t0 = time.time()
+        model, tok = load_for_eval(run_dir / name, device)
+        m = evaluate_model(model, tok, data=args.data, max_tokens=args.max_tokens,
+                           tang=8 if args.lang == "zh" and kind == "base" else 0)
+        if kind == "chat":
+            questions = IDENTITY_PROMPTS[args.lang] + OPEN_PROMPTS[args.lang]
+            texts, stopped = generate_texts(model, tok, chat_prompts(tok, [[{"role": "user", "content": q}]
+                                                                          for q in questions]),
+                                            max_new_tokens=48, stop_tokens=[tok.special_tokens[IM_END]])
+            n_id = len(IDENTITY_PROMPTS[args.lang])
+            m["stop_rate"] = sum(stopped) / len(stopped)
+            m["identity_acc"] = sum(IDENTITY_NAME in t.lower() for t in texts[:n_id]) / n_id
+            m.update(arithmetic_accuracy(model, tok, args.arithmetic, shots=0, max_new_tokens=16))
+            m["samples"] = [{"prompt": q, "output": t} for q, t in zip(questions, texts)]
+        else:
+            prompts = [tok.encode_ordinary(x) for x in RAW_PROMPTS[args.lang]]
+            texts, _ = generate_texts(model, tok, prompts, max_new_tokens=40, temperature=0.8, seed=0)
+            m["samples"] = [{"prompt": x, "output": t} for x, t in zip(RAW_PROMPTS[args.lang], texts)]
+        n_new = min(64, model.config.max_seq_len - 1)
+        t1 = time.time()
+        with torch.no_grad():
+            new = generate(model, [[tok.special_tokens["<|endoftext|>"]]], n_new, temperature=0.0)
+        m["decode_tok_s"] = sum(len(x) for x in new) / (time.time() - t1)
+        m["eval_s"] = time.time() - t0
+        write_json(path, m)
+        results[name] = m
+    print(markdown_table(results))
+    write_json(out_dir / "summary.json", {"checkpoints": list(results)})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def stage_metrics(name: str, s: dict, summaries: dict) -> str:
+    """The stage's own numbers (from its summary.json), as a short 'key value' list."""
+    g = s.get
+    if name == "tokenizer":
+        return f"vocab {fmt(g('vocab_size'))}"
+    if name == "prepare":
+        return (f"docs {fmt(g('documents_in'))} -> {fmt(g('documents_out'))} curated; train {fmt(g('train_tokens'))} "
+                f"tok, val {fmt(g('val_tokens'))} tok")
+    if name == "chat_data" or name == "eval" or name == "sample":
+        return ""
+    if name in ("pretrain", "distill_ce", "distill"):
+        text = f"val bpb {fmt(g('val_bpb'))}, train {fmt(g('tokens_per_s'))} tok/s, {fmt(g('step'))} steps"
+        if name == "distill" and "val_bpb" in summaries.get("distill_ce", {}) and "val_bpb" in s:
+            text += f"; **KD gain {summaries['distill_ce']['val_bpb'] - s['val_bpb']:+.4f} bpb** vs hard labels"
+        return text
+    if name in ("sft", "sft_lora"):
+        return (f"val loss {fmt(g('initial_val_loss'))} -> {fmt(g('val_loss'))}, stop rate "
+                f"{fmt(g('initial_stop_rate'))} -> {fmt(g('stop_rate'))}, trainable {fmt(g('trainable_params'))}")
+    if name == "reward":
+        return f"held-out pair accuracy {fmt(g('initial_accuracy'))} -> {fmt(g('accuracy'))}"
+    if name == "grpo":
+        return (f"RL accuracy {fmt(g('initial_accuracy'))} -> {fmt(g('final_accuracy'))}, reward "
+                f"{fmt(g('reward_first10'))} -> {fmt(g('reward_last10'))}, {fmt(g('step'))} steps")
+    if name == "dpo":
+        return (f"val reward acc {fmt(g('val/rewards/accuracy'))}, margin {fmt(g('val/rewards/margin'))}, "
+                f"train reward acc {fmt(g('rewards/accuracy'))}")
+    if name.startswith("quant"):
+        return f"ckpt {fmt(g('ckpt_mb'))} MB on disk"
+    return ""
+
+
+def machine_info() -> str:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), GPU: {gpu}")
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict) -> str:
+    """report.md: the stage table (one row per stage), the curves, samples, machine, commit and times."""
+    summaries = {s.name: read_json(s.summary_path(run_dir)) for s in stages}
+    evals = {s.name: read_json(run_dir / "eval" / f"{s.name}.json") for s in stages}
+    lines = [f"# nanollm report: preset `{header.get('preset')}`, lang `{header.get('lang')}`", "",
+             f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
+             f"- commit: {header.get('commit', '')}",
+             f"- total wall time: {sum(timings.get(s.name, 0.0) for s in stages):.0f} s "
+             "(stages skipped in this run keep their earlier time)", "",
+             "| stage | what | params | weights MB | val bpb | stop rate | identity acc | arithmetic acc "
+             "| decode tok/s | stage metrics | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for s in stages:
+        e, done = evals[s.name], bool(summaries[s.name])
+        cells = [f"`{s.name}`", s.what if done else f"{s.what} (not run)", fmt(e.get("params")), fmt(e.get("weights_mb"), 2),
+                 fmt(e.get("val_bpb"), 4), fmt(e.get("stop_rate"), 2), fmt(e.get("identity_acc"), 2),
+                 fmt(e.get("arith_acc_0shot"), 2), fmt(e.get("decode_tok_s"), 0),
+                 stage_metrics(s.name, summaries[s.name], summaries) if done else "",
+                 fmt(timings.get(s.name), 1)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "val bpb: bits per byte on the held-out split of the prepared corpus (eval.py, the same tokens for "
+              "every model). stop rate: share of greedy chat answers ending with <|im_end|> within 48 tokens. "
+              "identity acc: share of answers to identity questions naming `nanollm`. arithmetic acc: tasks.py "
+              "test split, zero-shot, greedy. decode tok/s: batch 1, greedy, 64 tokens.", "", "## Loss curves", ""]
+    for s in stages:
+        for png in s.pngs:
+            if (run_dir / s.out / png).exists():
+                lines.append(f"- `{s.name}`: [{s.out}/{png}]({s.out}/{png})")
+    lines += ["", "## Sample generations", ""]
+    for s in stages:
+        for sample in evals[s.name].get("samples", [])[:3]:
+            output = " ".join(sample["output"].split())[:200]
+            lines.append(f"- `{s.name}` · {sample['prompt'].strip()!r} → {output!r}")
+    sample_text = summaries.get("sample", {}).get("text")
+    if sample_text:
+        body = "\n".join(line for line in sample_text.splitlines() if not line.startswith("$ "))
+        lines += ["", "Final chat model, sampled (`sample.py`):", "", "```", body.strip(), "```"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        parser = argparse.ArgumentParser(prog="pipeline.py evaluate", description=evaluate_stage.__doc__)
+        parser.add_argument("--run-dir", required=True)
+        parser.add_argument("--data", required=True)
+        parser.add_argument("--lang", choices=["en", "zh"], default="en")
+        parser.add_argument("--max-tokens", type=int, default=0)
+        parser.add_argument("--arithmetic", type=int, default=20)
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("checkpoints", nargs="+", metavar="NAME=KIND")
+        try:
+            return evaluate_stage(parser.parse_args(argv[1:]))
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu-tiny", help="sizes and budgets (default: cpu-tiny)")
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
+                        help="the shared data folder (../shared/data layout)")
+    parser.add_argument("--out", required=True, help="run directory: every stage's outputs, logs/, report.md")
+    parser.add_argument("--lang", choices=["en", "zh"], default="en", help="en, or zh: Tang poems, alpaca_zh, dpo_zh")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps, passed to every stage")
+    parser.add_argument("--only", help="comma-separated stage names to run (the others are not touched)")
+    args = parser.parse_args(argv)
+    data_dir, run_dir = Path(args.data_dir).resolve(), Path(args.out).resolve()
+    if not data_dir.is_dir():
+        sys.exit(f"error: --data-dir {data_dir}: no such directory")
+    stages = build_stages(args.preset, args.lang, data_dir, run_dir, args.device)
+    only = set(args.only.split(",")) if args.only else None
+    unknown = (only or set()) - {s.name for s in stages}
+    if unknown:
+        sys.exit(f"error: --only: unknown stage(s) {', '.join(sorted(unknown))}")
+    header = {"preset": args.preset, "lang": args.lang, "command": "python pipeline.py " + " ".join(argv),
+              "machine": machine_info(), "commit": git_commit()}
+    t0 = time.time()
+    try:
+        run_pipeline(stages, run_dir, header, only)
+    except PipelineError as e:
+        sys.exit(f"error: {e}")
+    print(f"done in {time.time() - t0:.0f} s: {run_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
