@@ -674,6 +674,27 @@ def bench(args, data_dir: Path) -> None:
         Path(args.bench_json).write_text(json.dumps({"ckpt": args.ckpt, "rows": rows, "gptq_removed": removed}, indent=2))
 
 
+def qlora(args, model: Transformer, spec: QuantSpec, data_dir: Path) -> None:
+    """LoRA on the frozen quantized model, then the adapters merged and the result quantized again."""
+    from lora import apply_lora, save_adapter
+    from train import load_split, read_meta
+    seq_len = model.config.max_seq_len
+    counts = apply_lora(model, r=8, alpha=16)
+    print(f"QLoRA: {counts['trainable']:,} trainable parameters in {counts['layers']} adapters")
+    train_data = load_split(data_dir, "train", read_meta(data_dir))
+    train_qlora(model, train_data, args.qlora_steps, lr=args.qlora_lr, batch_size=16, seq_len=seq_len, seed=args.seed)
+    if args.out:
+        save_adapter(model, Path(args.out) / "adapter.pt")
+    adapted = evaluate_model(model, data_dir, seq_len, args.eval_tokens)
+    merged = merge_qlora(model)
+    calib = calibration_tokens(data_dir, args.calib_samples, args.calib_seq_len or min(512, seq_len), args.seed) \
+        if spec.method == "gptq" else None
+    quantize_model(merged, spec, calib, args.quantize_head, log=None)
+    requantized = evaluate_model(merged, data_dir, seq_len, args.eval_tokens)
+    print(f"| {spec.label()} + LoRA ({args.qlora_steps} steps) | {adapted['val_ppl']:.3f} | {adapted['val_bpb']:.4f} |")
+    print(f"| merged and quantized again | {requantized['val_ppl']:.3f} | {requantized['val_bpb']:.4f} |")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="trained model: a nanollm checkpoint directory or a Hugging Face directory")
@@ -692,6 +713,9 @@ def parse_args(argv=None):
     p.add_argument("--quantize-head", action="store_true", help="quantize the LM head too")
     p.add_argument("--eval-tokens", type=int, default=0, help="validation tokens for perplexity (0: the whole split)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
+    p.add_argument("--qlora-steps", type=int, default=0, help="QLoRA: train LoRA adapters (all block linears, r 8, "
+                                                             "alpha 16) on the quantized model for this many steps")
+    p.add_argument("--qlora-lr", type=float, default=1e-3, help="QLoRA learning rate")
     p.add_argument("--bench", action="store_true", help="run every method of the README table on --ckpt")
     p.add_argument("--bench-json", help="with --bench: also write the rows here")
     p.add_argument("--device", default="cpu")
@@ -726,6 +750,8 @@ def main(argv=None):
             print("\n| model | val ppl | val bpb |\n|---|---|---|")
             print(f"| full precision | {fp['val_ppl']:.3f} | {fp['val_bpb']:.4f} |")
             print(f"| {spec.label()} | {q['val_ppl']:.3f} | {q['val_bpb']:.4f} |")
+        if args.qlora_steps:
+            qlora(args, model, spec, data_dir)
     except (QuantError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
