@@ -113,6 +113,8 @@ class DPOConfig:
     seed: int = opt(1337, "random seed (held-out split, pair order)")
     resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
     bench: str = opt("", "run a benchmark instead of one training run: arithmetic | demo", choices=["", "arithmetic", "demo"])
+    bench_rejected: str = opt("random", "arithmetic benchmark's wrong answers: off by 1-3 ('random') or the --init "
+                              "model's own wrong samples at temperature 1 ('model')", choices=["random", "model"])
 
 
 DPO_PRESETS = {
@@ -628,18 +630,33 @@ def train(config: DPOConfig, log=print) -> dict:
 # Benchmarks
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems, batch_size: int = 50) -> tuple[float, list[str]]:
-    """Share of problems whose greedy answer tasks.check accepts, and the answers."""
+def answers_to(model, tokenizer, problems, temperature: float = 0.0, seed: int = 0, batch_size: int = 50) -> list[str]:
+    """The model's answers to the problems' questions (greedy when temperature is 0)."""
     from sample import generate
-    from tasks import check
     stop = chat_token_ids(tokenizer)[IM_END]
     answers = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
         prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p["question"]}]) for p in chunk]
-        outputs = generate(model, prompts, max_new_tokens=16, temperature=0.0, stop_tokens=[stop])
+        outputs = generate(model, prompts, max_new_tokens=16, temperature=temperature, seed=seed + start,
+                           stop_tokens=[stop])
         answers += [tokenizer.decode(o.tolist()) for o in outputs]
+    return answers
+
+
+def greedy_accuracy(model, tokenizer, problems) -> tuple[float, list[str]]:
+    """Share of problems whose greedy answer tasks.check accepts, and the answers."""
+    from tasks import check
+    answers = answers_to(model, tokenizer, problems)
     return sum(check(p, a) for p, a in zip(problems, answers)) / len(problems), answers
+
+
+def model_rejected_pairs(model, tokenizer, problems, seed: int) -> list[dict]:
+    """Pairs whose rejected answer is the model's own wrong sample (on-policy), else an off-by-1-3 one."""
+    from tasks import check, preference_pairs
+    samples = answers_to(model, tokenizer, problems, temperature=1.0, seed=seed * 100003)
+    return [{**pair, "rejected": sample} if sample.strip() and not check(p, sample) else pair
+            for p, pair, sample in zip(problems, preference_pairs(problems, seed=seed), samples)]
 
 
 def write_jsonl(path: Path, records) -> None:
@@ -656,10 +673,15 @@ def bench_arithmetic(config: DPOConfig) -> dict:
     test = arithmetic_problems(n_test, "test")                       # every held-out question
     train_problems = arithmetic_problems(800, "train", seed=1)
     # three wrong answers per problem: the pairs vary, so the model learns sums rather than pairs
-    write_jsonl(out / "train_pairs.jsonl", [p for seed in (1, 2, 3) for p in preference_pairs(train_problems, seed=seed)])
-    write_jsonl(out / "test_pairs.jsonl", preference_pairs(test, seed=2))
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.init)
+    if config.bench_rejected == "model":
+        sft = load_model(config.init, device=device).float()
+        pairs = [p for seed in (1, 2, 3) for p in model_rejected_pairs(sft, tokenizer, train_problems, seed)]
+    else:
+        pairs = [p for seed in (1, 2, 3) for p in preference_pairs(train_problems, seed=seed)]
+    write_jsonl(out / "train_pairs.jsonl", pairs)
+    write_jsonl(out / "test_pairs.jsonl", preference_pairs(test, seed=2))
     run = replace(config, bench="", data=str(out / "train_pairs.jsonl"), val_data=str(out / "test_pairs.jsonl"),
                   out_dir=str(out / f"run_{config.loss}"))
     rows = []
