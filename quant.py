@@ -3,6 +3,7 @@
     python quant.py --ckpt out/shakespeare --method gptq --bits 4 --group-size 128 --out out/shakespeare-gptq4
     python quant.py --ckpt out/shakespeare --method rtn --bits 8 --group-size 0 --out out/shakespeare-int8
     python quant.py --ckpt out/shakespeare --bench            # the README table: every method on one model
+    python quant.py --ckpt out/shakespeare --method nf4 --group-size 64 --qlora-steps 200 --out DIR   # QLoRA
 
 The linear layers of the blocks (q k v o gate up down) become `QuantLinear`; the embedding and the LM head
 stay in full precision unless --quantize-head.
@@ -643,7 +644,7 @@ def bench(args, data_dir: Path) -> None:
              (f"GPTQ int4 g{g}", QuantSpec("gptq", 4, g, percdamp=args.percdamp)),
              (f"GPTQ int4 g{g} act-order", QuantSpec("gptq", 4, g, act_order=True, static_groups=True,
                                                      percdamp=args.percdamp)),
-             (f"NF4 g64", QuantSpec("nf4", 4, 64)),
+             ("NF4 g64", QuantSpec("nf4", 4, 64)),
              (f"RTN int3 g{g}", QuantSpec("rtn", 3, g)),
              (f"GPTQ int3 g{g}", QuantSpec("gptq", 3, g, percdamp=args.percdamp)),
              (f"GPTQ int3 g{g} act-order", QuantSpec("gptq", 3, g, act_order=True, static_groups=True,
@@ -661,7 +662,7 @@ def bench(args, data_dir: Path) -> None:
               f"{info['quant_time_s']:.1f} s", flush=True)
     fp = rows[0]["val_ppl"]
     by = {r["method"]: r["val_ppl"] for r in rows}
-    print(f"\n| method | val ppl | val bpb | linear layers (MB) | vs fp16 | quant time (s) |")
+    print("\n| method | val ppl | val bpb | linear layers (MB) | vs fp16 | quant time (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['val_ppl']:.3f} | {r['val_bpb']:.4f} | {r['linear_bytes'] / 1e6:.3f} | "
