@@ -84,13 +84,15 @@ class SFTConfig:
                      choices=["auto", "float32", "bfloat16"])
     seed: int = opt(1337, "random seed (split, order, adapters)")
     resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
+    bench: str = opt("", "run a benchmark instead (README): identity | alpaca", choices=["", "identity", "alpaca"])
+    data_dir: str = opt("../shared/data", "the shared data folder the benchmarks read")
 
 
 SFT_PRESETS = {
     # the identity benchmark on a 2-core CPU (bench.py sft)
     "cpu-identity": dict(max_len=128, batch_size=8, max_steps=150, lr=1e-3, min_lr=1e-4, warmup_steps=10,
                          eval_fraction=0.0, eval_interval=50, eval_prompts=8),
-    "cpu-alpaca": dict(max_len=256, batch_size=8, max_steps=300, lr=1e-3, min_lr=1e-4, eval_interval=100),
+    "cpu-alpaca": dict(max_len=192, batch_size=8, max_steps=150, lr=1e-3, min_lr=1e-4, eval_interval=50, eval_prompts=20),
 }
 
 
@@ -325,7 +327,8 @@ def finetune(config: SFTConfig) -> dict:
                 metrics["sample_answer"] = answers[0][0][:200]
         model.train()
         shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"eval step {step}: {shown}" + (f" | answer: {metrics['sample_answer']!r}" if eval_prompts else ""))
+        if metrics:
+            print(f"eval step {step}: {shown}" + (f" | answer: {metrics['sample_answer']!r}" if eval_prompts else ""))
         record({"step": step, **metrics})
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
         return metrics
@@ -398,10 +401,76 @@ def finetune(config: SFTConfig) -> dict:
     return summary
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks (README): python sft.py --bench identity|alpaca --init out/base
+
+# "Who are you?" in words that are not in identity.json: does the model answer with its new name?
+IDENTITY_HELD_OUT = [
+    "Who are you, exactly?", "What should I call you?", "What's your name?", "Please introduce yourself.",
+    "Could you tell me who you are?", "Who am I talking to?", "Introduce yourself, please.", "Tell me your name.",
+    "What do people call you?", "May I know your name?", "Who is this?", "Are you an AI assistant? What is your name?",
+    "Hey, who are you?", "Hello! Who am I chatting with?", "Give me a short introduction of yourself.",
+    "What is your name, assistant?", "Describe yourself in one sentence.", "Who made you and what is your name?",
+    "Say your name.", "I'd like to know who you are."]
+
+
+def identity_rates(ckpt_dir, max_new_tokens: int = 48) -> dict:
+    from sample import load_tokenizer
+    model, tokenizer = load_model(ckpt_dir), load_tokenizer(ckpt_dir)
+    answers = answer(model, tokenizer, [[{"role": "user", "content": q}] for q in IDENTITY_HELD_OUT], max_new_tokens)
+    return {"says_name": sum("nanollm" in text.lower() for text, _ in answers) / len(answers),
+            "stops": sum(stopped for _, stopped in answers) / len(answers), "prompts": len(answers),
+            "examples": [f"{q} -> {text}" for q, (text, _) in zip(IDENTITY_HELD_OUT[:3], answers)]}
+
+
+def bench(config: SFTConfig) -> None:
+    from dataclasses import replace
+    if not config.init:
+        raise TrainingError("--bench needs --init: the pretrained model to fine-tune")
+    data = Path(config.data_dir) / "sft"
+    out = Path(config.out_dir)
+    rows, result = [], {}
+    if config.bench == "identity":
+        train_questions = {c[0]["content"].strip().lower() for c in load_conversations(data / "identity.json")[0]}
+        assert not train_questions & {q.lower() for q in IDENTITY_HELD_OUT}, "a held-out prompt is in the training file"
+        before = identity_rates(config.init)
+        run = replace(config, **SFT_PRESETS["cpu-identity"], bench="", data=str(data / "identity.json"),
+                      set=["name=nanollm", "author=the nanollm authors"], out_dir=str(out / "identity"))
+        summary = finetune(run)
+        after = identity_rates(run.out_dir)
+        result = {"before": before, "after": after, "steps": summary["step"], "wall_time_s": summary["wall_time_s"]}
+        rows = [("before SFT", before), ("after SFT", after)]
+        print(f"\n| {len(IDENTITY_HELD_OUT)} held-out prompts | answer says 'nanollm' | answer ends with <|im_end|> |\n|---|---:|---:|")
+        for name, r in rows:
+            print(f"| {name} | {r['says_name']:.0%} | {r['stops']:.0%} |")
+        print("\n".join(after["examples"]))
+    elif config.bench == "alpaca":  # template following in EN and ZH, and LoRA against full fine-tuning
+        runs = [("en full", "alpaca_en_demo.json", 0), ("en LoRA r=8", "alpaca_en_demo.json", 8),
+                ("zh full", "alpaca_zh_demo.json", 0)]
+        print(f"\n| run | trainable params | eval loss before | after | stop rate before | after | peak RSS MB | wall s |"
+              f"\n|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, file, rank in runs:
+            run = replace(config, **SFT_PRESETS["cpu-alpaca"], bench="", data=str(data / file), lora_rank=rank,
+                          lr=SFT_PRESETS["cpu-alpaca"]["lr"] * (5 if rank else 1),
+                          out_dir=str(out / name.replace(" ", "_").replace("=", "")))
+            # each run in its own process, so that peak memory is its own
+            import subprocess
+            args = [sys.executable, __file__, "--config", str(out / "run.json")]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run.json").write_text(json.dumps(asdict(run)))
+            subprocess.run(args, check=True)
+            s = json.loads((Path(run.out_dir) / "summary.json").read_text())
+            result[name] = s
+            print(f"| {name} | {s['trainable_params']:,} ({s['trainable_params'] / s['total_params']:.1%}) | "
+                  f"{s['initial_val_loss']:.3f} | {s['val_loss']:.3f} | {s['initial_stop_rate']:.0%} | "
+                  f"{s['stop_rate']:.0%} | {s['peak_memory_mb']:.0f} | {s['wall_time_s']:.0f} |", flush=True)
+    (out / f"bench_{config.bench}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+
+
 def main(argv=None):
     config = parse_config(SFTConfig, SFT_PRESETS, __doc__.split("\n\n")[0], argv)
     try:
-        finetune(config)
+        bench(config) if config.bench else finetune(config)
     except (TrainingError, ChatDataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
