@@ -57,13 +57,14 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import (ChatDataError, chat_token_ids, IM_END, PAD, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
-from common import CHECKPOINT_FILE, atomic_write, load_model, parse_config, read_checkpoint, resolve_device, save_checkpoint
+from common import (CHECKPOINT_FILE, atomic_write, load_model, parse_config, peak_memory_mb, read_checkpoint, resolve_device,
+                    save_checkpoint)
 from model import ModelConfig, Transformer
 from sample import generate, load_tokenizer
 from sft import ExampleSampler, eval_loss, load_chat_files
 from train import (TRAIN_PRESETS, BatchSampler, TrainConfig, TrainingError, evaluate, format_seconds, learning_rate,
                    load_split, make_optimizer, opt, plot_losses, read_meta, rng_state, set_rng_state,
-                   token_byte_lengths, _cpu_peak_rss)
+                   token_byte_lengths)
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 REST_LOGP = -1e4  # "log 0" that stays finite: exp() of it is 0 in float32, and no inf - inf makes a NaN
@@ -580,7 +581,7 @@ def distill(config: DistillConfig) -> dict:
                "teacher_s_per_step": teacher_total_s / max(step - ckpt_step, 1),
                "teacher": config.teacher or config.teacher_cache or None, "loss": config.loss,
                "temperature": config.temperature, "alpha": config.alpha,
-               "peak_memory_mb": (torch.cuda.max_memory_allocated(device) if device_type == "cuda" else _cpu_peak_rss()) / 2**20}
+               "peak_memory_mb": peak_memory_mb(device)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | val loss {final['val_loss']:.4f}"
           + (f" | val bpb {final['val_bpb']:.4f}" if "val_bpb" in final else "") + f" | summary in {out_dir / 'summary.json'}")
