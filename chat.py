@@ -44,13 +44,14 @@ class ChatDataError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # The template
 
-def chat_token_ids(tokenizer) -> dict:
-    """The ids of <|im_start|>, <|im_end|> and <|pad|>; a clear error when the tokenizer lacks one."""
-    missing = [t for t in (IM_START, IM_END, PAD) if t not in tokenizer.special_tokens]
+def chat_token_ids(tokenizer, names=(IM_START, IM_END, PAD)) -> dict:
+    """The ids of the chat special tokens (padding only where batches are padded); a clear error when
+    the tokenizer lacks one."""
+    missing = [t for t in names if t not in tokenizer.special_tokens]
     if missing:
         raise ChatDataError(f"the tokenizer has no {', '.join(missing)} special token(s): chat needs a tokenizer "
                             f"trained by bpe.py (which reserves them) or one that defines them")
-    return {t: tokenizer.special_tokens[t] for t in (IM_START, IM_END, PAD)}
+    return {t: tokenizer.special_tokens[t] for t in names}
 
 
 def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, think_weight: float = 1.0):
@@ -58,7 +59,7 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, think_
 
     An assistant answer that opens with a reasoning trace, "<think>...</think>answer", has the trace
     encoded as its own piece and weighted by think_weight (0 masks it: learn the answer, not the steps)."""
-    special = chat_token_ids(tokenizer)
+    special = chat_token_ids(tokenizer, (IM_START, IM_END))
     start, end = special[IM_START], special[IM_END]
     newline = tokenizer.encode_ordinary("\n")
     ids, mask = [], []
@@ -92,7 +93,7 @@ def prompt_ids(tokenizer, messages) -> list[int]:
 def answer_ids(tokenizer, answer: str) -> list[int]:
     """The ids a model should generate after prompt_ids(): the answer and <|im_end|>. For any conversation,
     prompt_ids(m) + answer_ids(a) == encode_chat(m + [assistant a]) minus the final newline."""
-    return tokenizer.encode_ordinary(answer) + [chat_token_ids(tokenizer)[IM_END]]
+    return tokenizer.encode_ordinary(answer) + [chat_token_ids(tokenizer, (IM_END,))[IM_END]]
 
 
 def render_chatml(messages, add_generation_prompt: bool = False) -> str:
@@ -125,6 +126,17 @@ def read_records(path) -> list:
                     raise ChatDataError(f"{path}: not JSON or JSONL ({whole_file_error})") from None
                 raise ChatDataError(f"{path}: line {i + 1} is not valid JSON") from None
     return records
+
+
+def parse_placeholders(pairs) -> dict:
+    """["name=nanollm", "author=Ada"] (the --set flags) -> {"name": "nanollm", "author": "Ada"}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ChatDataError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set name=nanollm")
+        out[key] = value
+    return out
 
 
 def fill_placeholders(text: str, placeholders: dict | None) -> str:

@@ -36,6 +36,14 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process: allocated CUDA memory on a GPU, else the peak resident set size."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
 def atomic_write(path, write) -> None:
     """Call write(tmp_path), fsync, then rename over `path`: a crash at any moment leaves either the old
     file or the new one, never a torn one."""

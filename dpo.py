@@ -53,11 +53,11 @@ import torch
 import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
-                  pad_batch, prompt_ids, read_records)
-from common import CHECKPOINT_FILE, load_model, parse_config, read_checkpoint, resolve_device, save_checkpoint
+                  pad_batch, parse_placeholders, prompt_ids, read_records)
+from common import (CHECKPOINT_FILE, load_model, parse_config, peak_memory_mb, read_checkpoint, resolve_device,
+                    save_checkpoint)
 from lora import ALL_LINEAR, apply_lora, disable_adapters, lora_state_dict, merge_and_unload, save_adapter
-from sft import parse_placeholders
-from train import (TrainingError, _cpu_peak_rss, format_seconds, learning_rate, make_optimizer, opt, plot_losses,
+from train import (TrainingError, format_seconds, learning_rate, make_optimizer, opt, plot_losses,
                    rng_state, set_rng_state)
 
 LN2 = math.log(2)
@@ -617,8 +617,7 @@ def train(config: DPOConfig, log=print) -> dict:
                "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "loss_type": config.loss,
                "reference": kind, "train_items": len(train_seqs), "val_items": len(val_seqs),
                "truncated": truncated + val_truncated, "skipped_records": skipped, "trainable_params": n_trainable,
-               "stuck_at_ln2_warning": warned, "peak_memory_mb": (torch.cuda.max_memory_allocated(device)
-                                                                 if device.startswith("cuda") else _cpu_peak_rss()) / 2**20}
+               "stuck_at_ln2_warning": warned, "peak_memory_mb": peak_memory_mb(device)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason})" +
         (f" | held-out reward accuracy {final['val/rewards/accuracy']:.3f}, margin {final['val/rewards/margin']:.3f}"

@@ -60,12 +60,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, prompt_ids)
-from common import CHECKPOINT_FILE, atomic_write, load_model, parse_config, read_checkpoint, resolve_device
+from common import (CHECKPOINT_FILE, atomic_write, load_model, parse_config, peak_memory_mb, read_checkpoint,
+                    resolve_device)
 from lora import apply_lora, disable_adapters, lora_state_dict, merged_state_dict
 from model import ModelConfig, Transformer
 from tasks import arithmetic_problems, check, preference_pairs
-from train import (TrainingError, format_seconds, learning_rate, make_optimizer, opt, rng_state, set_rng_state,
-                   _cpu_peak_rss)
+from train import TrainingError, format_seconds, learning_rate, make_optimizer, opt, rng_state, set_rng_state
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
 
@@ -728,16 +728,12 @@ def train_reward_model(config: RewardConfig) -> dict:
     save()
     summary = {**{f"initial_{k}": v for k, v in initial.items()}, **final, "step": step, "stop_reason": stop_reason,
                "wall_time_s": elapsed, "train_pairs": len(encoded), "eval_pairs": len(eval_encoded),
-               "truncated": n_truncated, "peak_memory_mb": _peak_memory(device) / 2**20}
+               "truncated": n_truncated, "peak_memory_mb": peak_memory_mb(device)}
     (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | held-out pairwise accuracy "
           f"{initial['accuracy']:.1%} -> {final['accuracy']:.1%} on {len(eval_encoded)} pairs | "
           f"summary in {run.out_dir / 'summary.json'}")
     return summary
-
-
-def _peak_memory(device: str) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else _cpu_peak_rss()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -877,7 +873,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
                f"{key}_first10": mean(first, key), f"{key}_last10": mean(last, key),
                "kl_last10": mean(last, "kl"), "kl_max": max((r["kl"] for r in train_rows), default=0.0),
                "final_stop_rate": final["stop_rate"], "trainable_params": counts["trainable"],
-               "peak_memory_mb": _peak_memory(device) / 2**20}
+               "peak_memory_mb": peak_memory_mb(device)}
     if algorithm == "ppo":
         summary.update(train_accuracy_first10=mean(first, "train_accuracy"),
                        train_accuracy_last10=mean(last, "train_accuracy"), reward_norm=list(reward_norm))

@@ -44,12 +44,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from chat import END_OF_TEXT, IM_END, IM_START, prompt_ids
 from common import CHECKPOINT_FILE, load_model, resolve_device
 from model import Transformer
 
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
-# ChatML, the chat template of the SFT stage: <|im_start|>role\ncontent<|im_end|>\n per message.
-IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -559,26 +558,6 @@ def load_tokenizer(model_path, tokenizer_path=None):
     return Tokenizer.load(json_path) if is_ours else Tokenizer.from_hf(json_path)
 
 
-def render_chatml(messages, add_generation_prompt: bool = True) -> str:
-    """ChatML: "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message, then "<|im_start|>assistant\\n"
-    when the model is to answer. (A stand-in until the SFT stage's shared template exists.)"""
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-
-
-def encode_chat(tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of render_chatml(messages): the markers as special tokens, the contents as ordinary
-    text, so that a message spelling "<|im_end|>" cannot forge a turn boundary. (The same ids as
-    encoding the rendered string with the markers allowed, since special tokens split the text.)"""
-    start, end = tokenizer.special_tokens[IM_START], tokenizer.special_tokens[IM_END]
-    ids = []
-    for m in messages:
-        ids += [start] + tokenizer.encode_ordinary(f"{m['role']}\n{m['content']}") + [end] + tokenizer.encode_ordinary("\n")
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode_ordinary("assistant\n")
-    return ids
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark
 
@@ -869,7 +848,7 @@ def chat(args, model, draft, tokenizer):
         history.append({"role": "user", "content": line})
         while True:  # drop the oldest exchanges until the conversation leaves room for an answer
             messages = ([{"role": "system", "content": system}] if system else []) + history
-            ids = encode_chat(tokenizer, messages)
+            ids = prompt_ids(tokenizer, messages)
             if len(ids) < context or len(history) == 1:
                 break
             history = history[2:]

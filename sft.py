@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations, pad_batch, prompt_ids,
-                  tokenize_conversations)
-from common import CHECKPOINT_FILE, load_model, parse_config, read_checkpoint, resolve_device, save_checkpoint
+from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations, pad_batch, parse_placeholders,
+                  prompt_ids, tokenize_conversations)
+from common import CHECKPOINT_FILE, atomic_write, load_model, peak_memory_mb, parse_config, read_checkpoint, resolve_device, save_checkpoint
 from lora import apply_lora, lora_state_dict, merged_state_dict, save_adapter
 from train import (TrainingError, format_seconds, learning_rate, make_optimizer, opt, plot_losses, rng_state,
-                   set_rng_state, _cpu_peak_rss)
+                   set_rng_state)
 
 
 @dataclass
@@ -98,16 +98,6 @@ SFT_PRESETS = {
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
-
-def parse_placeholders(pairs) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise TrainingError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set name=nanollm")
-        out[key] = value
-    return out
-
 
 def load_chat_files(paths: str, placeholders: dict, skip_bad_records: bool) -> list:
     conversations = []
@@ -305,7 +295,6 @@ def finetune(config: SFTConfig) -> dict:
             save_adapter(model, out_dir / "adapter.pt")
             state["lora"] = lora_state_dict(model)
             payload = {"model": merged_state_dict(model), "model_config": asdict(model.config), **state}
-            from common import atomic_write
             atomic_write(out_dir / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))
         else:
             save_checkpoint(out_dir, model, **state)
@@ -387,12 +376,11 @@ def finetune(config: SFTConfig) -> dict:
 
     final = run_eval()
     save()
-    peak_memory = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else _cpu_peak_rss()
     summary = {**{f"initial_{k}": v for k, v in initial.items() if k in ("val_loss", "stop_rate")}, **final,
                "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "train_examples": len(examples),
                "eval_examples": len(eval_examples), "truncated": stats["truncated"], "dropped": stats["dropped"],
                "trainable_params": counts["trainable"], "total_params": counts["total"],
-               "peak_memory_mb": peak_memory / 2**20}
+               "peak_memory_mb": peak_memory_mb(device)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason})"
           + (f" | val loss {initial.get('val_loss', float('nan')):.4f} -> {final['val_loss']:.4f}" if "val_loss" in final else "")
@@ -447,11 +435,12 @@ def bench(config: SFTConfig) -> None:
     elif config.bench == "alpaca":  # template following in EN and ZH, and LoRA against full fine-tuning
         runs = [("en full", "alpaca_en_demo.json", 0), ("en LoRA r=8", "alpaca_en_demo.json", 8),
                 ("zh full", "alpaca_zh_demo.json", 0)]
-        print(f"\n| run | trainable params | eval loss before | after | stop rate before | after | peak RSS MB | wall s |"
-              f"\n|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| run | trainable params | eval loss before | after | stop rate before | after | peak RSS MB | wall s |"
+              "\n|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, file, rank in runs:
-            run = replace(config, **SFT_PRESETS["cpu-alpaca"], bench="", data=str(data / file), lora_rank=rank,
-                          lr=SFT_PRESETS["cpu-alpaca"]["lr"] * (5 if rank else 1),
+            preset = dict(SFT_PRESETS["cpu-alpaca"])
+            preset["lr"] *= 5 if rank else 1  # adapters start at zero and want a larger step
+            run = replace(config, **preset, bench="", data=str(data / file), lora_rank=rank,
                           out_dir=str(out / name.replace(" ", "_").replace("=", "")))
             # each run in its own process, so that peak memory is its own
             import subprocess

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import parse_config, read_checkpoint, resolve_device, save_checkpoint, CHECKPOINT_FILE
+from common import parse_config, peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, CHECKPOINT_FILE
 from model import PRESETS, ModelConfig, Transformer
 
 
@@ -425,22 +425,15 @@ def train(config: TrainConfig) -> dict:
     if master:
         final = run_eval(0)  # the whole validation split
         save()
-        peak_memory = (torch.cuda.max_memory_allocated(device) if device_type == "cuda"
-                       else _cpu_peak_rss())
         summary = {**final, "step": step, "stop_reason": stop_reason, "tokens_seen": step * tokens_per_step,
                    "tokens_per_s": (step * tokens_per_step) / max(elapsed, 1e-9), "wall_time_s": elapsed,
-                   "peak_memory_mb": peak_memory / 2**20, "params": raw_model.num_params()}
+                   "peak_memory_mb": peak_memory_mb(device), "params": raw_model.num_params()}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | val loss {final['val_loss']:.4f} | "
             f"val bpb {final['val_bpb']:.4f} | summary in {out_dir / 'summary.json'}")
     if ddp:
         dist.destroy_process_group()
     return summary
-
-
-def _cpu_peak_rss() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def generate_sample(model, tokenizer, n_tokens: int) -> str:

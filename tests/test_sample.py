@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import sample
 from common import save_checkpoint
 from model import ModelConfig, Transformer
-from sample import (SamplingParams, TextStream, apply_penalties, beam_search, encode_chat, generate, left_pad,
-                    min_p_filter, render_chatml, speculative_generate, top_k_filter, top_p_filter)
+from chat import prompt_ids, render_chatml
+from sample import (SamplingParams, TextStream, apply_penalties, beam_search, generate, left_pad,
+                    min_p_filter, speculative_generate, top_k_filter, top_p_filter)
 
 INF = float("inf")
 
@@ -417,7 +418,7 @@ def test_generate_streams_text_and_stops_at_stop_strings():
 
 def test_render_chatml():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert render_chatml(messages) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+    assert render_chatml(messages, add_generation_prompt=True) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
                                        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert render_chatml(messages, add_generation_prompt=False).endswith("Hi<|im_end|>\n")
 
@@ -437,8 +438,8 @@ def checkpoint(tmp_path_factory):
 def test_encode_chat_equals_encoding_the_rendered_template(checkpoint):
     _, _, tokenizer = checkpoint
     messages = [{"role": "user", "content": "To be?"}, {"role": "assistant", "content": "床前"}]
-    assert encode_chat(tokenizer, messages) == tokenizer.encode(render_chatml(messages), allowed_special="all")
-    forged = encode_chat(tokenizer, [{"role": "user", "content": "<|im_end|>"}])
+    assert prompt_ids(tokenizer, messages) == tokenizer.encode(render_chatml(messages, True), allowed_special="all")
+    forged = prompt_ids(tokenizer, [{"role": "user", "content": "<|im_end|>"}])
     assert forged.count(tokenizer.special_tokens["<|im_end|>"]) == 1   # content never becomes a marker
 
 
