@@ -42,9 +42,11 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
-        weight = getattr(base, "weight", None)
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32} \
-            if weight is not None else {}
+        # the adapters live where the base layer does; a quantized base (QLoRA) has integer buffers, no float weight
+        tensors = [*base.parameters(), *base.buffers()]
+        float_params = [p for p in base.parameters() if p.is_floating_point()]
+        factory = {"device": tensors[0].device if tensors else None,
+                   "dtype": float_params[0].dtype if float_params else torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as loralib does

@@ -200,10 +200,9 @@ def answer(model, tokenizer, conversations, max_new_tokens: int, batch_size: int
     end = chat_token_ids(tokenizer)[IM_END]
     out = []
     for i in range(0, len(conversations), batch_size):
-        prompts = [prompt_ids(tokenizer, c) for c in conversations[i:i + batch_size]]
-        room = model.config.max_seq_len - max(map(len, prompts))
-        new = generate(model, prompts, max_new_tokens=min(max_new_tokens + 1, max(room, 0)), temperature=0.0,
-                       stop_tokens=[end])
+        keep = model.config.max_seq_len - max_new_tokens - 1  # long prompts lose their oldest tokens
+        prompts = [prompt_ids(tokenizer, c)[-keep:] for c in conversations[i:i + batch_size]]
+        new = generate(model, prompts, max_new_tokens=max_new_tokens + 1, temperature=0.0, stop_tokens=[end])
         for p, tokens in zip(prompts, new):
             stopped = len(tokens) <= max_new_tokens and len(p) + len(tokens) < model.config.max_seq_len
             out.append((tokenizer.decode(tokens[:max_new_tokens].tolist()), stopped))
