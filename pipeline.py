@@ -55,14 +55,14 @@ PRESETS = {
     # the end-to-end test: tiny sizes, every stage a few seconds
     "ci": dict(
         vocab_size={"en": 512, "zh": 1024}, zh_source="tang_poems/tangshisanbaishou.json",
-        n_arith_sft=300, n_arith_pairs=200, eval_tokens=16384, eval_arith=20,
-        pretrain=["--model", "tiny", "--seq-len", "128", "--batch-size", "16", "--max-steps", "150",
+        n_arith_sft=300, n_arith_pairs=200, eval_tokens=8192, eval_arith=20,
+        pretrain=["--model", "tiny", "--seq-len", "128", "--batch-size", "8", "--max-steps", "60",
                   "--lr", "3e-3", "--warmup-steps", "20", "--eval-interval", "150", "--eval-tokens", "8192",
                   "--sample-tokens", "0", "--log-interval", "25"],
-        sft=["--max-len", "128", "--batch-size", "8", "--max-steps", "60", "--lr", "2e-3", "--warmup-steps", "6",
-             "--eval-interval", "60", "--eval-prompts", "8", "--eval-new-tokens", "24", "--log-interval", "20"],
-        sft_lora=["--lora-rank", "8", "--max-len", "128", "--batch-size", "8", "--max-steps", "30", "--lr", "5e-3",
-                  "--warmup-steps", "3", "--eval-interval", "30", "--eval-prompts", "8", "--eval-new-tokens", "24",
+        sft=["--max-len", "128", "--batch-size", "8", "--max-steps", "40", "--lr", "2e-3", "--warmup-steps", "4",
+             "--eval-interval", "40", "--eval-prompts", "8", "--eval-new-tokens", "16", "--log-interval", "10"],
+        sft_lora=["--lora-rank", "8", "--max-len", "128", "--batch-size", "8", "--max-steps", "20", "--lr", "5e-3",
+                  "--warmup-steps", "2", "--eval-interval", "20", "--eval-prompts", "8", "--eval-new-tokens", "16",
                   "--log-interval", "10"],
         reward=["--n-problems", "100", "--pairs-per-problem", "2", "--n-eval-problems", "20", "--max-len", "64",
                 "--batch-size", "16", "--max-steps", "20", "--eval-interval", "20", "--log-interval", "5"],
@@ -71,16 +71,16 @@ PRESETS = {
         dpo=["--max-len", "128", "--batch-size", "4", "--max-steps", "10", "--eval-interval", "10",
              "--log-interval", "5", "--lr", "1e-4"],
         distill=["--model", "tiny", "--n-layers", "1", "--dim", "32", "--n-heads", "2", "--n-kv-heads", "2",
-                 "--hidden-dim", "96", "--seq-len", "128", "--batch-size", "16", "--max-steps", "60", "--lr", "3e-3",
-                 "--warmup-steps", "10", "--eval-interval", "60", "--eval-tokens", "8192", "--sample-tokens", "0",
+                 "--hidden-dim", "96", "--seq-len", "128", "--batch-size", "8", "--max-steps", "40", "--lr", "3e-3",
+                 "--warmup-steps", "5", "--eval-interval", "40", "--eval-tokens", "8192", "--sample-tokens", "0",
                  "--log-interval", "20"],
         quant=["--group-size", "32"], gptq=["--calib-samples", "8", "--calib-seq-len", "64"],
         sample=["--max-new-tokens", "32", "--num-samples", "2"]),
-    # a 2-core CPU in under 20 minutes: time budgets per stage add up to about 16 minutes
+    # a 2-core CPU in under 20 minutes: the time budgets (--max-time) add up to about 15 minutes
     "cpu-tiny": dict(
         vocab_size={"en": 2048, "zh": 4096}, zh_source="tang_poems",
-        n_arith_sft=2000, n_arith_pairs=800, eval_tokens=65536, eval_arith=100,
-        pretrain=["--preset", "cpu-shakespeare", "--seq-len", "128", "--max-steps", "3000", "--max-time", "300",
+        n_arith_sft=800, n_arith_pairs=800, eval_tokens=65536, eval_arith=100,
+        pretrain=["--preset", "cpu-shakespeare", "--seq-len", "128", "--max-steps", "3000", "--max-time", "270",
                   "--eval-interval", "1000", "--sample-tokens", "0"],
         sft=["--max-len", "192", "--batch-size", "8", "--max-steps", "400", "--max-time", "150", "--lr", "1e-3",
              "--min-lr", "1e-4", "--eval-interval", "200", "--eval-prompts", "16", "--eval-new-tokens", "32"],
@@ -90,39 +90,40 @@ PRESETS = {
                 "--max-time", "60"],
         grpo=["--n-eval", "100", "--max-steps", "100", "--max-time", "120", "--eval-interval", "20"],
         dpo=["--max-len", "256", "--batch-size", "4", "--max-steps", "100", "--max-time", "60", "--eval-interval", "50"],
-        distill=["--preset", "cpu-shakespeare-student", "--seq-len", "128", "--max-steps", "400",
+        distill=["--preset", "cpu-shakespeare-student", "--seq-len", "128", "--max-steps", "400", "--max-time", "90",
                  "--eval-interval", "400"],
         quant=["--group-size", "32"], gptq=["--calib-samples", "32", "--calib-seq-len", "128"],
         sample=["--max-new-tokens", "64", "--num-samples", "3"]),
     # about an hour on a 2-core CPU
     "cpu-small": dict(
         vocab_size={"en": 4096, "zh": 8192}, zh_source="tang_poems",
-        n_arith_sft=3000, n_arith_pairs=800, eval_tokens=0, eval_arith=200,
+        n_arith_sft=800, n_arith_pairs=800, eval_tokens=0, eval_arith=100,
         pretrain=["--preset", "cpu-shakespeare", "--n-layers", "6", "--dim", "256", "--n-heads", "8",
                   "--n-kv-heads", "4", "--hidden-dim", "768", "--seq-len", "256", "--batch-size", "16",
-                  "--max-steps", "20000", "--max-time", "1500", "--eval-interval", "2000", "--sample-tokens", "0"],
+                  "--max-steps", "20000", "--max-time", "1200", "--eval-interval", "2000", "--sample-tokens", "0"],
         sft=["--max-len", "256", "--batch-size", "8", "--max-steps", "2000", "--max-time", "600", "--lr", "5e-4",
              "--min-lr", "5e-5", "--eval-interval", "500", "--eval-new-tokens", "48"],
         sft_lora=["--lora-rank", "16", "--max-len", "256", "--batch-size", "8", "--max-steps", "1000",
                   "--max-time", "240", "--lr", "3e-3", "--eval-interval", "500", "--eval-new-tokens", "48"],
         reward=["--max-len", "64", "--max-steps", "400", "--max-time", "180"],
-        grpo=["--n-eval", "200", "--max-steps", "200", "--max-time", "480"],
+        grpo=["--n-eval", "100", "--max-steps", "200", "--max-time", "480"],
         dpo=["--max-len", "384", "--batch-size", "4", "--max-steps", "300", "--max-time", "240"],
         distill=["--preset", "cpu-shakespeare-student", "--dim", "64", "--n-heads", "4", "--n-kv-heads", "4",
-                 "--hidden-dim", "192", "--seq-len", "256", "--max-steps", "1500", "--eval-interval", "500"],
+                 "--hidden-dim", "192", "--seq-len", "256", "--max-steps", "1500", "--max-time", "300",
+                 "--eval-interval", "500"],
         quant=["--group-size", "64"], gptq=["--calib-samples", "64", "--calib-seq-len", "256"],
         sample=["--max-new-tokens", "128", "--num-samples", "3"]),
     # one CUDA GPU: llama-124m-shaped base, bf16
     "gpu": dict(
         vocab_size={"en": 8192, "zh": 16384}, zh_source="tang_poems",
-        n_arith_sft=5000, n_arith_pairs=2000, eval_tokens=0, eval_arith=500,
+        n_arith_sft=800, n_arith_pairs=800, eval_tokens=0, eval_arith=100,
         pretrain=["--model", "small", "--n-layers", "12", "--dim", "768", "--n-heads", "12", "--n-kv-heads", "4",
                   "--hidden-dim", "2048", "--seq-len", "512", "--batch-size", "32", "--max-steps", "5000",
                   "--lr", "6e-4", "--min-lr", "6e-5", "--warmup-steps", "200", "--eval-interval", "1000"],
         sft=["--max-len", "512", "--batch-size", "16", "--max-steps", "2000", "--lr", "1e-4"],
         sft_lora=["--lora-rank", "16", "--max-len", "512", "--batch-size", "16", "--max-steps", "1000", "--lr", "1e-3"],
         reward=["--max-len", "128", "--max-steps", "600"],
-        grpo=["--n-eval", "500", "--prompts-per-step", "32", "--max-steps", "300"],
+        grpo=["--n-eval", "100", "--prompts-per-step", "32", "--max-steps", "300"],
         dpo=["--max-len", "512", "--batch-size", "8", "--max-steps", "400"],
         distill=["--model", "small", "--n-layers", "4", "--dim", "256", "--n-heads", "4", "--n-kv-heads", "4",
                  "--hidden-dim", "768", "--seq-len", "512", "--batch-size", "32", "--max-steps", "3000",
@@ -175,6 +176,7 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
         alpaca, preference = d / "sft" / "alpaca_zh_demo.json", d / "preference" / "dpo_zh_demo.json"
     sets = ["--set", f"name={IDENTITY_NAME}", "--set", f"author={IDENTITY_AUTHOR}"]
     sft_data = ",".join(map(str, [d / "sft" / "identity.json", r / "chat_data" / "arithmetic_sft.jsonl", alpaca]))
+    sft_eval = ["--eval-data", r / "chat_data" / "arithmetic_sft_eval.jsonl"]  # short held-out prompts (see write_chat_data)
     dpo_data = ",".join(map(str, [preference, r / "chat_data" / "arithmetic_pairs.jsonl"]))
     data = r / "data"
     stages = [
@@ -191,10 +193,10 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
               [py("train.py", "--data", data, "--out-dir", r / "pretrain", *p["pretrain"], *dev, "--resume")],
               kind="base", pngs=["loss.png"]),
         Stage("sft", "sft.py: full fine-tuning (identity + arithmetic + alpaca)", "sft",
-              [py("sft.py", "--init", r / "pretrain", "--data", sft_data, *sets, "--out-dir", r / "sft", *p["sft"],
+              [py("sft.py", "--init", r / "pretrain", "--data", sft_data, *sets, *sft_eval, "--out-dir", r / "sft", *p["sft"],
                   *dev, "--resume")], kind="chat", pngs=["loss.png"]),
         Stage("sft_lora", "sft.py --lora-rank: LoRA fine-tuning on the same data", "sft_lora",
-              [py("sft.py", "--init", r / "pretrain", "--data", sft_data, *sets, "--out-dir", r / "sft_lora",
+              [py("sft.py", "--init", r / "pretrain", "--data", sft_data, *sets, *sft_eval, "--out-dir", r / "sft_lora",
                   *p["sft_lora"], *dev, "--resume")], kind="chat", pngs=["loss.png"]),
         Stage("reward", "rlhf.py reward: Bradley-Terry reward model (arithmetic pairs)", "reward",
               [py("rlhf.py", "reward", "--init", r / "sft", "--data", "arithmetic", "--out-dir", r / "reward",
@@ -231,12 +233,16 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
 
 
 def write_chat_data(out: Path, n_sft: int, n_pairs: int) -> None:
-    """tasks.py's arithmetic as chat.py formats: messages conversations for SFT, prompt pairs for DPO."""
+    """tasks.py's arithmetic as chat.py formats: messages conversations for SFT, prompt pairs for DPO, and
+    test-split conversations as SFT's held-out set (sft.py answers its held-out prompts untruncated, so
+    they must fit the context: alpaca's long inputs do not at the ci sizes)."""
     from tasks import arithmetic_problems, preference_pairs, sft_conversations
     out.mkdir(parents=True, exist_ok=True)
     chats = sft_conversations(arithmetic_problems(n_sft, split="train", seed=1))
+    held_out = sft_conversations(arithmetic_problems(40, split="test", seed=1))
     pairs = preference_pairs(arithmetic_problems(n_pairs, split="train", seed=2), seed=2)
     for name, records in (("arithmetic_sft.jsonl", [{"messages": c} for c in chats]),
+                          ("arithmetic_sft_eval.jsonl", [{"messages": c} for c in held_out]),
                           ("arithmetic_pairs.jsonl", pairs)):
         (out / name).write_text("".join(json.dumps(x) + "\n" for x in records))
 
@@ -262,8 +268,9 @@ def stage_summary(stage: Stage, run_dir: Path, wall_s: float) -> dict:
         return {**{k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens", "train_bytes", "val_bytes")},
                 "documents_in": curation["documents_in"], "documents_out": curation["documents_out"],
                 "wall_time_s": wall_s}
-    if stage.name == "sample":
-        return {"text": (run_dir / "logs" / "sample.log").read_text(errors="replace"), "wall_time_s": wall_s}
+    if stage.name == "sample":  # sample.py's output, from its first sample on (the log starts with the command)
+        log = (run_dir / "logs" / "sample.log").read_text(errors="replace")
+        return {"text": log[log.find("--- sample"):], "wall_time_s": wall_s}
     if stage.name.startswith("quant"):
         return {"ckpt_mb": (out / "ckpt.pt").stat().st_size / 2**20, "wall_time_s": wall_s}
     return {"wall_time_s": wall_s}
@@ -408,7 +415,8 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
     if name == "chat_data" or name == "eval" or name == "sample":
         return ""
     if name in ("pretrain", "distill_ce", "distill"):
-        text = f"val bpb {fmt(g('val_bpb'))}, train {fmt(g('tokens_per_s'))} tok/s, {fmt(g('step'))} steps"
+        tok_s = g("tokens_per_s") or (g("tokens_seen") / g("wall_time_s") if g("tokens_seen") and g("wall_time_s") else None)
+        text = f"val bpb {fmt(g('val_bpb'))}, train {fmt(tok_s, 0)} tok/s, {fmt(g('step'))} steps"
         if name == "distill" and "val_bpb" in summaries.get("distill_ce", {}) and "val_bpb" in s:
             text += f"; **KD gain {summaries['distill_ce']['val_bpb'] - s['val_bpb']:+.4f} bpb** vs hard labels"
         return text
@@ -476,13 +484,13 @@ def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict
                 lines.append(f"- `{s.name}`: [{s.out}/{png}]({s.out}/{png})")
     lines += ["", "## Sample generations", ""]
     for s in stages:
-        for sample in evals[s.name].get("samples", [])[:3]:
+        samples = evals[s.name].get("samples", [])
+        for sample in (samples[:1] + samples[-2:] if len(samples) > 3 else samples):  # chat: an identity + the open prompts
             output = " ".join(sample["output"].split())[:200]
             lines.append(f"- `{s.name}` · {sample['prompt'].strip()!r} → {output!r}")
     sample_text = summaries.get("sample", {}).get("text")
     if sample_text:
-        body = "\n".join(line for line in sample_text.splitlines() if not line.startswith("$ "))
-        lines += ["", "Final chat model, sampled (`sample.py`):", "", "```", body.strip(), "```"]
+        lines += ["", "Final chat model, sampled (`sample.py`):", "", "```", sample_text.strip(), "```"]
     lines.append("")
     return "\n".join(lines)
 
