@@ -369,6 +369,10 @@ def build_student(config: DistillConfig, vocab_size: int, device: str) -> Transf
 def check_config(config: DistillConfig) -> None:
     if not config.data:
         raise DistillError("--data is required: a data/prepare.py directory or chat files")
+    if not is_shard_dir(config.data):
+        missing = [p for p in config.data.split(",") if p.strip() and not Path(p.strip()).is_file()]
+        if missing:
+            raise DistillError(f"--data {missing[0]}: neither a data/prepare.py directory nor a chat file")
     if not 0 <= config.alpha <= 1:
         raise DistillError(f"--alpha {config.alpha}: must be in [0, 1] (the weight of the KD term)")
     if config.temperature <= 0:

@@ -241,6 +241,8 @@ def test_bad_settings_are_clear_errors(tmp_path, shards, teacher_dir):
         distill(student_config(shards, tmp_path / "b", alpha=1.5, teacher=str(teacher_dir)))
     with pytest.raises(DistillError, match="not a finished cache"):
         distill(student_config(shards, tmp_path / "c", teacher_cache=str(tmp_path)))
+    with pytest.raises(DistillError, match="missing.jsonl: neither a data/prepare.py directory nor a chat file"):
+        distill(student_config(tmp_path / "missing.jsonl", tmp_path / "d", teacher=str(teacher_dir)))
 
 
 # ----------------------------------------------------------------------------------------------------------
