@@ -8,6 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+# The tests' models are tiny: one thread is faster than several fighting over the cores (by 3-15x when
+# other jobs share the machine), for this process and the scripts the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
