@@ -370,7 +370,8 @@ def evaluate_stage(args) -> None:
             m["samples"] = [{"prompt": q, "output": t} for q, t in zip(questions, texts)]
         else:
             prompts = [tok.encode_ordinary(x) for x in RAW_PROMPTS[args.lang]]
-            texts, _ = generate_texts(model, tok, prompts, max_new_tokens=40, temperature=0.8, seed=0)
+            texts, _ = generate_texts(model, tok, prompts, max_new_tokens=40, temperature=0.8, seed=0,
+                                      stop_tokens=[tok.special_tokens["<|endoftext|>"]])
             m["samples"] = [{"prompt": x, "output": t} for x, t in zip(RAW_PROMPTS[args.lang], texts)]
         n_new = min(64, model.config.max_seq_len - 1)
         eot = tok.special_tokens["<|endoftext|>"]
@@ -474,7 +475,9 @@ def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict
         cells = [f"`{s.name}`", s.what if done else f"{s.what} (not run)", fmt(e.get("params")), fmt(e.get("weights_mb"), 2),
                  fmt(e.get("val_bpb"), 4), fmt(e.get("stop_rate"), 2), fmt(e.get("identity_acc"), 2),
                  fmt(e.get("arith_acc_0shot"), 2), fmt(e.get("decode_tok_s"), 0),
-                 stage_metrics(s.name, summaries[s.name], summaries) if done else "",
+                 "; ".join(x for x in [stage_metrics(s.name, summaries[s.name], summaries) if done else "",
+                                       f"Tang form {e['tang_form']:.2f} (lines of 5/7 chars {e['tang_lines_5or7']:.2f})"
+                                       if "tang_form" in e else ""] if x),
                  fmt(timings.get(s.name), 1)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", "val bpb: bits per byte on the held-out split of the prepared corpus (eval.py, the same tokens for "
@@ -516,7 +519,7 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:4]))
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu-tiny", help="sizes and budgets (default: cpu-tiny)")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
                         help="the shared data folder (../shared/data layout)")
