@@ -259,9 +259,8 @@ def stage_summary(stage: Stage, run_dir: Path, wall_s: float) -> dict:
     """summary.json of a stage whose script writes none: what its outputs say."""
     out = run_dir / stage.out
     if stage.name == "tokenizer":
-        info = json.loads((out / "tokenizer.json").read_text())
-        return {"vocab_size": len(info.get("special_tokens", {})) + len(
-            (out / "tokenizer.tiktoken").read_text().splitlines()), "wall_time_s": wall_s}
+        from bpe import Tokenizer
+        return {"vocab_size": Tokenizer.load(out / "tokenizer").vocab_size, "wall_time_s": wall_s}
     if stage.name == "prepare":
         meta = json.loads((out / "meta.json").read_text())
         curation = json.loads((out / "curation_report.json").read_text())
