@@ -79,7 +79,7 @@ PRESETS = {
     # a 2-core CPU in under 20 minutes: the time budgets (--max-time) add up to about 15 minutes
     "cpu-tiny": dict(
         vocab_size={"en": 2048, "zh": 4096}, zh_source="tang_poems",
-        n_arith_sft=800, n_arith_pairs=800, eval_tokens=65536, eval_arith=100,
+        n_arith_sft=300, n_arith_pairs=800, eval_tokens=65536, eval_arith=100,
         pretrain=["--preset", "cpu-shakespeare", "--seq-len", "128", "--max-steps", "3000", "--max-time", "270",
                   "--eval-interval", "1000", "--sample-tokens", "0"],
         sft=["--max-len", "192", "--batch-size", "8", "--max-steps", "400", "--max-time", "150", "--lr", "1e-3",
