@@ -97,7 +97,7 @@ PRESETS = {
     # about an hour on a 2-core CPU
     "cpu-small": dict(
         vocab_size={"en": 4096, "zh": 8192}, zh_source="tang_poems",
-        n_arith_sft=800, n_arith_pairs=800, eval_tokens=0, eval_arith=100,
+        n_arith_sft=300, n_arith_pairs=800, eval_tokens=0, eval_arith=100,
         pretrain=["--preset", "cpu-shakespeare", "--n-layers", "6", "--dim", "256", "--n-heads", "8",
                   "--n-kv-heads", "4", "--hidden-dim", "768", "--seq-len", "256", "--batch-size", "16",
                   "--max-steps", "20000", "--max-time", "1200", "--eval-interval", "2000", "--sample-tokens", "0"],
@@ -116,7 +116,7 @@ PRESETS = {
     # one CUDA GPU: llama-124m-shaped base, bf16
     "gpu": dict(
         vocab_size={"en": 8192, "zh": 16384}, zh_source="tang_poems",
-        n_arith_sft=800, n_arith_pairs=800, eval_tokens=0, eval_arith=100,
+        n_arith_sft=300, n_arith_pairs=800, eval_tokens=0, eval_arith=100,
         pretrain=["--model", "small", "--n-layers", "12", "--dim", "768", "--n-heads", "12", "--n-kv-heads", "4",
                   "--hidden-dim", "2048", "--seq-len", "512", "--batch-size", "32", "--max-steps", "5000",
                   "--lr", "6e-4", "--min-lr", "6e-5", "--warmup-steps", "200", "--eval-interval", "1000"],
