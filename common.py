@@ -1,4 +1,4 @@
-"""Plumbing shared by the nanollm scripts: devices, atomic checkpoint files, loading a model to use.
+"""Plumbing shared by the nanollm scripts: devices, atomic checkpoint files, loading a model and its tokenizer.
 
 A nanollm checkpoint is a directory holding `ckpt.pt`: a dict with at least `model` (the state dict)
 and `model_config` (ModelConfig as a dict); training scripts add optimizer, step, RNG and sampler
@@ -101,6 +101,33 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, attn_backen
     model = Transformer(ModelConfig(**config))
     model.load_state_dict(ckpt["model"])
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(model_path, tokenizer_path=None):
+    """The tokenizer to use with a model directory.
+
+    tokenizer_path, if given: a bpe.py tokenizer (the prefix given to save(), or its .json) or a
+    Hugging Face tokenizer.json. Otherwise the one train.py saves beside ckpt.pt (named by the
+    checkpoint's "tokenizer" entry), else the directory's tokenizer.json (a Hugging Face model).
+    """
+    from bpe import Tokenizer
+    if tokenizer_path is None:
+        model_path = Path(model_path)
+        directory = model_path if model_path.is_dir() else model_path.parent
+        ckpt_file = directory / CHECKPOINT_FILE if model_path.is_dir() else model_path
+        name = None
+        if ckpt_file.exists():  # mmap: the name only, without reading the weights
+            name = torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False).get("tokenizer")
+        tokenizer_path = directory / (name or "tokenizer.json")
+    path = Path(tokenizer_path)
+    json_path = path if path.suffix == ".json" else path.with_name(path.name + ".json")
+    if not json_path.exists():
+        raise FileNotFoundError(f"{json_path}: no tokenizer there (give one with --tokenizer)")
+    try:
+        is_ours = json.loads(json_path.read_text(encoding="utf-8")).get("format") == "nanollm-bpe"
+    except (ValueError, AttributeError):
+        raise ValueError(f"{json_path}: not a tokenizer file (expected JSON from bpe.py or Hugging Face)") from None
+    return Tokenizer.load(json_path) if is_ours else Tokenizer.from_hf(json_path)
 
 
 # ----------------------------------------------------------------------------------------------------------

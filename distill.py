@@ -60,7 +60,8 @@ from chat import (ChatDataError, chat_token_ids, IM_END, PAD, pad_batch, prompt_
 from common import (CHECKPOINT_FILE, atomic_write, load_model, parse_config, peak_memory_mb, read_checkpoint, resolve_device,
                     save_checkpoint)
 from model import ModelConfig, Transformer
-from sample import generate, load_tokenizer
+from common import load_tokenizer
+from sample import generate
 from sft import ExampleSampler, eval_loss, load_chat_files
 from train import (TRAIN_PRESETS, BatchSampler, TrainConfig, TrainingError, evaluate, format_seconds, learning_rate,
                    load_split, make_optimizer, opt, plot_losses, read_meta, rng_state, set_rng_state,

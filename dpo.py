@@ -454,7 +454,7 @@ def train(config: DPOConfig, log=print) -> dict:
     check_config(config)
     device = resolve_device(config.device)
     out_dir = Path(config.out_dir)
-    from sample import load_tokenizer
+    from common import load_tokenizer
     tokenizer = load_tokenizer(config.init)
     pad_id = chat_token_ids(tokenizer)[PAD]
 
@@ -666,7 +666,7 @@ def write_jsonl(path: Path, records) -> None:
 def bench_arithmetic(config: DPOConfig) -> dict:
     """DPO on right-vs-wrong sums (tasks.py) from an SFT model; held-out reward accuracy and greedy accuracy."""
     from tasks import arithmetic_problems, preference_pairs, question_text, split_of
-    from sample import load_tokenizer
+    from common import load_tokenizer
     out = Path(config.out_dir)
     n_test = sum(split_of(question_text([a, b, c])) == "test" for a in range(10) for b in range(10) for c in range(10))
     test = arithmetic_problems(n_test, "test")                       # every held-out question

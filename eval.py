@@ -75,7 +75,7 @@ def is_quantized(path) -> bool:
 def load_for_eval(path, device="cpu", tokenizer_path=None):
     """(model, tokenizer) of a nanollm directory, a Hugging Face directory (common.load_model) or a
     quantized checkpoint (quant.load_quantized: its QuantLinear layers in place)."""
-    from sample import load_tokenizer
+    from common import load_tokenizer
     path = Path(path)
     if not path.exists():
         raise EvalError(f"{path}: no such checkpoint")

@@ -483,7 +483,7 @@ def ppo_step(model, ref_model, value_head, reward_model, optimizer, prompts, con
 # Shared plumbing of the three commands
 
 def load_tokenizer_for(config):
-    from sample import load_tokenizer
+    from common import load_tokenizer
     tokenizer = load_tokenizer(config.init, config.tokenizer or None)
     chat_token_ids(tokenizer)  # a clear error now if the chat special tokens are missing
     return tokenizer

@@ -33,19 +33,17 @@ Streaming decodes token bytes with an incremental UTF-8 decoder, so a character 
 """
 import argparse
 import codecs
-import json
 import math
 import sys
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from chat import END_OF_TEXT, IM_END, IM_START, prompt_ids
-from common import CHECKPOINT_FILE, load_model, resolve_device
+from common import load_model, load_tokenizer, resolve_device
 from model import Transformer
 
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
@@ -526,36 +524,6 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt, max_ne
             on_text(0, text)
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else float("nan")
     return torch.tensor(tokens[L0:], dtype=torch.long), stats
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizer and chat template
-
-def load_tokenizer(model_path, tokenizer_path=None):
-    """The tokenizer to use with a model directory.
-
-    tokenizer_path, if given: a bpe.py tokenizer (the prefix given to save(), or its .json) or a
-    Hugging Face tokenizer.json. Otherwise the one train.py saves beside ckpt.pt (named by the
-    checkpoint's "tokenizer" entry), else the directory's tokenizer.json (a Hugging Face model).
-    """
-    from bpe import Tokenizer
-    if tokenizer_path is None:
-        model_path = Path(model_path)
-        directory = model_path if model_path.is_dir() else model_path.parent
-        ckpt_file = directory / CHECKPOINT_FILE if model_path.is_dir() else model_path
-        name = None
-        if ckpt_file.exists():  # mmap: the name only, without reading the weights
-            name = torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False).get("tokenizer")
-        tokenizer_path = directory / (name or "tokenizer.json")
-    path = Path(tokenizer_path)
-    json_path = path if path.suffix == ".json" else path.with_name(path.name + ".json")
-    if not json_path.exists():
-        raise FileNotFoundError(f"{json_path}: no tokenizer there (give one with --tokenizer)")
-    try:
-        is_ours = json.loads(json_path.read_text(encoding="utf-8")).get("format") == "nanollm-bpe"
-    except (ValueError, AttributeError):
-        raise ValueError(f"{json_path}: not a tokenizer file (expected JSON from bpe.py or Hugging Face)") from None
-    return Tokenizer.load(json_path) if is_ours else Tokenizer.from_hf(json_path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations, pad_batch, parse_placeholders,
                   prompt_ids, tokenize_conversations)
-from common import CHECKPOINT_FILE, atomic_write, load_model, peak_memory_mb, parse_config, read_checkpoint, resolve_device, save_checkpoint
+from common import (CHECKPOINT_FILE, atomic_write, load_model, load_tokenizer, parse_config, peak_memory_mb,
+                    read_checkpoint, resolve_device, save_checkpoint)
 from lora import apply_lora, lora_state_dict, merged_state_dict, save_adapter
 from train import (TrainingError, format_seconds, learning_rate, make_optimizer, opt, plot_losses, rng_state,
                    set_rng_state)
@@ -229,7 +230,6 @@ def finetune(config: SFTConfig) -> dict:
     random.seed(config.seed)
     np.random.seed(config.seed)
 
-    from sample import load_tokenizer
     tokenizer = load_tokenizer(config.init, config.tokenizer or None)
     pad_id = chat_token_ids(tokenizer)[PAD]
     placeholders = parse_placeholders(config.set)
@@ -403,7 +403,6 @@ IDENTITY_HELD_OUT = [
 
 
 def identity_rates(ckpt_dir, max_new_tokens: int = 48) -> dict:
-    from sample import load_tokenizer
     model, tokenizer = load_model(ckpt_dir), load_tokenizer(ckpt_dir)
     answers = answer(model, tokenizer, [[{"role": "user", "content": q}] for q in IDENTITY_HELD_OUT], max_new_tokens)
     return {"says_name": sum("nanollm" in text.lower() for text, _ in answers) / len(answers),

@@ -519,7 +519,7 @@ def test_cli_loads_a_hugging_face_directory_with_its_tokenizer(tmp_path, data_di
     """A Hugging Face model directory (save_hf) whose tokenizer.json is GPT-2's."""
     import shutil
     from model import save_hf
-    from sample import load_tokenizer
+    from common import load_tokenizer
     model = make_model(vocab_size=50257, dim=16, n_heads=2, n_kv_heads=1, hidden_dim=32, std=0.1)
     save_hf(model, tmp_path)
     shutil.copy(data_dir / "tokenizers" / "gpt2_tokenizer.json", tmp_path / "tokenizer.json")
