@@ -219,8 +219,8 @@ def bench_model(args):
     with the same config and weights, in the same run."""
     import time
 
-    import transformers  # the reference side of the comparison only
-    from model import ModelConfig, Transformer, config_to_hf
+    from model import ModelConfig, Transformer
+    from tests.reference import hf_llama_like  # the reference side of the comparison
 
     torch.manual_seed(0)
     shapes = {"tiny": (8, 256), "small": (4, 256)}  # preset -> (batch, seq_len)
@@ -233,13 +233,7 @@ def bench_model(args):
         state = ours["sdpa"].state_dict()
         for m in ours.values():
             m.load_state_dict(state)
-        hf_config = transformers.LlamaConfig(**config_to_hf(config, torch.float32))
-        hf_state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in state.items()}
-        theirs = {}
-        for impl in ("eager", "sdpa"):
-            hf_config._attn_implementation = impl
-            theirs[impl] = transformers.LlamaForCausalLM(hf_config)
-            theirs[impl].load_state_dict(hf_state, strict=False)
+        theirs = {impl: hf_llama_like(ours["sdpa"], impl) for impl in ("eager", "sdpa")}
         idx = torch.randint(0, config.vocab_size, (B, T))
 
         def step_ours(m):

@@ -537,12 +537,9 @@ def bench(args):
     LayerSkip, Elhoushi et al. 2024), so acceptance rates are those of random models; pass --ckpt
     (and --draft-ckpt) to measure trained ones.
     """
-    import tempfile
-
-    import transformers
-    from model import ModelConfig, save_hf
+    from model import ModelConfig
+    from tests.reference import hf_copy  # the reference side of the comparison
     torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     N = args.bench_tokens
     if args.ckpt:
@@ -559,9 +556,7 @@ def bench(args):
     batch = [torch.randint(V, (n,)) for n in (16, 5, 23, 9, 30, 12, 27, 19)]   # 8 prompts of different lengths
     if max(map(len, batch)) + N > context:
         raise SystemExit(f"--bench-tokens {N} does not fit the model's context of {context} tokens")
-    with tempfile.TemporaryDirectory() as hf_dir:
-        save_hf(model, hf_dir)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_model = hf_copy(model)
 
     def hf_generate(prompts):
         ids, pad_lens = left_pad(prompts)
