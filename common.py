@@ -2,7 +2,9 @@
 
 A nanollm checkpoint is a directory holding `ckpt.pt`: a dict with at least `model` (the state dict)
 and `model_config` (ModelConfig as a dict); training scripts add optimizer, step, RNG and sampler
-state, and save the tokenizer they used into the same directory. A Hugging Face directory
+state, and save the tokenizer they used into the same directory. A model with quantized layers
+(quant.py) is saved the same way plus a `quant_config` entry naming its QuantLinear layers
+(quant_linear.py), which load_model puts back before loading the weights. A Hugging Face directory
 (`config.json` + safetensors) is accepted wherever a checkpoint is.
 """
 import argparse
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from model import ModelConfig, Transformer, load_hf
+from quant_linear import quant_layout, replace_with_quant_layers
 
 CHECKPOINT_FILE = "ckpt.pt"
 
@@ -67,9 +70,13 @@ def atomic_write(path, write) -> None:
 
 
 def save_checkpoint(ckpt_dir, model: Transformer, **state) -> Path:
-    """Write ckpt_dir/ckpt.pt atomically: the model's weights and config plus any extra state."""
+    """Write ckpt_dir/ckpt.pt atomically: the model's weights and config plus any extra state; a model
+    with QuantLinear layers also gets quant_config["layers"] (their shapes, for load_model)."""
     path = Path(ckpt_dir) / CHECKPOINT_FILE
     payload = {"model": model.state_dict(), "model_config": asdict(model.config), **state}
+    layout = quant_layout(model)
+    if layout:
+        payload["quant_config"] = {**payload.get("quant_config", {}), "layers": layout}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
@@ -90,7 +97,9 @@ def read_checkpoint(ckpt_dir, map_location="cpu") -> dict:
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None, attn_backend: str | None = None) -> Transformer:
-    """A model from a nanollm checkpoint directory (or ckpt.pt file) or a Hugging Face directory."""
+    """A model from a nanollm checkpoint directory (or ckpt.pt file), a quantized one (quant.py: its
+    QuantLinear layers in place) or a Hugging Face directory. dtype casts the float weights; a quantized
+    layer keeps its packed codes and fp16 scales."""
     path = Path(path)
     if (path / "config.json").exists() and not (path / CHECKPOINT_FILE).exists():
         return load_hf(path, dtype=dtype, device=device, attn_backend=attn_backend or "sdpa").eval()
@@ -99,6 +108,10 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, attn_backen
     if attn_backend:
         config = {**config, "attn_backend": attn_backend}
     model = Transformer(ModelConfig(**config))
+    if "quant_config" in ckpt:
+        if "layers" not in ckpt["quant_config"]:
+            raise ValueError(f"{path}: quant_config has no 'layers' entry (which layers are quantized)")
+        replace_with_quant_layers(model, ckpt["quant_config"]["layers"])
     model.load_state_dict(ckpt["model"])
     return model.to(device=device, dtype=dtype).eval()
 

@@ -9,8 +9,8 @@ and the form of generated Tang poems; several checkpoints side by side in one ta
     python eval.py --ckpt out/tang --tang 50                                 # share of poems in 5/7-character form
     python eval.py --compare out/a out/b out/c --data data/shakespeare --out results.json
 
-A checkpoint is a nanollm directory, a Hugging Face directory (common.load_model) or a quantized one
-(quant.py's load_quantized). The metrics, each a few lines below:
+A checkpoint is a nanollm directory, a quantized one (quant.py --out) or a Hugging Face directory, all
+read by common.load_model. The metrics, each a few lines below:
 - perplexity = exp(mean nats per token) and bits per byte = total nats / ln 2 / total UTF-8 bytes of
   the predicted tokens, over consecutive non-overlapping windows of the context length: exactly
   train.py's final evaluation (train.evaluate), so `--data` reproduces its val_bpb. A raw file is
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import CHECKPOINT_FILE, load_model, resolve_device
+from common import load_model, resolve_device
 from train import TrainingError, evaluate, load_split, read_meta, token_byte_lengths
 
 EOT, IM_END = "<|endoftext|>", "<|im_end|>"
@@ -62,29 +62,13 @@ class EvalError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
-def is_quantized(path) -> bool:
-    """Whether `path` is a quant.py checkpoint: a ckpt.pt with a `quant_config` entry (read by mmap, no weights)."""
-    path = Path(path)
-    ckpt_file = path / CHECKPOINT_FILE if path.is_dir() else path
-    try:
-        return torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False).get("quant_config") is not None
-    except Exception:  # missing or unreadable: load_model says what is wrong with it
-        return False
-
-
 def load_for_eval(path, device="cpu", tokenizer_path=None):
-    """(model, tokenizer) of a nanollm directory, a Hugging Face directory (common.load_model) or a
-    quantized checkpoint (quant.load_quantized: its QuantLinear layers in place)."""
+    """(model, tokenizer) of a nanollm, quantized or Hugging Face directory (common.load_model)."""
     from common import load_tokenizer
     path = Path(path)
     if not path.exists():
         raise EvalError(f"{path}: no such checkpoint")
-    if is_quantized(path):
-        from quant import load_quantized
-        model = load_quantized(path, device=device)
-    else:
-        model = load_model(path, device=device)
-    return model.eval(), load_tokenizer(path, tokenizer_path)
+    return load_model(path, device=device).eval(), load_tokenizer(path, tokenizer_path)
 
 
 def autocast_for(device: str, dtype: str = "auto"):

@@ -14,7 +14,7 @@ folds B A into W (inference at the base model's cost); unmerging takes it out ag
     with disable_adapters(model): ...     # the base model, e.g. DPO's reference, without a second copy
     save_adapter(model, "out/adapter.pt")  # the adapters alone: a few hundred KB for a small model
 
-The base layer may be any module with `in_features`, `out_features` and a forward (quant.py's
+The base layer may be any module with `in_features`, `out_features` and a forward (quant_linear.py's
 QuantLinear: QLoRA). Targets name the layers by their last name component (model.py follows
 Hugging Face: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or Meta's Llama names (wq wk
 wv wo w1 w2 w3), or an fnmatch pattern over the full name ("layers.0.*").
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from common import atomic_write
+from quant_linear import QuantLinear
 
 # Meta's Llama names -> Hugging Face names (w1 is the gate, w3 the up projection, w2 the down)
 META_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
@@ -170,11 +171,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def merged_state_dict(model: nn.Module) -> dict:
     """The state dict of the model with every adapter folded in, under the base model's names (what
-    merge_and_unload(model).state_dict() gives), computed without touching the model."""
+    merge_and_unload(model).state_dict() gives), computed without touching the model. QuantLinear
+    layers (QLoRA) come out dequantized, as plain `weight`s: the merged model is a full-precision one."""
     deltas = {name + ".base.weight": layer.delta_weight() for name, layer in model.named_modules()
               if isinstance(layer, LoRALinear) and not layer.merged and layer.enabled}
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    packed = {f"{name}.{buffer}" for name, m in quantized.items() for buffer, _ in m.named_buffers()}
+    state = {k: v for k, v in model.state_dict().items() if k not in packed}
+    for name, m in quantized.items():
+        state[name + ".weight"] = m.dequantize()
     merged = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if ".lora_A" in key or ".lora_B" in key:
             continue
         if key in deltas:

@@ -33,10 +33,12 @@ chosen, so the stored model is exactly the one that was evaluated.
   values (quantiles of N(0, 1) scaled to [-1, 1], with an exact 0), a per-group absmax scale, each weight to
   the nearest value (the paper's double quantization of the scales is not done: scales stay fp16).
 
-Storage: codes packed along the input dimension, 8 codes in `bits` bytes (int4: two per byte, the even
-column in the low nibble), fp16 scales and zeros (out, n_groups), and for act-order without static groups
-the group index of every input column. On CUDA a 4-bit QuantLinear runs through kernels/quant_matmul.py
-(dequantization in registers); elsewhere it dequantizes and calls F.linear.
+Storage (quant_linear.py, the QuantLinear layer): codes packed along the input dimension, 8 codes in
+`bits` bytes (int4: two per byte, the even column in the low nibble), fp16 scales and zeros (out, n_groups),
+and for act-order without static groups the group index of every input column. On CUDA a 4-bit
+QuantLinear runs through kernels/quant_matmul.py (dequantization in registers); elsewhere it dequantizes
+and calls F.linear. The --out directory is an ordinary checkpoint (common.load_model reads it, so
+sample.py, eval.py and sft.py take it as --ckpt / --init) with the tokenizer and a summary.json.
 
 QLoRA: `apply_lora` (lora.py) wraps QuantLinear layers like any linear layer; the base stays frozen and
 gradients reach the adapters through the dequantized weights. `merge_qlora` folds the adapters into a
@@ -55,10 +57,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from common import CHECKPOINT_FILE, atomic_write, load_model, read_checkpoint, resolve_device
-from model import ModelConfig, Transformer
+from common import CHECKPOINT_FILE, atomic_write, load_model, read_checkpoint, resolve_device, save_checkpoint
+from model import Transformer
+from quant_linear import NF4_VALUES, QuantError, QuantLinear, set_module
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "nf4")
@@ -67,15 +69,6 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 # GPTQ's "true sequential" order inside a block: layers that read the same input are done together
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-# NF4: the 16 values of bitsandbytes / the QLoRA paper (appendix E), in increasing order
-NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-              0.24611230194568634, 0.33791524171180725, 0.44070982933044434, 0.5626170039176941,
-              0.7229568362236023, 1.0)
-
-
-class QuantError(ValueError):
-    """Bad quantization input (bits, group size, a Hessian that cannot be factored): one line, no traceback."""
 
 
 @dataclass
@@ -116,33 +109,6 @@ class QuantSpec:
         extra = (" sym" if self.sym else "") + (" act-order" if self.act_order else "") + \
                 (" static-groups" if self.static_groups else "")
         return f"{self.method.upper()} {kind}{self.bits} {group}{extra}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Packing: 8 codes of b bits -> b bytes (one little-endian 8b-bit word), along the input dimension
-
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, cols) integer codes in [0, 2^bits) -> (rows, cols * bits / 8) uint8."""
-    rows, cols = codes.shape
-    if cols % 8:
-        raise QuantError(f"cannot pack {cols} columns: need a multiple of 8")
-    if bits == 8:
-        return codes.to(torch.uint8)
-    groups = codes.to(torch.int64).view(rows, cols // 8, 8)
-    words = (groups << (bits * torch.arange(8, device=codes.device))).sum(-1)          # (rows, cols/8)
-    packed = (words[..., None] >> (8 * torch.arange(bits, device=codes.device))) & 0xFF  # (rows, cols/8, bits)
-    return packed.to(torch.uint8).view(rows, cols * bits // 8)
-
-
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of pack: (rows, cols * bits / 8) uint8 -> (rows, cols) uint8 codes."""
-    if bits == 8:
-        return packed
-    rows = packed.shape[0]
-    groups = packed.to(torch.int64).view(rows, -1, bits)
-    words = (groups << (8 * torch.arange(bits, device=packed.device))).sum(-1)         # (rows, cols/8)
-    codes = (words[..., None] >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
-    return codes.to(torch.uint8).view(rows, -1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,80 +295,6 @@ class GPTQ:
         return quantized, losses.sum().item()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The quantized layer
-
-class QuantLinear(nn.Module):
-    """A linear layer whose weight is stored as packed b-bit codes with fp16 scales and zeros per group.
-
-    Buffers: qweight (out, in * bits / 8) uint8, scales and zeros (out, n_groups) fp16, g_idx (in,) int32
-    only when the groups are not contiguous (act-order without static groups), bias as the original.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
-                 has_g_idx: bool = False, nf4: bool = False, device=None):
-        super().__init__()
-        if in_features % 8:
-            raise QuantError(f"QuantLinear needs in_features divisible by 8, got {in_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.nf4 = bits, group_size, nf4
-        n_groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
-        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device) if has_g_idx else None)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
-
-    @classmethod
-    def from_quantized(cls, q: Quantized, bias: torch.Tensor | None = None) -> "QuantLinear":
-        out_features, in_features = q.codes.shape
-        group_size = in_features // q.scales.shape[1]
-        layer = cls(in_features, out_features, q.bits, group_size, bias is not None, not q.ordered_groups, q.nf4,
-                    device=q.codes.device)
-        layer.qweight.copy_(pack(q.codes.to(torch.uint8), q.bits))
-        layer.scales.copy_(q.scales)
-        layer.zeros.copy_(q.zeros)
-        if layer.g_idx is not None:
-            layer.g_idx.copy_(q.g_idx)
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach())
-        return layer
-
-    def group_index(self) -> torch.Tensor:
-        if self.g_idx is not None:
-            return self.g_idx.long()
-        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
-
-    def dequantize(self) -> torch.Tensor:
-        """(out, in) fp32 weight."""
-        codes = unpack(self.qweight, self.bits)
-        g = self.group_index()
-        scale = self.scales.float()[:, g]
-        if self.nf4:
-            return torch.tensor(NF4_VALUES, device=codes.device)[codes.long()] * scale
-        return scale * (codes.float() - self.zeros.float()[:, g])
-
-    def forward(self, x):
-        if x.is_cuda and self.bits == 4 and not self.nf4:
-            from kernels.quant_matmul import int4_matmul
-            return int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_index().int(), self.bias)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
-
-    def storage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
-
-    def extra_repr(self):
-        kind = "nf4" if self.nf4 else f"int{self.bits}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
-                f"group_size={self.group_size}, g_idx={self.g_idx is not None}")
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 def target_names(model: Transformer, quantize_head: bool) -> list[str]:
     names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in BLOCK_LINEARS]
     return names + (["lm_head"] if quantize_head else [])
@@ -436,7 +328,7 @@ def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | No
             layer = model.get_submodule(name)
             q = rtn_quantize(layer.weight, spec, name)
             report.append(_layer_row(name, layer.weight, q, None, log))
-            _set_module(model, name, QuantLinear.from_quantized(q, layer.bias))
+            set_module(model, name, QuantLinear.from_quantized(q, layer.bias))
         return report
 
     # Sequential pass: the inputs of block i are the outputs of blocks 0..i-1 as already quantized.
@@ -463,7 +355,7 @@ def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | No
             else:
                 q = rtn_quantize(layer.weight, spec, full[n])
             report.append(_layer_row(full[n], layer.weight, q, hessians[n].H, log))
-            _set_module(root, n, QuantLinear.from_quantized(q, layer.bias))
+            set_module(root, n, QuantLinear.from_quantized(q, layer.bias))
 
     for i, block in enumerate(model.layers):
         for group in SEQUENTIAL_GROUPS:
@@ -515,56 +407,28 @@ def linear_bytes(model: nn.Module, names: list[str]) -> tuple[int, int]:
 # Saving and loading a quantized checkpoint
 
 def save_quantized(model: Transformer, out_dir, spec: QuantSpec, source_dir=None, extra: dict | None = None) -> Path:
-    """out_dir/ckpt.pt: the state dict (QuantLinear buffers included), model config and quantization
-    config; the tokenizer files beside the source checkpoint are copied along."""
+    """out_dir/ckpt.pt (common.save_checkpoint: the state dict with the QuantLinear buffers, the model
+    config, quant_config = the spec and the quantized layers); the tokenizer files beside the source
+    checkpoint are copied along."""
     out_dir = Path(out_dir)
-    layers = {name: {"bits": m.bits, "group_size": m.group_size, "nf4": m.nf4, "g_idx": m.g_idx is not None,
-                     "bias": m.bias is not None}
-              for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    payload = {"model": model.state_dict(), "model_config": asdict(model.config),
-               "quant_config": {**asdict(spec), "layers": layers}, **(extra or {})}
-    path = out_dir / CHECKPOINT_FILE
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    path = save_checkpoint(out_dir, model, quant_config=asdict(spec), **(extra or {}))
     if source_dir is not None:
-        source_dir = Path(source_dir)
-        for f in source_dir.iterdir():
+        for f in Path(source_dir).iterdir():
             if f.name.startswith("tokenizer"):
                 shutil.copy(f, out_dir / f.name)
     return path
-
-
-def load_quantized(path, device="cpu") -> Transformer:
-    """A model saved by save_quantized, its QuantLinear layers in place."""
-    ckpt = read_checkpoint(path)
-    if "quant_config" not in ckpt:
-        raise QuantError(f"{path}: not a quantized checkpoint (no quant_config entry); load it with common.load_model")
-    model = Transformer(ModelConfig(**ckpt["model_config"]))
-    for name, c in ckpt["quant_config"]["layers"].items():
-        layer = model.get_submodule(name)
-        _set_module(model, name, QuantLinear(layer.in_features, layer.out_features, c["bits"], c["group_size"],
-                                             c["bias"], c["g_idx"], c["nf4"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # QLoRA
 
 def merge_qlora(model: Transformer) -> Transformer:
-    """A full-precision copy of a QLoRA model: every QuantLinear dequantized into an nn.Linear and the
-    adapters folded in (lora.merge_and_unload). The result can be quantized again."""
-    import copy
-    from lora import merge_and_unload
-    model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):  # a LoRALinear's QuantLinear is its `.base`
-        if isinstance(module, QuantLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.qweight.device)
-            linear.weight.data.copy_(module.dequantize())
-            if module.bias is not None:
-                linear.bias.data.copy_(module.bias)
-            _set_module(model, name, linear)
-    return merge_and_unload(model)
+    """A full-precision copy of a QLoRA model: every QuantLinear dequantized and the adapters folded in
+    (lora.merged_state_dict). The result can be quantized again."""
+    from lora import merged_state_dict
+    merged = Transformer(model.config).to(next(model.parameters()).device)
+    merged.load_state_dict(merged_state_dict(model))
+    return merged.eval()
 
 
 def train_qlora(model: Transformer, data: np.ndarray, steps: int, lr: float = 1e-3, batch_size: int = 8,
@@ -675,8 +539,9 @@ def bench(args, data_dir: Path) -> None:
         Path(args.bench_json).write_text(json.dumps({"ckpt": args.ckpt, "rows": rows, "gptq_removed": removed}, indent=2))
 
 
-def qlora(args, model: Transformer, spec: QuantSpec, data_dir: Path) -> None:
-    """LoRA on the frozen quantized model, then the adapters merged and the result quantized again."""
+def qlora(args, model: Transformer, spec: QuantSpec, data_dir: Path) -> dict:
+    """LoRA on the frozen quantized model, then the adapters merged and the result quantized again.
+    Returns the perplexities of both for summary.json."""
     from lora import apply_lora, save_adapter
     from train import load_split, read_meta
     seq_len = model.config.max_seq_len
@@ -694,6 +559,8 @@ def qlora(args, model: Transformer, spec: QuantSpec, data_dir: Path) -> None:
     requantized = evaluate_model(merged, data_dir, seq_len, args.eval_tokens)
     print(f"| {spec.label()} + LoRA ({args.qlora_steps} steps) | {adapted['val_ppl']:.3f} | {adapted['val_bpb']:.4f} |")
     print(f"| merged and quantized again | {requantized['val_ppl']:.3f} | {requantized['val_bpb']:.4f} |")
+    return {"qlora_steps": args.qlora_steps, "qlora_val_ppl": adapted["val_ppl"], "qlora_val_bpb": adapted["val_bpb"],
+            "requantized_val_ppl": requantized["val_ppl"], "requantized_val_bpb": requantized["val_bpb"]}
 
 
 def parse_args(argv=None):
@@ -724,35 +591,71 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def model_fp16_bytes(model: Transformer) -> int:
+    """Bytes of the model's weights in fp16 (a quantized layer counted as its full matrix, a tied one once)."""
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    return 2 * (sum(p.numel() for p in model.parameters()) + quantized)
+
+
+def error_stats(report: list[dict]) -> dict:
+    """Mean and max of the per-layer errors quantize_model reports, and the worst layer."""
+    stats = {}
+    for key in ("weight_rel_err", "output_rel_err"):
+        values = [row[key] for row in report if key in row]
+        if values:
+            stats[f"{key}_mean"], stats[f"{key}_max"] = sum(values) / len(values), max(values)
+    worst = max(report, key=lambda row: row.get("output_rel_err", row["weight_rel_err"]))
+    return {**stats, "worst_layer": worst["layer"]}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        t0 = time.time()
         args.device = resolve_device(args.device)
-        data_dir = data_dir_of(args.ckpt, args.data)
+        needs_data = args.bench or args.method == "gptq" or not args.no_eval or args.qlora_steps
+        data_dir = data_dir_of(args.ckpt, args.data) if needs_data else None
         if args.bench:
             return bench(args, data_dir)
         spec = QuantSpec(args.method, args.bits, args.group_size, args.sym, args.act_order, args.static_groups,
                          args.percdamp)
         print(f"{spec.label()}: quantizing {args.ckpt}")
         model, info = run_one(args, spec, data_dir)
+        linear_ratio = info["linear_bytes"] / info["linear_fp16_bytes"]
         print(f"quantized in {info['quant_time_s']:.1f} s | linear layers {info['linear_bytes'] / 1e6:.3f} MB = "
-              f"{info['linear_bytes'] / info['linear_fp16_bytes']:.3f}x of fp16")
+              f"{linear_ratio:.3f}x of fp16")
+        fp16_bytes = model_fp16_bytes(model)
+        summary = {"source": str(args.ckpt), **asdict(spec), "label": spec.label(), "quantize_head": args.quantize_head,
+                   "quant_time_s": info["quant_time_s"], "linear_mb": info["linear_bytes"] / 2**20,
+                   "linear_fp16_mb": info["linear_fp16_bytes"] / 2**20, "linear_vs_fp16": linear_ratio,
+                   "model_fp16_mb": fp16_bytes / 2**20, **error_stats(info["report"])}
         if args.out:
+            source = Path(args.ckpt) / CHECKPOINT_FILE
             path = save_quantized(model, args.out, spec, Path(args.ckpt) if Path(args.ckpt).is_dir() else None,
                                   extra={"tokenizer": read_checkpoint(args.ckpt).get("tokenizer")}
-                                  if (Path(args.ckpt) / CHECKPOINT_FILE).exists() else None)
-            source = Path(args.ckpt) / CHECKPOINT_FILE
-            print(f"wrote {path}: {path.stat().st_size / 1e6:.3f} MB on disk"
-                  + (f" (source {source.stat().st_size / 1e6:.3f} MB)" if source.exists() else ""))
+                                  if source.exists() else None)
+            summary.update(ckpt_mb=path.stat().st_size / 2**20, ckpt_vs_fp16=path.stat().st_size / fp16_bytes)
+            if source.exists():  # a training checkpoint: fp32 weights and the optimizer state
+                summary["source_ckpt_mb"] = source.stat().st_size / 2**20
+            print(f"wrote {path}: {path.stat().st_size / 1e6:.3f} MB on disk = {summary['ckpt_vs_fp16']:.3f}x of the "
+                  f"model in fp16 ({fp16_bytes / 1e6:.3f} MB)"
+                  + (f"; source {source.stat().st_size / 1e6:.3f} MB" if source.exists() else ""))
         if not args.no_eval:
             seq_len = model.config.max_seq_len
             fp = evaluate_model(load_model(args.ckpt, device=args.device), data_dir, seq_len, args.eval_tokens)
             q = evaluate_model(model, data_dir, seq_len, args.eval_tokens)
+            summary.update({"fp_val_ppl": fp["val_ppl"], "fp_val_bpb": fp["val_bpb"], "val_loss": q["val_loss"],
+                            "val_ppl": q["val_ppl"], "val_bpb": q["val_bpb"], "val_tokens": q["val_tokens"]})
             print("\n| model | val ppl | val bpb |\n|---|---|---|")
             print(f"| full precision | {fp['val_ppl']:.3f} | {fp['val_bpb']:.4f} |")
             print(f"| {spec.label()} | {q['val_ppl']:.3f} | {q['val_bpb']:.4f} |")
         if args.qlora_steps:
-            qlora(args, model, spec, data_dir)
+            summary.update(qlora(args, model, spec, data_dir))
+        if args.out:  # written last: a summary.json means the stage finished
+            summary.update(wall_time_s=time.time() - t0, layers=info["report"])
+            summary_path = Path(args.out) / "summary.json"
+            atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+            print(f"summary in {summary_path}")
     except (QuantError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

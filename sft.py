@@ -10,6 +10,8 @@ The recipe (InstructGPT's SFT stage; the masking of Alpaca/Vicuna's training cod
 - the loss is the cross-entropy of the assistant's tokens, including each turn's `<|im_end|>` so the
   model learns to stop: sum(loss_mask * CE) / sum(loss_mask), system and user tokens masked;
 - full fine-tuning, or `--lora-rank R`: LoRA adapters (lora.py) on the linear layers, the rest frozen;
+  QLoRA when --init is a quantized checkpoint (quant.py --out): the adapters train on the frozen
+  QuantLinear layers and the saved ckpt.pt is the merged model in full precision;
 - `--pack`: several examples share one sequence of `--max-len` tokens, each attending only to itself with
   its positions restarting at 0 (document masking), so no compute goes to padding;
 - AdamW with warmup + cosine, checkpoints that resume bit for bit, metrics.jsonl, loss.png, summary.json,
@@ -36,6 +38,7 @@ from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations
 from common import (CHECKPOINT_FILE, atomic_write, load_model, load_tokenizer, parse_config, peak_memory_mb,
                     read_checkpoint, resolve_device, save_checkpoint)
 from lora import apply_lora, lora_state_dict, merged_state_dict, save_adapter
+from quant_linear import quant_layout
 from train import (TrainingError, format_seconds, learning_rate, make_optimizer, opt, plot_losses, rng_state,
                    set_rng_state)
 
@@ -252,6 +255,9 @@ def finetune(config: SFTConfig) -> dict:
     items = pack_examples(examples, config.max_len, pad_id) if config.pack else examples
 
     model = load_model(config.init, device=device)
+    if quant_layout(model) and not config.lora_rank:
+        raise TrainingError(f"--init {config.init} is quantized (quant.py): its linear layers cannot be trained; "
+                            f"fine-tune it with --lora-rank R (QLoRA: adapters on the frozen quantized layers)")
     if config.max_len > model.config.max_seq_len:  # RoPE has no table to outgrow: just allow longer inputs
         model.config.max_seq_len = config.max_len
     largest_id = max([len(tokenizer.ranks) - 1, *tokenizer.special_tokens.values()])

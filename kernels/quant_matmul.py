@@ -1,6 +1,6 @@
 """int4 weight-only matmul in Triton: y = x W^T with W read as packed 4-bit codes and dequantized in registers.
 
-The weight layout is quant.py's QuantLinear: qweight (N, K / 2) uint8, two codes per byte with the even
+The weight layout is quant_linear.py's QuantLinear: qweight (N, K / 2) uint8, two codes per byte with the even
 input column in the low nibble; scales and zeros (N, n_groups) fp16; g_idx (K,) int32, the group of
 each input column (column // group_size, or the act-order group). Each weight is
 

@@ -359,7 +359,6 @@ def test_a_quantized_checkpoint_is_loaded_with_its_quantized_layers(trained, tmp
     quant.quantize_model(model, quant.QuantSpec(method="rtn", bits=4, group_size=0), log=lambda *a: None)
     quant.save_quantized(model, tmp_path, quant.QuantSpec(method="rtn", bits=4, group_size=0), source_dir=root / "ckpt")
     loaded, _ = ev.load_for_eval(tmp_path)
-    assert ev.is_quantized(tmp_path) and not ev.is_quantized(root / "ckpt")
     assert any(isinstance(m, quant.QuantLinear) for m in loaded.modules())
     fp32, _ = ev.load_for_eval(root / "ckpt")
     assert ev.weights_bytes(fp32) == 4 * sum(p.numel() for p in fp32.parameters())  # tied embedding counted once

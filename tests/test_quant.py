@@ -1,4 +1,5 @@
-"""quant.py: packing, RTN's error bound, GPTQ against RTN, act-order's column order, the quantized checkpoint,
+"""quant.py and quant_linear.py: packing, RTN's error bound, GPTQ against RTN, act-order's column order, the
+quantized checkpoint (read by common.load_model, so sample.py and sft.py take it), the CLI's summary.json,
 the Triton int4 kernel (under TRITON_INTERPRET=1 without a GPU) and QLoRA.
 
     python -m pytest -q tests/test_quant.py
@@ -13,9 +14,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernel
 
 import quant  # noqa: E402
+from common import load_model, save_checkpoint  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from quant import (GPTQ, QuantError, QuantLinear, QuantSpec, load_quantized, pack, quantize_model,  # noqa: E402
-                   rtn_quantize, save_quantized, unpack)
+from quant import GPTQ, QuantSpec, quantize_model, rtn_quantize, save_quantized  # noqa: E402
+from quant_linear import QuantError, QuantLinear, pack, unpack  # noqa: E402
 
 
 def tiny_model(seed=0, vocab_size=97):
@@ -184,7 +186,8 @@ def test_quantized_checkpoint_round_trip(tmp_path):
     idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(8))
     expected = model(idx)[0]
     path = save_quantized(model, tmp_path / "q", spec)
-    loaded = load_quantized(tmp_path / "q")
+    loaded = load_model(tmp_path / "q")                           # the loader every script uses
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 15
     assert torch.equal(loaded(idx)[0], expected)
     # the linear layers of the blocks: 4 bits + fp16 scale and zero per 32 weights + the group index
     stored, fp16 = quant.linear_bytes(loaded, quant.target_names(loaded, quantize_head=False))
@@ -192,6 +195,13 @@ def test_quantized_checkpoint_round_trip(tmp_path):
     g_idx_bytes = 4 * sum(loaded.get_submodule(n).in_features for n in quant.target_names(loaded, False))
     assert stored == n_weights // 2 + n_weights // 32 * 4 + g_idx_bytes
     assert path.stat().st_size < sum(p.numel() * 4 for p in tiny_model().parameters())
+    # a dtype cast (sample.py's bf16 on CUDA) moves the float weights but keeps the stored grid exactly
+    half = load_model(tmp_path / "q", dtype=torch.bfloat16)
+    assert half.embed_tokens.weight.dtype == torch.bfloat16
+    for name in ("layers.0.self_attn.q_proj", "lm_head"):
+        a, b = half.get_submodule(name), loaded.get_submodule(name)
+        assert a.scales.dtype == torch.float16 and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.g_idx, b.g_idx)
 
 
 def test_int4_g128_size_is_about_027x_fp16():
@@ -202,7 +212,6 @@ def test_int4_g128_size_is_about_027x_fp16():
 
 def test_cli_bad_bits_is_one_line(tmp_path):
     model = tiny_model()
-    from common import save_checkpoint
     save_checkpoint(tmp_path, model)
     with pytest.raises(SystemExit, match="error: bits must be one of"):
         quant.main(["--ckpt", str(tmp_path), "--data", str(tmp_path), "--bits", "5", "--method", "rtn"])
@@ -258,3 +267,92 @@ def test_qlora_trains_adapters_on_a_frozen_quantized_base(data_dir):
     torch.testing.assert_close(merged(idx)[0], model(idx)[0], atol=1e-4, rtol=1e-4)
     quantize_model(merged, QuantSpec("gptq", 4, 64), calib=idx, log=None)
     assert all(isinstance(merged.get_submodule(n), QuantLinear) for n in quant.target_names(merged, False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CLI's output directory: summary.json, and the checkpoint every script loads
+
+@pytest.fixture(scope="module")
+def quantized(data_dir, tmp_path_factory):
+    """A tiny random model over a 300-token BPE of Tiny Shakespeare, its data prepared as data/prepare.py
+    writes it, and `quant.py --out` (GPTQ int4 g32, evaluated) run on it -> (source, quantized, data) dirs."""
+    from bpe import Tokenizer
+    root = tmp_path_factory.mktemp("quantized")
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:20_000]
+    tokenizer = Tokenizer.train(text, 300)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    data = root / "data"
+    data.mkdir()
+    ids[:len(ids) * 9 // 10].tofile(data / "train.bin")
+    ids[len(ids) * 9 // 10:].tofile(data / "val.bin")
+    tokenizer.save(data / "tokenizer")
+    (data / "meta.json").write_text(f'{{"vocab_size": 300, "dtype": "uint16", "tokenizer": "tokenizer.json"}}')
+    source = root / "fp32"
+    tokenizer.save(source / "tokenizer")
+    save_checkpoint(source, tiny_model(vocab_size=300), tokenizer="tokenizer", train_config={"data": str(data)})
+    quant.main(["--ckpt", str(source), "--out", str(root / "q"), "--method", "gptq", "--bits", "4", "--group-size",
+                "32", "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "512"])
+    return source, root / "q", data
+
+
+def test_cli_writes_summary_json(quantized):
+    import json
+    from train import evaluate, load_split, read_meta, token_byte_lengths
+    from bpe import Tokenizer
+    source, out, data = quantized
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["method"], summary["bits"], summary["group_size"], summary["label"]) == ("gptq", 4, 32, "GPTQ int4 g32")
+    assert summary["ckpt_mb"] == (out / "ckpt.pt").stat().st_size / 2**20
+    n_params = sum(p.numel() for p in tiny_model(vocab_size=300).parameters())  # tied embedding counted once
+    assert summary["model_fp16_mb"] == 2 * n_params / 2**20
+    assert summary["ckpt_vs_fp16"] == pytest.approx(summary["ckpt_mb"] / summary["model_fp16_mb"])
+    assert summary["linear_vs_fp16"] == pytest.approx(4 / 16 + 2 * 2 / (32 * 2))  # codes + fp16 scale, zero per 32
+    assert summary["source_ckpt_mb"] == (source / "ckpt.pt").stat().st_size / 2**20
+    layers = summary["layers"]
+    assert [r["layer"] for r in layers] == quant.target_names(tiny_model(), False)
+    assert summary["output_rel_err_max"] == max(r["output_rel_err"] for r in layers) > 0
+    assert summary["worst_layer"] == max(layers, key=lambda r: r["output_rel_err"])["layer"]
+    # the perplexities are those of the source and of the saved checkpoint, on the first 512 val tokens
+    meta = read_meta(data)
+    val, token_bytes = load_split(data, "val", meta), token_byte_lengths(Tokenizer.load(data / "tokenizer.json"), 300)
+    for key, ckpt in (("fp_val_ppl", source), ("val_ppl", out)):
+        expected = evaluate(load_model(ckpt), val, 32, 32, "cpu", torch.no_grad(), token_bytes, 512)["val_ppl"]
+        assert summary[key] == pytest.approx(expected, rel=1e-6)
+    assert summary["val_ppl"] != summary["fp_val_ppl"]
+
+
+def test_sample_cli_generates_from_a_quantized_checkpoint(quantized, capsys):
+    """sample.py takes the quant.py output directory as it is; greedy decoding equals that of a plain
+    model holding the dequantized weights."""
+    import sample
+    from common import load_tokenizer
+    _, out, _ = quantized
+    sample.main(["--ckpt", str(out), "--prompt", "To be", "--strategy", "greedy", "--max-new-tokens", "8"])
+    printed = capsys.readouterr().out
+    tokenizer = load_tokenizer(out)
+    plain = quant.merge_qlora(load_model(out))                    # no adapters: just the dequantized weights
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())
+    expected = sample.generate(plain, tokenizer.encode("To be"), 8, temperature=0,
+                               stop_tokens=[tokenizer.special_tokens["<|endoftext|>"]])[0]
+    assert printed == "To be" + tokenizer.decode(expected.tolist()) + "\n"
+
+
+def test_sft_qlora_from_a_quantized_checkpoint(quantized, data_dir, tmp_path):
+    """sft.py --init QUANT_DIR --lora-rank R: adapters on the frozen QuantLinear layers; ckpt.pt is the
+    merged model in full precision, computing what the quantized base plus the adapters computes."""
+    import sft
+    from lora import load_adapter
+    _, out, _ = quantized
+    args = ["--init", str(out), "--data", str(data_dir / "sft" / "identity.json"), "--set", "name=nanollm",
+            "--set", "author=Ada", "--max-len", "64", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-2",
+            "--eval-fraction", "0", "--eval-prompts", "0", "--warmup-steps", "1"]
+    with pytest.raises(SystemExit, match="is quantized.*--lora-rank"):
+        sft.main(args + ["--out-dir", str(tmp_path / "full")])
+    sft.main(args + ["--out-dir", str(tmp_path / "qlora"), "--lora-rank", "4"])
+    merged = load_model(tmp_path / "qlora")
+    assert not any(isinstance(m, QuantLinear) for m in merged.modules())
+    adapted = load_adapter(load_model(out), tmp_path / "qlora" / "adapter.pt").eval()
+    assert all(isinstance(m.base, QuantLinear) for m in adapted.modules() if hasattr(m, "lora_A"))
+    idx = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(merged(idx)[0], adapted(idx)[0], atol=1e-4, rtol=0)
+    assert not torch.allclose(merged(idx)[0], load_model(out)(idx)[0], atol=1e-3)  # the adapters did train

@@ -1,0 +1,164 @@
+"""The quantized linear layer and its packed storage: what any script needs to run a quant.py checkpoint.
+
+quant.py finds the codes (RTN, GPTQ, NF4); this file only stores and runs them, so common.load_model can
+rebuild a quantized model without importing the quantization algorithms (and quant.py, which imports
+common, stays out of common's imports).
+
+A weight of (out, in) is stored as b-bit codes q packed along the input dimension, 8 codes in `bits`
+bytes (int4: two per byte, the even column in the low nibble), with an fp16 scale s and zero z per
+output row and group of `group_size` input columns, w = s (q - z); NF4 codes index the 16 NormalFloat
+values instead, w = s NF4[q]. A quantized checkpoint is an ordinary nanollm ckpt.pt whose state dict
+holds these buffers, plus a `quant_config` entry whose "layers" (quant_layout) say which layers are
+QuantLinear and of what shape; `replace_with_quant_layers` puts them in place before the state dict is
+loaded.
+
+On CUDA a 4-bit QuantLinear runs through kernels/quant_matmul.py (dequantization in registers);
+elsewhere it dequantizes the whole weight and calls F.linear.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# NF4: the 16 values of bitsandbytes / the QLoRA paper (appendix E), in increasing order
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171180725, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+class QuantError(ValueError):
+    """Bad quantization input (bits, group size, a Hessian that cannot be factored): one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing: 8 codes of b bits -> b bytes (one little-endian 8b-bit word), along the input dimension
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) integer codes in [0, 2^bits) -> (rows, cols * bits / 8) uint8."""
+    rows, cols = codes.shape
+    if cols % 8:
+        raise QuantError(f"cannot pack {cols} columns: need a multiple of 8")
+    if bits == 8:
+        return codes.to(torch.uint8)
+    groups = codes.to(torch.int64).view(rows, cols // 8, 8)
+    words = (groups << (bits * torch.arange(8, device=codes.device))).sum(-1)          # (rows, cols/8)
+    packed = (words[..., None] >> (8 * torch.arange(bits, device=codes.device))) & 0xFF  # (rows, cols/8, bits)
+    return packed.to(torch.uint8).view(rows, cols * bits // 8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack: (rows, cols * bits / 8) uint8 -> (rows, cols) uint8 codes."""
+    if bits == 8:
+        return packed
+    rows = packed.shape[0]
+    groups = packed.to(torch.int64).view(rows, -1, bits)
+    words = (groups << (8 * torch.arange(bits, device=packed.device))).sum(-1)         # (rows, cols/8)
+    codes = (words[..., None] >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).view(rows, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored as packed b-bit codes with fp16 scales and zeros per group.
+
+    Buffers: qweight (out, in * bits / 8) uint8, scales and zeros (out, n_groups) fp16, g_idx (in,) int32
+    only when the groups are not contiguous (act-order without static groups), bias as the original.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 has_g_idx: bool = False, nf4: bool = False, device=None):
+        super().__init__()
+        if in_features % 8:
+            raise QuantError(f"QuantLinear needs in_features divisible by 8, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.nf4 = bits, group_size, nf4
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device) if has_g_idx else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, q, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """From quant.py's Quantized: codes (out, in), scales and zeros (out, n_groups), g_idx, bits, nf4."""
+        out_features, in_features = q.codes.shape
+        group_size = in_features // q.scales.shape[1]
+        layer = cls(in_features, out_features, q.bits, group_size, bias is not None, not q.ordered_groups, q.nf4,
+                    device=q.codes.device)
+        layer.qweight.copy_(pack(q.codes.to(torch.uint8), q.bits))
+        layer.scales.copy_(q.scales)
+        layer.zeros.copy_(q.zeros)
+        if layer.g_idx is not None:
+            layer.g_idx.copy_(q.g_idx)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) moves the layer but keeps its scales and zeros in fp16: a cast to bf16 would
+        round them (fewer mantissa bits), changing the stored model, and the Triton kernel reads fp16."""
+        kept = {name: self._buffers[name] for name in ("scales", "zeros")}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != original.dtype:
+                self._buffers[name] = original.to(moved.device)
+        return self
+
+    def group_index(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) fp32 weight."""
+        codes = unpack(self.qweight, self.bits)
+        g = self.group_index()
+        scale = self.scales.float()[:, g]
+        if self.nf4:
+            return torch.tensor(NF4_VALUES, device=codes.device)[codes.long()] * scale
+        return scale * (codes.float() - self.zeros.float()[:, g])
+
+    def forward(self, x):
+        if x.is_cuda and self.bits == 4 and not self.nf4:
+            from kernels.quant_matmul import int4_matmul
+            return int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_index().int(), self.bias)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self):
+        kind = "nf4" if self.nf4 else f"int{self.bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"group_size={self.group_size}, g_idx={self.g_idx is not None}")
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """root's submodule `name` (dotted) becomes `module`."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A quantized model: which layers are QuantLinear, saved beside the state dict and rebuilt before loading it
+
+def quant_layout(model: nn.Module) -> dict:
+    """{layer name: its QuantLinear's shape arguments} for every QuantLinear in the model ({} if none)."""
+    return {name: {"bits": m.bits, "group_size": m.group_size, "nf4": m.nf4, "g_idx": m.g_idx is not None,
+                   "bias": m.bias is not None}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def replace_with_quant_layers(model: nn.Module, layout: dict) -> nn.Module:
+    """Put an empty QuantLinear of the recorded shape at every layer named in `layout` (in place), ready
+    for load_state_dict."""
+    for name, c in layout.items():
+        layer = model.get_submodule(name)
+        set_module(model, name, QuantLinear(layer.in_features, layer.out_features, c["bits"], c["group_size"],
+                                            c["bias"], c["g_idx"], c["nf4"]))
+    return model
