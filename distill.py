@@ -57,15 +57,15 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import (ChatDataError, chat_token_ids, IM_END, PAD, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
-from common import (CHECKPOINT_FILE, atomic_write, load_model, parse_config, peak_memory_mb, read_checkpoint, resolve_device,
-                    save_checkpoint)
+from common import (CHECKPOINT_FILE, append_jsonl, atomic_write, load_model, opt, parse_config, peak_memory_mb,
+                    read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
 from model import ModelConfig, Transformer
 from common import load_tokenizer
 from sample import generate
 from sft import ExampleSampler, eval_loss, load_chat_files
-from train import (TRAIN_PRESETS, BatchSampler, TrainConfig, TrainingError, evaluate, format_seconds, learning_rate,
-                   load_split, make_optimizer, opt, plot_losses, read_meta, rng_state, set_rng_state,
-                   token_byte_lengths)
+from train import (TRAIN_PRESETS, BatchSampler, StepTimer, TrainConfig, TrainingError, evaluate, format_seconds,
+                   load_split, make_optimizer, mixed_precision, plot_losses, progress_line, read_meta, rng_state, set_lr,
+                   set_rng_state, token_byte_lengths)
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 REST_LOGP = -1e4  # "log 0" that stays finite: exp() of it is 0 in float32, and no inf - inf makes a NaN
@@ -391,13 +391,7 @@ def check_config(config: DistillConfig) -> None:
 def distill(config: DistillConfig) -> dict:
     check_config(config)
     device = resolve_device(config.device)
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
-    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    device_type = device.split(":")[0]
-    autocast = torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+    dtype, autocast, scaler = mixed_precision(config.dtype, device)
     use_teacher = config.alpha > 0
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -422,7 +416,7 @@ def distill(config: DistillConfig) -> dict:
 
     teacher, cache = None, None
     if use_teacher and config.teacher:
-        teacher = load_model(config.teacher, device=device, dtype=torch.bfloat16 if device_type == "cuda" else None)
+        teacher = load_model(config.teacher, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
         teacher.requires_grad_(False)
         check_same_tokenizer(load_tokenizer(config.teacher), tokenizer, config.teacher, str(tokenizer_path))
         if teacher.config.vocab_size != student.config.vocab_size:
@@ -477,8 +471,7 @@ def distill(config: DistillConfig) -> dict:
             sampler.load_state(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
-        rows = [line for line in (out_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
-        (out_dir / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
+        truncate_metrics(out_dir / "metrics.jsonl", step)
         print(f"resumed from {ckpt_path} at step {step}")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -496,8 +489,7 @@ def distill(config: DistillConfig) -> dict:
                         train_config=asdict(config), tokenizer=tokenizer_path.stem)
 
     def record(row):
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(out_dir / "metrics.jsonl", row)
 
     def run_eval(max_tokens):
         student.eval()
@@ -519,15 +511,10 @@ def distill(config: DistillConfig) -> dict:
     student.train()
     t_start = time.time()
     elapsed = elapsed_before
-    window_t, window_step, teacher_s, teacher_total_s = time.time(), step, 0.0, 0.0
+    timer, teacher_s, teacher_total_s = StepTimer(config, step), 0.0, 0.0
     stop_reason = "max_steps"
     while step < config.max_steps:
-        progress = step / config.max_steps
-        if config.max_time:
-            progress = max(progress, elapsed / config.max_time)
-        lr = learning_rate(progress, step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, config, step, elapsed)
         sums = torch.zeros(3)  # loss, kd, ce
         for _ in range(config.grad_accum):
             inputs, targets, mask, rows = next_batch()
@@ -559,16 +546,11 @@ def distill(config: DistillConfig) -> dict:
         step += 1
         elapsed = elapsed_before + time.time() - t_start
         if step % config.log_interval == 0 or step == config.max_steps:
-            now = time.time()
-            step_time = (now - window_t) / max(step - window_step, 1)
-            teacher_share = teacher_s / max(now - window_t, 1e-9)
-            window_t, window_step, teacher_s = now, step, 0.0
-            eta = (config.max_steps - step) * step_time
-            if config.max_time:
-                eta = min(eta, max(config.max_time - elapsed, 0))
-            print(f"step {step}/{config.max_steps} | loss {loss_value:.4f} | kd {kd_value:.4f} | ce {ce_value:.4f} | "
-                  f"lr {lr:.2e} | {tokens_per_step / step_time:,.0f} tok/s | teacher {teacher_share:.0%} | "
-                  f"ETA {format_seconds(eta)}", flush=True)
+            step_time, window_s, eta = timer.lap(step, elapsed)
+            teacher_share, teacher_s = teacher_s / window_s, 0.0
+            print(progress_line(step, config.max_steps, eta, f"loss {loss_value:.4f}", f"kd {kd_value:.4f}",
+                                f"ce {ce_value:.4f}", f"lr {lr:.2e}", f"{tokens_per_step / step_time:,.0f} tok/s",
+                                f"teacher {teacher_share:.0%}"), flush=True)
             record({"step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_time, "elapsed": elapsed})
         if config.max_time and elapsed >= config.max_time:
@@ -577,7 +559,7 @@ def distill(config: DistillConfig) -> dict:
         if step % config.eval_interval == 0 and step < config.max_steps:
             run_eval(config.eval_tokens)
             save()
-            window_t = time.time()
+            timer.skip_pause()
 
     final = run_eval(0)
     save()

@@ -54,11 +54,11 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
                   pad_batch, parse_placeholders, prompt_ids, read_records)
-from common import (CHECKPOINT_FILE, load_model, parse_config, peak_memory_mb, read_checkpoint, resolve_device,
-                    save_checkpoint)
+from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, load_model, opt, parse_config, peak_memory_mb,
+                    read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
 from lora import ALL_LINEAR, apply_lora, disable_adapters, lora_state_dict, merge_and_unload, save_adapter
-from train import (TrainingError, format_seconds, learning_rate, make_optimizer, opt, plot_losses,
-                   rng_state, set_rng_state)
+from train import (StepTimer, TrainingError, format_seconds, make_optimizer, plot_losses, progress_line, rng_state,
+                   set_lr, set_rng_state)
 
 LN2 = math.log(2)
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
@@ -67,7 +67,7 @@ INTERNAL = ("answer_tokens", "max_abs_logratio")  # per-batch diagnostics for th
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RunConfig):
     init: str = opt("", "the starting model: a nanollm checkpoint directory (an SFT model) or a Hugging Face one")
     data: str = opt("", "preference file(s), comma-separated (.json or .jsonl)")
     val_data: str = opt("", "held-out preference file(s); empty: hold out --val-fraction of --data")
@@ -92,29 +92,20 @@ class DPOConfig:
     max_len: int = opt(512, "prompt + answer tokens (the prompt's start is cut first; capped at the model's context)")
     set: list = field(default_factory=list, metadata={"append": True, "help": "fill a {{KEY}} placeholder: KEY=VALUE (repeatable)"})
     skip_bad_records: bool = opt(False, "skip (and count) records that cannot be used instead of stopping")
-    # optimisation
+    # batches
     batch_size: int = opt(8, "pairs per micro-batch (2x sequences through the model)")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_steps: int = opt(200, "optimizer steps (the cosine schedule ends here)")
-    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none); stops cleanly, then the final eval")
-    lr: float = opt(5e-5, "peak learning rate")
-    min_lr: float = opt(5e-6, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(10, "linear warmup steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    # logging
-    log_interval: int = opt(10, "print a progress line every N steps")
-    eval_interval: int = opt(50, "evaluate on the held-out pairs and checkpoint every N steps")
     stuck_steps: int = opt(30, "warn when the sigmoid loss stays at ln 2 for this many steps")
-    # system
-    device: str = opt("auto", "auto | cpu | cuda | mps")
-    seed: int = opt(1337, "random seed (held-out split, pair order)")
-    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
     bench: str = opt("", "run a benchmark instead of one training run: arithmetic | demo", choices=["", "arithmetic", "demo"])
     bench_rejected: str = opt("random", "arithmetic benchmark's wrong answers: off by 1-3 ('random') or the --init "
                               "model's own wrong samples at temperature 1 ('model')", choices=["random", "model"])
+    # dpo.py's defaults of RunConfig's options (their help is RunConfig's)
+    max_steps: int = 200
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 50
 
 
 DPO_PRESETS = {
@@ -493,9 +484,7 @@ def train(config: DPOConfig, log=print) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         step, position, elapsed_before, cache = ckpt["step"], ckpt["position"], ckpt["elapsed"], ckpt.get("ref_cache")
-        metrics_file = out_dir / "metrics.jsonl"
-        rows = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step]
-        metrics_file.write_text("".join(row + "\n" for row in rows))
+        truncate_metrics(out_dir / "metrics.jsonl", step)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         torch.manual_seed(config.seed)
@@ -534,8 +523,7 @@ def train(config: DPOConfig, log=print) -> dict:
         save_checkpoint(out_dir, final, **state)
 
     def record(row):
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(out_dir / "metrics.jsonl", row)
 
     def run_eval():
         if not val_seqs:
@@ -552,15 +540,10 @@ def train(config: DPOConfig, log=print) -> dict:
         run_eval()
     n = len(train_seqs)
     t_start = time.time()
-    window_t, window_step = time.time(), step
+    timer = StepTimer(config, step)
     stop_reason, stuck, warned, last = "max_steps", 0, False, {}
     while step < config.max_steps:
-        progress = step / config.max_steps
-        if config.max_time:
-            progress = max(progress, elapsed / config.max_time)
-        lr = learning_rate(progress, step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, config, step, elapsed)
         total = {}
         for _ in range(config.grad_accum):
             index = []
@@ -588,17 +571,13 @@ def train(config: DPOConfig, log=print) -> dict:
             log(stuck_warning(stuck, lr, n_trainable, total, config))
             warned = True
         if step % config.log_interval == 0 or step == config.max_steps:
-            now = time.time()
-            step_time = (now - window_t) / max(step - window_step, 1)
-            window_t, window_step = now, step
-            eta = (config.max_steps - step) * step_time
-            if config.max_time:
-                eta = min(eta, max(config.max_time - elapsed, 0))
+            step_time, _, eta = timer.lap(step, elapsed)
             pairs_per_s = config.batch_size * config.grad_accum / step_time
             shown = {k: metrics.get("rewards/" + k, float("nan")) for k in ("accuracy", "margin", "chosen", "rejected")}
-            log(f"step {step}/{config.max_steps} | loss {metrics['loss']:.4f} | accuracy {shown['accuracy']:.2f} | "
-                f"margin {shown['margin']:.3f} | chosen {shown['chosen']:.3f} | rejected {shown['rejected']:.3f} | lr {lr:.2e} | "
-                f"{pairs_per_s:.1f} {'examples' if labels else 'pairs'}/s | ETA {format_seconds(eta)}")
+            log(progress_line(step, config.max_steps, eta, f"loss {metrics['loss']:.4f}",
+                              f"accuracy {shown['accuracy']:.2f}", f"margin {shown['margin']:.3f}",
+                              f"chosen {shown['chosen']:.3f}", f"rejected {shown['rejected']:.3f}", f"lr {lr:.2e}",
+                              f"{pairs_per_s:.1f} {'examples' if labels else 'pairs'}/s"))
         record({"step": step, **{k: v for k, v in metrics.items() if k not in INTERNAL},
                 "lr": lr, "grad_norm": grad_norm.item(), "elapsed": elapsed})
         if config.max_time and elapsed >= config.max_time:
@@ -607,7 +586,7 @@ def train(config: DPOConfig, log=print) -> dict:
         if step % config.eval_interval == 0 and step < config.max_steps:
             run_eval()
             save()
-            window_t = time.time()
+            timer.skip_pause()
 
     final = run_eval()
     save()

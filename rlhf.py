@@ -60,21 +60,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, prompt_ids)
-from common import (CHECKPOINT_FILE, atomic_write, load_model, parse_config, peak_memory_mb, read_checkpoint,
-                    resolve_device)
+from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, load_model, opt, parse_config,
+                    peak_memory_mb, read_checkpoint, resolve_device, truncate_metrics)
 from lora import apply_lora, disable_adapters, lora_state_dict, merged_state_dict
 from model import ModelConfig, Transformer
 from tasks import arithmetic_problems, check, preference_pairs
-from train import TrainingError, format_seconds, learning_rate, make_optimizer, opt, rng_state, set_rng_state
+from train import (StepTimer, TrainingError, format_seconds, make_optimizer, progress_line, rng_state, set_lr,
+                   set_rng_state)
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configs: one per subcommand; the RL ones share RLConfig's fields
+# Configs: one per subcommand, on common.RunConfig; the RL ones share RLConfig's fields
 
 @dataclass
-class RewardConfig:
+class RewardConfig(RunConfig):
     init: str = opt("", "the model to start from (an SFT checkpoint directory); its LM head becomes a scalar head")
     data: str = opt("arithmetic", "comma-separated preference files (dpo.py's formats), or 'arithmetic' for "
                                   "tasks.py's right-vs-wrong answer pairs")
@@ -92,24 +93,17 @@ class RewardConfig:
     lora_rank: int = opt(0, "LoRA rank on the trunk (0: fine-tune everything)")
     lora_alpha: float = opt(16.0, "LoRA alpha")
     batch_size: int = opt(16, "pairs per step")
-    max_steps: int = opt(400, "optimizer steps")
-    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none)")
-    lr: float = opt(3e-4, "peak learning rate")
-    min_lr: float = opt(3e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(20, "linear warmup steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm (0: off)")
-    eval_interval: int = opt(100, "evaluate and checkpoint every N steps")
-    log_interval: int = opt(10, "print a progress line every N steps")
-    device: str = opt("auto", "auto | cpu | cuda | mps")
-    seed: int = opt(1337, "random seed (head init, split, batch order)")
-    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
+    # the reward model's defaults of RunConfig's options (their help is RunConfig's)
+    max_steps: int = 400
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_interval: int = 100
 
 
 @dataclass
-class RLConfig:
+class RLConfig(RunConfig):
     init: str = opt("", "the policy to start from (an SFT checkpoint directory); also the frozen reference")
     out_dir: str = opt("out/rl", "where the policy, metrics and summary go")
     tokenizer: str = opt("", "tokenizer file (default: the one beside --init)")
@@ -132,43 +126,35 @@ class RLConfig:
     lora_rank: int = opt(16, "LoRA rank of the policy (0: full fine-tuning against a frozen copy)")
     lora_alpha: float = opt(32.0, "LoRA alpha")
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "layers to adapt")
-    # optimisation
-    max_steps: int = opt(200, "RL steps (each: rollouts, then the updates)")
-    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none)")
-    lr: float = opt(2e-3, "peak learning rate")
-    min_lr: float = opt(2e-3, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(5, "linear warmup steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm (0: off)")
-    eval_interval: int = opt(20, "evaluate (greedy held-out accuracy) and checkpoint every N steps")
-    log_interval: int = opt(5, "print a progress line every N steps")
-    device: str = opt("auto", "auto | cpu | cuda | mps")
-    seed: int = opt(1337, "random seed (prompts, samples, minibatches)")
-    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
+    # the RL defaults of RunConfig's options (their help is RunConfig's)
+    max_steps: int = opt(200, "RL steps (each: rollouts, then the updates; the cosine schedule ends here)")
+    lr: float = 2e-3
+    min_lr: float = 2e-3
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    eval_interval: int = 20
+    log_interval: int = 5
 
 
 @dataclass
-class GRPOConfig(RLConfig):
-    out_dir: str = opt("out/grpo", "where the policy, metrics and summary go")
-    prompts_per_step: int = opt(16, "prompts sampled per step")
-    samples_per_prompt: int = opt(8, "the group size G: answers sampled per prompt")
-    lr: float = opt(1e-3, "peak learning rate")
-    min_lr: float = opt(1e-3, "learning rate at the end of the cosine decay")
+class GRPOConfig(RLConfig):  # a field declared without opt() changes RLConfig's default only
+    out_dir: str = "out/grpo"
+    samples_per_prompt: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-3
     group_eps: float = opt(1e-4, "added to the group's std in the advantage")
 
 
 @dataclass
 class PPOConfig(RLConfig):
-    out_dir: str = opt("out/ppo", "where the policy, metrics and summary go")
+    out_dir: str = "out/ppo"
     reward_model: str = opt("", "the reward model (a directory written by `rlhf.py reward`)")
-    prompts_per_step: int = opt(32, "prompts (one answer each) per step")
-    ppo_epochs: int = opt(2, "passes over each batch of rollouts")
-    minibatches: int = opt(2, "minibatches per pass")
+    prompts_per_step: int = 32
+    ppo_epochs: int = 2
+    minibatches: int = 2
     beta: float = opt(0.2, "initial KL penalty coefficient (0.05 let the policy hack the reward model: README)")
-    lr: float = opt(1e-3, "peak learning rate")
-    min_lr: float = opt(1e-3, "learning rate at the end of the cosine decay")
+    lr: float = 1e-3
+    min_lr: float = 1e-3
     target_kl: float = opt(0.0, "adaptive KL controller's target per answer (0: fixed beta)")
     kl_horizon: int = opt(10000, "adaptive KL controller's horizon (answers)")
     gamma: float = opt(1.0, "GAE discount")
@@ -520,25 +506,13 @@ class Run:
         (self.out_dir / f"{name}_config.json").write_text(json.dumps(asdict(config), indent=2))
 
     def truncate_metrics(self, step: int) -> None:
-        rows = [r for r in self.metrics.read_text().splitlines() if json.loads(r)["step"] <= step]
-        self.metrics.write_text("".join(r + "\n" for r in rows))
+        truncate_metrics(self.metrics, step)
 
     def record(self, row: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.metrics, row)
 
     def rows(self) -> list:
         return [json.loads(line) for line in self.metrics.read_text().splitlines()]
-
-
-def set_lr(optimizer, config, step: int, elapsed: float) -> float:
-    progress = step / config.max_steps
-    if config.max_time:
-        progress = max(progress, elapsed / config.max_time)
-    lr = learning_rate(progress, step, config)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
 
 
 def out_of_budget(config, step: int, elapsed: float) -> str | None:
@@ -692,7 +666,7 @@ def train_reward_model(config: RewardConfig) -> dict:
     elapsed = elapsed_before
     initial = run_eval() if step == 0 else {k[5:]: v for k, v in run.rows()[0].items() if k.startswith("eval_")}
     model.train()
-    t_start, window_t, window_step = time.time(), time.time(), step
+    t_start, timer = time.time(), StepTimer(config, step)
     while not (stop_reason := out_of_budget(config, step, elapsed)):
         lr = set_lr(optimizer, config, step, elapsed)
         rows = []
@@ -710,19 +684,15 @@ def train_reward_model(config: RewardConfig) -> dict:
         elapsed = elapsed_before + time.time() - t_start
         accuracy = (r_chosen > r_rejected).float().mean().item()
         if step % config.log_interval == 0:
-            step_time = (time.time() - window_t) / max(step - window_step, 1)
-            window_t, window_step = time.time(), step
-            eta = (config.max_steps - step) * step_time
-            if config.max_time:
-                eta = min(eta, max(config.max_time - elapsed, 0))
-            print(f"step {step}/{config.max_steps} | loss {loss.item():.4f} | batch accuracy {accuracy:.0%} | "
-                  f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {step_time * 1000:.0f} ms/step | ETA {format_seconds(eta)}")
+            step_time, _, eta = timer.lap(step, elapsed)
+            print(progress_line(step, config.max_steps, eta, f"loss {loss.item():.4f}", f"batch accuracy {accuracy:.0%}",
+                                f"lr {lr:.2e}", f"grad norm {grad_norm:.3f}", f"{step_time * 1000:.0f} ms/step"))
             run.record({"step": step, "loss": loss.item(), "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
                         "elapsed": elapsed})
         if step % config.eval_interval == 0 and not out_of_budget(config, step, elapsed):
             run_eval()
             save()
-            window_t = time.time()
+            timer.skip_pause()
 
     final = run_eval()
     save()
@@ -822,7 +792,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     elapsed = elapsed_before
     initial = run_eval() if step == 0 else {k[5:]: v for k, v in run.rows()[0].items() if k.startswith("eval_")}
     model.train()
-    t_start, window_t, window_step = time.time(), time.time(), step
+    t_start, timer = time.time(), StepTimer(config, step)
     while not (stop_reason := out_of_budget(config, step, elapsed)):
         lr = set_lr(optimizer, config, step, elapsed)
         problems = step_problems(step)
@@ -842,20 +812,16 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
         elapsed = elapsed_before + time.time() - t_start
         run.record({"step": step, "lr": lr, "elapsed": elapsed, **stats})
         if step % config.log_interval == 0:
-            step_time = (time.time() - window_t) / max(step - window_step, 1)
-            window_t, window_step = time.time(), step
-            eta = (config.max_steps - step) * step_time
-            if config.max_time:
-                eta = min(eta, max(config.max_time - elapsed, 0))
-            main_stat = f"reward {stats['reward']:.3f}" if algorithm == "grpo" else \
-                f"RM score {stats['score']:+.3f} | checker accuracy {stats['train_accuracy']:.0%}"
-            print(f"step {step}/{config.max_steps} | {main_stat} | KL {stats['kl']:.4f} | entropy {stats['entropy']:.3f} "
-                  f"| clipfrac {stats['clipfrac']:.3f} | answer {stats['answer_len']:.1f} tokens | "
-                  f"{step_time:.2f} s/step | ETA {format_seconds(eta)}")
+            step_time, _, eta = timer.lap(step, elapsed)
+            main_stats = [f"reward {stats['reward']:.3f}"] if algorithm == "grpo" else \
+                [f"RM score {stats['score']:+.3f}", f"checker accuracy {stats['train_accuracy']:.0%}"]
+            print(progress_line(step, config.max_steps, eta, *main_stats, f"KL {stats['kl']:.4f}",
+                                f"entropy {stats['entropy']:.3f}", f"clipfrac {stats['clipfrac']:.3f}",
+                                f"answer {stats['answer_len']:.1f} tokens", f"{step_time:.2f} s/step"))
         if step % config.eval_interval == 0 and not out_of_budget(config, step, elapsed):
             run_eval()
             save()
-            window_t = time.time()
+            timer.skip_pause()
 
     final = run_eval()
     save()

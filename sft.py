@@ -35,16 +35,16 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations, pad_batch, parse_placeholders,
                   prompt_ids, tokenize_conversations)
-from common import (CHECKPOINT_FILE, atomic_write, load_model, load_tokenizer, parse_config, peak_memory_mb,
-                    read_checkpoint, resolve_device, save_checkpoint)
+from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, load_model, load_tokenizer, opt,
+                    parse_config, peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
 from lora import apply_lora, lora_state_dict, merged_state_dict, save_adapter
 from quant_linear import quant_layout
-from train import (TrainingError, format_seconds, learning_rate, make_optimizer, opt, plot_losses, rng_state,
-                   set_rng_state)
+from train import (StepTimer, TrainingError, format_seconds, make_optimizer, plot_losses, progress_line, rng_state,
+                   set_lr, set_rng_state)
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     init: str = opt("", "the model to fine-tune: a nanollm checkpoint directory or a Hugging Face directory")
     data: str = opt("", "chat data: comma-separated .json/.jsonl files (alpaca, sharegpt or messages format)")
     eval_data: str = opt("", "held-out chat data (default: --eval-fraction of --data)")
@@ -64,32 +64,25 @@ class SFTConfig:
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                             "comma-separated layer names (or Meta names wq,wk,wv,wo,w1,w2,w3) to adapt")
     rslora: bool = opt(False, "scale LoRA by alpha / sqrt(rank) (rsLoRA)")
-    # optimisation
+    # batches
     batch_size: int = opt(8, "examples (or packed sequences) per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_steps: int = opt(300, "optimizer steps")
-    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none)")
-    lr: float = opt(1e-4, "peak learning rate (LoRA usually wants ~10x more than full fine-tuning)")
-    min_lr: float = opt(1e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(20, "linear warmup steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm (0: off)")
-    # evaluation and logging
+    # evaluation
     eval_fraction: float = opt(0.05, "share of --data held out for evaluation when --eval-data is not given")
-    eval_interval: int = opt(100, "evaluate and checkpoint every N steps")
     eval_prompts: int = opt(16, "held-out prompts answered greedily at each eval (template metrics)")
     eval_new_tokens: int = opt(64, "longest generated answer at eval")
-    log_interval: int = opt(10, "print a progress line every N steps")
     # system
-    device: str = opt("auto", "auto | cpu | cuda | mps")
     dtype: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16",
                      choices=["auto", "float32", "bfloat16"])
-    seed: int = opt(1337, "random seed (split, order, adapters)")
-    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
     bench: str = opt("", "run a benchmark instead (README): identity | alpaca", choices=["", "identity", "alpaca"])
     data_dir: str = opt("../shared/data", "the shared data folder the benchmarks read")
+    # sft.py's defaults of RunConfig's options (their help is RunConfig's)
+    max_steps: int = 300
+    lr: float = opt(1e-4, "peak learning rate (LoRA usually wants ~10x more than full fine-tuning)")
+    min_lr: float = 1e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_interval: int = 100
 
 
 SFT_PRESETS = {
@@ -284,8 +277,7 @@ def finetune(config: SFTConfig) -> dict:
         sampler.load_state(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
-        rows = [r for r in (out_dir / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= step]
-        (out_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+        truncate_metrics(out_dir / "metrics.jsonl", step)
         print(f"resumed from {out_dir / CHECKPOINT_FILE} at step {step}")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -305,8 +297,7 @@ def finetune(config: SFTConfig) -> dict:
             save_checkpoint(out_dir, model, **state)
 
     def record(row):
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(out_dir / "metrics.jsonl", row)
 
     eval_prompts = [prompt_of(c) for c in eval_conversations[:config.eval_prompts]]
 
@@ -334,15 +325,10 @@ def finetune(config: SFTConfig) -> dict:
     model.train()
     t_start = time.time()
     elapsed = elapsed_before
-    window_t, window_step, window_tokens = time.time(), step, 0
+    timer, window_tokens = StepTimer(config, step), 0
     stop_reason = "max_steps"
     while step < config.max_steps:
-        progress = step / config.max_steps
-        if config.max_time:
-            progress = max(progress, elapsed / config.max_time)
-        lr = learning_rate(progress, step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, config, step, elapsed)
         loss_sum = 0.0
         for _ in range(config.grad_accum):
             batch = make_batch([items[i] for i in sampler.next_indices()], pad_id, device, config.pack)
@@ -360,15 +346,10 @@ def finetune(config: SFTConfig) -> dict:
         step += 1
         elapsed = elapsed_before + time.time() - t_start
         if step % config.log_interval == 0 or step == config.max_steps:
-            now = time.time()
-            step_time = (now - window_t) / max(step - window_step, 1)
-            tokens_per_s = window_tokens / max(now - window_t, 1e-9)
-            window_t, window_step, window_tokens = now, step, 0
-            eta = (config.max_steps - step) * step_time
-            if config.max_time:
-                eta = min(eta, max(config.max_time - elapsed, 0))
-            print(f"step {step}/{config.max_steps} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} "
-                  f"| {tokens_per_s:,.0f} tok/s | ETA {format_seconds(eta)}")
+            _, window_s, eta = timer.lap(step, elapsed)
+            tokens_per_s, window_tokens = window_tokens / window_s, 0
+            print(progress_line(step, config.max_steps, eta, f"loss {loss_sum:.4f}", f"lr {lr:.2e}",
+                                f"grad norm {grad_norm.item():.3f}", f"{tokens_per_s:,.0f} tok/s"))
             record({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_s, "elapsed": elapsed})
         if config.max_time and elapsed >= config.max_time:
@@ -377,7 +358,7 @@ def finetune(config: SFTConfig) -> dict:
         if step % config.eval_interval == 0 and step < config.max_steps:
             run_eval()
             save()
-            window_t = time.time()
+            timer.skip_pause()
 
     final = run_eval()
     save()

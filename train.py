@@ -22,7 +22,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import parse_config, peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, CHECKPOINT_FILE
+from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, opt, parse_config, peak_memory_mb, read_checkpoint,
+                    resolve_device, save_checkpoint, truncate_metrics)
 from model import PRESETS, ModelConfig, Transformer
 
 
-def opt(default, help, **meta):
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):  # budget, schedule, AdamW, eval/log cadence, device, seed, resume: RunConfig's defaults
     data: str = opt("", "prepared data directory (train.bin, val.bin, meta.json from data/prepare.py)")
     out_dir: str = opt("out/train", "where checkpoints, metrics and the summary go")
     # model
@@ -54,30 +51,16 @@ class TrainConfig:
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
     attn_backend: str = opt("sdpa", "attention implementation", choices=["naive", "sdpa", "triton"])
     fused_ce: bool = opt(False, "loss through kernels/cross_entropy.py (chunked, no fp32 copy of the logits)")
-    # optimisation
+    # batches
     batch_size: int = opt(16, "sequences per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_steps: int = opt(2000, "optimizer steps (the cosine schedule ends here)")
-    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none); stops cleanly, then the final eval")
-    lr: float = opt(1e-3, "peak learning rate")
-    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(100, "linear warmup steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on norms, biases)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    # evaluation and logging
-    log_interval: int = opt(10, "print a progress line every N steps")
-    eval_interval: int = opt(250, "evaluate, sample and checkpoint every N steps")
+    # evaluation
     eval_tokens: int = opt(65536, "validation tokens per periodic eval (the final eval uses the whole split)")
     sample_tokens: int = opt(64, "tokens of generated text shown at each eval (0: none)")
     # system
-    device: str = opt("auto", "auto | cpu | cuda | mps")
     dtype: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool = opt(False, "torch.compile the model")
-    seed: int = opt(1337, "random seed (weights, batches, dropout)")
-    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
 
 
 TRAIN_PRESETS = {
@@ -184,7 +167,7 @@ def evaluate(model, data: np.ndarray, seq_len: int, batch_size: int, device, aut
 # ----------------------------------------------------------------------------------------------------------
 # Optimisation
 
-def make_optimizer(model, config: TrainConfig, device: str) -> torch.optim.AdamW:
+def make_optimizer(model, config: RunConfig, device: str) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (embeddings, projections) only, not on norms and biases."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -193,12 +176,36 @@ def make_optimizer(model, config: TrainConfig, device: str) -> torch.optim.AdamW
                              fused=device.startswith("cuda"))
 
 
-def learning_rate(progress: float, step: int, config: TrainConfig) -> float:
+def learning_rate(progress: float, step: int, config: RunConfig) -> float:
     """Linear warmup over warmup_steps, then cosine from lr to min_lr as progress goes 0 -> 1."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = min(max(progress, 0.0), 1.0)
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def set_lr(optimizer, config: RunConfig, step: int, elapsed: float) -> float:
+    """Set the optimizer's lr for this step and return it. Progress is the share of max_steps done, or of
+    --max-time used when that is further along, so the cosine decay ends with the time budget."""
+    progress = step / config.max_steps
+    if config.max_time:
+        progress = max(progress, elapsed / config.max_time)
+    lr = learning_rate(progress, step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def mixed_precision(dtype: str, device: str):
+    """(dtype name, autocast context, grad scaler) for --dtype. auto: bf16 autocast on CUDA (fp16 where bf16 is
+    missing, its gradients scaled by the GradScaler so they do not underflow), fp32 elsewhere."""
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
+    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    device_type = device.split(":")[0]
+    autocast = torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+    return dtype, autocast, scaler
 
 
 def rng_state() -> dict:
@@ -249,6 +256,35 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class StepTimer:
+    """The timing of the progress line: the pace over the steps since the last line, and the ETA it implies."""
+
+    def __init__(self, config: RunConfig, step: int):
+        self.max_steps, self.max_time = config.max_steps, config.max_time
+        self.window_t, self.window_step = time.time(), step
+
+    def skip_pause(self) -> None:
+        """Call after an eval or a checkpoint: that time is not training throughput."""
+        self.window_t = time.time()
+
+    def lap(self, step: int, elapsed: float) -> tuple[float, float, float]:
+        """(seconds per step, seconds (> 0) since the last lap, ETA in seconds), and start the next window.
+        The ETA is the remaining steps at this pace, or what is left of --max-time if that ends first."""
+        now = time.time()
+        window_s = max(now - self.window_t, 1e-9)
+        step_time = window_s / max(step - self.window_step, 1)
+        self.window_t, self.window_step = now, step
+        eta = (self.max_steps - step) * step_time
+        if self.max_time:
+            eta = min(eta, max(self.max_time - elapsed, 0))
+        return step_time, window_s, eta
+
+
+def progress_line(step: int, max_steps: int, eta: float, *fields: str) -> str:
+    """`step 40/300 | loss 2.3456 | lr 1.00e-03 | ... | ETA 1m05s`: what every training loop prints."""
+    return " | ".join([f"step {step}/{max_steps}", *fields, f"ETA {format_seconds(eta)}"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig) -> dict:
@@ -275,13 +311,7 @@ def train(config: TrainConfig) -> dict:
     tokenizer_path = data_dir / meta["tokenizer"]
     tokenizer = Tokenizer.load(tokenizer_path)
 
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
-    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    device_type = device.split(":")[0]
-    autocast = torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+    dtype, autocast, scaler = mixed_precision(config.dtype, device)
 
     overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim")
                  if getattr(config, k)}
@@ -307,9 +337,7 @@ def train(config: TrainConfig) -> dict:
         set_rng_state(ckpt["rng"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         if master:  # forget what was logged after the checkpoint: those steps are about to run again
-            metrics_file = out_dir / "metrics.jsonl"
-            rows = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step]
-            metrics_file.write_text("".join(row + "\n" for row in rows))
+            truncate_metrics(out_dir / "metrics.jsonl", step)
         log(f"resumed from {ckpt_path} at step {step}")
     elif master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -323,7 +351,7 @@ def train(config: TrainConfig) -> dict:
     if config.compile:
         model = torch.compile(model)
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
     token_bytes = token_byte_lengths(tokenizer, meta["vocab_size"])
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * world_size
     flops_per_step = raw_model.flops_per_token(config.seq_len) * tokens_per_step
@@ -337,8 +365,7 @@ def train(config: TrainConfig) -> dict:
                         train_config=asdict(config), tokenizer=tokenizer_path.name)
 
     def record(row):
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(out_dir / "metrics.jsonl", row)
 
     def run_eval(max_tokens):
         raw_model.eval()
@@ -357,15 +384,10 @@ def train(config: TrainConfig) -> dict:
     model.train()
     t_start = time.time()
     elapsed = elapsed_before
-    window_t, window_step = time.time(), step
+    timer = StepTimer(config, step)
     stop_reason = "max_steps"
     while step < config.max_steps:
-        progress = step / config.max_steps
-        if config.max_time:
-            progress = max(progress, elapsed / config.max_time)
-        lr = learning_rate(progress, step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, config, step, elapsed)
         loss_sum = torch.zeros((), device=device)
         for micro in range(config.grad_accum):
             x, y = (t.to(device) for t in sampler.next_batch())
@@ -395,16 +417,11 @@ def train(config: TrainConfig) -> dict:
         elapsed = elapsed_before + time.time() - t_start
 
         if step % config.log_interval == 0 or step == config.max_steps:
-            now = time.time()
-            step_time = (now - window_t) / max(step - window_step, 1)
-            window_t, window_step = now, step
+            step_time, _, eta = timer.lap(step, elapsed)
             tokens_per_s = tokens_per_step / step_time
-            eta = (config.max_steps - step) * step_time
-            if config.max_time:
-                eta = min(eta, max(config.max_time - elapsed, 0))
-            mfu = f" | MFU {flops_per_step / step_time / (peak_flops * world_size):.1%}" if peak_flops else ""
-            log(f"step {step}/{config.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm "
-                f"{grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s{mfu} | ETA {format_seconds(eta)}")
+            mfu = [f"MFU {flops_per_step / step_time / (peak_flops * world_size):.1%}"] if peak_flops else []
+            log(progress_line(step, config.max_steps, eta, f"loss {loss_value:.4f}", f"lr {lr:.2e}",
+                              f"grad norm {grad_norm.item():.3f}", f"{tokens_per_s:,.0f} tok/s", *mfu))
             if master:
                 record({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tokens_per_s, "elapsed": elapsed})
@@ -419,7 +436,7 @@ def train(config: TrainConfig) -> dict:
         if step % config.eval_interval == 0 and step < config.max_steps and master:
             run_eval(config.eval_tokens)
             save()
-            window_t = time.time()  # the eval's time is not training throughput
+            timer.skip_pause()
 
     summary = {}
     if master:
