@@ -169,7 +169,8 @@ def opt(default, help, **meta):
 @dataclass
 class RunConfig:
     """The options every training script shares (train, sft, dpo, rlhf, distill): the budget, AdamW with
-    warmup + cosine (train.learning_rate), evaluation and logging cadence, device, seed and resume.
+    warmup + cosine (train.learning_rate), evaluation and logging cadence, device, seed and resume. The
+    defaults are pretraining's (train.py); the fine-tuning scripts lower lr, steps and weight decay.
 
     A script's config inherits it and changes a default by declaring the field again without opt():
     `lr: float = 1e-4` keeps the help text given here (parse_config reads it through the MRO)."""
