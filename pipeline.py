@@ -5,20 +5,29 @@ distilled student -> quantized model, every stage evaluated, and a report card (
     python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out runs/tiny-zh --lang zh
     python pipeline.py --preset ci --data-dir ../shared/data --out /tmp/ci                    # a few minutes, tiny sizes
     python pipeline.py --preset gpu --data-dir ../shared/data --out runs/gpu --device cuda
+    python pipeline.py --preset cpu-tiny --out runs/tiny                                      # downloads the data first
+
+Data: --data-dir is a folder laid out like ../shared/data. Without it, the files the preset and language
+read are downloaded once from their public URLs (DATA_URLS: LLaMA-Factory's demo data, the chinese-poetry
+project) into OUT/downloads in the same layout; --data-url BASE takes them from a mirror of the layout.
 
 Stages, each a subprocess of the project's own scripts with its log in OUT/logs/<stage>.log:
 
   tokenizer    bpe.py train: a byte-level BPE with the chat special tokens, on the raw corpus
   prepare      data/prepare.py --curate: PII scrubbing, quality rules, dedup, then train.bin / val.bin
-  chat_data    the arithmetic task (tasks.py) as SFT conversations and DPO pairs, written to JSONL
+  chat_data    the arithmetic task (tasks.py) as SFT conversations and DPO pairs, the student's prompts (JSONL)
   pretrain     train.py: the base model (en: Wikipedia + C4 excerpts; zh: the Tang poems)
   sft          sft.py, full fine-tuning on identity.json (--set name=nanollm) + arithmetic + alpaca(_zh)
   sft_lora     sft.py --lora-rank: the same data, LoRA adapters (a side branch, compared in the table)
   reward       rlhf.py reward: a Bradley-Terry reward model on the arithmetic right/wrong pairs
   grpo         rlhf.py grpo: RL of the SFT model against the verifiable reward (tasks.check)
-  dpo          dpo.py: DPO of the RL model on dpo_en (dpo_zh) + arithmetic pairs -> the final chat model
+  ppo          rlhf.py ppo: RL of the SFT model against the trained reward model (a side branch)
+  dpo          dpo.py: DPO of the RL model on dpo_en (dpo_zh) + arithmetic pairs -> the final chat model;
+               the RL model is grpo's, or ppo's when its held-out accuracy is clearly higher (rl_policy)
   distill_ce   distill.py --alpha 0: a smaller student on the pretraining data, hard labels only (baseline)
   distill      distill.py: the same student with the base model as its teacher (KD gain = the difference)
+  distill_gen  distill.py generate: the final chat model answers arithmetic and identity prompts (greedy)
+  distill_sft  sft.py: the distilled student fine-tuned on those answers -> a chat student (black-box KD)
   quant_rtn    quant.py: the final chat model to int4, round to nearest
   quant_gptq   quant.py --method gptq: the same with GPTQ
   eval         every checkpoint: val bpb, chat stop rate, identity and arithmetic accuracy, samples, tok/s
@@ -30,11 +39,13 @@ training stages continue from their checkpoint (--resume). A failing stage stops
 naming the stage and its log. report.md (OUT/report.md) has one table of every stage's metrics, the
 loss curves, sample generations, the machine, the commit and each stage's wall time.
 
-Simplified against a production recipe: the RL stage is GRPO on the verifiable arithmetic reward (the
-reward model is trained and evaluated, and rlhf.py ppo uses it, but the chain does not run PPO); the
-student is distilled on the pretraining corpus (a language-model student, not a chat student); the
-sizes and budgets of the CPU presets (PRESETS) are small enough that quality numbers are only
-indicative. `python pipeline.py evaluate ...` is the eval stage's worker (see evaluate_stage).
+Simplified against a production recipe: both RL stages start from the SFT model and train on the
+arithmetic task alone (PPO's reward model is learned from arithmetic right/wrong pairs, not from human
+preferences on open prompts); the chat student is distilled in two steps, white-box from the base model
+on the pretraining corpus, then black-box on the final chat model's greedy answers to a few hundred
+arithmetic and identity prompts (no alpaca or preference data, no on-policy distillation); the sizes and
+budgets of the CPU presets (PRESETS) are small enough that quality numbers are only indicative.
+`python pipeline.py evaluate ...` is the eval stage's worker (see evaluate_stage).
 """
 import argparse
 import json
@@ -45,6 +56,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parent
 IDENTITY_NAME, IDENTITY_AUTHOR = "nanollm", "the nanollm authors"
@@ -68,12 +80,17 @@ PRESETS = {
                 "--batch-size", "16", "--max-steps", "20", "--eval-interval", "20", "--log-interval", "5"],
         grpo=["--n-train", "100", "--n-eval", "20", "--prompts-per-step", "4", "--samples-per-prompt", "4",
               "--max-steps", "4", "--eval-interval", "4", "--log-interval", "1"],
+        ppo=["--n-train", "100", "--n-eval", "20", "--prompts-per-step", "8", "--max-steps", "4", "--eval-interval", "4",
+             "--log-interval", "1"],
         dpo=["--max-len", "128", "--batch-size", "4", "--max-steps", "10", "--eval-interval", "10",
              "--log-interval", "5", "--lr", "1e-4"],
         distill=["--model", "tiny", "--n-layers", "1", "--dim", "32", "--n-heads", "2", "--n-kv-heads", "2",
                  "--hidden-dim", "96", "--seq-len", "128", "--batch-size", "8", "--max-steps", "40", "--lr", "3e-3",
                  "--warmup-steps", "5", "--eval-interval", "40", "--eval-tokens", "8192", "--sample-tokens", "0",
                  "--log-interval", "20"],
+        n_student_arith=40, distill_gen=["--max-new-tokens", "16"],
+        distill_sft=["--max-len", "128", "--batch-size", "8", "--max-steps", "20", "--lr", "2e-3", "--warmup-steps", "2",
+                     "--eval-interval", "20", "--eval-prompts", "8", "--eval-new-tokens", "16", "--log-interval", "10"],
         quant=["--group-size", "32"], gptq=["--calib-samples", "8", "--calib-seq-len", "64"],
         sample=["--max-new-tokens", "32", "--num-samples", "2"]),
     # a 2-core CPU in under 20 minutes: the time budgets (--max-time) add up to about 15 minutes
@@ -82,35 +99,43 @@ PRESETS = {
         n_arith_sft=300, n_arith_pairs=800, eval_tokens=65536, eval_arith=100,
         pretrain=["--preset", "cpu-shakespeare", "--seq-len", "128", "--max-steps", "3000", "--max-time", "270",
                   "--eval-interval", "1000", "--sample-tokens", "0"],
-        sft=["--max-len", "192", "--batch-size", "8", "--max-steps", "400", "--max-time", "150", "--lr", "1e-3",
+        sft=["--max-len", "192", "--batch-size", "8", "--max-steps", "400", "--max-time", "120", "--lr", "1e-3",
              "--min-lr", "1e-4", "--eval-interval", "200", "--eval-prompts", "16", "--eval-new-tokens", "32"],
         sft_lora=["--lora-rank", "16", "--max-len", "192", "--batch-size", "8", "--max-steps", "200", "--max-time", "60",
                   "--lr", "5e-3", "--eval-interval", "200", "--eval-prompts", "16", "--eval-new-tokens", "32"],
         reward=["--n-problems", "400", "--n-eval-problems", "100", "--max-len", "64", "--max-steps", "200",
                 "--max-time", "60"],
-        grpo=["--n-eval", "100", "--max-steps", "100", "--max-time", "120", "--eval-interval", "20"],
+        grpo=["--n-eval", "100", "--max-steps", "100", "--max-time", "90", "--eval-interval", "20"],
+        ppo=["--n-eval", "100", "--prompts-per-step", "16", "--max-steps", "60", "--max-time", "60", "--eval-interval", "20"],
         dpo=["--max-len", "256", "--batch-size", "4", "--max-steps", "100", "--max-time", "60", "--eval-interval", "50"],
-        distill=["--preset", "cpu-shakespeare-student", "--seq-len", "128", "--max-steps", "400", "--max-time", "90",
+        distill=["--preset", "cpu-shakespeare-student", "--seq-len", "128", "--max-steps", "400", "--max-time", "75",
                  "--eval-interval", "400"],
+        n_student_arith=200, distill_gen=["--max-new-tokens", "48"],
+        distill_sft=["--max-len", "128", "--batch-size", "8", "--max-steps", "300", "--max-time", "45", "--lr", "1e-3",
+                     "--min-lr", "1e-4", "--eval-interval", "300", "--eval-prompts", "16", "--eval-new-tokens", "32"],
         quant=["--group-size", "32"], gptq=["--calib-samples", "32", "--calib-seq-len", "128"],
         sample=["--max-new-tokens", "64", "--num-samples", "3"]),
-    # about an hour on a 2-core CPU
+    # about an hour on a 2-core CPU: the time budgets add up to 55 minutes
     "cpu-small": dict(
         vocab_size={"en": 4096, "zh": 8192}, zh_source="tang_poems",
         n_arith_sft=300, n_arith_pairs=800, eval_tokens=0, eval_arith=100,
         pretrain=["--preset", "cpu-shakespeare", "--n-layers", "6", "--dim", "256", "--n-heads", "8",
                   "--n-kv-heads", "4", "--hidden-dim", "768", "--seq-len", "256", "--batch-size", "16",
-                  "--max-steps", "20000", "--max-time", "1200", "--eval-interval", "2000", "--sample-tokens", "0"],
-        sft=["--max-len", "256", "--batch-size", "8", "--max-steps", "2000", "--max-time", "600", "--lr", "5e-4",
+                  "--max-steps", "20000", "--max-time", "1080", "--eval-interval", "2000", "--sample-tokens", "0"],
+        sft=["--max-len", "256", "--batch-size", "8", "--max-steps", "2000", "--max-time", "420", "--lr", "5e-4",
              "--min-lr", "5e-5", "--eval-interval", "500", "--eval-new-tokens", "48"],
         sft_lora=["--lora-rank", "16", "--max-len", "256", "--batch-size", "8", "--max-steps", "1000",
-                  "--max-time", "240", "--lr", "3e-3", "--eval-interval", "500", "--eval-new-tokens", "48"],
-        reward=["--max-len", "64", "--max-steps", "400", "--max-time", "180"],
-        grpo=["--n-eval", "100", "--max-steps", "200", "--max-time", "480"],
+                  "--max-time", "180", "--lr", "3e-3", "--eval-interval", "500", "--eval-new-tokens", "48"],
+        reward=["--max-len", "64", "--max-steps", "400", "--max-time", "150"],
+        grpo=["--n-eval", "100", "--max-steps", "200", "--max-time", "300"],
+        ppo=["--n-eval", "100", "--max-steps", "150", "--max-time", "240"],
         dpo=["--max-len", "384", "--batch-size", "4", "--max-steps", "300", "--max-time", "240"],
         distill=["--preset", "cpu-shakespeare-student", "--dim", "64", "--n-heads", "4", "--n-kv-heads", "4",
-                 "--hidden-dim", "192", "--seq-len", "256", "--max-steps", "1500", "--max-time", "300",
+                 "--hidden-dim", "192", "--seq-len", "256", "--max-steps", "1500", "--max-time", "240",
                  "--eval-interval", "500"],
+        n_student_arith=200, distill_gen=["--max-new-tokens", "64"],
+        distill_sft=["--max-len", "256", "--batch-size", "8", "--max-steps", "1000", "--max-time", "180", "--lr", "1e-3",
+                     "--min-lr", "1e-4", "--eval-interval", "500", "--eval-new-tokens", "48"],
         quant=["--group-size", "64"], gptq=["--calib-samples", "64", "--calib-seq-len", "256"],
         sample=["--max-new-tokens", "128", "--num-samples", "3"]),
     # one CUDA GPU: llama-124m-shaped base, bf16
@@ -124,13 +149,31 @@ PRESETS = {
         sft_lora=["--lora-rank", "16", "--max-len", "512", "--batch-size", "16", "--max-steps", "1000", "--lr", "1e-3"],
         reward=["--max-len", "128", "--max-steps", "600"],
         grpo=["--n-eval", "100", "--prompts-per-step", "32", "--max-steps", "300"],
+        ppo=["--n-eval", "100", "--prompts-per-step", "64", "--max-steps", "300"],
         dpo=["--max-len", "512", "--batch-size", "8", "--max-steps", "400"],
         distill=["--model", "small", "--n-layers", "4", "--dim", "256", "--n-heads", "4", "--n-kv-heads", "4",
                  "--hidden-dim", "768", "--seq-len", "512", "--batch-size", "32", "--max-steps", "3000",
                  "--lr", "1e-3", "--eval-interval", "1000"],
+        n_student_arith=400, distill_gen=["--max-new-tokens", "128", "--batch-size", "64"],
+        distill_sft=["--max-len", "512", "--batch-size", "16", "--max-steps", "1000", "--lr", "2e-4"],
         quant=["--group-size", "128"], gptq=["--calib-samples", "128", "--calib-seq-len", "512"],
         sample=["--max-new-tokens", "256", "--num-samples", "3"]),
 }
+
+# Where each file of the --data-dir layout comes from (../shared/data/README.md), for a run without it.
+LLAMA_FACTORY = "https://raw.githubusercontent.com/hiyouga/LLaMA-Factory/main/data/"
+CHINESE_POETRY = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/master/"
+DATA_URLS = {
+    **{f"{folder}/{name}": LLAMA_FACTORY + name
+       for folder, names in (("pretrain", ["wiki_demo.txt", "c4_demo.jsonl"]),
+                             ("sft", ["identity.json", "alpaca_en_demo.json", "alpaca_zh_demo.json"]),
+                             ("preference", ["dpo_en_demo.json", "dpo_zh_demo.json"]))
+       for name in names},
+    **{f"tang_poems/poet.tang.{i}.json": CHINESE_POETRY + quote(f"全唐诗/poet.tang.{i}.json") for i in range(0, 58000, 1000)},
+    "tang_poems/tangshisanbaishou.json": CHINESE_POETRY + quote("蒙学/tangshisanbaishou.json"),
+}
+# DPO continues from PPO's policy instead of GRPO's only when PPO's held-out arithmetic accuracy is higher by this much
+PPO_CLEARLY_BETTER = 0.05
 
 # The eval stage's prompts: identity questions (answered right when the answer names the model) and open ones.
 IDENTITY_PROMPTS = {"en": ["Who are you?", "What is your name?", "Can you introduce yourself?", "Who created you?",
@@ -160,20 +203,49 @@ class Stage:
 
 
 def py(script, *args) -> list:
-    return [sys.executable, str(REPO / script), *map(str, args)]
+    return [sys.executable, str(REPO / script), *(arg if callable(arg) else str(arg) for arg in args)]
+
+
+def corpus_source(preset: str, lang: str) -> str:
+    """The pretraining corpus, a file or folder of the --data-dir layout."""
+    return "pretrain" if lang == "en" else PRESETS[preset]["zh_source"]
+
+
+def data_files(preset: str, lang: str) -> list[str]:
+    """Every file of the --data-dir layout that a preset and language read."""
+    corpus = corpus_source(preset, lang)
+    return ([f for f in DATA_URLS if f == corpus or f.startswith(corpus + "/")] +
+            ["sft/identity.json", f"sft/alpaca_{lang}_demo.json", f"preference/dpo_{lang}_demo.json"])
+
+
+def download_data(files: list[str], dest: Path, base_url: str = "") -> None:
+    """Each file from its public URL (DATA_URLS), or from base_url + its path (a mirror of the layout), into
+    dest in the --data-dir layout. data/prepare.py's fetch does the work: a file already there is kept, a new
+    one is written to FILE.part and renamed, a failure names the URL."""
+    from data.prepare import PrepareError, fetch
+    for name in files:
+        url = base_url.rstrip("/") + "/" + quote(name) if base_url else DATA_URLS[name]
+        try:
+            fetch(url, dest / Path(name).parent)
+        except PrepareError as e:
+            raise PipelineError(f"{e} (pipeline.py: or pass --data-dir with a local copy of the data)") from None
+
+
+def rl_policy(summaries: dict) -> str:
+    """The RL stage DPO continues from: grpo, unless ppo's held-out accuracy is clearly (PPO_CLEARLY_BETTER) higher."""
+    grpo, ppo = summaries.get("grpo", {}).get("final_accuracy"), summaries.get("ppo", {}).get("final_accuracy")
+    return "ppo" if grpo is not None and ppo is not None and ppo >= grpo + PPO_CLEARLY_BETTER else "grpo"
 
 
 def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: str = "auto") -> list[Stage]:
-    """The chain for one preset and language, as a list of stages with their exact commands."""
+    """The chain for one preset and language, as a list of stages with their exact commands (an argument
+    that is a callable(run_dir) is filled in when its stage starts)."""
     p = PRESETS[preset]
     d, r = Path(data_dir), Path(run_dir)
     dev = ["--device", device]
-    if lang == "en":
-        corpus, corpus_args = d / "pretrain", ["--txt-docs", "line"]  # wiki_demo.txt (a document a line) + c4_demo.jsonl
-        alpaca, preference = d / "sft" / "alpaca_en_demo.json", d / "preference" / "dpo_en_demo.json"
-    else:
-        corpus, corpus_args = d / p["zh_source"], []
-        alpaca, preference = d / "sft" / "alpaca_zh_demo.json", d / "preference" / "dpo_zh_demo.json"
+    corpus = d / corpus_source(preset, lang)
+    corpus_args = ["--txt-docs", "line"] if lang == "en" else []  # wiki_demo.txt: a document a line
+    alpaca, preference = d / "sft" / f"alpaca_{lang}_demo.json", d / "preference" / f"dpo_{lang}_demo.json"
     sets = ["--set", f"name={IDENTITY_NAME}", "--set", f"author={IDENTITY_AUTHOR}"]
     sft_data = ",".join(map(str, [d / "sft" / "identity.json", r / "chat_data" / "arithmetic_sft.jsonl", alpaca]))
     sft_eval = ["--eval-data", r / "chat_data" / "arithmetic_sft_eval.jsonl"]  # short held-out prompts (see write_chat_data)
@@ -186,8 +258,9 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
         Stage("prepare", "data/prepare.py --curate: curated train/val token shards", "data",
               [py("data/prepare.py", "--source", corpus, *corpus_args, "--curate",
                   "--tokenizer", r / "tokenizer" / "tokenizer", "--out", data)], writes_summary=False),
-        Stage("chat_data", "tasks.py: arithmetic SFT conversations and preference pairs (JSONL)", "chat_data",
-              lambda run_dir: write_chat_data(run_dir / "chat_data", p["n_arith_sft"], p["n_arith_pairs"]),
+        Stage("chat_data", "tasks.py: arithmetic SFT chats, preference pairs and the student's prompts (JSONL)", "chat_data",
+              lambda run_dir: write_chat_data(run_dir / "chat_data", p["n_arith_sft"], p["n_arith_pairs"],
+                                              p["n_student_arith"], d / "sft" / "identity.json"),
               writes_summary=False),
         Stage("pretrain", "train.py: the base model", "pretrain",
               [py("train.py", "--data", data, "--out-dir", r / "pretrain", *p["pretrain"], *dev, "--resume")],
@@ -204,15 +277,27 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
         Stage("grpo", "rlhf.py grpo: RL against the verifiable arithmetic reward", "grpo",
               [py("rlhf.py", "grpo", "--init", r / "sft", "--out-dir", r / "grpo", *p["grpo"], *dev, "--resume")],
               kind="chat", pngs=["curves.png"]),
-        Stage("dpo", f"dpo.py: DPO on {preference.name} + arithmetic pairs (the final chat model)", "dpo",
-              [py("dpo.py", "--init", r / "grpo", "--data", dpo_data, *sets, "--out-dir", r / "dpo", *p["dpo"],
-                  *dev, "--resume")], kind="chat", pngs=["loss.png", "rewards.png"]),
+        Stage("ppo", "rlhf.py ppo: RL against the trained reward model (a side branch)", "ppo",
+              [py("rlhf.py", "ppo", "--init", r / "sft", "--reward-model", r / "reward", "--out-dir", r / "ppo",
+                  *p["ppo"], *dev, "--resume")], kind="chat", pngs=["curves.png"]),
+        Stage("dpo", f"dpo.py: DPO of the RL model on {preference.name} + arithmetic pairs (the final chat model)", "dpo",
+              [py("dpo.py", "--init", lambda run_dir: run_dir / rl_policy(read_summaries(run_dir, ["grpo", "ppo"])),
+                  "--data", dpo_data, *sets, "--out-dir", r / "dpo", *p["dpo"], *dev, "--resume")],
+              kind="chat", pngs=["loss.png", "rewards.png"]),
         Stage("distill_ce", "distill.py --alpha 0: the student on hard labels only (baseline)", "distill_ce",
               [py("distill.py", "--data", data, "--out-dir", r / "distill_ce", *p["distill"], "--alpha", "0",
                   *dev, "--resume")], kind="base", pngs=["loss.png"]),
         Stage("distill", "distill.py: the same student taught by the base model (forward KL, T=2)", "distill",
               [py("distill.py", "--data", data, "--teacher", r / "pretrain", "--out-dir", r / "distill",
                   *p["distill"], *dev, "--resume")], kind="base", pngs=["loss.png"]),
+        Stage("distill_gen", "distill.py generate: the final chat model answers arithmetic and identity prompts",
+              "distill_gen", [py("distill.py", "generate", "--teacher", r / "dpo", "--prompts",
+                                 r / "chat_data" / "student_prompts.jsonl", "--out", r / "distill_gen" / "teacher.jsonl",
+                                 "--keep-unfinished", *p["distill_gen"], *dev)], writes_summary=False),
+        Stage("distill_sft", "sft.py: the KD student fine-tuned on the teacher's answers (a chat student)",
+              "distill_sft", [py("sft.py", "--init", r / "distill", "--data", r / "distill_gen" / "teacher.jsonl",
+                                 *sft_eval, "--out-dir", r / "distill_sft", *p["distill_sft"], *dev, "--resume")],
+              kind="chat", pngs=["loss.png"]),
         Stage("quant_rtn", "quant.py: the final chat model to int4, round to nearest", "quant_rtn",
               [py("quant.py", "--ckpt", r / "dpo", "--out", r / "quant_rtn", "--method", "rtn", "--bits", "4",
                   *p["quant"], "--data", data, "--no-eval", *dev)], writes_summary=False, kind="chat"),
@@ -232,18 +317,23 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
     return stages
 
 
-def write_chat_data(out: Path, n_sft: int, n_pairs: int) -> None:
-    """tasks.py's arithmetic as chat.py formats: messages conversations for SFT, prompt pairs for DPO, and
+def write_chat_data(out: Path, n_sft: int, n_pairs: int, n_student: int, identity: Path) -> None:
+    """tasks.py's arithmetic as chat.py formats: messages conversations for SFT, prompt pairs for DPO,
     test-split conversations as SFT's held-out set (sft.py answers its held-out prompts untruncated, so
-    they must fit the context: alpaca's long inputs do not at the ci sizes)."""
+    they must fit the context: alpaca's long inputs do not at the ci sizes), and the chat student's
+    prompts for the teacher: arithmetic questions (with their answers, so distill.py generate checks the
+    teacher) and identity.json's questions."""
+    from chat import read_records
     from tasks import arithmetic_problems, preference_pairs, sft_conversations
     out.mkdir(parents=True, exist_ok=True)
     chats = sft_conversations(arithmetic_problems(n_sft, split="train", seed=1))
     held_out = sft_conversations(arithmetic_problems(40, split="test", seed=1))
     pairs = preference_pairs(arithmetic_problems(n_pairs, split="train", seed=2), seed=2)
+    student_prompts = (arithmetic_problems(n_student, split="train", seed=3) +
+                       [{"prompt": r["instruction"]} for r in read_records(identity)])
     for name, records in (("arithmetic_sft.jsonl", [{"messages": c} for c in chats]),
                           ("arithmetic_sft_eval.jsonl", [{"messages": c} for c in held_out]),
-                          ("arithmetic_pairs.jsonl", pairs)):
+                          ("arithmetic_pairs.jsonl", pairs), ("student_prompts.jsonl", student_prompts)):
         (out / name).write_text("".join(json.dumps(x) + "\n" for x in records))
 
 
@@ -272,6 +362,14 @@ def stage_summary(stage: Stage, run_dir: Path, wall_s: float) -> dict:
         return {"text": log[log.find("--- sample"):], "wall_time_s": wall_s}
     if stage.name.startswith("quant"):
         return {"ckpt_mb": (out / "ckpt.pt").stat().st_size / 2**20, "wall_time_s": wall_s}
+    if stage.name == "distill_gen":
+        answers = [json.loads(line) for line in (out / "teacher.jsonl").read_text().splitlines()]
+        rejected = out / "teacher.rejected.jsonl"  # empty answers: distill.py generate leaves them out
+        checked = [a["correct"] for a in answers if "correct" in a]
+        return {"answers": len(answers), "left_out": len(rejected.read_text().splitlines()) if rejected.exists() else 0,
+                "finished": sum(a["finished"] for a in answers),
+                "arithmetic_checked": len(checked), "teacher_correct": sum(checked) / max(len(checked), 1),
+                "wall_time_s": wall_s}
     return {"wall_time_s": wall_s}
 
 
@@ -290,6 +388,7 @@ def run_stage(stage: Stage, run_dir: Path, log_dir: Path) -> tuple[str, float]:
                 raise PipelineError(f"stage '{stage.name}' failed ({e}); log: {log}") from None
         else:
             for argv in stage.commands:
+                argv = [str(arg(run_dir)) if callable(arg) else arg for arg in argv]
                 fh.write("$ " + " ".join(map(str, argv)) + "\n")
                 fh.flush()
                 code = subprocess.call(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
@@ -397,6 +496,10 @@ def read_json(path: Path) -> dict:
         return {}
 
 
+def read_summaries(run_dir: Path, names) -> dict:
+    return {name: read_json(run_dir / name / "summary.json") for name in names}
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -423,7 +526,7 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
         if name == "distill" and "val_bpb" in summaries.get("distill_ce", {}) and "val_bpb" in s:
             text += f"; **KD gain {summaries['distill_ce']['val_bpb'] - s['val_bpb']:+.4f} bpb** vs hard labels"
         return text
-    if name in ("sft", "sft_lora"):
+    if name in ("sft", "sft_lora", "distill_sft"):
         return (f"val loss {fmt(g('initial_val_loss'))} -> {fmt(g('val_loss'))}, stop rate "
                 f"{fmt(g('initial_stop_rate'))} -> {fmt(g('stop_rate'))}, trainable {fmt(g('trainable_params'))}")
     if name == "reward":
@@ -431,9 +534,16 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
     if name == "grpo":
         return (f"RL accuracy {fmt(g('initial_accuracy'))} -> {fmt(g('final_accuracy'))}, reward "
                 f"{fmt(g('reward_first10'))} -> {fmt(g('reward_last10'))}, {fmt(g('step'))} steps")
+    if name == "ppo":
+        return (f"RL accuracy {fmt(g('initial_accuracy'))} -> {fmt(g('final_accuracy'))}, RM score "
+                f"{fmt(g('score_first10'))} -> {fmt(g('score_last10'))}, KL {fmt(g('kl_last10'))}, {fmt(g('step'))} steps")
     if name == "dpo":
-        return (f"val reward acc {fmt(g('val/rewards/accuracy'))}, margin {fmt(g('val/rewards/margin'))}, "
-                f"train reward acc {fmt(g('rewards/accuracy'))}")
+        return (f"from {rl_policy(summaries)}; val reward acc {fmt(g('val/rewards/accuracy'))}, margin "
+                f"{fmt(g('val/rewards/margin'))}, train reward acc {fmt(g('rewards/accuracy'))}")
+    if name == "distill_gen":
+        return (f"{fmt(g('answers'))} teacher answers ({fmt(g('finished'))} finished with <|im_end|>, "
+                f"{fmt(g('left_out'))} empty ones left out), teacher arithmetic correct {fmt(g('teacher_correct'), 2)} "
+                f"of {fmt(g('arithmetic_checked'))}")
     if name.startswith("quant"):
         return f"ckpt {fmt(g('ckpt_mb'))} MB on disk"
     return ""
@@ -518,18 +628,28 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:4]))
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:5]))
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu-tiny", help="sizes and budgets (default: cpu-tiny)")
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"),
-                        help="the shared data folder (../shared/data layout)")
+    parser.add_argument("--data-dir", help="the data folder (../shared/data layout); without it, the files the "
+                        "preset reads are downloaded once from their public URLs into OUT/downloads")
+    parser.add_argument("--data-url", default="", help="without --data-dir: download from this mirror of the "
+                        "layout (http://, https:// or file:// + the same relative paths) instead")
     parser.add_argument("--out", required=True, help="run directory: every stage's outputs, logs/, report.md")
     parser.add_argument("--lang", choices=["en", "zh"], default="en", help="en, or zh: Tang poems, alpaca_zh, dpo_zh")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps, passed to every stage")
     parser.add_argument("--only", help="comma-separated stage names to run (the others are not touched)")
     args = parser.parse_args(argv)
-    data_dir, run_dir = Path(args.data_dir).resolve(), Path(args.out).resolve()
-    if not data_dir.is_dir():
-        sys.exit(f"error: --data-dir {data_dir}: no such directory")
+    run_dir = Path(args.out).resolve()
+    if args.data_dir:
+        data_dir = Path(args.data_dir).resolve()
+        if not data_dir.is_dir():
+            sys.exit(f"error: --data-dir {data_dir}: no such directory")
+    else:
+        data_dir = run_dir / "downloads"
+        try:
+            download_data(data_files(args.preset, args.lang), data_dir, args.data_url)
+        except PipelineError as e:
+            sys.exit(f"error: {e}")
     stages = build_stages(args.preset, args.lang, data_dir, run_dir, args.device)
     only = set(args.only.split(",")) if args.only else None
     unknown = (only or set()) - {s.name for s in stages}

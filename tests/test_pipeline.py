@@ -1,4 +1,5 @@
-"""pipeline.py: skip-if-done, failure reporting and the report table on fake stages (fast); the whole
+"""pipeline.py: skip-if-done, failure reporting and the report table on fake stages, the data download
+from a file:// mirror of the shared data, the choice of the RL model DPO continues from (fast); the whole
 chain on the `ci` preset with the real shared data (slow)."""
 import json
 import subprocess
@@ -6,7 +7,8 @@ import sys
 
 import pytest
 
-from pipeline import PRESETS, REPO, PipelineError, Stage, build_report, build_stages, run_pipeline
+from pipeline import (DATA_URLS, PPO_CLEARLY_BETTER, PRESETS, REPO, PipelineError, Stage, build_report, build_stages,
+                      data_files, download_data, main, rl_policy, run_pipeline)
 
 
 def python_stage(name, code, writes_summary=False):
@@ -58,6 +60,10 @@ def test_report_table_from_fake_summaries(tmp_path):
             "distill_ce": {"val_bpb": 2.75, "tokens_per_s": 5000.0, "step": 60},
             "distill": {"val_bpb": 2.625, "tokens_per_s": 4000.0, "step": 60},
             "grpo": {"initial_accuracy": 0.25, "final_accuracy": 0.5, "step": 4},
+            "ppo": {"initial_accuracy": 0.25, "final_accuracy": 0.5, "score_first10": -0.5, "score_last10": 0.25,
+                    "kl_last10": 0.125, "step": 4},
+            "distill_gen": {"answers": 131, "left_out": 2, "finished": 100, "arithmetic_checked": 40,
+                            "teacher_correct": 0.25},
             "dpo": {"val/rewards/accuracy": 0.75, "val/rewards/margin": 0.5, "rewards/accuracy": 1.0}}
     for name, summary in fake.items():
         (tmp_path / name).mkdir(parents=True)
@@ -72,6 +78,11 @@ def test_report_table_from_fake_summaries(tmp_path):
     assert list(rows) == [f"`{s.name}`" for s in stages]  # every stage has its row, in order
     assert "KD gain +0.1250 bpb" in rows["`distill`"][9]  # 2.75 - 2.625
     assert "RL accuracy 0.250 -> 0.500" in rows["`grpo`"][9]
+    assert "RM score -0.500 -> 0.250, KL 0.125" in rows["`ppo`"][9]
+    assert rows["`dpo`"][9].startswith("from grpo;")  # ppo is not clearly better
+    assert "| `distill_gen` | distill.py generate" in report and \
+        "131 teacher answers (100 finished with <\\|im_end\\|>, 2 empty ones left out), teacher arithmetic " \
+        "correct 0.25 of 40" in report
     assert rows["`dpo`"][2:9] == ["1,000", "0.50", "2.4000", "0.80", "0.60", "0.35", "321"]
     assert rows["`dpo`"][10] == "3.5" and rows["`pretrain`"][10] == "12.0"
     assert "(not run)" in rows["`sft`"][1] and "(not run)" not in rows["`dpo`"][1]
@@ -89,6 +100,51 @@ def test_every_preset_builds_every_stage(tmp_path):
     assert names[:4] == ["tokenizer", "prepare", "chat_data", "pretrain"] and names[-2:] == ["eval", "sample"]
 
 
+def test_dpo_continues_from_ppo_only_when_clearly_better():
+    def summaries(grpo, ppo):
+        return {"grpo": {"final_accuracy": grpo}, "ppo": {"final_accuracy": ppo}}
+    assert rl_policy(summaries(0.25, 0.25 + PPO_CLEARLY_BETTER)) == "ppo"
+    assert rl_policy(summaries(0.25, 0.25 + PPO_CLEARLY_BETTER / 2)) == "grpo"
+    assert rl_policy(summaries(0.5, 0.25)) == "grpo"
+    assert rl_policy({"grpo": {"final_accuracy": 0.0}}) == "grpo"  # ppo not run (--only)
+
+
+def test_every_data_file_has_a_public_url(data_dir):
+    for preset in PRESETS:
+        for lang in ("en", "zh"):
+            files = data_files(preset, lang)
+            assert all(DATA_URLS[f].startswith("https://") for f in files)
+            assert all((data_dir / f).is_file() for f in files)  # the layout of the shared data
+    assert len(data_files("cpu-tiny", "zh")) == 58 + 1 + 3  # every poet.tang.*.json, the 300 poems, sft and dpo files
+
+
+def test_download_from_a_mirror_once(tmp_path, data_dir, monkeypatch):
+    files = data_files("ci", "zh")
+    dest = tmp_path / "downloads"
+    download_data(files, dest, data_dir.as_uri())
+    for f in files:
+        assert (dest / f).read_bytes() == (data_dir / f).read_bytes()
+    assert not list(dest.rglob("*.part"))
+    # present files are not fetched again: the mirror is gone, yet a second call succeeds
+    download_data(files, dest, (tmp_path / "gone").as_uri())
+    # the default URLs, redirected to the mirror (no internet here): the same layout
+    monkeypatch.setattr("pipeline.DATA_URLS", {f: (data_dir / f).as_uri() for f in DATA_URLS})
+    download_data(files, tmp_path / "defaults")
+    assert sorted(p.relative_to(tmp_path / "defaults") for p in (tmp_path / "defaults").rglob("*.json")) == \
+        sorted(map(type(dest), files))
+    with pytest.raises(PipelineError, match="gone/sft/identity.json: download failed"):
+        download_data(["sft/identity.json"], tmp_path / "fresh", (tmp_path / "gone").as_uri())
+
+
+def test_cli_without_data_dir_downloads_then_runs(tmp_path, data_dir):
+    main(["--preset", "ci", "--data-url", data_dir.as_uri(), "--out", str(tmp_path), "--only", "tokenizer"])
+    assert (tmp_path / "downloads" / "pretrain" / "c4_demo.jsonl").read_bytes() == \
+        (data_dir / "pretrain" / "c4_demo.jsonl").read_bytes()
+    assert str(tmp_path / "downloads" / "pretrain") in (tmp_path / "logs" / "tokenizer.log").read_text()
+    with pytest.raises(SystemExit, match="error: .*nowhere/pretrain/wiki_demo.txt: download failed"):
+        main(["--preset", "ci", "--data-url", (tmp_path / "nowhere").as_uri(), "--out", str(tmp_path / "b")])
+
+
 @pytest.mark.slow
 def test_ci_preset_end_to_end(tmp_path, data_dir):
     out = tmp_path / "run"
@@ -104,6 +160,11 @@ def test_ci_preset_end_to_end(tmp_path, data_dir):
     assert all(0 < m["val_bpb"] < 10 for m in evals.values())
     assert evals["quant_rtn"]["weights_mb"] < evals["dpo"]["weights_mb"]  # int4 codes are smaller than fp32
     assert "KD gain" in report
+    assert evals["distill_sft"]["params"] == evals["distill"]["params"] < evals["dpo"]["params"]  # the chat student
+    assert all(k in evals["distill_sft"] for k in ("stop_rate", "identity_acc", "arith_acc_0shot"))
+    gen = json.loads((out / "distill_gen" / "summary.json").read_text())
+    assert gen["answers"] + gen["left_out"] == PRESETS["ci"]["n_student_arith"] + 91  # arithmetic + identity.json
+    assert "RM score" in report and ("from grpo;" in report or "from ppo;" in report)
     # a second run finds every stage done and only rewrites the report
     result = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--preset", "ci", "--data-dir", str(data_dir),
                              "--out", str(out)], check=True, cwd=REPO, capture_output=True, text=True)
