@@ -334,7 +334,7 @@ def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | No
     # Sequential pass: the inputs of block i are the outputs of blocks 0..i-1 as already quantized.
     device = model.embed_tokens.weight.device
     T = calib.shape[1]
-    cos, sin = model.rope(torch.arange(T, device=device), model.embed_tokens.weight.dtype)
+    cos, sin = model.rope(torch.arange(T, device=device), model.embed_tokens.weight.dtype, T)
     batches = [calib[i:i + batch_size].to(device) for i in range(0, len(calib), batch_size)]
     hidden = [model.embed_tokens(b) for b in batches]                    # list of (b, T, dim)
     report = []

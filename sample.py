@@ -33,6 +33,7 @@ Streaming decodes token bytes with an incremental UTF-8 decoder, so a character 
 """
 import argparse
 import codecs
+import copy
 import math
 import sys
 import time
@@ -551,6 +552,9 @@ def bench(args):
         target = Transformer(ModelConfig.from_preset("small", n_layers=8)).eval()
         draft = Transformer(ModelConfig.from_preset("small", n_layers=2)).eval()
         draft.load_state_dict({k: v for k, v in target.state_dict().items() if k in draft.state_dict()})
+    training_layout = copy.deepcopy(model)
+    for m in filter(None, (model, target, draft)):
+        m.decode_layout()  # as sample.py's CLI does on the CPU
     V, context = model.config.vocab_size, model.config.max_seq_len
     prompt = torch.randint(V, (16,))
     batch = [torch.randint(V, (n,)) for n in (16, 5, 23, 9, 30, 12, 27, 19)]   # 8 prompts of different lengths
@@ -576,6 +580,7 @@ def bench(args):
 
     # name -> (batch size, function returning the new tokens of each row)
     cases = {
+        "nanollm, KV cache, weights in the training layout": (1, lambda: generate(training_layout, prompt, N, temperature=0)),
         "nanollm, KV cache": (1, lambda: generate(model, prompt, N, temperature=0)),
         "nanollm, KV cache + torch.compile": (1, lambda: generate(model, prompt, N, temperature=0, compile=True)),
         "transformers generate, KV cache": (1, lambda: hf_generate([prompt])),
@@ -842,6 +847,9 @@ def main(argv=None):
                  "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
         model = load_model(args.ckpt, device, dtype)
         draft = load_model(args.draft_ckpt, device, dtype) if args.strategy == "speculative" else None
+        if device == "cpu":  # inference only from here on: the weight layout the CPU decodes fastest with
+            for m in filter(None, (model, draft)):
+                m.decode_layout()
         tokenizer = load_tokenizer(args.ckpt, args.tokenizer)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}: "
