@@ -245,12 +245,13 @@ _compiled_models = weakref.WeakKeyDictionary()
 def compiled(model: Transformer):
     """model, torch.compile'd for decode steps (built once per model and kept for the process's life).
 
-    Freezing folds the weights into the graph as constants and the C++ wrapper calls the kernels
-    without Python in between: on the CPU most of a small model's per-token time is Python and
-    dispatch overhead, which this removes. Frozen means the weights must not change afterwards.
+    The C++ wrapper calls the generated kernels without Python in between: on the CPU most of a small
+    model's per-token time beside the matmuls is Python and dispatch overhead, which this removes.
+    (Freezing the weights into the graph was slower here: inductor then repacks the linear layers for
+    oneDNN, whose one-row matmuls lose to MKL's on decode_layout() weights; sample.py --bench measures it.)
     """
     if model not in _compiled_models:
-        _compiled_models[model] = torch.compile(model, dynamic=True, options={"freezing": True, "cpp_wrapper": True})
+        _compiled_models[model] = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
     return _compiled_models[model]
 
 
