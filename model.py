@@ -156,14 +156,15 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention_factor)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, head_dim); cos, sin: (B or 1, 1, T, head_dim)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate the pairs (x_i, x_{i + hd/2}) of x (B, heads, T, head_dim) by their positions' angles.
+
+    HF's "rotate_half" form: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for the halves x1, x2.
+    Transformer.rope() hands over sin with its first half negated, so that rotate_half is a plain roll,
+    (x2, x1) * (-sin, sin): bit-identical (negation is exact) and two ops fewer per call.
+    cos, sin: (B or 1, 1, T, head_dim).
+    """
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,9 +234,11 @@ class RMSNorm(nn.Module):
         if self.use_triton:
             from kernels.rmsnorm import rms_norm
             return rms_norm(x, self.weight, self.eps)
-        # x / sqrt(mean(x^2) + eps) in fp32 (bf16 mean-of-squares loses precision), cast back, then scale:
-        # HF's order. F.rms_norm is that formula in one op (bit-identical in fp32; fewer ops per decode step).
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        if x.dtype == self.weight.dtype == torch.float32:  # the formula below in one op (bit-identical in fp32)
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # normalise in fp32 (bf16 mean-of-squares loses precision), cast back, then scale: HF's order
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -341,7 +344,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Kept out of the state dict and out of .to(dtype): RoPE angles need fp32 even in a bf16 model.
         self.inv_freq, self.rope_scale = rope_frequencies(config)
-        self.rope_table = None  # (n, 2 * head_dim): cos | sin of positions [0, n), built by rope()
+        self.rope_table = None  # (n, 2 * head_dim): cos | signed sin of positions [0, n), built by rope()
         self.apply(self._init_weights)
         # GPT-2 / Llama scaled init: each residual branch's output projection gets std / sqrt(2 n_layers),
         # so the residual stream's variance does not grow with depth.
@@ -391,7 +394,8 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_seq_len, p.dtype, p.device, pad_lens)
 
     def rope(self, positions: torch.Tensor, dtype, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for integer positions (T,) or (B, T), all < end -> (1 or B, 1, T, head_dim).
+        """cos, sin for integer positions (T,) or (B, T), all < end -> (1 or B, 1, T, head_dim); sin's first
+        half is negated (apply_rope's convention).
 
         Rows of a table computed once in fp32 (regrown, doubling, when a later call reaches further), so a
         decode step only looks up one row instead of recomputing T x head_dim sines and cosines.
@@ -400,8 +404,9 @@ class Transformer(nn.Module):
         if table is None or table.size(0) < end or table.device != positions.device:
             n = min(max(end, 2 * (table.size(0) if table is not None else 0)), self.config.max_seq_len)
             angles = torch.arange(n, device=positions.device).float()[:, None] * self.inv_freq.to(positions.device)
-            angles = torch.cat((angles, angles), dim=-1)                      # (n, head_dim): rotate_half layout
-            self.rope_table = table = torch.cat((angles.cos(), angles.sin()), dim=-1) * self.rope_scale
+            cos, sin = angles.cos(), angles.sin()                             # (n, head_dim / 2)
+            # cos | cos | -sin | sin: the rotate_half layout, with apply_rope's sign folded into sin
+            self.rope_table = table = torch.cat((cos, cos, -sin, sin), dim=-1) * self.rope_scale
         cos, sin = F.embedding(positions, table).to(dtype).chunk(2, dim=-1)   # each (T, hd) or (B, T, hd)
         if positions.dim() == 1:
             cos, sin = cos[None], sin[None]
