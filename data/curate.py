@@ -13,7 +13,7 @@ From Python (what `data/prepare.py --curate` calls): `kept_texts, report = curat
 or `curate_files(paths, out_dir, config)` to stream files into out_dir as the CLI does.
 
 Every document goes through these stages, in this order (the first rule that fires removes it):
-  1. PII scrubbing: e-mail addresses, phone numbers (international, Chinese mobile, North American),
+  1. PII scrubbing: e-mail addresses, phone numbers (international, Chinese mobile, North American, local 7-digit),
      IPv4 addresses, Chinese resident ID numbers (valid date and ISO 7064 check digit) and
      credit-card-like numbers (Luhn check) become <EMAIL>, <PHONE>, <IP_ADDRESS>, <ID_NUMBER>,
      <CREDIT_CARD>. Everything after sees the scrubbed text, so curating curated output changes nothing.
@@ -120,12 +120,15 @@ PII_PATTERNS = [
     ("CREDIT_CARD", re.compile(_NOT_AFTER_DIGITS + r"(?<![A-Za-z])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?"
                                r"|\d{4}([ -]?)\d{6}\2\d{5}|\d{13,19})" + _NOT_BEFORE_DIGITS + r"(?![A-Za-z])"),
      lambda m: luhn_valid(re.sub(r"\D", "", m)) and not _ID_SHAPE.fullmatch(m)),
-    ("IP_ADDRESS", re.compile(r"(?<![\d.])" + _OCTET + r"(?:\." + _OCTET + r"){3}(?!\.?\d)"), None),
+    # a dotted quad right after a letter or the word version/release (v1.2.3.4, version 10.0.0.1) is a version
+    ("IP_ADDRESS", re.compile(r"(?<![\d.A-Za-z])(?<![Vv]ersion )(?<![Rr]elease )" + _OCTET + r"(?:\." + _OCTET
+                              + r"){3}(?!\.?\d)"), None),
     ("PHONE", re.compile(
         _NOT_AFTER_DIGITS + r"(?<![A-Za-z0-9+])(?:"
         r"\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{1,4}){1,4}"  # international, +CC ...
         r"|1[3-9]\d(?:[ -]?\d{4}){2}"                                             # Chinese mobile, 11 digits
         r"|(?:\(\d{3}\)[ .-]?|\d{3}[.-])\d{3}[.-]\d{4}"                            # North American
+        r"|[2-9]\d{2}-\d{4}"                                                       # local, 7 digits: 555-0132
         r")" + _NOT_BEFORE_DIGITS),
      lambda m: 7 <= sum(ch.isdigit() for ch in m) <= 15),  # E.164: at most 15 digits
 ]
@@ -1007,7 +1010,8 @@ def fake_pii(kind: str, rng: random.Random, valid: bool = True) -> str:
             lambda: f"1{rng.choice('3456789')}{digits(9)}",
             lambda: f"1{rng.choice('3456789')}{digits(1)}-{digits(4)}-{digits(4)}",
             lambda: f"({rng.randint(201, 989)}) {digits(3)}-{digits(4)}",
-            lambda: f"{rng.randint(201, 989)}-{digits(3)}-{digits(4)}"])()
+            lambda: f"{rng.randint(201, 989)}-{digits(3)}-{digits(4)}",
+            lambda: f"{rng.randint(201, 989)}-{digits(4)}"])()
     if kind == "IP_ADDRESS":
         return ".".join(str(rng.randint(0, 255)) for _ in range(4))
     if kind == "ID_NUMBER":

@@ -115,6 +115,7 @@ def test_lang_selection_keeps_one_language():
     ("call +44 20 7946 0958 or +1 (415) 555-0132!", "call <PHONE> or <PHONE>!"),
     ("手机13812345678，或者 138-1234-5678", "手机<PHONE>，或者 <PHONE>"),
     ("(415) 555-0132 and 415-555-0132", "<PHONE> and <PHONE>"),
+    ("call 555-0132 today", "call <PHONE> today"),
     ("server 192.168.1.100. and 10.0.0.1", "server <IP_ADDRESS>. and <IP_ADDRESS>"),
     ("card 4111 1111 1111 1111, 4111-1111-1111-1111, 4111111111111111",
      "card <CREDIT_CARD>, <CREDIT_CARD>, <CREDIT_CARD>"),
@@ -126,6 +127,7 @@ def test_lang_selection_keeps_one_language():
     ("bad date 110105194902301234 stays", None),
     ("not an IP 256.1.1.1 nor 1.2.3.4.5", None),
     ("years 2020 2021 2022 and 12345678, price 1,234,567, ISBN 978-3-16-148410-0, v1.2.3, pi 3.14159", None),
+    ("v1.2.3.4, version 10.0.0.1, Release 2.4.0.1, 1999-2004, 2019-2020, 123.4567, 55-1234", None),
 ])
 def test_pii_patterns(text, expected):
     assert C.scrub_pii(text)[0] == (text if expected is None else expected)
