@@ -3,7 +3,7 @@
 White-box: the student matches the teacher's next-token distributions (live, or from a top-k cache):
 
     python distill.py --preset cpu-shakespeare-student --teacher out/teacher --data data/shakespeare --out-dir out/kd
-    python distill.py cache --teacher out/teacher --data data/shakespeare --seq-len 64 --top-k 32 --temperature 2 --out cache/kd
+    python distill.py cache --teacher out/teacher --data data/shakespeare --seq-len 64 --top-k 32 --samples 32 --temperature 2 --out cache/kd
     python distill.py --preset cpu-shakespeare-student --teacher-cache cache/kd --data data/shakespeare --out-dir out/kd-cached
     python distill.py --init out/student --teacher out/teacher-sft --data chat.jsonl --seq-len 256 --out-dir out/kd-chat
 
@@ -25,16 +25,29 @@ trains on the hard labels alone (no teacher needed): the baseline KD is compared
 Data: `--data` is a directory from data/prepare.py (every position of random windows is trained on)
 or chat files (chat.py formats, comma-separated), where only the assistant's tokens count, as in sft.py.
 
-The top-k cache (`distill.py cache`): one teacher pass writes, for every input position of the data,
-the teacher's k largest log-probabilities at T and their token ids, plus the log of the tail mass
-(everything outside the top k). The divergence is then computed over k + 1 outcomes, the k tokens and
-one "rest" bucket, for teacher and student alike (the student's rest is the logsumexp of its other
-log-probs): an exact divergence between the two distributions coarsened the same way, never larger
-than the full one, and equal to it when k = vocab. Renormalising the teacher over the top k instead
-would claim the tail has no mass. Shards are cached as consecutive windows of seq_len tokens (the
-teacher's context), so a cached run samples those windows rather than random offsets; the cache's
-temperature is fixed (it changes which mass is in the tail) and checked, as are the data and tokenizer.
-Log-probs are stored in float16 (about 3 significant digits), ids as uint16 (int32 above 65536 tokens).
+The cache (`distill.py cache`): one teacher pass writes, for every input position of the data, the
+teacher's k largest log-probabilities at T and their token ids, plus the log of the tail mass P(tail)
+(everything outside the top k). The tail is then either:
+- one "rest" bucket (default): the divergence is computed over k + 1 outcomes, the k tokens and the
+  bucket, for teacher and student alike (the student's rest is the logsumexp of its other log-probs):
+  an exact divergence between the two distributions coarsened the same way, never larger than the full
+  one, equal to it when k = vocab, for all three losses. But it is biased: it moves the student's tail
+  mass as a whole and never its shape (renormalising the teacher over the top k instead would be worse
+  still: it claims the tail is empty);
+- or `--samples n` tokens s_1..s_n drawn (with replacement) from the teacher's tail p(.|tail), with the
+  tail's sum of p log p. Forward KL only, then estimated as (random-sampling KD, Anshumann et al. 2025,
+  here with the top k kept exactly):
+
+      KL(p||q) = sum_top p_i (log p_i - log q_i) + sum_tail p_i log p_i - P(tail) E_s[log q_s]
+               ~ sum_top p_i (log p_i - log q_i) + sum_tail p_i log p_i - P(tail) / n sum_j log q_{s_j}
+
+  with q normalised over the whole vocabulary. The estimate and its gradient w.r.t. the student's logits
+  equal the full KL's in expectation over the draws: the gradient at z_i is (q_i - p_i) / T, with the
+  tail's p_i replaced by P(tail) times the share of draws that are i. k = 0 is the paper's pure sampling.
+Shards are cached as consecutive windows of seq_len tokens (the teacher's context), so a cached run
+samples those windows rather than random offsets; the cache's temperature is fixed (it changes which
+mass is in the tail) and checked, as are the data and tokenizer. Top log-probs are stored in float16
+(about 3 significant digits), ids as uint16 (int32 above 65536 tokens), the rest in float32.
 
 Outputs in --out-dir, as train.py: ckpt.pt (resumable), metrics.jsonl, loss.png, summary.json, the tokenizer.
 """
@@ -49,6 +62,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -125,12 +139,32 @@ def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: str
     raise ValueError(f"unknown loss {kind!r} (one of {', '.join(LOSSES)})")
 
 
-def topk_log_probs(logits: torch.Tensor, k: int, temperature: float):
-    """The teacher side of the cache: (log-probs of the top k at T (..., k), their ids (..., k),
-    log of the tail mass (...,)), in float32."""
+class CachedTeacher(NamedTuple):
+    """The teacher at one temperature as a cache holds it, per position (...): its k most likely tokens
+    (log-probs (..., k), ids (..., k)), the log of the mass outside them (...), and, in a sampled cache,
+    n tokens drawn from that tail (ids (..., n)) with the tail's sum of p log p (...)."""
+    top_logp: torch.Tensor
+    top_ids: torch.Tensor
+    rest_logp: torch.Tensor
+    tail_ids: torch.Tensor | None = None
+    tail_plogp: torch.Tensor | None = None
+
+
+def teacher_targets(logits: torch.Tensor, k: int, temperature: float, samples: int = 0, generator=None) -> CachedTeacher:
+    """The teacher side of the cache from its logits (..., V), in float32: the top k at T and, with samples > 0,
+    that many draws (with replacement) from the rest of p_T renormalised."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     top_logp, top_ids = logp.topk(k, dim=-1)
-    return top_logp, top_ids, rest_log_prob(logp, top_ids)
+    rest_logp = rest_log_prob(logp, top_ids)
+    if not samples:
+        return CachedTeacher(top_logp, top_ids, rest_logp)
+    tail_p = logp.exp().scatter(-1, top_ids, 0.0)
+    tail_plogp = (tail_p * logp).sum(-1)
+    flat = tail_p.flatten(0, -2)
+    # where the top k hold all the mass, any draw does: its weight, the rest mass, is 0
+    flat = torch.where(flat.sum(-1, keepdim=True) > 0, flat, torch.ones_like(flat))
+    tail_ids = torch.multinomial(flat, samples, replacement=True, generator=generator).view(*logp.shape[:-1], samples)
+    return CachedTeacher(top_logp, top_ids, rest_logp, tail_ids, tail_plogp)
 
 
 def rest_log_prob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -139,18 +173,35 @@ def rest_log_prob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logp.scatter(-1, ids, REST_LOGP).logsumexp(-1).clamp(min=REST_LOGP)
 
 
+def sampled_forward_kl(teacher: CachedTeacher, student_logp: torch.Tensor) -> torch.Tensor:
+    """(...,) KL(p||q) with the top k exact and the tail estimated from the cached draws s_1..s_n ~ p(.|tail):
+
+        KL = sum_top p_i (log p_i - log q_i) + sum_tail p_i log p_i - P(tail) * E_s[log q_s]
+           ~ ...                                                     - P(tail) / n * sum_j log q_{s_j}
+
+    unbiased in value and in gradient, which is the full KL's gradient in expectation (Anshumann et al. 2025)."""
+    top_logp = teacher.top_logp.float()
+    top = (top_logp.exp() * (top_logp - student_logp.gather(-1, teacher.top_ids))).sum(-1)
+    tail_cross_entropy = -student_logp.gather(-1, teacher.tail_ids).mean(-1)
+    return top + teacher.tail_plogp.float() + teacher.rest_logp.float().exp() * tail_cross_entropy
+
+
 def kd_loss(student_logits, teacher, kind: str, temperature: float, beta: float, mask=None) -> torch.Tensor:
     """T^2 * mean over positions (weighted by mask (B, T)) of D(teacher_T, student_T).
 
-    teacher: full logits (B, T, V), or a cached top-k (top_logp (B, T, k), top_ids (B, T, k), rest_logp (B, T))."""
+    teacher: full logits (B, T, V), or a CachedTeacher (B, T, ...) at the same temperature."""
     student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     if isinstance(teacher, torch.Tensor):
-        teacher_logp = F.log_softmax(teacher.float() / temperature, dim=-1)
+        per_position = divergence(F.log_softmax(teacher.float() / temperature, dim=-1), student_logp, kind, beta)
+    elif teacher.tail_ids is not None:
+        if kind != "forward_kl":
+            raise ValueError(f"a sampled cache estimates forward_kl only, not {kind} (its tail is draws, not log-probs)")
+        per_position = sampled_forward_kl(teacher, student_logp)
     else:  # k tokens + one rest bucket, for both distributions
-        top_logp, top_ids, rest_logp = teacher
-        teacher_logp = torch.cat([top_logp.float(), rest_logp.float()[..., None]], dim=-1)
-        student_logp = torch.cat([student_logp.gather(-1, top_ids), rest_log_prob(student_logp, top_ids)[..., None]], -1)
-    per_position = divergence(teacher_logp, student_logp, kind, beta)
+        teacher_logp = torch.cat([teacher.top_logp.float(), teacher.rest_logp.float()[..., None]], dim=-1)
+        student_logp = torch.cat([student_logp.gather(-1, teacher.top_ids),
+                                  rest_log_prob(student_logp, teacher.top_ids)[..., None]], -1)
+        per_position = divergence(teacher_logp, student_logp, kind, beta)
     if mask is None:
         return temperature ** 2 * per_position.mean()
     return temperature ** 2 * (per_position * mask).sum() / mask.sum().clamp(min=1)
@@ -241,8 +292,9 @@ def cache_items(data: str, seq_len: int, tokenizer, config=None):
 
 
 def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, temperature: float, batch_size: int = 32,
-                device: str = "auto", config=None) -> dict:
-    """Run the teacher once over the data and write the top-k cache to `out` (cache.json written last)."""
+                device: str = "auto", config=None, samples: int = 0, seed: int = 0) -> dict:
+    """Run the teacher once over the data and write the cache to `out`, one .npy per CachedTeacher field
+    (position-major), plus offsets.npy (where each sequence starts); cache.json is written last."""
     device = resolve_device(device)
     teacher = load_model(teacher_path, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
     tokenizer = load_tokenizer(teacher_path)
@@ -252,8 +304,9 @@ def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, te
     config = config or DistillConfig(seq_len=seq_len)
     items, data_hash = cache_items(data, seq_len, tokenizer, config)
     vocab = teacher.config.vocab_size
-    if not 1 <= k <= vocab:
-        raise DistillError(f"--top-k {k}: must be between 1 and the vocabulary size {vocab}")
+    if not 0 <= k <= vocab or samples < 0 or k + samples == 0:
+        raise DistillError(f"--top-k {k} --samples {samples}: need 0 <= top-k <= the vocabulary size {vocab}, "
+                           f"samples >= 0, and one of them > 0")
     if max(map(len, items)) - 1 > teacher.config.max_seq_len:
         raise DistillError(f"seq_len {seq_len} exceeds the teacher's context of {teacher.config.max_seq_len} tokens")
     offsets = np.zeros(len(items) + 1, dtype=np.int64)
@@ -263,9 +316,14 @@ def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, te
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CACHE_META).unlink(missing_ok=True)  # incomplete until rewritten at the end
     id_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
-    values = np.lib.format.open_memmap(out_dir / "top_logp.npy", "w+", np.float16, (n_positions, k))
-    ids_out = np.lib.format.open_memmap(out_dir / "top_ids.npy", "w+", id_dtype, (n_positions, k))
-    rest = np.lib.format.open_memmap(out_dir / "rest_logp.npy", "w+", np.float32, (n_positions,))
+    fields = CachedTeacher._fields if samples else CachedTeacher._fields[:3]
+    for stale in set(CachedTeacher._fields) - set(fields):
+        (out_dir / f"{stale}.npy").unlink(missing_ok=True)
+    formats = {"top_logp": (np.float16, (k,)), "top_ids": (id_dtype, (k,)), "rest_logp": (np.float32, ()),
+               "tail_ids": (id_dtype, (samples,)), "tail_plogp": (np.float32, ())}
+    arrays = {name: np.lib.format.open_memmap(out_dir / f"{name}.npy", "w+", formats[name][0],
+                                              (n_positions, *formats[name][1])) for name in fields}
+    generator = torch.Generator(device).manual_seed(seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     t0 = time.time()
     with torch.no_grad():
@@ -276,28 +334,31 @@ def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, te
                 inputs[row, :len(ids) - 1] = torch.from_numpy(ids[:-1])
             with autocast:
                 logits, _ = teacher(inputs.to(device))
-            top_logp, top_ids, rest_logp = (t.cpu().numpy() for t in topk_log_probs(logits, k, temperature))
-            for row, ids in enumerate(batch):
-                a, b = offsets[start + row], offsets[start + row + 1]
-                values[a:b], ids_out[a:b], rest[a:b] = top_logp[row, :b - a], top_ids[row, :b - a], rest_logp[row, :b - a]
+            targets = teacher_targets(logits, k, temperature, samples, generator)
+            for name, array in arrays.items():
+                values = getattr(targets, name).cpu().numpy()
+                for row in range(len(batch)):
+                    a, b = offsets[start + row], offsets[start + row + 1]
+                    array[a:b] = values[row, :b - a]
             done = min(start + batch_size, len(items))
             if done == len(items) or (start // batch_size) % 20 == 0:
                 rate = offsets[done] / max(time.time() - t0, 1e-9)
                 print(f"cache: {done:,}/{len(items):,} sequences | {rate:,.0f} tok/s | "
                       f"ETA {format_seconds((n_positions - offsets[done]) / max(rate, 1e-9))}", flush=True)
-    for array in (values, ids_out, rest):
+    for array in arrays.values():
         array.flush()
     np.save(out_dir / "offsets.npy", offsets)
     tok_src = Path(tokenizer_file(teacher_path))
     for f in tok_src.parent.glob(tok_src.stem + "*"):
         shutil.copy(f, out_dir / f.name)
     meta = {"teacher": str(teacher_path), "data": str(data), "data_fingerprint": data_hash, "kind":
-            "shards" if is_shard_dir(data) else "chat", "seq_len": seq_len, "top_k": k, "temperature": temperature,
+            "shards" if is_shard_dir(data) else "chat", "seq_len": seq_len, "top_k": k, "samples": samples,
+            "seed": seed, "temperature": temperature,
             "vocab_size": vocab, "positions": n_positions, "sequences": len(items), "tokenizer": tok_src.name,
             "seconds": time.time() - t0, "bytes": sum(f.stat().st_size for f in out_dir.glob("*.npy"))}
     atomic_write(out_dir / CACHE_META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-    print(f"cache: {n_positions:,} positions x top-{k} in {format_seconds(meta['seconds'])}, "
-          f"{meta['bytes'] / 2**20:.1f} MiB in {out_dir}")
+    print(f"cache: {n_positions:,} positions x top-{k}" + (f" + {samples} tail samples" if samples else "")
+          + f" in {format_seconds(meta['seconds'])}, {meta['bytes'] / 2**20:.1f} MiB in {out_dir}")
     return meta
 
 
@@ -320,23 +381,23 @@ class TopKCache:
         if not meta_path.exists():
             raise DistillError(f"{meta_path} not found: not a finished cache (write one with `distill.py cache`)")
         self.meta = json.loads(meta_path.read_text())
-        self.top_logp = np.load(self.dir / "top_logp.npy", mmap_mode="r")
-        self.top_ids = np.load(self.dir / "top_ids.npy", mmap_mode="r")
-        self.rest_logp = np.load(self.dir / "rest_logp.npy", mmap_mode="r")
+        fields = CachedTeacher._fields if self.meta.get("samples") else CachedTeacher._fields[:3]
+        self.arrays = {name: np.load(self.dir / f"{name}.npy", mmap_mode="r") for name in fields}
         self.offsets = np.load(self.dir / "offsets.npy")
         self.tokenizer = load_tokenizer(self.dir, self.dir / self.meta["tokenizer"])
 
-    def batch(self, items, T: int, device):
-        """(top_logp (B, T, k), top_ids (B, T, k), rest_logp (B, T)) of sequences `items`, right-padded to T
-        (padding has log-probs 0 and id 0: masked out by the caller)."""
-        k = self.meta["top_k"]
-        top_logp, top_ids = np.zeros((len(items), T, k), np.float32), np.zeros((len(items), T, k), np.int64)
-        rest_logp = np.full((len(items), T), REST_LOGP, np.float32)
-        for row, i in enumerate(items):
-            a, b = self.offsets[i], self.offsets[i + 1]
-            top_logp[row, :b - a], top_ids[row, :b - a], rest_logp[row, :b - a] = \
-                self.top_logp[a:b], self.top_ids[a:b], self.rest_logp[a:b]
-        return tuple(torch.from_numpy(x).to(device) for x in (top_logp, top_ids, rest_logp))
+    def batch(self, items, T: int, device) -> CachedTeacher:
+        """The cached teacher (B, T, ...) of sequences `items`, right-padded to T (padding: ids 0, log-probs 0,
+        rest mass 0; masked out by the caller)."""
+        fields = {}
+        for name, array in self.arrays.items():
+            padded = np.full((len(items), T, *array.shape[1:]), REST_LOGP if name == "rest_logp" else 0,
+                             np.int64 if name.endswith("ids") else np.float32)
+            for row, i in enumerate(items):
+                a, b = self.offsets[i], self.offsets[i + 1]
+                padded[row, :b - a] = array[a:b]
+            fields[name] = torch.from_numpy(padded).to(device)
+        return CachedTeacher(**fields)
 
     def check(self, config, data_hash: str) -> None:
         where = f"--teacher-cache {self.dir}"
@@ -345,6 +406,9 @@ class TopKCache:
                                f"--temperature is {config.temperature}: use that, or rebuild the cache")
         if self.meta["kind"] == "shards" and self.meta["seq_len"] != config.seq_len:
             raise DistillError(f"{where} holds windows of {self.meta['seq_len']} tokens, but --seq-len is {config.seq_len}")
+        if self.meta.get("samples") and config.loss != "forward_kl":
+            raise DistillError(f"{where} holds tail samples, which estimate forward_kl only: --loss forward_kl, or a "
+                               f"cache without --samples for {config.loss}")
         if self.meta["data_fingerprint"] != data_hash:
             raise DistillError(f"{where} was built from other data ({self.meta['data']}) than --data {config.data}, or "
                                f"with other --seq-len/--truncate/--think-weight: rebuild it")
@@ -718,6 +782,9 @@ def cache_main(argv) -> None:
     parser.add_argument("--out", required=True, help="the cache directory")
     parser.add_argument("--seq-len", type=int, default=64, help="window length (shards; chat: the longest example - 1)")
     parser.add_argument("--top-k", type=int, default=32, help="log-probs kept per position")
+    parser.add_argument("--samples", type=int, default=0, help="tokens drawn per position from the teacher's tail "
+                        "(beyond the top k): an unbiased forward KL (0: the tail is one 'rest' bucket)")
+    parser.add_argument("--seed", type=int, default=0, help="of the tail samples")
     parser.add_argument("--temperature", type=float, default=2.0, help="must equal distill.py's --temperature")
     parser.add_argument("--truncate", choices=["left", "drop"], default="left", help="chat: as distill.py")
     parser.add_argument("--think-weight", type=float, default=1.0, help="chat: as distill.py")
@@ -727,7 +794,7 @@ def cache_main(argv) -> None:
     config = DistillConfig(data=args.data, seq_len=args.seq_len, truncate=args.truncate, think_weight=args.think_weight)
     try:
         build_cache(args.teacher, args.data, args.out, args.seq_len, args.top_k, args.temperature, args.batch_size,
-                    args.device, config)
+                    args.device, config, args.samples, args.seed)
     except (ValueError, FileNotFoundError, TrainingError) as e:
         sys.exit(f"error: {e}")
 

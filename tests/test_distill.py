@@ -1,6 +1,6 @@
 """distill.py: each divergence on hand-made distributions, the T^2 scaling (Hinton's high-temperature
-gradient), top-k + rest bucket equal to the full divergence at k = vocab, the tokenizer check, the cache
-against the live teacher, a tiny KD run whose KD loss falls, chat data, and the black-box dataset."""
+gradient), top-k + rest bucket equal to the full divergence at k = vocab, the sampled tail's unbiased
+forward KL (value and gradient), the tokenizer check, the cache against the live teacher, a tiny KD run whose KD loss falls, chat data, and the black-box dataset."""
 import json
 import math
 
@@ -13,7 +13,7 @@ from bpe import Tokenizer
 from chat import load_conversations
 from common import read_checkpoint, save_checkpoint
 from distill import (REST_LOGP, DistillConfig, DistillError, TopKCache, build_cache, check_same_tokenizer, distill,
-                     divergence, kd_loss, main, topk_log_probs)
+                     divergence, kd_loss, main, teacher_targets)
 from model import ModelConfig, Transformer
 from tasks import arithmetic_problems, sft_conversations
 
@@ -87,7 +87,7 @@ def test_topk_with_k_equal_vocab_is_the_full_divergence():
     student, teacher = torch.randn(2, 5, V), 3 * torch.randn(2, 5, V)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         full = kd_loss(student, teacher, kind, 2.0, 0.3)
-        cached = kd_loss(student, topk_log_probs(teacher, V, 2.0), kind, 2.0, 0.3)
+        cached = kd_loss(student, teacher_targets(teacher, V, 2.0), kind, 2.0, 0.3)
         assert cached.item() == pytest.approx(full.item(), rel=1e-5), kind
 
 
@@ -96,14 +96,54 @@ def test_topk_divergence_is_the_rest_bucket_divergence_by_hand():
     (top1, top2, rest): KL((0.5, 0.3, 0.2) || (0.4, 0.2, 0.4)), below the full KL."""
     teacher, student = logp(0.5, 0.3, 0.1, 0.1)[None, None], logp(0.4, 0.2, 0.3, 0.1)[None, None]
     expected = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.2) + 0.2 * math.log(0.2 / 0.4)
-    cached = kd_loss(student, topk_log_probs(teacher, 2, 1.0), "forward_kl", 1.0, 0.5)
+    cached = kd_loss(student, teacher_targets(teacher, 2, 1.0), "forward_kl", 1.0, 0.5)
     assert cached.item() == pytest.approx(expected, rel=1e-6)
     assert cached.item() < kd_loss(student, teacher, "forward_kl", 1.0, 0.5).item()
 
 
+def test_sampled_tail_with_k_equal_vocab_is_the_full_kl():
+    torch.manual_seed(0)
+    V = 13
+    student, teacher = torch.randn(2, 5, V), 3 * torch.randn(2, 5, V)
+    cached = teacher_targets(teacher, V, 2.0, samples=4)  # the draws weigh the tail's mass: 0
+    assert kd_loss(student, cached, "forward_kl", 2.0, 0.5).item() == \
+        pytest.approx(kd_loss(student, teacher, "forward_kl", 2.0, 0.5).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_sampled_tail_is_unbiased_where_the_rest_bucket_is_not(k):
+    """Teacher (0.4, 0.2 | 0.15, 0.15, 0.1), student (0.3, 0.3 | 0.05, 0.1, 0.25): at k = 2 both rest buckets
+    weigh 0.4, so the rest bucket's gradient on the tail logits is 0, where the full KL's is q - p = (-0.1,
+    -0.05, 0.15). From 200,000 draws each estimated p_j has a standard error of at most 0.5 / sqrt(200,000) =
+    0.0011, so the sampled gradient is within about 5 of them of the full one."""
+    teacher, student = logp(0.4, 0.2, 0.15, 0.15, 0.1)[None, None], logp(0.3, 0.3, 0.05, 0.1, 0.25)[None, None]
+
+    def loss_and_grad(target):
+        z = student.clone().requires_grad_()
+        loss = kd_loss(z, target, "forward_kl", 1.0, 0.5)
+        loss.backward()
+        return loss.item(), z.grad[0, 0]
+    full_loss, full_grad = loss_and_grad(teacher)
+    assert torch.allclose(full_grad, torch.tensor([-0.1, 0.1, -0.1, -0.05, 0.15], dtype=torch.float64))
+    sampled = teacher_targets(teacher, k, 1.0, samples=200_000, generator=torch.Generator().manual_seed(0))
+    assert not set(sampled.tail_ids.flatten().tolist()) & set(sampled.top_ids.flatten().tolist())
+    sampled_loss, sampled_grad = loss_and_grad(sampled)
+    assert sampled_loss == pytest.approx(full_loss, abs=0.01)
+    assert torch.allclose(sampled_grad, full_grad, atol=0.006)
+    if k:
+        _, bucket_grad = loss_and_grad(teacher_targets(teacher, k, 1.0))
+        assert torch.allclose(bucket_grad[k:], torch.zeros(5 - k, dtype=torch.float64), atol=1e-6)
+
+
+def test_sampled_cache_is_forward_kl_only():
+    teacher = torch.randn(1, 2, 6)
+    with pytest.raises(ValueError, match="forward_kl only"):
+        kd_loss(torch.randn(1, 2, 6), teacher_targets(teacher, 2, 1.0, samples=3), "jsd", 1.0, 0.5)
+
+
 def test_kd_is_zero_when_the_student_is_the_teacher():
     logits = torch.randn(1, 3, 9)
-    for teacher in (logits, topk_log_probs(logits, 4, 2.0)):
+    for teacher in (logits, teacher_targets(logits, 4, 2.0)):
         for kind in ("forward_kl", "reverse_kl", "jsd"):
             assert kd_loss(logits, teacher, kind, 2.0, 0.5).item() == pytest.approx(0.0, abs=1e-6)
 
@@ -188,9 +228,9 @@ def test_cache_matches_the_live_teacher(tmp_path, teacher_dir, shards, tokenizer
     x = torch.from_numpy(np.stack([train[r * 32:r * 32 + 32] for r in rows]))
     with torch.no_grad():
         live_logits, _ = teacher.eval()(x)
-    top_logp, top_ids, _ = cache.batch(rows, 32, "cpu")
-    live_logp = F.log_softmax(live_logits / 2.0, -1).gather(-1, top_ids)
-    assert torch.allclose(top_logp, live_logp, atol=2e-2)  # float16 storage
+    cached = cache.batch(rows, 32, "cpu")
+    live_logp = F.log_softmax(live_logits / 2.0, -1).gather(-1, cached.top_ids)
+    assert torch.allclose(cached.top_logp, live_logp, atol=2e-2)  # float16 storage
     student = torch.randn(2, 32, V)
     assert kd_loss(student, cache.batch(rows, 32, "cpu"), "forward_kl", 2.0, 0.5).item() == \
         pytest.approx(kd_loss(student, live_logits, "forward_kl", 2.0, 0.5).item(), rel=1e-3)
@@ -198,6 +238,29 @@ def test_cache_matches_the_live_teacher(tmp_path, teacher_dir, shards, tokenizer
         distill(student_config(shards, tmp_path / "wrong-t", teacher_cache=str(tmp_path / "cache"), temperature=1.0))
     with pytest.raises(DistillError, match="windows of 32"):
         distill(student_config(shards, tmp_path / "wrong-len", teacher_cache=str(tmp_path / "cache"), seq_len=16))
+
+
+def test_sampled_cache_matches_the_live_teacher(tmp_path, teacher_dir, shards):
+    build_cache(str(teacher_dir), str(shards), str(tmp_path / "cache"), seq_len=32, k=4, temperature=2.0, device="cpu",
+                samples=32)
+    cache = TopKCache(tmp_path / "cache")
+    teacher = Transformer(ModelConfig(**read_checkpoint(teacher_dir)["model_config"]))
+    teacher.load_state_dict(read_checkpoint(teacher_dir)["model"])
+    train = np.fromfile(shards / "train.bin", dtype=np.uint16).astype(np.int64)
+    rows = [1, 7]
+    with torch.no_grad():
+        live_logits, _ = teacher.eval()(torch.from_numpy(np.stack([train[r * 32:r * 32 + 32] for r in rows])))
+    cached, live = cache.batch(rows, 32, "cpu"), teacher_targets(live_logits, 4, 2.0, samples=1)
+    assert torch.equal(cached.top_ids, live.top_ids)
+    assert torch.allclose(cached.rest_logp, live.rest_logp, atol=1e-5)
+    assert torch.allclose(cached.tail_plogp, live.tail_plogp, atol=1e-5)
+    assert not (cached.tail_ids[..., :, None] == cached.top_ids[..., None, :]).any()  # draws come from the tail
+    # 64 positions x 32 draws: the estimate of the mean KL is within a few percent of it
+    student = torch.randn(2, 32, live_logits.size(-1))
+    assert kd_loss(student, cached, "forward_kl", 2.0, 0.5).item() == \
+        pytest.approx(kd_loss(student, live_logits, "forward_kl", 2.0, 0.5).item(), rel=0.05)
+    with pytest.raises(DistillError, match="forward_kl only"):
+        distill(student_config(shards, tmp_path / "jsd", teacher_cache=str(tmp_path / "cache"), loss="jsd"))
 
 
 def kd_curve(out_dir):
@@ -214,6 +277,11 @@ def test_kd_run_live_and_cached_lower_the_kd_loss(tmp_path, teacher_dir, shards)
     build_cache(str(teacher_dir), str(shards), str(tmp_path / "cache"), seq_len=32, k=16, temperature=2.0, device="cpu")
     distill(student_config(shards, tmp_path / "cached", teacher_cache=str(tmp_path / "cache"), loss="jsd"))
     curve = kd_curve(tmp_path / "cached")
+    assert curve[-1] < 0.8 * curve[0]
+    build_cache(str(teacher_dir), str(shards), str(tmp_path / "sampled"), seq_len=32, k=4, temperature=2.0,
+                device="cpu", samples=16)
+    distill(student_config(shards, tmp_path / "sampled-run", teacher_cache=str(tmp_path / "sampled")))
+    curve = kd_curve(tmp_path / "sampled-run")
     assert curve[-1] < 0.8 * curve[0]
 
 
