@@ -28,13 +28,13 @@ or chat files (chat.py formats, comma-separated), where only the assistant's tok
 The cache (`distill.py cache`): one teacher pass writes, for every input position of the data, the
 teacher's k largest log-probabilities at T and their token ids, plus the log of the tail mass P(tail)
 (everything outside the top k). The tail is then either:
-- one "rest" bucket (default): the divergence is computed over k + 1 outcomes, the k tokens and the
+- one "rest" bucket (`--samples 0`): the divergence is computed over k + 1 outcomes, the k tokens and the
   bucket, for teacher and student alike (the student's rest is the logsumexp of its other log-probs):
   an exact divergence between the two distributions coarsened the same way, never larger than the full
   one, equal to it when k = vocab, for all three losses. But it is biased: it moves the student's tail
   mass as a whole and never its shape (renormalising the teacher over the top k instead would be worse
   still: it claims the tail is empty);
-- or `--samples n` tokens s_1..s_n drawn (with replacement) from the teacher's tail p(.|tail), with the
+- or (the default, n = 32) `--samples n` tokens s_1..s_n drawn (with replacement) from the teacher's tail p(.|tail), with the
   tail's sum of p log p. Forward KL only, then estimated as (random-sampling KD, Anshumann et al. 2025,
   here with the top k kept exactly):
 
@@ -408,7 +408,7 @@ class TopKCache:
             raise DistillError(f"{where} holds windows of {self.meta['seq_len']} tokens, but --seq-len is {config.seq_len}")
         if self.meta.get("samples") and config.loss != "forward_kl":
             raise DistillError(f"{where} holds tail samples, which estimate forward_kl only: --loss forward_kl, or a "
-                               f"cache without --samples for {config.loss}")
+                               f"cache built with --samples 0 for {config.loss}")
         if self.meta["data_fingerprint"] != data_hash:
             raise DistillError(f"{where} was built from other data ({self.meta['data']}) than --data {config.data}, or "
                                f"with other --seq-len/--truncate/--think-weight: rebuild it")
@@ -782,8 +782,9 @@ def cache_main(argv) -> None:
     parser.add_argument("--out", required=True, help="the cache directory")
     parser.add_argument("--seq-len", type=int, default=64, help="window length (shards; chat: the longest example - 1)")
     parser.add_argument("--top-k", type=int, default=32, help="log-probs kept per position")
-    parser.add_argument("--samples", type=int, default=0, help="tokens drawn per position from the teacher's tail "
-                        "(beyond the top k): an unbiased forward KL (0: the tail is one 'rest' bucket)")
+    parser.add_argument("--samples", type=int, default=32, help="tokens drawn per position from the teacher's tail "
+                        "(beyond the top k): an unbiased forward KL; 0: the tail is one 'rest' bucket (biased, but "
+                        "also for reverse_kl and jsd)")
     parser.add_argument("--seed", type=int, default=0, help="of the tail samples")
     parser.add_argument("--temperature", type=float, default=2.0, help="must equal distill.py's --temperature")
     parser.add_argument("--truncate", choices=["left", "drop"], default="left", help="chat: as distill.py")
