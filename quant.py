@@ -493,8 +493,23 @@ def run_one(args, spec: QuantSpec, data_dir: Path, log=print) -> tuple[Transform
     return model, {"report": report, "quant_time_s": elapsed, "linear_bytes": stored, "linear_fp16_bytes": fp16}
 
 
+def decode_tokens_per_s(model: Transformer, prompt_len: int = 16, max_new_tokens: int = 128, runs: int = 3) -> float:
+    """Greedy decoding of one sequence with the KV cache (sample.generate): new tokens per second of the
+    fastest of `runs` runs after a warm-up (the fastest: the CPU is shared, other jobs only slow it down)."""
+    from sample import generate
+    prompt = torch.randint(model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    n = min(max_new_tokens, model.config.max_seq_len - prompt_len)
+    generate(model, prompt, 2, temperature=0)
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        new = generate(model, prompt, n, temperature=0)[0]
+        best = min(best, time.perf_counter() - t0)
+    return len(new) / best
+
+
 def bench(args, data_dir: Path) -> None:
-    """Every method of the README table on one checkpoint."""
+    """Every method of the README table on one checkpoint, with the decode speed of each."""
     base = load_model(args.ckpt, device=args.device)
     eval_len = base.config.max_seq_len
     names = target_names(base, args.quantize_head)
@@ -520,21 +535,26 @@ def bench(args, data_dir: Path) -> None:
         else:
             model, info = run_one(args, spec, data_dir, log=None)
         metrics = evaluate_model(model, data_dir, eval_len, args.eval_tokens)
+        metrics["decode_tok_s"] = decode_tokens_per_s(model)
         rows.append({"method": label, **metrics, **{k: v for k, v in info.items() if k != "report"}})
         print(f"{label:28s} ppl {metrics['val_ppl']:8.3f} | bpb {metrics['val_bpb']:.4f} | linear layers "
               f"{info['linear_bytes'] / 1e6:.3f} MB ({info['linear_bytes'] / fp_bytes * 2:.3f}x fp16) | "
-              f"{info['quant_time_s']:.1f} s", flush=True)
+              f"{info['quant_time_s']:.1f} s | decode {metrics['decode_tok_s']:.0f} tok/s", flush=True)
     fp = rows[0]["val_ppl"]
     by = {r["method"]: r["val_ppl"] for r in rows}
-    print("\n| method | val ppl | val bpb | linear layers (MB) | vs fp16 | quant time (s) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| method | val ppl | val bpb | linear layers (MB) | vs fp16 | quant time (s) | decode tok/s ({args.device}) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['val_ppl']:.3f} | {r['val_bpb']:.4f} | {r['linear_bytes'] / 1e6:.3f} | "
-              f"{r['linear_bytes'] / fp_bytes * 2:.3f}x | {r['quant_time_s']:.1f} |")
+              f"{r['linear_bytes'] / fp_bytes * 2:.3f}x | {r['quant_time_s']:.1f} | {r['decode_tok_s']:.0f} |")
     increase_rtn, increase_gptq = by["RTN int4 pc"] - fp, by["GPTQ int4 pc"] - fp
     removed = 1 - increase_gptq / increase_rtn if increase_rtn > 0 else float("nan")
     print(f"\nGPTQ int4 per-channel removes {removed:.0%} of RTN int4 per-channel's perplexity increase "
           f"(target >= 60%; the paper's OPT-125M: fp16 27.65, RTN 37.28, GPTQ 31.12 -> 64%)")
+    int4 = next(r for r in rows if r["method"] == f"GPTQ int4 g{g}")
+    print(f"decode on {args.device}, batch 1, greedy with the KV cache: int4 g{g} QuantLinear "
+          f"{int4['decode_tok_s']:.0f} tok/s vs fp32 {rows[0]['decode_tok_s']:.0f} tok/s "
+          f"({int4['decode_tok_s'] / rows[0]['decode_tok_s']:.2f}x)")
     if args.bench_json:
         Path(args.bench_json).write_text(json.dumps({"ckpt": args.ckpt, "rows": rows, "gptq_removed": removed}, indent=2))
 

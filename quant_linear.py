@@ -51,6 +51,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     rows = packed.shape[0]
+    if bits == 4:  # the same as below, cheaper: byte j holds column 2j in its low nibble, 2j + 1 in its high one
+        return torch.stack((packed & 0xF, packed >> 4), dim=-1).view(rows, -1)
     groups = packed.to(torch.int64).view(rows, -1, bits)
     words = (groups << (8 * torch.arange(bits, device=packed.device))).sum(-1)         # (rows, cols/8)
     codes = (words[..., None] >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
@@ -116,11 +118,17 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """(out, in) fp32 weight."""
         codes = unpack(self.qweight, self.bits)
-        g = self.group_index()
-        scale = self.scales.float()[:, g]
         if self.nf4:
-            return torch.tensor(NF4_VALUES, device=codes.device)[codes.long()] * scale
-        return scale * (codes.float() - self.zeros.float()[:, g])
+            codes = torch.tensor(NF4_VALUES, device=codes.device)[codes.long()]
+        if self.g_idx is not None:  # act-order: each column's group looked up
+            g = self.g_idx.long()
+            scale = self.scales.float()[:, g]
+            return codes * scale if self.nf4 else scale * (codes.float() - self.zeros.float()[:, g])
+        # contiguous groups: (out, n_groups, group_size) against one scale and zero per group, no gather
+        grouped = codes.float().view(self.out_features, -1, self.group_size)
+        scale = self.scales.float()[..., None]
+        weight = grouped * scale if self.nf4 else scale * (grouped - self.zeros.float()[..., None])
+        return weight.view(self.out_features, self.in_features)
 
     def forward(self, x):
         if x.is_cuda and self.bits == 4 and not self.nf4:

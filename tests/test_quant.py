@@ -255,8 +255,8 @@ def test_qlora_trains_adapters_on_a_frozen_quantized_base(data_dir):
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     counts = apply_lora(model, r=8, alpha=16)
     assert counts["layers"] == 14 and all(isinstance(m.base, QuantLinear) for m in lora_layers(model))
-    losses = quant.train_qlora(model, data, steps=20, lr=2e-2, batch_size=8, seq_len=32, log=None)
-    assert np.mean(losses[-5:]) < losses[0] - 0.15
+    losses = quant.train_qlora(model, data, steps=10, lr=2e-2, batch_size=8, seq_len=32, log=None)
+    assert np.mean(losses[-3:]) < losses[0] - 0.15                # about 5.57 -> 5.30 (seeds 0 and 1)
     after = model.state_dict()
     assert all(torch.equal(after[k.replace("proj.", "proj.base.")] if k.replace("proj.", "proj.base.") in after
                            else after[k], v) for k, v in frozen.items())  # the base did not move
