@@ -130,6 +130,14 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, attn_backen
     return model.to(device=device, dtype=dtype).eval()
 
 
+def check_trainable(model, path, lora_rank: int,
+                    hint: str = "fine-tune it with --lora-rank R (QLoRA: adapters on the frozen quantized layers)") -> None:
+    """Refuse to fully fine-tune a quantized model (quant.py): its packed layers have no gradients, so the
+    run would silently train the embeddings and norms alone. Through LoRA adapters (QLoRA) it is fine."""
+    if not lora_rank and quant_layout(model):
+        raise ValueError(f"--init {path} is quantized (quant.py): its linear layers cannot be trained; {hint}")
+
+
 def load_tokenizer(model_path, tokenizer_path=None):
     """The tokenizer to use with a model directory.
 

@@ -71,8 +71,8 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import (ChatDataError, chat_token_ids, IM_END, PAD, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
-from common import (CHECKPOINT_FILE, append_jsonl, atomic_write, load_model, opt, parse_config, peak_memory_mb,
-                    read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
+from common import (CHECKPOINT_FILE, append_jsonl, atomic_write, check_trainable, load_model, opt, parse_config,
+                    peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
 from model import ModelConfig, Transformer
 from common import load_tokenizer
 from sample import generate
@@ -420,6 +420,7 @@ class TopKCache:
 def build_student(config: DistillConfig, vocab_size: int, device: str) -> Transformer:
     if config.init:
         student = load_model(config.init, device=device).train()
+        check_trainable(student, config.init, lora_rank=0, hint="distill into its full-precision checkpoint")
         if student.config.max_seq_len < config.seq_len:
             raise DistillError(f"--init {config.init}: context {student.config.max_seq_len} < --seq-len {config.seq_len}")
         return student

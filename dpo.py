@@ -54,8 +54,8 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
                   pad_batch, parse_placeholders, prompt_ids, read_records)
-from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, load_model, opt, parse_config, peak_memory_mb,
-                    read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
+from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, check_trainable, load_model, opt, parse_config,
+                    peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
 from lora import ALL_LINEAR, apply_lora, disable_adapters, lora_state_dict, merge_and_unload, save_adapter
 from train import (StepTimer, TrainingError, format_seconds, make_optimizer, plot_losses, progress_line, rng_state,
                    set_lr, set_rng_state)
@@ -413,6 +413,7 @@ def stuck_warning(n_steps: int, lr: float, n_trainable: int, stats: dict, config
 
 def build_policy(config: DPOConfig, device):
     model = load_model(config.init, device=device).float()
+    check_trainable(model, config.init, config.lora_rank)
     lora_counts = None
     if config.lora_rank:
         targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]

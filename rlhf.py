@@ -60,8 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, prompt_ids)
-from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, load_model, opt, parse_config,
-                    peak_memory_mb, read_checkpoint, resolve_device, truncate_metrics)
+from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, check_trainable, load_model, opt,
+                    parse_config, peak_memory_mb, read_checkpoint, resolve_device, truncate_metrics)
 from lora import apply_lora, disable_adapters, lora_state_dict, merged_state_dict
 from model import ModelConfig, Transformer
 from tasks import arithmetic_problems, check, preference_pairs
@@ -622,7 +622,9 @@ def train_reward_model(config: RewardConfig) -> dict:
     print(f"{len(encoded):,} training pairs, {len(eval_encoded):,} held out ({n_truncated} truncated to "
           f"--max-len {config.max_len})")
 
-    model = make_reward_model(load_model(config.init, device=device), config.seed)
+    model = load_model(config.init, device=device)
+    check_trainable(model, config.init, config.lora_rank)
+    model = make_reward_model(model, config.seed)
     model.config.max_seq_len = max(model.config.max_seq_len, config.max_len)
     if config.lora_rank:
         apply_lora(model, r=config.lora_rank, alpha=config.lora_alpha)
@@ -726,6 +728,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     eval_problems = arithmetic_problems(config.n_eval, "test", n_terms=config.n_terms, max_operand=config.max_operand)
 
     model = load_model(config.init, device=device)
+    check_trainable(model, config.init, config.lora_rank)
     ref_model = None
     if config.lora_rank:
         counts = apply_lora(model, config.lora_targets.split(","), config.lora_rank, config.lora_alpha)

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations, pad_batch, parse_placeholders,
                   prompt_ids, tokenize_conversations)
-from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, load_model, load_tokenizer, opt,
-                    parse_config, peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
+from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, check_trainable, load_model,
+                    load_tokenizer, opt, parse_config, peak_memory_mb, read_checkpoint, resolve_device,
+                    save_checkpoint, truncate_metrics)
 from lora import apply_lora, lora_state_dict, merged_state_dict, save_adapter
-from quant_linear import quant_layout
 from train import (StepTimer, TrainingError, format_seconds, make_optimizer, plot_losses, progress_line, rng_state,
                    set_lr, set_rng_state)
 
@@ -248,10 +248,8 @@ def finetune(config: SFTConfig) -> dict:
     items = pack_examples(examples, config.max_len, pad_id) if config.pack else examples
 
     model = load_model(config.init, device=device)
-    if quant_layout(model) and not config.lora_rank:
-        raise TrainingError(f"--init {config.init} is quantized (quant.py): its linear layers cannot be trained; "
-                            f"fine-tune it with --lora-rank R (QLoRA: adapters on the frozen quantized layers)")
-    if config.max_len > model.config.max_seq_len:  # RoPE has no table to outgrow: just allow longer inputs
+    check_trainable(model, config.init, config.lora_rank)
+    if config.max_len > model.config.max_seq_len:  # RoPE's table grows on demand: just allow longer inputs
         model.config.max_seq_len = config.max_len
     largest_id = max([len(tokenizer.ranks) - 1, *tokenizer.special_tokens.values()])
     if largest_id >= model.config.vocab_size:

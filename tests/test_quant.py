@@ -356,3 +356,20 @@ def test_sft_qlora_from_a_quantized_checkpoint(quantized, data_dir, tmp_path):
     idx = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(merged(idx)[0], adapted(idx)[0], atol=1e-4, rtol=0)
     assert not torch.allclose(merged(idx)[0], load_model(out)(idx)[0], atol=1e-3)  # the adapters did train
+
+
+def test_full_training_of_a_quantized_checkpoint_is_refused(quantized, tmp_path):
+    """Packed layers have no gradients: distill.py (no LoRA) and dpo.py without --lora-rank refuse a quantized
+    --init, naming it, instead of training the embeddings and norms alone; with LoRA (QLoRA) it is accepted."""
+    import distill
+    import dpo
+    from common import check_trainable
+    source, out, data = quantized
+    with pytest.raises(SystemExit, match="is quantized.*full-precision"):
+        distill.main(["--init", str(out), "--data", str(data), "--alpha", "0", "--max-steps", "1",
+                      "--out-dir", str(tmp_path / "kd")])
+    with pytest.raises(ValueError, match="is quantized.*--lora-rank"):
+        dpo.build_policy(dpo.DPOConfig(init=str(out)), "cpu")
+    model, lora_counts = dpo.build_policy(dpo.DPOConfig(init=str(out), lora_rank=4), "cpu")
+    assert lora_counts["layers"] > 0
+    check_trainable(load_model(source), source, lora_rank=0)  # full precision: nothing to refuse
