@@ -3,7 +3,7 @@
 White-box: the student matches the teacher's next-token distributions (live, or from a top-k cache):
 
     python distill.py --preset cpu-shakespeare-student --teacher out/teacher --data data/shakespeare --out-dir out/kd
-    python distill.py cache --teacher out/teacher --data data/shakespeare --seq-len 64 --top-k 32 --samples 32 --temperature 2 --out cache/kd
+    python distill.py cache --teacher out/teacher --data data/shakespeare --top-k 32 --samples 32 --temperature 2 --out cache/kd
     python distill.py --preset cpu-shakespeare-student --teacher-cache cache/kd --data data/shakespeare --out-dir out/kd-cached
     python distill.py --init out/student --teacher out/teacher-sft --data chat.jsonl --seq-len 256 --out-dir out/kd-chat
 
@@ -34,9 +34,9 @@ teacher's k largest log-probabilities at T and their token ids, plus the log of 
   one, equal to it when k = vocab, for all three losses. But it is biased: it moves the student's tail
   mass as a whole and never its shape (renormalising the teacher over the top k instead would be worse
   still: it claims the tail is empty);
-- or (the default, n = 32) `--samples n` tokens s_1..s_n drawn (with replacement) from the teacher's tail p(.|tail), with the
-  tail's sum of p log p. Forward KL only, then estimated as (random-sampling KD, Anshumann et al. 2025,
-  here with the top k kept exactly):
+- or (the default, n = 32) `--samples n` tokens s_1..s_n drawn (with replacement) from the teacher's
+  tail p(.|tail), with the tail's sum of p log p. Forward KL only, then estimated as (random-sampling
+  KD, Anshumann et al. 2025, here with the top k kept exactly):
 
       KL(p||q) = sum_top p_i (log p_i - log q_i) + sum_tail p_i log p_i - P(tail) E_s[log q_s]
                ~ sum_top p_i (log p_i - log q_i) + sum_tail p_i log p_i - P(tail) / n sum_j log q_{s_j}
