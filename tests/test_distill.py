@@ -255,10 +255,14 @@ def test_sampled_cache_matches_the_live_teacher(tmp_path, teacher_dir, shards):
     assert torch.allclose(cached.rest_logp, live.rest_logp, atol=1e-5)
     assert torch.allclose(cached.tail_plogp, live.tail_plogp, atol=1e-5)
     assert not (cached.tail_ids[..., :, None] == cached.top_ids[..., None, :]).any()  # draws come from the tail
-    # 64 positions x 32 draws: the estimate of the mean KL is within a few percent of it
-    student = torch.randn(2, 32, live_logits.size(-1))
-    assert kd_loss(student, cached, "forward_kl", 2.0, 0.5).item() == \
-        pytest.approx(kd_loss(student, live_logits, "forward_kl", 2.0, 0.5).item(), rel=0.05)
+    # the estimate of T^2 * mean KL is within 4 standard errors of the full one; each position's error is
+    # P(tail) times the mean of its 32 draws of -log q, whose variance the draws themselves estimate
+    student = torch.randn(2, 32, live_logits.size(-1), generator=torch.Generator().manual_seed(0))
+    draws = F.log_softmax(student / 2.0, -1).gather(-1, cached.tail_ids)
+    standard_error = 2.0 ** 2 * (cached.rest_logp.exp() ** 2 * draws.var(-1) / 32).sum().sqrt() / draws[..., 0].numel()
+    full = kd_loss(student, live_logits, "forward_kl", 2.0, 0.5).item()
+    error = abs(kd_loss(student, cached, "forward_kl", 2.0, 0.5).item() - full)
+    assert error < 4 * standard_error.item()
     with pytest.raises(DistillError, match="forward_kl only"):
         distill(student_config(shards, tmp_path / "jsd", teacher_cache=str(tmp_path / "cache"), loss="jsd"))
 
