@@ -173,8 +173,8 @@ def merged_state_dict(model: nn.Module) -> dict:
     """The state dict of the model with every adapter folded in, under the base model's names (what
     merge_and_unload(model).state_dict() gives), computed without touching the model. QuantLinear
     layers (QLoRA) come out dequantized, as plain `weight`s: the merged model is a full-precision one."""
-    deltas = {name + ".base.weight": layer.delta_weight() for name, layer in model.named_modules()
-              if isinstance(layer, LoRALinear) and not layer.merged and layer.enabled}
+    adapted = {name + ".base.weight": layer for name, layer in model.named_modules()
+               if isinstance(layer, LoRALinear) and not layer.merged and layer.enabled}
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     packed = {f"{name}.{buffer}" for name, m in quantized.items() for buffer, _ in m.named_buffers()}
     state = {k: v for k, v in model.state_dict().items() if k not in packed}
@@ -184,9 +184,10 @@ def merged_state_dict(model: nn.Module) -> dict:
     for key, value in state.items():
         if ".lora_A" in key or ".lora_B" in key:
             continue
-        if key in deltas:
-            value = value + deltas[key].to(value.dtype)
-        merged[key.replace(".base.", ".")] = value.detach().clone()
+        if key in adapted:  # one (out, in) delta at a time: the peak stays one model copy above the model
+            merged[key.replace(".base.", ".")] = (value + adapted[key].delta_weight().to(value.dtype)).detach()
+        else:
+            merged[key.replace(".base.", ".")] = value.detach().clone()
     return merged
 
 
