@@ -202,9 +202,12 @@ def answer(model, tokenizer, conversations, max_new_tokens: int, batch_size: int
     """Greedy answers to each conversation's prompt -> [(text, stopped)], stopped = ended with <|im_end|>."""
     from sample import generate
     end = chat_token_ids(tokenizer)[IM_END]
+    keep = model.config.max_seq_len - max_new_tokens - 1  # long prompts lose their oldest tokens
+    if keep < 1:
+        raise ValueError(f"--eval-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{model.config.max_seq_len} tokens: lower it")
     out = []
     for i in range(0, len(conversations), batch_size):
-        keep = model.config.max_seq_len - max_new_tokens - 1  # long prompts lose their oldest tokens
         prompts = [prompt_ids(tokenizer, c)[-keep:] for c in conversations[i:i + batch_size]]
         new = generate(model, prompts, max_new_tokens=max_new_tokens + 1, temperature=0.0, stop_tokens=[end])
         for p, tokens in zip(prompts, new):

@@ -105,3 +105,5 @@ def test_bad_input_is_named(base, data_dir, tmp_path, capsys):
         main(["--init", str(base[0]), "--data", str(bad), "--out-dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--set 'name': expected KEY=VALUE"):
         main(["--init", str(base[0]), "--data", str(bad), "--out-dir", str(tmp_path / "x"), "--set", "name"])
+    with pytest.raises(SystemExit, match="--eval-new-tokens 96 leaves no room for a prompt"):
+        run_sft(base[0], data_dir, tmp_path / "y", "--max-steps", 1, "--eval-new-tokens", 96)
