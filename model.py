@@ -431,7 +431,9 @@ class Transformer(nn.Module):
                              f"{'the KV cache length' if kv_cache is not None else 'max_seq_len'} {limit}")
         if kv_cache is not None and kv_cache.batch_size != B:
             raise ValueError(f"batch of {B} rows but the KV cache holds {kv_cache.batch_size}")
-        lowest, highest = idx.aminmax() if idx.numel() else (0, 0)
+        # (a compiled graph skips this data-dependent check, which would split it in two; inductor's own
+        # embedding lookup still checks its index bounds)
+        lowest, highest = idx.aminmax() if idx.numel() and not torch.compiler.is_compiling() else (0, 0)
         if lowest < 0 or highest >= self.config.vocab_size:
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
