@@ -391,7 +391,9 @@ def run_stage(stage: Stage, run_dir: Path, log_dir: Path) -> tuple[str, float]:
                 argv = [str(arg(run_dir)) if callable(arg) else arg for arg in argv]
                 fh.write("$ " + " ".join(map(str, argv)) + "\n")
                 fh.flush()
-                code = subprocess.call(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+                # unbuffered, so that the log shows the stage's progress lines as they come
+                code = subprocess.call(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
                 if code != 0:
                     fh.close()
                     raise PipelineError(f"stage '{stage.name}' failed (exit {code}: {last_line(log)}); log: {log}")
@@ -542,7 +544,7 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
                 f"{fmt(g('val/rewards/margin'))}, train reward acc {fmt(g('rewards/accuracy'))}")
     if name == "distill_gen":
         return (f"{fmt(g('answers'))} teacher answers ({fmt(g('finished'))} finished with <|im_end|>, "
-                f"{fmt(g('left_out'))} empty ones left out), teacher arithmetic correct {fmt(g('teacher_correct'), 2)} "
+                f"empty answers left out: {fmt(g('left_out'))}), teacher arithmetic correct {fmt(g('teacher_correct'), 2)} "
                 f"of {fmt(g('arithmetic_checked'))}")
     if name.startswith("quant"):
         return f"ckpt {fmt(g('ckpt_mb'))} MB on disk"

@@ -81,7 +81,7 @@ def test_report_table_from_fake_summaries(tmp_path):
     assert "RM score -0.500 -> 0.250, KL 0.125" in rows["`ppo`"][9]
     assert rows["`dpo`"][9].startswith("from grpo;")  # ppo is not clearly better
     assert "| `distill_gen` | distill.py generate" in report and \
-        "131 teacher answers (100 finished with <\\|im_end\\|>, 2 empty ones left out), teacher arithmetic " \
+        "131 teacher answers (100 finished with <\\|im_end\\|>, empty answers left out: 2), teacher arithmetic " \
         "correct 0.25 of 40" in report
     assert rows["`dpo`"][2:9] == ["1,000", "0.50", "2.4000", "0.80", "0.60", "0.35", "321"]
     assert rows["`dpo`"][10] == "3.5" and rows["`pretrain`"][10] == "12.0"
