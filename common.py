@@ -138,14 +138,13 @@ def check_trainable(model, path, lora_rank: int,
         raise ValueError(f"--init {path} is quantized (quant.py): its linear layers cannot be trained; {hint}")
 
 
-def load_tokenizer(model_path, tokenizer_path=None):
-    """The tokenizer to use with a model directory.
+def tokenizer_file(model_path, tokenizer_path=None) -> Path:
+    """The tokenizer .json to use with a model directory (what load_tokenizer reads).
 
     tokenizer_path, if given: a bpe.py tokenizer (the prefix given to save(), or its .json) or a
     Hugging Face tokenizer.json. Otherwise the one train.py saves beside ckpt.pt (named by the
     checkpoint's "tokenizer" entry), else the directory's tokenizer.json (a Hugging Face model).
     """
-    from bpe import Tokenizer
     if tokenizer_path is None:
         model_path = Path(model_path)
         directory = model_path if model_path.is_dir() else model_path.parent
@@ -155,7 +154,13 @@ def load_tokenizer(model_path, tokenizer_path=None):
             name = torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False).get("tokenizer")
         tokenizer_path = directory / (name or "tokenizer.json")
     path = Path(tokenizer_path)
-    json_path = path if path.suffix == ".json" else path.with_name(path.name + ".json")
+    return path if path.suffix == ".json" else path.with_name(path.name + ".json")
+
+
+def load_tokenizer(model_path, tokenizer_path=None):
+    """The tokenizer of a model directory, or tokenizer_path (see tokenizer_file): bpe.py's or Hugging Face's."""
+    from bpe import Tokenizer
+    json_path = tokenizer_file(model_path, tokenizer_path)
     if not json_path.exists():
         raise FileNotFoundError(f"{json_path}: no tokenizer there (give one with --tokenizer)")
     try:

@@ -71,10 +71,10 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import (ChatDataError, chat_token_ids, IM_END, PAD, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
-from common import (CHECKPOINT_FILE, append_jsonl, atomic_write, check_trainable, load_model, opt, parse_config,
-                    peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
+from common import (CHECKPOINT_FILE, append_jsonl, atomic_write, check_trainable, load_model, load_tokenizer, opt,
+                    parse_config, peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, tokenizer_file,
+                    truncate_metrics)
 from model import ModelConfig, Transformer
-from common import load_tokenizer
 from sample import generate
 from sft import ExampleSampler, eval_loss, load_chat_files
 from train import (TRAIN_PRESETS, BatchSampler, StepTimer, TrainConfig, TrainingError, evaluate, format_seconds,
@@ -348,7 +348,7 @@ def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, te
     for array in arrays.values():
         array.flush()
     np.save(out_dir / "offsets.npy", offsets)
-    tok_src = Path(tokenizer_file(teacher_path))
+    tok_src = tokenizer_file(teacher_path)
     for f in tok_src.parent.glob(tok_src.stem + "*"):
         shutil.copy(f, out_dir / f.name)
     meta = {"teacher": str(teacher_path), "data": str(data), "data_fingerprint": data_hash, "kind":
@@ -360,16 +360,6 @@ def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, te
     print(f"cache: {n_positions:,} positions x top-{k}" + (f" + {samples} tail samples" if samples else "")
           + f" in {format_seconds(meta['seconds'])}, {meta['bytes'] / 2**20:.1f} MiB in {out_dir}")
     return meta
-
-
-def tokenizer_file(model_path) -> str:
-    """The tokenizer .json that load_tokenizer(model_path) reads."""
-    path = Path(model_path)
-    name = None
-    if (path / CHECKPOINT_FILE).exists():
-        name = torch.load(path / CHECKPOINT_FILE, map_location="cpu", mmap=True, weights_only=False).get("tokenizer")
-    json_path = path / (name or "tokenizer.json")
-    return str(json_path if json_path.suffix == ".json" else json_path.with_name(json_path.name + ".json"))
 
 
 class TopKCache:
@@ -474,7 +464,7 @@ def distill(config: DistillConfig) -> dict:
         source = config.init or config.teacher
         if not source:
             raise DistillError("chat data needs --init (the student) or --teacher: the tokenizer comes from there")
-        tokenizer_path = Path(tokenizer_file(source))
+        tokenizer_path = tokenizer_file(source)
         tokenizer = load_tokenizer(source)
         vocab_size = tokenizer.vocab_size
     student = build_student(config, vocab_size, device)
