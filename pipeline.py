@@ -300,10 +300,10 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
               kind="chat", pngs=["loss.png"]),
         Stage("quant_rtn", "quant.py: the final chat model to int4, round to nearest", "quant_rtn",
               [py("quant.py", "--ckpt", r / "dpo", "--out", r / "quant_rtn", "--method", "rtn", "--bits", "4",
-                  *p["quant"], "--data", data, "--no-eval", *dev)], writes_summary=False, kind="chat"),
+                  *p["quant"], "--data", data, "--no-eval", *dev)], kind="chat"),
         Stage("quant_gptq", "quant.py --method gptq: int4 GPTQ of the final chat model", "quant_gptq",
               [py("quant.py", "--ckpt", r / "dpo", "--out", r / "quant_gptq", "--method", "gptq", "--bits", "4",
-                  *p["quant"], *p["gptq"], "--data", data, "--no-eval", *dev)], writes_summary=False, kind="chat"),
+                  *p["quant"], *p["gptq"], "--data", data, "--no-eval", *dev)], kind="chat"),
     ]
     evaluated = [f"{s.name}={s.kind}" for s in stages if s.kind]
     stages.append(Stage("eval", "eval.py: every checkpoint on the same held-out data and prompts", "eval",
@@ -360,8 +360,6 @@ def stage_summary(stage: Stage, run_dir: Path, wall_s: float) -> dict:
     if stage.name == "sample":  # sample.py's output, from its first sample on (the log starts with the command)
         log = (run_dir / "logs" / "sample.log").read_text(errors="replace")
         return {"text": log[log.find("--- sample"):], "wall_time_s": wall_s}
-    if stage.name.startswith("quant"):
-        return {"ckpt_mb": (out / "ckpt.pt").stat().st_size / 2**20, "wall_time_s": wall_s}
     if stage.name == "distill_gen":
         answers = [json.loads(line) for line in (out / "teacher.jsonl").read_text().splitlines()]
         rejected = out / "teacher.rejected.jsonl"  # empty answers: distill.py generate leaves them out
@@ -547,7 +545,8 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
                 f"empty answers left out: {fmt(g('left_out'))}), teacher arithmetic correct {fmt(g('teacher_correct'), 2)} "
                 f"of {fmt(g('arithmetic_checked'))}")
     if name.startswith("quant"):
-        return f"ckpt {fmt(g('ckpt_mb'))} MB on disk"
+        return (f"ckpt {fmt(g('ckpt_mb'))} MB on disk, linear layers {fmt(g('linear_vs_fp16'), 3)}x of fp16, "
+                f"quantized in {fmt(g('quant_time_s'), 1)} s")
     return ""
 
 
