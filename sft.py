@@ -409,12 +409,13 @@ def slug(name: str) -> str:
     return name.replace(" ", "_").replace("=", "")
 
 
-def run_isolated(run: SFTConfig, out: Path) -> dict:
+def run_isolated(run: SFTConfig) -> dict:
     """finetune(run) in a fresh process, so that its peak memory is its own -> its summary.json."""
+    out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(asdict(run)))
+    (out / "run.json").write_text(json.dumps(asdict(run)))  # the run's config, beside its results
     subprocess.run([sys.executable, __file__, "--config", str(out / "run.json")], check=True)
-    return json.loads((Path(run.out_dir) / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text())
 
 
 # 63M parameters with an 8k vocabulary: fp32 weights (4 bytes each), their gradients (4) and AdamW's two
@@ -462,7 +463,7 @@ def bench(config: SFTConfig) -> None:
             preset = dict(SFT_PRESETS["cpu-alpaca"])
             preset["lr"] *= 5 if rank else 1  # adapters start at zero and want a larger step
             s = result[name] = run_isolated(replace(config, **preset, bench="", data=str(data / file), lora_rank=rank,
-                                                    out_dir=str(out / slug(name))), out)
+                                                    out_dir=str(out / slug(name))))
             rows = [json.loads(r) for r in (out / slug(name) / "metrics.jsonl").read_text().splitlines()]
             s["stop_rate_by_step"] = {r["step"]: r["stop_rate"] for r in rows if "stop_rate" in r}
             print(f"| {name} | {s['trainable_params']:,} ({s['trainable_params'] / s['total_params']:.1%}) | "
@@ -478,7 +479,7 @@ def bench(config: SFTConfig) -> None:
         for name, rank in [("memory full", 0), ("memory LoRA r=8", 8)]:
             s = result[name] = run_isolated(replace(config, **SFT_PRESETS["cpu-memory"], bench="", init=base,
                                                     data=str(data / "alpaca_en_demo.json"), lora_rank=rank,
-                                                    out_dir=str(out / slug(name))), out)
+                                                    out_dir=str(out / slug(name))))
             print(f"| {name} | {s['total_params'] / 1e6:.1f}M | {s['trainable_params']:,} | "
                   f"{s['grad_and_adam_mb']:.0f} | {s['peak_memory_mb']:.0f} |", flush=True)
     (out / f"bench_{config.bench}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
