@@ -9,6 +9,11 @@ training starts exactly at the base model; dropout acts on the adapter's input o
 2023) scales by alpha / sqrt(r) instead, which keeps the update's size stable as r grows. Merging
 folds B A into W (inference at the base model's cost); unmerging takes it out again.
 
+The token embedding can carry an adapter too (`embedding_rank`, as PEFT's LoRA on an nn.Embedding):
+E' = E + (alpha / r) A B with A (vocab, r) at zero and B (r, dim) Gaussian. When the LM head is tied to
+the embedding the head follows (logits h E'^T), so even r = 1 lets every token's logit move by its own
+amount: what fine-tuning on text unlike the pretraining mix needs most (sft.py's Alpaca benchmark).
+
     from lora import apply_lora, disable_adapters, save_adapter, load_adapter, merge_lora
     counts = apply_lora(model, targets=["q_proj", "v_proj"], r=8, alpha=16)   # freezes the rest
     with disable_adapters(model): ...     # the base model, e.g. DPO's reference, without a second copy
@@ -25,6 +30,7 @@ from fnmatch import fnmatch
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import atomic_write
 from quant_linear import QuantLinear
@@ -35,43 +41,22 @@ META_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+class LoRALayer(nn.Module):
+    """What every adapted layer shares: the scaling, the on/off and merged flags, merge and unmerge of
+    delta_weight() (the subclass's (alpha/r) B A, shaped like base.weight) into the frozen base weight."""
+    def __init__(self, base: nn.Module, r: int, alpha: float, rslora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r}")
         self.base = base
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
-        # the adapters live where the base layer does; a quantized base (QLoRA) has integer buffers, no float weight
-        tensors = [*base.parameters(), *base.buffers()]
-        float_params = [p for p in base.parameters() if p.is_floating_point()]
-        factory = {"device": tensors[0].device if tensors else None,
-                   "dtype": float_params[0].dtype if float_params else torch.float32}
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as loralib does
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True
 
     @property
-    def in_features(self):
-        return self.base.in_features
-
-    @property
-    def out_features(self):
-        return self.base.out_features
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.merged or not self.enabled:
-            return y
-        # (..., in) -> (..., r) -> (..., out): never forms the (out, in) product B A
-        return y + (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(y.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+    def active(self) -> bool:
+        return self.enabled and not self.merged
 
     def _check_mergeable(self):
         if not isinstance(getattr(self.base, "weight", None), nn.Parameter) or not self.base.weight.is_floating_point():
@@ -94,8 +79,86 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}"
 
 
-def lora_layers(model: nn.Module) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+class LoRALinear(LoRALayer):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__(base, r, alpha, rslora)
+        # the adapters live where the base layer does; a quantized base (QLoRA) has integer buffers, no float weight
+        tensors = [*base.parameters(), *base.buffers()]
+        float_params = [p for p in base.parameters() if p.is_floating_point()]
+        factory = {"device": tensors[0].device if tensors else None,
+                   "dtype": float_params[0].dtype if float_params else torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as loralib does
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.active:
+            return y
+        # (..., in) -> (..., r) -> (..., out): never forms the (out, in) product B A
+        return y + (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+
+class LoRAEmbedding(LoRALayer):
+    """A token embedding E (vocab, dim) adapted to E + (alpha/r) A B: A (vocab, r) starts at zero (the
+    factor a token indexes, so training starts at the base model), B (r, dim) Gaussian, as PEFT's
+    embedding LoRA. Row v of A is token v's coordinates in the r directions of B."""
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, rslora: bool = False):
+        super().__init__(base, r, alpha, rslora)
+        vocab, dim = base.weight.shape
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.zeros(vocab, r, **factory))
+        self.lora_B = nn.Parameter(torch.randn(r, dim, **factory) / math.sqrt(dim))
+
+    def forward(self, idx):                                               # (B, T) -> (B, T, dim)
+        y = self.base(idx)
+        if not self.active:
+            return y
+        return y + (self.lora_A[idx] @ self.lora_B * self.scaling).to(y.dtype)
+
+    def project(self, h):
+        """A tied LM head's logits h E'^T = h E^T + (alpha/r) (h B^T) A^T: (..., dim) -> (..., vocab),
+        without forming the (vocab, dim) update."""
+        logits = F.linear(h, self.base.weight)
+        if not self.active:
+            return logits
+        return logits + ((h.to(self.lora_B.dtype) @ self.lora_B.T) @ self.lora_A.T * self.scaling).to(logits.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_A @ self.lora_B) * self.scaling  # (vocab, dim)
+
+
+class TiedLMHead(nn.Module):
+    """Stands in for an LM head whose weight is the token embedding's while that embedding carries a
+    LoRAEmbedding: the logits come from the adapted embedding, so input and output stay one matrix. It
+    holds no weights of its own (the state dict has the embedding's once); `original` is the head it
+    replaced, put back by merge_and_unload."""
+    def __init__(self, embedding: LoRAEmbedding, original: nn.Module):
+        super().__init__()
+        self.__dict__.update(embedding=embedding, original=original)  # references, not submodules
+
+    @property
+    def weight(self) -> nn.Parameter:  # the base (unadapted) matrix, for code that reads a head's weight
+        return self.embedding.base.weight
+
+    def forward(self, h):
+        return self.embedding.project(h)
+
+
+def lora_layers(model: nn.Module) -> list[LoRALayer]:
+    return [m for m in model.modules() if isinstance(m, LoRALayer)]
 
 
 def _targeted(name: str, targets) -> bool:
@@ -103,9 +166,16 @@ def _targeted(name: str, targets) -> bool:
     return any(last == META_NAMES.get(t, t) or fnmatch(name, t) for t in targets)
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               rslora: bool = False) -> dict:
-    """Wrap every targeted linear layer in a LoRALinear and freeze everything else.
+               rslora: bool = False, embedding_rank: int = 0) -> dict:
+    """Wrap every targeted linear layer in a LoRALinear and freeze everything else; embedding_rank > 0
+    also wraps the token embedding(s) in a LoRAEmbedding of that rank, and a head tied to one in a
+    TiedLMHead.
 
     Returns {"trainable": n, "total": n, "layers": n}. A target that matches no layer is an error
     (a typo would otherwise train nothing)."""
@@ -122,13 +192,25 @@ def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, 
     unmatched = [t for t in targets if not any(_targeted(name, [t]) for name, _ in chosen)]
     if unmatched:
         raise ValueError(f"LoRA target(s) {unmatched} match no linear layer")
+    embeddings = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)] if embedding_rank else []
+    if embedding_rank and not embeddings:
+        raise ValueError("embedding_rank > 0 but the model has no nn.Embedding")
+    tied = {id(m.weight) for _, m in embeddings}
+    if any(id(getattr(m, "weight", None)) in tied for _, m in chosen):
+        raise ValueError("a LoRA target is tied to the token embedding: use embedding_rank for it instead")
     for name, module in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, r, alpha, dropout, rslora))
-    model.lora_config = {"targets": targets, "r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora}
+        _replace(model, name, LoRALinear(module, r, alpha, dropout, rslora))
+    for name, module in embeddings:
+        adapter = LoRAEmbedding(module, embedding_rank, alpha, rslora)
+        heads = [(n, m) for n, m in model.named_modules() if m is not module and getattr(m, "weight", None) is module.weight]
+        _replace(model, name, adapter)
+        for head_name, head in heads:
+            _replace(model, head_name, TiedLMHead(adapter, head))
+    model.lora_config = {"targets": targets, "r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora,
+                         "embedding_rank": embedding_rank}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters()), "layers": len(chosen)}
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters()),
+            "layers": len(chosen) + len(embeddings)}
 
 
 @contextmanager
@@ -161,10 +243,11 @@ def unmerge_lora(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain base layers back (a normal model)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALayer):
             module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+            _replace(model, name, module.base)
+        elif isinstance(module, TiedLMHead):  # its weight is the embedding's, merged above or below
+            _replace(model, name, module.original)
     model.__dict__.pop("lora_config", None)
     return model
 
@@ -174,7 +257,7 @@ def merged_state_dict(model: nn.Module) -> dict:
     merge_and_unload(model).state_dict() gives), computed without touching the model. QuantLinear
     layers (QLoRA) come out dequantized, as plain `weight`s: the merged model is a full-precision one."""
     adapted = {name + ".base.weight": layer for name, layer in model.named_modules()
-               if isinstance(layer, LoRALinear) and not layer.merged and layer.enabled}
+               if isinstance(layer, LoRALayer) and layer.active}
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     packed = {f"{name}.{buffer}" for name, m in quantized.items() for buffer, _ in m.named_buffers()}
     state = {k: v for k, v in model.state_dict().items() if k not in packed}
@@ -188,6 +271,10 @@ def merged_state_dict(model: nn.Module) -> dict:
             merged[key.replace(".base.", ".")] = (value + adapted[key].delta_weight().to(value.dtype)).detach()
         else:
             merged[key.replace(".base.", ".")] = value.detach().clone()
+    for name, head in model.named_modules():  # a tied head: the (merged) embedding once more, as before LoRA
+        if isinstance(head, TiedLMHead):
+            embedding = next(n for n, m in model.named_modules() if m is head.embedding)
+            merged[name + ".weight"] = merged[embedding + ".weight"]
     return merged
 
 

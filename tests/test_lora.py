@@ -4,21 +4,23 @@ import copy
 import pytest
 import torch
 
-from lora import (LoRALinear, apply_lora, disable_adapters, load_adapter, merge_and_unload, merge_lora,
-                  save_adapter, unmerge_lora)
+from lora import (LoRALinear, TiedLMHead, apply_lora, disable_adapters, load_adapter, merge_and_unload,
+                  merge_lora, save_adapter, unmerge_lora)
 from model import ModelConfig, Transformer
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, tie_embeddings=False):
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
+    config = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32,
+                         tie_embeddings=tie_embeddings)
     return Transformer(config).eval()
 
 
 def randomize_adapters(model, seed=1):
+    """Give the factor that starts at zero random values (B of a linear, A of an embedding)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name and "embed" not in name or "lora_A" in name and "embed" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.1
 
 
@@ -118,3 +120,64 @@ def test_merged_state_dict_equals_merge_and_unload():
     assert set(computed) == set(merged)
     for key in merged:
         torch.testing.assert_close(computed[key], merged[key], atol=1e-6, rtol=0)
+
+
+def with_embedding(model, embedding):
+    """A plain copy of `model` whose token embedding (and the head tied to it) is `embedding`."""
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        plain.embed_tokens.weight.copy_(embedding)
+    return plain
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_adapter_is_e_plus_scaled_a_b(tied):
+    base = tiny_model(tie_embeddings=tied)
+    model = copy.deepcopy(base)
+    counts = apply_lora(model, targets=["q_proj"], r=2, alpha=8, embedding_rank=3)
+    assert torch.equal(model(IDX)[0], base(IDX)[0])  # A = 0: exactly the base model
+    assert counts["trainable"] == 2 * (2 * 32 + 32 * 2) + 3 * (97 + 32)  # q adapters + A (97, 3) and B (3, 32)
+    randomize_adapters(model)
+    embed = model.embed_tokens
+    adapted_e = base.embed_tokens.weight + (8 / 3) * embed.lora_A @ embed.lora_B
+    # an independent expectation: the plain model with E + (alpha/r) A B as its embedding; a tied head
+    # reads it too, an untied one keeps its own weight
+    expected = with_embedding(base, adapted_e)
+    for layer in model.layers:  # compare the embedding adapter alone
+        layer.self_attn.q_proj.enabled = False
+    torch.testing.assert_close(model(IDX)[0], expected(IDX)[0], atol=1e-5, rtol=0)
+    if tied:
+        assert isinstance(model.lm_head, TiedLMHead) and "lm_head.weight" not in model.state_dict()
+    else:
+        assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_embedding_adapter_merges_saves_and_stays_tied(tmp_path):
+    from lora import merged_state_dict
+    base = tiny_model(tie_embeddings=True)
+    base_logits = base(IDX)[0]
+    model = copy.deepcopy(base)
+    apply_lora(model, r=4, alpha=8, embedding_rank=1)
+    randomize_adapters(model)
+    adapted = model(IDX)[0]
+    assert (adapted - base_logits).abs().max() > 1e-3
+    merge_lora(model)
+    torch.testing.assert_close(model(IDX)[0], adapted, atol=1e-5, rtol=0)
+    with disable_adapters(model):
+        torch.testing.assert_close(model(IDX)[0], base_logits, atol=1e-5, rtol=0)
+    unmerge_lora(model)
+    torch.testing.assert_close(model(IDX)[0], adapted, atol=1e-5, rtol=0)
+
+    plain = merge_and_unload(copy.deepcopy(model))
+    assert plain.lm_head.weight is plain.embed_tokens.weight  # still one matrix
+    assert set(plain.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(plain(IDX)[0], adapted, atol=1e-5, rtol=0)
+    computed = merged_state_dict(model)
+    assert set(computed) == set(base.state_dict())
+    fresh = tiny_model(tie_embeddings=True)
+    fresh.load_state_dict(computed)
+    torch.testing.assert_close(fresh(IDX)[0], adapted, atol=1e-5, rtol=0)
+
+    save_adapter(model, tmp_path / "adapter.pt")
+    restored = load_adapter(tiny_model(tie_embeddings=True), tmp_path / "adapter.pt")
+    torch.testing.assert_close(restored(IDX)[0], adapted, atol=0, rtol=0)
