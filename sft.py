@@ -416,7 +416,9 @@ def run_isolated(run: SFTConfig) -> dict:
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(asdict(run)))  # the run's config, beside its results
-    subprocess.run([sys.executable, __file__, "--config", str(out / "run.json")], check=True)
+    code = subprocess.run([sys.executable, __file__, "--config", str(out / "run.json")]).returncode
+    if code:
+        raise TrainingError(f"benchmark run {out} failed (exit {code}; its error is above)")
     return json.loads((out / "summary.json").read_text())
 
 
