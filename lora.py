@@ -122,6 +122,10 @@ class LoRAEmbedding(LoRALayer):
         self.lora_A = nn.Parameter(torch.zeros(vocab, r, **factory))
         self.lora_B = nn.Parameter(torch.randn(r, dim, **factory) / math.sqrt(dim))
 
+    @property
+    def weight(self) -> nn.Parameter:  # the base matrix, for code that reads embed_tokens.weight's device or dtype
+        return self.base.weight
+
     def forward(self, idx):                                               # (B, T) -> (B, T, dim)
         y = self.base(idx)
         if not self.active:

@@ -16,18 +16,21 @@ ARGS = ["--max-len", "96", "--batch-size", "8", "--eval-fraction", "0.1", "--eva
         "--set", "author=Ada"]
 
 
-@pytest.fixture(scope="module")
-def base(data_dir, tmp_path_factory):
+def make_base(data_dir, out, tie_embeddings=False):
     """A random tiny model with a 512-token BPE trained on the identity answers, saved as a checkpoint."""
-    out = tmp_path_factory.mktemp("base")
     conversations, _ = load_conversations(data_dir / "sft" / "identity.json", {"name": "nanollm", "author": "Ada"})
     tokenizer = Tokenizer.train([m["content"] for c in conversations for m in c], vocab_size=512)
     tokenizer.save(out / "tokenizer")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                                    max_seq_len=64))
+                                    max_seq_len=64, tie_embeddings=tie_embeddings))
     save_checkpoint(out, model, tokenizer="tokenizer")
     return out, tokenizer
+
+
+@pytest.fixture(scope="module")
+def base(data_dir, tmp_path_factory):
+    return make_base(data_dir, tmp_path_factory.mktemp("base"))
 
 
 def run_sft(base_dir, data_dir, out, *extra):
@@ -57,6 +60,22 @@ def test_lora_trains_adapters_and_saves_merged_model(base, data_dir, tmp_path):
     idx = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(merged(idx)[0], adapted(idx)[0], atol=1e-4, rtol=0)
     assert (out / "adapter.pt").stat().st_size < (out / "ckpt.pt").stat().st_size / 3
+
+
+def test_lora_with_an_embedding_adapter_on_a_tied_model(data_dir, tmp_path):
+    base_dir, _ = make_base(data_dir, tmp_path / "tied", tie_embeddings=True)
+    out = tmp_path / "lora_embed"
+    summary = run_sft(base_dir, data_dir, out, "--max-steps", 30, "--lr", 2e-2, "--lora-rank", 4,
+                      "--lora-embedding-rank", 1)
+    assert summary["val_loss"] < summary["initial_val_loss"] - 0.1
+    from lora import load_adapter
+    merged = load_model(out)
+    assert merged.lm_head.weight is merged.embed_tokens.weight  # the merged checkpoint is still tied
+    base_model = load_model(base_dir)
+    assert not torch.equal(merged.embed_tokens.weight, base_model.embed_tokens.weight)  # the embedding moved
+    adapted = load_adapter(base_model, out / "adapter.pt").eval()
+    idx = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(merged(idx)[0], adapted(idx)[0], atol=1e-4, rtol=0)
 
 
 def test_resume_is_exact(base, data_dir, tmp_path, monkeypatch):
