@@ -13,9 +13,9 @@ project) into OUT/downloads in the same layout; --data-url BASE takes them from 
 
 Stages, each a subprocess of the project's own scripts with its log in OUT/logs/<stage>.log:
 
-  tokenizer    bpe.py train: a byte-level BPE with the chat special tokens, on the raw corpus
-  prepare      data/prepare.py --curate: PII scrubbing, quality rules, dedup, then train.bin / val.bin
   chat_data    the arithmetic task (tasks.py) as SFT conversations and DPO pairs, the student's prompts (JSONL)
+  tokenizer    bpe.py train: a byte-level BPE with the chat special tokens, on the raw corpus (zh: + the SFT chats)
+  prepare      data/prepare.py --curate: PII scrubbing, quality rules, dedup, then train.bin / val.bin
   pretrain     train.py: the base model (en: Wikipedia + C4 excerpts; zh: the Tang poems)
   sft          sft.py, full fine-tuning on identity.json (--set name=nanollm) + arithmetic + alpaca(_zh)
   sft_lora     sft.py --lora-rank: the same data, LoRA adapters (a side branch, compared in the table)
@@ -255,17 +255,21 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
     sft_eval = ["--eval-data", r / "chat_data" / "arithmetic_sft_eval.jsonl"]  # short held-out prompts (see write_chat_data)
     dpo_data = ",".join(map(str, [preference, r / "chat_data" / "arithmetic_pairs.jsonl"]))
     data = r / "data"
+    # zh: the Tang poems have no English and little modern Chinese, so the tokenizer also learns from the
+    # SFT chats it must spell (en: the pretraining corpus already covers them)
+    tokenizer_extra = [r / "chat_data" / "tokenizer_text.jsonl"] if lang == "zh" else []
     stages = [
-        Stage("tokenizer", f"bpe.py: {p['vocab_size'][lang]}-token BPE on {corpus.name}", "tokenizer",
-              [py("bpe.py", "train", "--input", corpus, "--vocab-size", p["vocab_size"][lang],
+        Stage("chat_data", "tasks.py: arithmetic SFT chats, preference pairs and the student's prompts (JSONL)", "chat_data",
+              lambda run_dir: write_chat_data(run_dir / "chat_data", p["n_arith_sft"], p["n_arith_pairs"],
+                                              p["n_student_arith"], d / "sft" / "identity.json", alpaca),
+              writes_summary=False),
+        Stage("tokenizer", f"bpe.py: {p['vocab_size'][lang]}-token BPE on {corpus.name}"
+              + (" + the SFT chats" if tokenizer_extra else ""), "tokenizer",
+              [py("bpe.py", "train", "--input", corpus, *tokenizer_extra, "--vocab-size", p["vocab_size"][lang],
                   "--out", r / "tokenizer" / "tokenizer")], writes_summary=False),
         Stage("prepare", "data/prepare.py --curate: curated train/val token shards", "data",
               [py("data/prepare.py", "--source", corpus, *corpus_args, "--curate",
                   "--tokenizer", r / "tokenizer" / "tokenizer", "--out", data)], writes_summary=False),
-        Stage("chat_data", "tasks.py: arithmetic SFT chats, preference pairs and the student's prompts (JSONL)", "chat_data",
-              lambda run_dir: write_chat_data(run_dir / "chat_data", p["n_arith_sft"], p["n_arith_pairs"],
-                                              p["n_student_arith"], d / "sft" / "identity.json"),
-              writes_summary=False),
         Stage("pretrain", "train.py: the base model", "pretrain",
               [py("train.py", "--data", data, "--out-dir", r / "pretrain", *p["pretrain"], *dev, "--resume")],
               kind="base", pngs=["loss.png"]),
@@ -321,13 +325,14 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
     return stages
 
 
-def write_chat_data(out: Path, n_sft: int, n_pairs: int, n_student: int, identity: Path) -> None:
+def write_chat_data(out: Path, n_sft: int, n_pairs: int, n_student: int, identity: Path, alpaca: Path) -> None:
     """tasks.py's arithmetic as chat.py formats: messages conversations for SFT, prompt pairs for DPO,
     test-split conversations as SFT's held-out set (sft.py answers its held-out prompts untruncated, so
-    they must fit the context: alpaca's long inputs do not at the ci sizes), and the chat student's
+    they must fit the context: alpaca's long inputs do not at the ci sizes), the chat student's
     prompts for the teacher: arithmetic questions (with their answers, so distill.py generate checks the
-    teacher) and identity.json's questions."""
-    from chat import read_records
+    teacher) and identity.json's questions; and the text of every SFT conversation (identity, arithmetic,
+    alpaca) as tokenizer_text.jsonl, which the zh track's tokenizer learns from besides its corpus."""
+    from chat import load_conversations, read_records
     from tasks import arithmetic_problems, preference_pairs, sft_conversations
     out.mkdir(parents=True, exist_ok=True)
     chats = sft_conversations(arithmetic_problems(n_sft, split="train", seed=1))
@@ -339,6 +344,11 @@ def write_chat_data(out: Path, n_sft: int, n_pairs: int, n_student: int, identit
                           ("arithmetic_sft_eval.jsonl", [{"messages": c} for c in held_out]),
                           ("arithmetic_pairs.jsonl", pairs), ("student_prompts.jsonl", student_prompts)):
         (out / name).write_text("".join(json.dumps(x) + "\n" for x in records))
+    placeholders = {"name": IDENTITY_NAME, "author": IDENTITY_AUTHOR}
+    sft_chats = [c for path in (identity, alpaca) for c in load_conversations(path, placeholders)[0]] + chats
+    (out / "tokenizer_text.jsonl").write_text("".join(
+        json.dumps({"text": "\n".join(m["content"] for m in c)}, ensure_ascii=False) + "\n" for c in sft_chats),
+        encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------

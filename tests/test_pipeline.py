@@ -97,7 +97,7 @@ def test_every_preset_builds_every_stage(tmp_path):
             assert len({s.out for s in stages}) == len(stages)  # no two stages share an output directory
             names = names or [s.name for s in stages]
             assert [s.name for s in stages] == names
-    assert names[:4] == ["tokenizer", "prepare", "chat_data", "pretrain"] and names[-2:] == ["eval", "sample"]
+    assert names[:4] == ["chat_data", "tokenizer", "prepare", "pretrain"] and names[-2:] == ["eval", "sample"]
 
 
 def test_dpo_continues_from_ppo_only_when_clearly_better():
