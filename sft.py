@@ -91,7 +91,7 @@ class SFTConfig(RunConfig):
 
 
 SFT_PRESETS = {
-    # the identity benchmark on a 2-core CPU (bench.py sft)
+    # the identity benchmark on a 2-core CPU (sft.py --bench identity)
     "cpu-identity": dict(max_len=128, batch_size=8, max_steps=150, lr=1e-3, min_lr=1e-4, warmup_steps=10,
                          eval_fraction=0.0, eval_interval=50, eval_prompts=8),
     # Alpaca EN/ZH: half the answers are longer than 130 tokens, so the eval lets them run to 192
