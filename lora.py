@@ -196,7 +196,7 @@ def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, 
     unmatched = [t for t in targets if not any(_targeted(name, [t]) for name, _ in chosen)]
     if unmatched:
         raise ValueError(f"LoRA target(s) {unmatched} match no linear layer")
-    embeddings = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)] if embedding_rank else []
+    embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)] if embedding_rank else []
     if embedding_rank and not embeddings:
         raise ValueError("embedding_rank > 0 but the model has no nn.Embedding")
     tied = {id(m.weight) for _, m in embeddings}
@@ -206,7 +206,8 @@ def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, 
         _replace(model, name, LoRALinear(module, r, alpha, dropout, rslora))
     for name, module in embeddings:
         adapter = LoRAEmbedding(module, embedding_rank, alpha, rslora)
-        heads = [(n, m) for n, m in model.named_modules() if m is not module and getattr(m, "weight", None) is module.weight]
+        heads = [(n, m) for n, m in model.named_modules()
+                 if m is not module and getattr(m, "weight", None) is module.weight]  # tied to this embedding
         _replace(model, name, adapter)
         for head_name, head in heads:
             _replace(model, head_name, TiedLMHead(adapter, head))
