@@ -88,6 +88,7 @@ class DPOConfig(RunConfig):
     lora_rank: int = opt(0, "train LoRA adapters of this rank (0: every weight); the reference is then the base")
     lora_alpha: float = opt(16.0, "LoRA alpha")
     lora_targets: str = opt(",".join(ALL_LINEAR), "comma-separated layers to adapt")
+    lora_embedding_rank: int = opt(0, "with --lora-rank: rank of an adapter on the token embedding (and a tied head)")
     # data
     max_len: int = opt(512, "prompt + answer tokens (the prompt's start is cut first; capped at the model's context)")
     set: list = field(default_factory=list, metadata={"append": True, "help": "fill a {{KEY}} placeholder: KEY=VALUE (repeatable)"})
@@ -417,7 +418,8 @@ def build_policy(config: DPOConfig, device):
     lora_counts = None
     if config.lora_rank:
         targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
-        lora_counts = apply_lora(model, targets=targets, r=config.lora_rank, alpha=config.lora_alpha)
+        lora_counts = apply_lora(model, targets=targets, r=config.lora_rank, alpha=config.lora_alpha,
+                                 embedding_rank=config.lora_embedding_rank)
     return model.eval(), lora_counts  # eval: no dropout, so the policy starts equal to its reference
 
 

@@ -126,6 +126,7 @@ class RLConfig(RunConfig):
     lora_rank: int = opt(16, "LoRA rank of the policy (0: full fine-tuning against a frozen copy)")
     lora_alpha: float = opt(32.0, "LoRA alpha")
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "layers to adapt")
+    lora_embedding_rank: int = opt(0, "with --lora-rank: rank of an adapter on the token embedding (and a tied head)")
     # the RL defaults of RunConfig's options (their help is RunConfig's)
     max_steps: int = opt(200, "RL steps (each: rollouts, then the updates; the cosine schedule ends here)")
     lr: float = 2e-3
@@ -731,7 +732,8 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     check_trainable(model, config.init, config.lora_rank)
     ref_model = None
     if config.lora_rank:
-        counts = apply_lora(model, config.lora_targets.split(","), config.lora_rank, config.lora_alpha)
+        counts = apply_lora(model, config.lora_targets.split(","), config.lora_rank, config.lora_alpha,
+                            embedding_rank=config.lora_embedding_rank)
     else:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         counts = {"trainable": model.num_params(), "total": model.num_params()}

@@ -214,6 +214,7 @@ SLOW = pytest.mark.slow  # hinge and cDPO share DPO's code path; precompute is t
 @pytest.mark.parametrize("overrides", [dict(loss="ipo"), pytest.param(dict(loss="hinge"), marks=SLOW), dict(loss="simpo"),
                                        dict(loss="orpo"), pytest.param(dict(loss="sigmoid", label_smoothing=0.1), marks=SLOW),
                                        dict(loss="kto"), dict(loss="sigmoid", lora_rank=4),
+                                       dict(loss="sigmoid", lora_rank=4, lora_embedding_rank=1),
                                        pytest.param(dict(loss="kto", precompute_ref=True), marks=SLOW)])
 def test_every_loss_and_reference_trains(init_dir, pairs_file, tmp_path, overrides):
     summary, lines = run(init_dir, pairs_file, tmp_path / "out", max_steps=8, lr=3e-3, **overrides)

@@ -299,7 +299,8 @@ def test_reward_cli_learns_toy_preferences_and_round_trips(tmp_path, checkpoint)
 
 def test_grpo_cli_resumes_exactly(tmp_path, sft_checkpoint):
     common = ["--init", str(sft_checkpoint), "--prompts-per-step", "4", "--samples-per-prompt", "4",
-              "--max-new-tokens", "8", *TASK, "--eval-interval", "2", "--lr", "1e-2", "--ppo-epochs", "2"]
+              "--max-new-tokens", "8", *TASK, "--eval-interval", "2", "--lr", "1e-2", "--ppo-epochs", "2",
+              "--lora-embedding-rank", "1"]  # the embedding adapter is saved and restored with the others
     main(["grpo", *common, "--out-dir", str(tmp_path / "straight"), "--max-steps", "4"])
     main(["grpo", *common, "--out-dir", str(tmp_path / "resumed"), "--max-steps", "2"])
     main(["grpo", *common, "--out-dir", str(tmp_path / "resumed"), "--max-steps", "4", "--resume"])
