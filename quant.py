@@ -60,7 +60,7 @@ import torch.nn as nn
 
 from common import CHECKPOINT_FILE, atomic_write, load_model, read_checkpoint, resolve_device, save_checkpoint
 from model import Transformer
-from quant_linear import NF4_VALUES, QuantError, QuantLinear, set_module
+from quant_linear import NF4_VALUES, QuantError, QuantLinear, dequantize_codes, set_module
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "nf4")
@@ -158,9 +158,7 @@ class Grid:
         return nf4_codes(w, scale) if self.nf4 else quantize_codes(w, scale, zero, self.spec.bits)
 
     def dequant(self, codes, scale, zero):
-        if self.nf4:
-            return torch.tensor(NF4_VALUES, device=codes.device)[codes.long()] * scale
-        return scale * (codes - zero)
+        return dequantize_codes(codes, scale, zero, self.nf4)
 
 
 @dataclass
@@ -175,10 +173,7 @@ class Quantized:
     ordered_groups: bool       # g_idx == column // group_size: nothing to store
 
     def dequantize(self) -> torch.Tensor:
-        scale, zero = self.scales[:, self.g_idx], self.zeros[:, self.g_idx]
-        if self.nf4:
-            return torch.tensor(NF4_VALUES, device=self.codes.device)[self.codes.long()] * scale
-        return scale * (self.codes - zero)
+        return dequantize_codes(self.codes, self.scales[:, self.g_idx], self.zeros[:, self.g_idx], self.nf4)
 
 
 def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "layer") -> Quantized:

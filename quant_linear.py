@@ -26,6 +26,14 @@ NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0)
 
 
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, nf4: bool) -> torch.Tensor:
+    """w = s (q - z) for the integer grids, w = s NF4[q] for NF4 (zero unused); scale and zero broadcast
+    against the codes."""
+    if nf4:
+        return torch.tensor(NF4_VALUES, device=codes.device)[codes.long()] * scale
+    return scale * (codes.float() - zero)
+
+
 class QuantError(ValueError):
     """Bad quantization input (bits, group size, a Hessian that cannot be factored): one line, no traceback."""
 
@@ -118,16 +126,13 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """(out, in) fp32 weight."""
         codes = unpack(self.qweight, self.bits)
-        if self.nf4:
-            codes = torch.tensor(NF4_VALUES, device=codes.device)[codes.long()]
+        scales, zeros = self.scales.float(), self.zeros.float()
         if self.g_idx is not None:  # act-order: each column's group looked up
             g = self.g_idx.long()
-            scale = self.scales.float()[:, g]
-            return codes * scale if self.nf4 else scale * (codes.float() - self.zeros.float()[:, g])
+            return dequantize_codes(codes, scales[:, g], zeros[:, g], self.nf4)
         # contiguous groups: (out, n_groups, group_size) against one scale and zero per group, no gather
-        grouped = codes.float().view(self.out_features, -1, self.group_size)
-        scale = self.scales.float()[..., None]
-        weight = grouped * scale if self.nf4 else scale * (grouped - self.zeros.float()[..., None])
+        grouped = codes.view(self.out_features, -1, self.group_size)
+        weight = dequantize_codes(grouped, scales[..., None], zeros[..., None], self.nf4)
         return weight.view(self.out_features, self.in_features)
 
     def forward(self, x):
