@@ -97,7 +97,7 @@ SFT_PRESETS = {
     # Alpaca EN/ZH: half the answers are longer than 130 tokens, so the eval lets them run to 192
     "cpu-alpaca": dict(max_len=256, batch_size=8, max_steps=400, lr=1e-3, min_lr=1e-4, eval_interval=100,
                        eval_prompts=50, eval_new_tokens=192),
-    # peak memory only (sft.py --bench alpaca): a few steps, no evaluation
+    # peak memory only (sft.py --bench alpaca|memory): a few steps, no evaluation
     "cpu-memory": dict(max_len=128, batch_size=2, max_steps=3, warmup_steps=1, eval_fraction=0.0, eval_prompts=0),
 }
 
