@@ -273,6 +273,18 @@ def load_conversations(path, placeholders: dict | None = None, skip_bad_records:
     return _load(path, convert, placeholders, skip_bad_records)
 
 
+def load_chat_files(paths: str, placeholders: dict, skip_bad_records: bool) -> list:
+    """The conversations of comma-separated files (load_conversations each), the count of each printed."""
+    conversations = []
+    for path in filter(None, (p.strip() for p in paths.split(","))):
+        found, skipped = load_conversations(path, placeholders, skip_bad_records)
+        print(f"{path}: {len(found):,} conversations" + (f" ({skipped} bad records skipped)" if skipped else ""))
+        conversations += found
+    if not conversations:
+        raise ChatDataError(f"no conversations in {paths!r}")
+    return conversations
+
+
 def _answer(value, where: str) -> str:
     """A chosen/rejected answer: a string, a {"from"/"role", "value"/"content"} turn, or a message list's last."""
     if isinstance(value, str):

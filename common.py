@@ -1,5 +1,5 @@
-"""Plumbing shared by the nanollm scripts: devices, atomic checkpoint files, loading a model and its tokenizer,
-and the command line of the training scripts (their config dataclasses, on the shared RunConfig).
+"""Plumbing shared by the nanollm scripts: devices, atomic checkpoint files, loading a model and its tokenizer.
+(What the training loops share beyond this, from the config CLI to the run directory, is training.py.)
 
 A nanollm checkpoint is a directory holding `ckpt.pt`: a dict with at least `model` (the state dict)
 and `model_config` (ModelConfig as a dict); training scripts add optimizer, step, RNG and sampler
@@ -8,11 +8,10 @@ state, and save the tokenizer they used into the same directory. A model with qu
 (quant_linear.py), which load_model puts back before loading the weights. A Hugging Face directory
 (`config.json` + safetensors) is accepted wherever a checkpoint is.
 """
-import argparse
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -97,19 +96,6 @@ def read_checkpoint(ckpt_dir, map_location="cpu") -> dict:
     return ckpt
 
 
-def truncate_metrics(metrics_file, step: int) -> None:
-    """Keep the rows of a metrics.jsonl logged up to `step`: a resumed run is about to log the later ones again."""
-    path = Path(metrics_file)
-    rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(row + "\n" for row in rows))
-
-
-def append_jsonl(path, row: dict) -> None:
-    """One more row of a metrics.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def load_model(path, device="cpu", dtype: torch.dtype | None = None, attn_backend: str | None = None) -> Transformer:
     """A model from a nanollm checkpoint directory (or ckpt.pt file), a quantized one (quant.py: its
     QuantLinear layers in place) or a Hugging Face directory. dtype casts the float weights; a quantized
@@ -168,93 +154,3 @@ def load_tokenizer(model_path, tokenizer_path=None):
     except (ValueError, AttributeError):
         raise ValueError(f"{json_path}: not a tokenizer file (expected JSON from bpe.py or Hugging Face)") from None
     return Tokenizer.load(json_path) if is_ours else Tokenizer.from_hf(json_path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config parsing for the training scripts: a dataclass of every hyperparameter becomes the CLI.
-# Precedence: dataclass defaults < --preset < --config FILE (JSON) < flags given on the command line.
-
-def opt(default, help, **meta):
-    """A config field: its default, its --help text, and optional `choices`, `type`, `append` for the CLI."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
-@dataclass
-class RunConfig:
-    """The options every training script shares (train, sft, dpo, rlhf, distill): the budget, AdamW with
-    warmup + cosine (train.learning_rate), evaluation and logging cadence, device, seed and resume. The
-    defaults are pretraining's (train.py); the fine-tuning scripts lower lr, steps and weight decay.
-
-    A script's config inherits it and changes a default by declaring the field again without opt():
-    `lr: float = 1e-4` keeps the help text given here (parse_config reads it through the MRO)."""
-    max_steps: int = opt(2000, "optimizer steps (the cosine schedule ends here)")
-    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none); stops cleanly, then the final eval")
-    lr: float = opt(1e-3, "peak learning rate")
-    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(100, "linear warmup steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on norms, biases)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    eval_interval: int = opt(250, "evaluate and checkpoint every N steps (and once at the end)")
-    log_interval: int = opt(10, "print a progress line every N steps")
-    device: str = opt("auto", "auto | cpu | cuda | mps")
-    seed: int = opt(1337, "random seed (every random draw of the run follows from it)")
-    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
-
-
-def field_metadata(config_class, name: str) -> dict:
-    """The help, choices and type of a field: from the nearest class in the MRO that gives any (a subclass
-    that only changes a default declares the field without them)."""
-    for cls in config_class.__mro__:
-        f = getattr(cls, "__dataclass_fields__", {}).get(name)
-        if f is not None and f.metadata:
-            return f.metadata
-    raise TypeError(f"{config_class.__name__}.{name}: no help text (declare it with opt(default, help))")
-
-
-def _flag_type(default):
-    if isinstance(default, bool):
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
-    return type(default) if default is not None else str
-
-
-def parse_config(config_class, presets: dict, description: str, argv=None):
-    """Build an argparse CLI from `config_class`'s fields (help text from field metadata["help"]),
-    apply --preset, --config and the flags, and return the config instance.
-
-    --help lists the script's own options first, then RunConfig's shared ones in a group of their own."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", choices=sorted(presets), help="a named set of hyperparameters")
-    parser.add_argument("--config", help="JSON file of hyperparameters (flags override it)")
-    shared = {f.name for f in fields(RunConfig)} if issubclass(config_class, RunConfig) else set()
-    shared_group = parser.add_argument_group("optimisation and run (shared by every training script: common.RunConfig)")
-    for f in sorted(fields(config_class), key=lambda f: f.name in shared):  # stable: the script's own first
-        group = shared_group if f.name in shared else parser
-        meta = field_metadata(config_class, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if meta.get("append"):  # a list field: the flag may be given several times
-            group.add_argument(flag, action="append", default=argparse.SUPPRESS,
-                               help=f"{meta.get('help', '')} (repeatable)")
-            continue
-        kind = meta.get("type") or _flag_type(f.default)
-        is_bool = isinstance(f.default, bool)  # `--compile` alone means true; `--compile false` also works
-        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, **({"nargs": "?", "const": True} if is_bool else {}),
-                           help=f"{meta.get('help', '')} (default: {f.default})",
-                           **({"choices": meta["choices"]} if "choices" in meta else {}))
-    args = vars(parser.parse_args(argv))
-    values = dict(presets[args.pop("preset")]) if args.get("preset") else {}
-    args.pop("preset", None)
-    config_file = args.pop("config", None)
-    if config_file:
-        try:
-            from_file = json.loads(open(config_file, encoding="utf-8").read())
-        except (OSError, ValueError) as e:
-            parser.error(f"--config {config_file}: {e}")
-        known = {f.name for f in fields(config_class)}
-        unknown = sorted(set(from_file) - known)
-        if unknown:
-            parser.error(f"--config {config_file}: unknown keys {unknown}")
-        values.update(from_file)
-    values.update(args)
-    return config_class(**values)

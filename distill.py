@@ -55,7 +55,6 @@ import argparse
 import hashlib
 import json
 import math
-import random
 import shutil
 import sys
 import time
@@ -69,17 +68,15 @@ import torch
 import torch.nn.functional as F
 
 from bpe import Tokenizer
-from chat import (ChatDataError, chat_token_ids, IM_END, PAD, pad_batch, prompt_ids, read_records,
+from chat import (ChatDataError, chat_token_ids, IM_END, PAD, load_chat_files, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
-from common import (CHECKPOINT_FILE, append_jsonl, atomic_write, check_trainable, load_model, load_tokenizer, opt,
-                    parse_config, peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, tokenizer_file,
-                    truncate_metrics)
-from model import ModelConfig, Transformer
+from common import atomic_write, check_trainable, load_model, load_tokenizer, peak_memory_mb, resolve_device, tokenizer_file
+from evaluate import check_same_tokenizer, evaluate, held_out_loss, token_byte_lengths
+from model import Transformer
 from sample import generate
-from sft import ExampleSampler, eval_loss, load_chat_files
-from train import (TRAIN_PRESETS, BatchSampler, StepTimer, TrainConfig, TrainingError, evaluate, format_seconds,
-                   load_split, make_optimizer, mixed_precision, plot_losses, progress_line, read_meta, rng_state, set_lr,
-                   set_rng_state, token_byte_lengths)
+from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, RunDir, StepTimer, TrainConfig, TrainingError,
+                      check_finite, format_seconds, load_split, make_optimizer, mixed_precision, new_model, opt,
+                      parse_config, progress_line, read_meta, rng_state, seed_everything, set_lr, set_rng_state)
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 REST_LOGP = -1e4  # "log 0" that stays finite: exp() of it is 0 in float32, and no inf - inf makes a NaN
@@ -216,24 +213,6 @@ def hard_loss(student_logits, targets, mask=None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizers and data
-
-def check_same_tokenizer(teacher: Tokenizer, student: Tokenizer, teacher_name: str, student_name: str) -> None:
-    """Distillation compares distributions id by id: the two tokenizers must be the same (ranks, specials, split)."""
-    def fail(what):
-        raise DistillError(f"teacher and student tokenizers differ ({what}): teacher {teacher_name}, student "
-                           f"{student_name}; white-box distillation needs one shared tokenizer (black-box "
-                           f"`distill.py generate` does not)")
-    if teacher.vocab_size != student.vocab_size:
-        fail(f"vocab size {teacher.vocab_size} vs {student.vocab_size}")
-    if teacher.ranks != student.ranks:
-        token = next((t for t in teacher.ranks if student.ranks.get(t) != teacher.ranks[t]), None)
-        fail(f"token {teacher.ranks[token]} is {token!r} in the teacher, not in the student" if token is not None
-             else "the student has tokens the teacher lacks")
-    if teacher.special_tokens != student.special_tokens:
-        fail(f"special tokens {teacher.special_tokens} vs {student.special_tokens}")
-    if teacher.pattern != student.pattern:
-        fail("pre-tokenizer patterns")
-
 
 def is_shard_dir(data: str) -> bool:
     return Path(data).is_dir()
@@ -414,12 +393,7 @@ def build_student(config: DistillConfig, vocab_size: int, device: str) -> Transf
         if student.config.max_seq_len < config.seq_len:
             raise DistillError(f"--init {config.init}: context {student.config.max_seq_len} < --seq-len {config.seq_len}")
         return student
-    overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim")
-                 if getattr(config, k)}
-    model_config = ModelConfig.from_preset(config.model, vocab_size=vocab_size, max_seq_len=config.seq_len,
-                                           dropout=config.dropout, tie_embeddings=config.tie_embeddings,
-                                           attn_backend=config.attn_backend, **overrides)
-    return Transformer(model_config).to(device)
+    return new_model(config, vocab_size).to(device)
 
 
 def check_config(config: DistillConfig) -> None:
@@ -445,12 +419,11 @@ def check_config(config: DistillConfig) -> None:
 
 def distill(config: DistillConfig) -> dict:
     check_config(config)
+    run = RunDir(config, "train")
     device = resolve_device(config.device)
     dtype, autocast, scaler = mixed_precision(config.dtype, device)
     use_teacher = config.alpha > 0
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
+    seed_everything(config.seed)
 
     shards = is_shard_dir(config.data)
     if shards:
@@ -511,12 +484,10 @@ def distill(config: DistillConfig) -> dict:
         return batch[0].to(device), batch[1].to(device), None, (batch[2].tolist() if len(batch) == 3 else None)
 
     optimizer = make_optimizer(student, config, device)
-    out_dir = Path(config.out_dir)
-    step, elapsed_before = 0, 0.0
-    ckpt_path = out_dir / CHECKPOINT_FILE
+    step, elapsed = 0, 0.0
     sampler_state = (lambda: sampler.generator.get_state()) if shards else sampler.state
-    if config.resume and ckpt_path.exists():
-        ckpt = read_checkpoint(out_dir)
+    if run.resuming:
+        ckpt = run.checkpoint
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -525,26 +496,19 @@ def distill(config: DistillConfig) -> dict:
         else:
             sampler.load_state(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
-        step, elapsed_before = ckpt["step"], ckpt["elapsed"]
-        truncate_metrics(out_dir / "metrics.jsonl", step)
-        print(f"resumed from {ckpt_path} at step {step}")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").write_text("")
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        print(f"resumed from {run.ckpt_path} at step {step}")
+    run.start(step)
     for f in tokenizer_path.parent.glob(tokenizer_path.stem + "*"):  # the tokenizer travels with the checkpoint
-        shutil.copy(f, out_dir / f.name)
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+        shutil.copy(f, run.path / f.name)
     source = f"live teacher {config.teacher}" if teacher else (f"cache {config.teacher_cache}" if cache else "hard labels only")
     print(f"student: {student.num_params() / 1e6:.2f}M parameters | {source} | loss {config.alpha} * "
           f"{config.loss}(T={config.temperature}) + {1 - config.alpha:g} * CE | device {device} {dtype}")
 
     def save():
-        save_checkpoint(out_dir, student, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        run.save_checkpoint(student, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                         sampler=sampler_state(), rng=rng_state(), step=step, elapsed=elapsed,
                         train_config=asdict(config), tokenizer=tokenizer_path.stem)
-
-    def record(row):
-        append_jsonl(out_dir / "metrics.jsonl", row)
 
     def run_eval(max_tokens):
         student.eval()
@@ -552,20 +516,19 @@ def distill(config: DistillConfig) -> dict:
             metrics = evaluate(student, val_data, config.seq_len, config.batch_size, device, autocast, token_bytes, max_tokens)
         else:
             with autocast:
-                loss = eval_loss(student, eval_examples, pad_id, config.batch_size, device)
+                loss = held_out_loss(student, eval_examples, pad_id, config.batch_size, device)
             metrics = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
         student.train()
         print(f"eval step {step}: val loss {metrics['val_loss']:.4f}"
               + (f" | bpb {metrics['val_bpb']:.4f}" if "val_bpb" in metrics else ""))
-        record({"step": step, **metrics})
-        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+        run.record({"step": step, **metrics})
+        run.plot()
         return metrics
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
     ckpt_step = step  # the teacher time below counts this run's steps only
     student.train()
-    t_start = time.time()
-    elapsed = elapsed_before
+    t_start, elapsed_before = time.time(), elapsed
     timer, teacher_s, teacher_total_s = StepTimer(config, step), 0.0, 0.0
     stop_reason = "max_steps"
     while step < config.max_steps:
@@ -573,6 +536,7 @@ def distill(config: DistillConfig) -> dict:
         sums = torch.zeros(3)  # loss, kd, ce
         for _ in range(config.grad_accum):
             inputs, targets, mask, rows = next_batch()
+            # forward: the teacher (live, or its cached top-k), then the student and the KD + CE loss
             if use_teacher:
                 t0 = time.time()
                 if teacher is not None:
@@ -588,25 +552,28 @@ def distill(config: DistillConfig) -> dict:
             kd = kd_loss(logits, teacher_out, config.loss, config.temperature, config.beta, mask) if use_teacher \
                 else torch.zeros((), device=device)
             loss = config.alpha * kd + (1 - config.alpha) * ce
+            # backward (the scaler is a no-op unless fp16)
             scaler.scale(loss / config.grad_accum).backward()
             sums += torch.stack([loss.detach(), kd.detach(), ce.detach()]).cpu() / config.grad_accum
+        # clip
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
+        # step
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         loss_value, kd_value, ce_value = sums.tolist()
-        if not math.isfinite(loss_value):
-            raise DistillError(f"loss is {loss_value} at step {step + 1}: try a lower --lr or --dtype float32")
+        check_finite(loss_value, step, run.ckpt_path, "try a lower --lr or --dtype float32")
         step += 1
         elapsed = elapsed_before + time.time() - t_start
+        # log
         if step % config.log_interval == 0 or step == config.max_steps:
             step_time, window_s, eta = timer.lap(step, elapsed)
             teacher_share, teacher_s = teacher_s / window_s, 0.0
             print(progress_line(step, config.max_steps, eta, f"loss {loss_value:.4f}", f"kd {kd_value:.4f}",
                                 f"ce {ce_value:.4f}", f"lr {lr:.2e}", f"{tokens_per_step / step_time:,.0f} tok/s",
                                 f"teacher {teacher_share:.0%}"), flush=True)
-            record({"step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "lr": lr,
+            run.record({"step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_time, "elapsed": elapsed})
         if config.max_time and elapsed >= config.max_time:
             stop_reason = "max_time"
@@ -624,9 +591,9 @@ def distill(config: DistillConfig) -> dict:
                "teacher": config.teacher or config.teacher_cache or None, "loss": config.loss,
                "temperature": config.temperature, "alpha": config.alpha,
                "peak_memory_mb": peak_memory_mb(device)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    path = run.write_summary(summary)
     print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | val loss {final['val_loss']:.4f}"
-          + (f" | val bpb {final['val_bpb']:.4f}" if "val_bpb" in final else "") + f" | summary in {out_dir / 'summary.json'}")
+          + (f" | val bpb {final['val_bpb']:.4f}" if "val_bpb" in final else "") + f" | summary in {path}")
     return summary
 
 

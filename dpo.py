@@ -3,120 +3,49 @@
     python dpo.py --init out/sft --data ../shared/data/preference/dpo_en_demo.json --out-dir out/dpo
     python dpo.py --init out/sft --data pairs.jsonl --loss simpo --lora-rank 8 --out-dir out/simpo
     python dpo.py --init out/sft --data ../shared/data/preference/kto_en_demo.json --loss kto --out-dir out/kto
-    python dpo.py --bench arithmetic --init out/sft_arith      # the verifiable benchmark (README)
-    python dpo.py --bench demo --init out/base                 # sigmoid / ipo / simpo curves on the demo pairs
 
-For a prompt x with a chosen answer y_w and a rejected one y_l, each loss is a function of sequence
-log-probabilities log pi(y | x), summed over the answer tokens only (the prompt is masked by the chat
-template, chat.py), under the policy pi and, for most losses, a frozen reference pi_ref (the SFT model).
-With h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]:
+Each loss is a function of sequence log-probs log pi(y|x) summed over the answer's tokens, under the policy
+pi and a frozen reference pi_ref (the SFT model). For a chosen y_w and a rejected y_l,
+h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]:
 
-  sigmoid  DPO (Rafailov et al. 2023, eq. 7):            -log sigmoid(beta h)
-  cDPO     label smoothing eps (Mitchell 2023):           -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
-  ipo      IPO (Azar et al. 2023, eq. 17):                (h - 1 / (2 beta))^2
-  hinge    SLiC-HF (Zhao et al. 2023):                    max(0, 1 - beta h)
-  simpo    SimPO (Meng et al. 2024, eq. 6), no reference, length-normalised, margin gamma:
-                                                          -log sigmoid(beta avg log pi(y_w|x) - beta avg log pi(y_l|x) - gamma)
-  orpo     ORPO (Hong et al. 2024, eq. 6), no reference:  -avg log pi(y_w|x) - lambda log sigmoid(log odds(y_w) - log odds(y_l)),
-           odds(y) = P / (1 - P) with P = exp(avg log pi(y|x)), the per-token geometric mean probability
-  RPO      --rpo-alpha a (Pang et al. 2024): any of the three above plus a times the chosen answer's NLL per token
-  kto      KTO (Ethayarajh et al. 2024, eq. 8) on unpaired answers labelled good or bad, r = log pi/pi_ref:
-           good: w_d (1 - sigmoid(beta (r - z0))), bad: w_u (1 - sigmoid(beta (z0 - r))), z0 = max(0, KL
-           estimate) from mismatched (prompt, answer) pairs, not back-propagated
+  sigmoid  DPO (Rafailov et al. 2023, eq. 7)   -log sigmoid(beta h); cDPO: label smoothing eps
+  ipo      IPO (Azar et al. 2023, eq. 17)      (h - 1 / (2 beta))^2
+  hinge    SLiC-HF (Zhao et al. 2023)          max(0, 1 - beta h)
+  simpo    SimPO (Meng et al. 2024, eq. 6)     -log sigmoid(beta (avg log pi(y_w) - avg log pi(y_l)) - gamma)
+  orpo     ORPO (Hong et al. 2024, eq. 6)      -avg log pi(y_w) - lambda log sigmoid(log odds(y_w) - log odds(y_l))
+  kto      KTO (Ethayarajh et al. 2024)        unpaired good/bad answers against a batch KL estimate z0
+  (+ RPO, --rpo-alpha a: a times the chosen answer's NLL per token, Pang et al. 2024)
 
-The implicit reward of an answer is beta (log pi - log pi_ref) (DPO's eq. 5; for simpo and orpo beta /
-lambda times the average log-prob). Logged each step: loss, rewards/chosen, rewards/rejected,
-rewards/accuracy (share of pairs whose chosen reward is higher), rewards/margin, and the policy's and
-reference's log-probs. At step 0 the policy IS the reference, so h = 0 and the sigmoid loss is exactly
-ln 2 = 0.693; a loss that stays there means nothing moves (a warning names the usual causes).
-
-Chosen and rejected answers go through the model in one batch (B chosen rows, then B rejected rows).
-The reference is one of: a frozen copy of the initial model; with --lora-rank, the policy's own base
-weights with the adapters switched off (lora.disable_adapters: no second model in memory); or with
---precompute-ref, log-probs computed once before training and cached (only the policy in memory).
-Dropout is off throughout (the policy is in eval mode), so policy and reference agree at step 0.
-Data: chat.py's preference formats (ShareGPT pairs, {"prompt","chosen","rejected"}, message-list pairs);
-for kto also {"messages", "label"} records (paired files are split into good and bad answers).
-Outputs in --out-dir: ckpt.pt (the merged model, loadable by common.load_model) with the tokenizer,
-adapter.pt with LoRA, metrics.jsonl, loss.png, rewards.png and summary.json.
+The implicit reward of an answer is beta (log pi - log pi_ref) (DPO's eq. 5). At step 0 the policy IS the
+reference, so h = 0 and the sigmoid loss is exactly ln 2 = 0.693; a loss that stays there means nothing
+moves (a warning names the usual causes). The reference is a frozen copy, the policy's base weights with
+its LoRA adapters off (--lora-rank), or log-probs computed once (--precompute-ref). The loop, schedule and
+checkpoints are training.py's; outputs in --out-dir: ckpt.pt (merged), adapter.pt with LoRA, metrics.jsonl,
+loss.png, rewards.png, summary.json.
 """
+from __future__ import annotations  # the losses come first, the config they read after them
 import copy
-import json
 import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
+from chat import (PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
                   pad_batch, parse_placeholders, prompt_ids, read_records)
-from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, check_trainable, load_model, opt, parse_config,
-                    peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
-from lora import ALL_LINEAR, apply_lora, disable_adapters, lora_state_dict, merge_and_unload, save_adapter
-from train import (StepTimer, TrainingError, format_seconds, make_optimizer, plot_losses, progress_line, rng_state,
-                   set_lr, set_rng_state)
+from common import check_trainable, load_model, load_tokenizer, peak_memory_mb, resolve_device
+from lora import ALL_LINEAR, apply_lora, disable_adapters
+from training import (RunConfig, RunDir, StepTimer, TrainingError, check_finite, format_seconds, make_optimizer, opt,
+                      parse_config, progress_line, rng_state, set_lr, set_rng_state)
 
 LN2 = math.log(2)
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 INTERNAL = ("answer_tokens", "max_abs_logratio")  # per-batch diagnostics for the ln 2 warning, not logged
-
-
-@dataclass
-class DPOConfig(RunConfig):
-    init: str = opt("", "the starting model: a nanollm checkpoint directory (an SFT model) or a Hugging Face one")
-    data: str = opt("", "preference file(s), comma-separated (.json or .jsonl)")
-    val_data: str = opt("", "held-out preference file(s); empty: hold out --val-fraction of --data")
-    val_fraction: float = opt(0.1, "share of the pairs held out for evaluation when --val-data is not given")
-    out_dir: str = opt("out/dpo", "where the model, metrics and the summary go")
-    # the objective
-    loss: str = opt("sigmoid", "preference loss (see the docstring)", choices=list(LOSSES))
-    beta: float = opt(0.1, "beta: strength of the KL tie to the reference (sigmoid, ipo, hinge, kto)")
-    label_smoothing: float = opt(0.0, "cDPO: assumed share of flipped labels, 0 <= eps < 0.5 (sigmoid)")
-    simpo_beta: float = opt(2.0, "SimPO's beta (it scales average log-probs, hence larger than DPO's)")
-    simpo_gamma: float = opt(1.0, "SimPO's target reward margin gamma")
-    orpo_lambda: float = opt(0.1, "ORPO's weight lambda of the odds-ratio term")
-    rpo_alpha: float = opt(0.0, "RPO: add alpha times the chosen answers' NLL per token to sigmoid / ipo / hinge")
-    kto_desirable_weight: float = opt(1.0, "KTO's w_d, weight of the good answers")
-    kto_undesirable_weight: float = opt(1.0, "KTO's w_u, weight of the bad answers")
-    # the reference model
-    precompute_ref: bool = opt(False, "compute the reference log-probs once before training (no reference in memory)")
-    lora_rank: int = opt(0, "train LoRA adapters of this rank (0: every weight); the reference is then the base")
-    lora_alpha: float = opt(16.0, "LoRA alpha")
-    lora_targets: str = opt(",".join(ALL_LINEAR), "comma-separated layers to adapt")
-    lora_embedding_rank: int = opt(0, "with --lora-rank: rank of an adapter on the token embedding (and a tied head)")
-    # data
-    max_len: int = opt(512, "prompt + answer tokens (the prompt's start is cut first; capped at the model's context)")
-    set: list = field(default_factory=list, metadata={"append": True, "help": "fill a {{KEY}} placeholder: KEY=VALUE (repeatable)"})
-    skip_bad_records: bool = opt(False, "skip (and count) records that cannot be used instead of stopping")
-    # batches
-    batch_size: int = opt(8, "pairs per micro-batch (2x sequences through the model)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    stuck_steps: int = opt(30, "warn when the sigmoid loss stays at ln 2 for this many steps")
-    bench: str = opt("", "run a benchmark instead of one training run: arithmetic | demo", choices=["", "arithmetic", "demo"])
-    bench_rejected: str = opt("random", "arithmetic benchmark's wrong answers: off by 1-3 ('random') or the --init "
-                              "model's own wrong samples at temperature 1 ('model')", choices=["random", "model"])
-    # dpo.py's defaults of RunConfig's options (their help is RunConfig's)
-    max_steps: int = 200
-    lr: float = 5e-5
-    min_lr: float = 5e-6
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    eval_interval: int = 50
-
-
-DPO_PRESETS = {
-    # the arithmetic benchmark on a 2-core CPU: right-vs-wrong sums from tasks.py (README)
-    "cpu-arithmetic": dict(loss="sigmoid", beta=0.1, rpo_alpha=1.0, lr=2e-4, min_lr=2e-5, batch_size=16, max_steps=150,
-                           warmup_steps=10, eval_interval=25, log_interval=10, max_len=64),
-    # the LLaMA-Factory demo pairs with the small CPU model: answers cut to the model's context
-    "cpu-demo": dict(lr=1e-4, min_lr=1e-5, batch_size=8, max_steps=60, warmup_steps=5, eval_interval=10,
-                     log_interval=10, max_len=128, val_fraction=0.2),
-}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,26 +311,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
 
 
-def plot_rewards(metrics_file: Path, out_png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "rewards/accuracy", "reward accuracy"), (axes[1], "rewards/margin", "reward margin")):
-        for prefix, style in (("", "-"), ("val/", "o-")):
-            points = [(r["step"], r[prefix + key]) for r in rows if prefix + key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=("held-out " if prefix else "train ") + label, alpha=0.8)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
 def stuck_warning(n_steps: int, lr: float, n_trainable: int, stats: dict, config: DPOConfig) -> str:
     diff = stats.get("max_abs_logratio", (float("nan"), 1))[0]
     return (f"warning: the loss has stayed at ln 2 = {LN2:.3f} for {n_steps} steps, i.e. the policy's log-probs "
@@ -410,6 +319,59 @@ def stuck_warning(n_steps: int, lr: float, n_trainable: int, stats: dict, config
             f"learning rate (lr now {lr:.2e}), answers masked out of the loss "
             f"({stats['answer_tokens'][0]:.0f} answer tokens in the last batch), or a beta ({config.beta}) too small "
             f"to move the loss")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config and the loop
+
+@dataclass
+class DPOConfig(RunConfig):
+    init: str = opt("", "the starting model: a nanollm checkpoint directory (an SFT model) or a Hugging Face one")
+    data: str = opt("", "preference file(s), comma-separated (.json or .jsonl)")
+    val_data: str = opt("", "held-out preference file(s); empty: hold out --val-fraction of --data")
+    val_fraction: float = opt(0.1, "share of the pairs held out for evaluation when --val-data is not given")
+    out_dir: str = opt("out/dpo", "where the model, metrics and the summary go")
+    # the objective
+    loss: str = opt("sigmoid", "preference loss (see the docstring)", choices=list(LOSSES))
+    beta: float = opt(0.1, "beta: strength of the KL tie to the reference (sigmoid, ipo, hinge, kto)")
+    label_smoothing: float = opt(0.0, "cDPO: assumed share of flipped labels, 0 <= eps < 0.5 (sigmoid)")
+    simpo_beta: float = opt(2.0, "SimPO's beta (it scales average log-probs, hence larger than DPO's)")
+    simpo_gamma: float = opt(1.0, "SimPO's target reward margin gamma")
+    orpo_lambda: float = opt(0.1, "ORPO's weight lambda of the odds-ratio term")
+    rpo_alpha: float = opt(0.0, "RPO: add alpha times the chosen answers' NLL per token to sigmoid / ipo / hinge")
+    kto_desirable_weight: float = opt(1.0, "KTO's w_d, weight of the good answers")
+    kto_undesirable_weight: float = opt(1.0, "KTO's w_u, weight of the bad answers")
+    # the reference model
+    precompute_ref: bool = opt(False, "compute the reference log-probs once before training (no reference in memory)")
+    lora_rank: int = opt(0, "train LoRA adapters of this rank (0: every weight); the reference is then the base")
+    lora_alpha: float = opt(16.0, "LoRA alpha")
+    lora_targets: str = opt(",".join(ALL_LINEAR), "comma-separated layers to adapt")
+    lora_embedding_rank: int = opt(0, "with --lora-rank: rank of an adapter on the token embedding (and a tied head)")
+    # data
+    max_len: int = opt(512, "prompt + answer tokens (the prompt's start is cut first; capped at the model's context)")
+    set: list = field(default_factory=list, metadata={"append": True, "help": "fill a {{KEY}} placeholder: KEY=VALUE (repeatable)"})
+    skip_bad_records: bool = opt(False, "skip (and count) records that cannot be used instead of stopping")
+    # batches
+    batch_size: int = opt(8, "pairs per micro-batch (2x sequences through the model)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    stuck_steps: int = opt(30, "warn when the sigmoid loss stays at ln 2 for this many steps")
+    # dpo.py's defaults of RunConfig's options (their help is RunConfig's)
+    max_steps: int = 200
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+
+
+DPO_PRESETS = {
+    # the arithmetic benchmark on a 2-core CPU: right-vs-wrong sums from tasks.py (README)
+    "cpu-arithmetic": dict(loss="sigmoid", beta=0.1, rpo_alpha=1.0, lr=2e-4, min_lr=2e-5, batch_size=16, max_steps=150,
+                           warmup_steps=10, eval_interval=25, log_interval=10, max_len=64),
+    # the LLaMA-Factory demo pairs with the small CPU model: answers cut to the model's context
+    "cpu-demo": dict(lr=1e-4, min_lr=1e-5, batch_size=8, max_steps=60, warmup_steps=5, eval_interval=10,
+                     log_interval=10, max_len=128, val_fraction=0.2),
+}
 
 
 def build_policy(config: DPOConfig, device):
@@ -446,9 +408,8 @@ def check_config(config: DPOConfig) -> None:
 
 def train(config: DPOConfig, log=print) -> dict:
     check_config(config)
+    run = RunDir(config, "dpo")
     device = resolve_device(config.device)
-    out_dir = Path(config.out_dir)
-    from common import load_tokenizer
     tokenizer = load_tokenizer(config.init)
     pad_id = chat_token_ids(tokenizer)[PAD]
 
@@ -475,35 +436,30 @@ def train(config: DPOConfig, log=print) -> dict:
     kind = ("none" if config.loss in REFERENCE_FREE else "cache" if config.precompute_ref
             else "lora" if config.lora_rank else "copy")
     optimizer = make_optimizer(policy, config, device)
-    step, position, elapsed_before, cache = 0, 0, 0.0, None
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    resuming = config.resume and ckpt_path.exists()
-    if resuming:
-        ckpt = read_checkpoint(out_dir)
+    step, position, elapsed, cache = 0, 0, 0.0, None
+    if run.resuming:
+        ckpt = run.checkpoint
         if config.lora_rank:
             policy.load_state_dict(ckpt["lora"], strict=False)
         else:
             policy.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        step, position, elapsed_before, cache = ckpt["step"], ckpt["position"], ckpt["elapsed"], ckpt.get("ref_cache")
-        truncate_metrics(out_dir / "metrics.jsonl", step)
-        log(f"resumed from {ckpt_path} at step {step}")
+        step, position, elapsed, cache = ckpt["step"], ckpt["position"], ckpt["elapsed"], ckpt.get("ref_cache")
+        log(f"resumed from {run.ckpt_path} at step {step}")
     else:
         torch.manual_seed(config.seed)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").write_text("")
+    run.start(step)
     if kind == "cache" and cache is None:  # before any update the policy is the reference
         t0 = time.time()
         cache = {"train": precompute_reference(policy, train_seqs, pad_id, config.batch_size, device),
                  "val": precompute_reference(policy, val_seqs, pad_id, config.batch_size, device)}
         log(f"precomputed reference log-probs of {len(train_seqs) + len(val_seqs)} items in {time.time() - t0:.1f}s")
-    if kind == "copy" and resuming:
+    if kind == "copy" and run.resuming:
         reference = Reference(kind, load_model(config.init, device=device).float())
     else:
         reference = Reference(kind, policy, cache)
-    tokenizer.save(out_dir / "tokenizer")
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    tokenizer.save(run.path / "tokenizer")
 
     n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log(f"model: {policy.num_params() / 1e6:.2f}M parameters, {n_trainable:,} trainable"
@@ -513,20 +469,11 @@ def train(config: DPOConfig, log=print) -> dict:
         f"{truncated + val_truncated} truncated to {max_len} tokens | {skipped} bad records skipped")
 
     def save():
-        final = copy.deepcopy(policy)
-        if config.lora_rank:
-            merge_and_unload(final)
         state = dict(optimizer=optimizer.state_dict(), rng=rng_state(), step=step, position=position,
                      elapsed=elapsed, dpo_config=asdict(config), tokenizer="tokenizer")
-        if config.lora_rank:
-            state["lora"] = lora_state_dict(policy)
-            save_adapter(policy, out_dir / "adapter.pt")
         if cache is not None:
             state["ref_cache"] = cache
-        save_checkpoint(out_dir, final, **state)
-
-    def record(row):
-        append_jsonl(out_dir / "metrics.jsonl", row)
+        run.save_checkpoint(policy, lora=bool(config.lora_rank), **state)
 
     def run_eval():
         if not val_seqs:
@@ -535,14 +482,14 @@ def train(config: DPOConfig, log=print) -> dict:
                                                               config, device).items() if k not in INTERNAL}
         log(f"eval step {step}: held-out loss {metrics['val/loss']:.4f} | reward accuracy "
             f"{metrics['val/rewards/accuracy']:.3f} | margin {metrics['val/rewards/margin']:.3f}")
-        record({"step": step, "val_loss": metrics["val/loss"], **metrics})
+        run.record({"step": step, "val_loss": metrics["val/loss"], **metrics})
         return metrics
 
-    elapsed = elapsed_before
     if step == 0:
         run_eval()
     n = len(train_seqs)
-    t_start = time.time()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    t_start, elapsed_before = time.time(), elapsed
     timer = StepTimer(config, step)
     stop_reason, stuck, warned, last = "max_steps", 0, False, {}
     while step < config.max_steps:
@@ -555,20 +502,23 @@ def train(config: DPOConfig, log=print) -> dict:
                 index.append(epoch_order(n, config.seed, epoch)[offset])
                 position += 1
             batch = make_batch(train_seqs, index, pad_id, device, labels)
+            # forward: the preference loss of the chosen and rejected rows
             loss, stats = batch_loss(policy, batch, reference, "train", config)
+            # backward
             (loss / config.grad_accum).backward()
             accumulate(total, stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip or float("inf"))
+        # clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+        # step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         metrics = averaged(total)
-        if not math.isfinite(metrics["loss"]):
-            raise TrainingError(f"loss is {metrics['loss']} at step {step + 1}: stopping. The last good checkpoint "
-                                f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is intact; try a lower --lr")
+        check_finite(metrics["loss"], step, run.ckpt_path)
         step += 1
         elapsed = elapsed_before + time.time() - t_start
         last = metrics
 
+        # log
         stuck = stuck + 1 if config.loss == "sigmoid" and abs(metrics["loss"] - LN2) < 1e-3 else 0
         if stuck == config.stuck_steps and not warned:
             log(stuck_warning(stuck, lr, n_trainable, total, config))
@@ -581,8 +531,8 @@ def train(config: DPOConfig, log=print) -> dict:
                               f"accuracy {shown['accuracy']:.2f}", f"margin {shown['margin']:.3f}",
                               f"chosen {shown['chosen']:.3f}", f"rejected {shown['rejected']:.3f}", f"lr {lr:.2e}",
                               f"{pairs_per_s:.1f} {'examples' if labels else 'pairs'}/s"))
-        record({"step": step, **{k: v for k, v in metrics.items() if k not in INTERNAL},
-                "lr": lr, "grad_norm": grad_norm.item(), "elapsed": elapsed})
+        run.record({"step": step, **{k: v for k, v in metrics.items() if k not in INTERNAL},
+                    "lr": lr, "grad_norm": grad_norm.item(), "elapsed": elapsed})
         if config.max_time and elapsed >= config.max_time:
             stop_reason = "max_time"
             break
@@ -593,157 +543,25 @@ def train(config: DPOConfig, log=print) -> dict:
 
     final = run_eval()
     save()
-    plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-    plot_rewards(out_dir / "metrics.jsonl", out_dir / "rewards.png")
+    run.plot()
+    run.plot("rewards.png", {"reward accuracy": ["rewards/accuracy", "val/rewards/accuracy"],
+                             "reward margin": ["rewards/margin", "val/rewards/margin"]})
     summary = {**{k: v for k, v in last.items() if k not in INTERNAL}, **final,
                "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "loss_type": config.loss,
                "reference": kind, "train_items": len(train_seqs), "val_items": len(val_seqs),
                "truncated": truncated + val_truncated, "skipped_records": skipped, "trainable_params": n_trainable,
                "stuck_at_ln2_warning": warned, "peak_memory_mb": peak_memory_mb(device)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    path = run.write_summary(summary)
     log(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason})" +
         (f" | held-out reward accuracy {final['val/rewards/accuracy']:.3f}, margin {final['val/rewards/margin']:.3f}"
-         if final else "") + f" | summary in {out_dir / 'summary.json'}")
+         if final else "") + f" | summary in {path}")
     return summary
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmarks
-
-@torch.no_grad()
-def answers_to(model, tokenizer, problems, temperature: float = 0.0, seed: int = 0, batch_size: int = 50) -> list[str]:
-    """The model's answers to the problems' questions (greedy when temperature is 0)."""
-    from sample import generate
-    stop = chat_token_ids(tokenizer)[IM_END]
-    answers = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        prompts = [prompt_ids(tokenizer, [{"role": "user", "content": p["question"]}]) for p in chunk]
-        outputs = generate(model, prompts, max_new_tokens=16, temperature=temperature, seed=seed + start,
-                           stop_tokens=[stop])
-        answers += [tokenizer.decode(o.tolist()) for o in outputs]
-    return answers
-
-
-def greedy_accuracy(model, tokenizer, problems) -> tuple[float, list[str]]:
-    """Share of problems whose greedy answer tasks.check accepts, and the answers."""
-    from tasks import check
-    answers = answers_to(model, tokenizer, problems)
-    return sum(check(p, a) for p, a in zip(problems, answers)) / len(problems), answers
-
-
-def model_rejected_pairs(model, tokenizer, problems, seed: int) -> list[dict]:
-    """Pairs whose rejected answer is the model's own wrong sample (on-policy), else an off-by-1-3 one."""
-    from tasks import check, preference_pairs
-    samples = answers_to(model, tokenizer, problems, temperature=1.0, seed=seed * 100003)
-    return [{**pair, "rejected": sample} if sample.strip() and not check(p, sample) else pair
-            for p, pair, sample in zip(problems, preference_pairs(problems, seed=seed), samples)]
-
-
-def write_jsonl(path: Path, records) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
-def bench_arithmetic(config: DPOConfig) -> dict:
-    """DPO on right-vs-wrong sums (tasks.py) from an SFT model; held-out reward accuracy and greedy accuracy."""
-    from tasks import arithmetic_problems, preference_pairs, question_text, split_of
-    from common import load_tokenizer
-    out = Path(config.out_dir)
-    n_test = sum(split_of(question_text([a, b, c])) == "test" for a in range(10) for b in range(10) for c in range(10))
-    test = arithmetic_problems(n_test, "test")                       # every held-out question
-    train_problems = arithmetic_problems(800, "train", seed=1)
-    # three wrong answers per problem: the pairs vary, so the model learns sums rather than pairs
-    device = resolve_device(config.device)
-    tokenizer = load_tokenizer(config.init)
-    if config.bench_rejected == "model":
-        sft = load_model(config.init, device=device).float()
-        pairs = [p for seed in (1, 2, 3) for p in model_rejected_pairs(sft, tokenizer, train_problems, seed)]
-    else:
-        pairs = [p for seed in (1, 2, 3) for p in preference_pairs(train_problems, seed=seed)]
-    write_jsonl(out / "train_pairs.jsonl", pairs)
-    write_jsonl(out / "test_pairs.jsonl", preference_pairs(test, seed=2))
-    run = replace(config, bench="", data=str(out / "train_pairs.jsonl"), val_data=str(out / "test_pairs.jsonl"),
-                  out_dir=str(out / f"run_{config.loss}"))
-    rows = []
-    for name, path in (("SFT (start)", config.init), (f"DPO ({config.loss})", None)):
-        if path is None:
-            train(run)
-            path = run.out_dir
-        model = load_model(path, device=device).float()
-        greedy, answers = greedy_accuracy(model, tokenizer, test)
-        seqs, _ = tokenize_items(tokenizer, preference_pairs(test, seed=2), run, model.config.max_seq_len)
-        logps = precompute_reference(model, seqs, chat_token_ids(tokenizer)[PAD], 64, device)
-        rows.append({"model": name, "likelihood_preference": (logps[:, 0] > logps[:, 1]).float().mean().item(),
-                     "mean_logp_right": logps[:, 0].mean().item(), "greedy_accuracy": greedy, "example": answers[0]})
-    summary = json.loads((Path(run.out_dir) / "summary.json").read_text())
-    result = {"held_out_prompts": len(test), "train_pairs": 3 * len(train_problems), "steps": summary["step"],
-              "wall_time_s": summary["wall_time_s"], "held_out_reward_accuracy": summary["val/rewards/accuracy"],
-              "held_out_reward_margin": summary["val/rewards/margin"], "models": rows}
-    print(f"\n{len(test)} held-out prompts, {3 * len(train_problems)} training pairs, {summary['step']} steps "
-          f"({format_seconds(summary['wall_time_s'])})\n")
-    print("| model | held-out reward accuracy | log pi(right) > log pi(wrong) | greedy accuracy | mean log pi(right) |")
-    print("|---|---|---|---|---|")
-    for row, acc in zip(rows, ("0 (policy = reference)", f"{summary['val/rewards/accuracy']:.1%}")):
-        print(f"| {row['model']} | {acc} | {row['likelihood_preference']:.1%} | {row['greedy_accuracy']:.1%} | "
-              f"{row['mean_logp_right']:.2f} |")
-    (out / "bench_arithmetic.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def bench_demo(config: DPOConfig, data_dir: Path = Path(__file__).resolve().parent.parent / "shared" / "data") -> dict:
-    """sigmoid, ipo and simpo on dpo_en_demo / dpo_zh_demo: held-out reward accuracy and margin curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    out = Path(config.out_dir)
-    curves = {}
-    for lang in ("en", "zh"):
-        for loss in ("sigmoid", "ipo", "simpo"):
-            run = replace(config, bench="", loss=loss, data=str(data_dir / "preference" / f"dpo_{lang}_demo.json"),
-                          out_dir=str(out / f"{lang}_{loss}"))
-            summary = train(run)
-            rows = [json.loads(line) for line in (Path(run.out_dir) / "metrics.jsonl").read_text().splitlines()]
-            curves[lang, loss] = {"steps": [r["step"] for r in rows if "val/loss" in r],
-                                  "accuracy": [r["val/rewards/accuracy"] for r in rows if "val/loss" in r],
-                                  "margin": [r["val/rewards/margin"] for r in rows if "val/loss" in r],
-                                  "wall_time_s": summary["wall_time_s"]}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for i, lang in enumerate(("en", "zh")):
-        for j, key in enumerate(("accuracy", "margin")):
-            ax = axes[i, j]
-            for loss in ("sigmoid", "ipo", "simpo"):
-                ax.plot(curves[lang, loss]["steps"], curves[lang, loss][key], "o-", label=loss, markersize=3)
-            ax.set_title(f"dpo_{lang}_demo: held-out reward {key}")
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "demo_curves.png", dpi=100)
-    plt.close(fig)
-    print("\n| data | loss | held-out reward accuracy (start -> end) | held-out margin (end) | time |")
-    print("|---|---|---|---|---|")
-    for (lang, loss), c in curves.items():
-        print(f"| dpo_{lang}_demo | {loss} | {c['accuracy'][0]:.1%} -> {c['accuracy'][-1]:.1%} | {c['margin'][-1]:.3f} "
-              f"| {format_seconds(c['wall_time_s'])} |")
-    result = {f"{lang}_{loss}": c for (lang, loss), c in curves.items()}
-    (out / "bench_demo.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def bench(config: DPOConfig) -> None:
-    if not config.init:
-        raise ValueError("--bench needs --init: the model to start from (an SFT checkpoint for arithmetic)")
-    (bench_arithmetic if config.bench == "arithmetic" else bench_demo)(config)
 
 
 def main(argv=None):
     config = parse_config(DPOConfig, DPO_PRESETS, __doc__.split("\n\n")[0], argv)
     try:
-        if config.bench:
-            bench(config)
-        else:
-            train(config)
+        train(config)
     except (TrainingError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -224,14 +224,14 @@ def data_files(preset: str, lang: str) -> list[str]:
 
 def download_data(files: list[str], dest: Path, base_url: str = "") -> None:
     """Each file from its public URL (DATA_URLS), or from base_url + its path (a mirror of the layout), into
-    dest in the --data-dir layout. data/prepare.py's fetch does the work: a file already there is kept, a new
+    dest in the --data-dir layout. data/corpus.py's fetch does the work: a file already there is kept, a new
     one is written to FILE.part and renamed, a failure names the URL."""
-    from data.prepare import PrepareError, fetch
+    from data.corpus import CorpusError, fetch
     for name in files:
         url = base_url.rstrip("/") + "/" + quote(name) if base_url else DATA_URLS[name]
         try:
             fetch(url, dest / Path(name).parent)
-        except PrepareError as e:
+        except CorpusError as e:
             raise PipelineError(f"{e} (pipeline.py: or pass --data-dir with a local copy of the data)") from None
 
 
@@ -452,8 +452,8 @@ def evaluate_stage(args) -> None:
     accuracy on IDENTITY_PROMPTS, zero-shot arithmetic accuracy (tasks.py test split) and greedy answers;
     for base models continuations of RAW_PROMPTS (and the Tang form for zh); decode tokens/s."""
     import torch
-    from eval import (IM_END, arithmetic_accuracy, chat_prompts, evaluate_model, generate_texts, load_for_eval,
-                      markdown_table)
+    from evaluate import (IM_END, arithmetic_accuracy, chat_prompts, evaluate_model, generate_texts, load_for_eval,
+                          markdown_table)
     from common import resolve_device
     from sample import generate
     run_dir, out_dir = Path(args.run_dir), Path(args.run_dir) / "eval"

@@ -2,7 +2,7 @@
 
     python quant.py --ckpt out/shakespeare --method gptq --bits 4 --group-size 128 --out out/shakespeare-gptq4
     python quant.py --ckpt out/shakespeare --method rtn --bits 8 --group-size 0 --out out/shakespeare-int8
-    python quant.py --ckpt out/shakespeare --bench            # the README table: every method on one model
+    python -m bench.quant --ckpt out/shakespeare              # every method on one model, with decode tokens/s
     python quant.py --ckpt out/shakespeare --method nf4 --group-size 64 --qlora-steps 200 --out DIR   # QLoRA
 
 The linear layers of the blocks (q k v o gate up down) become `QuantLinear`; the embedding and the LM head
@@ -50,7 +50,6 @@ import math
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,8 +58,10 @@ import torch
 import torch.nn as nn
 
 from common import CHECKPOINT_FILE, atomic_write, load_model, read_checkpoint, resolve_device, save_checkpoint
+from evaluate import evaluate_model
 from model import Transformer
 from quant_linear import NF4_VALUES, QuantError, QuantLinear, dequantize_codes, set_module
+from training import BatchSampler, load_split, read_meta
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "nf4")
@@ -374,7 +375,6 @@ def _layer_row(name, weight, q: Quantized, H, log) -> dict:
 
 def calibration_tokens(data_dir, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """n_samples random windows of seq_len tokens from the train split of a prepared data directory."""
-    from train import load_split, read_meta
     data_dir = Path(data_dir)
     data = load_split(data_dir, "train", read_meta(data_dir))
     if len(data) <= seq_len:
@@ -429,7 +429,6 @@ def merge_qlora(model: Transformer) -> Transformer:
 def train_qlora(model: Transformer, data: np.ndarray, steps: int, lr: float = 1e-3, batch_size: int = 8,
                 seq_len: int = 64, seed: int = 0, log=print) -> list[float]:
     """A minimal QLoRA loop: AdamW on the adapters only, next-token loss on random windows. Returns the losses."""
-    from train import BatchSampler
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise QuantError("no trainable parameters: apply_lora(model, ...) first")
@@ -454,15 +453,10 @@ def train_qlora(model: Transformer, data: np.ndarray, steps: int, lr: float = 1e
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation and the CLI
 
-def evaluate_model(model, data_dir, seq_len: int, max_tokens: int = 0, batch_size: int = 32) -> dict:
-    from bpe import Tokenizer
-    from train import evaluate, load_split, read_meta, token_byte_lengths
-    data_dir = Path(data_dir)
-    meta = read_meta(data_dir)
-    val = load_split(data_dir, "val", meta)
-    token_bytes = token_byte_lengths(Tokenizer.load(data_dir / meta["tokenizer"]), meta["vocab_size"])
-    device = next(model.parameters()).device
-    return evaluate(model, val, seq_len, batch_size, device, nullcontext(), token_bytes, max_tokens)
+def val_metrics(model, data_dir, seq_len: int, max_tokens: int = 0) -> dict:
+    """val_loss, val_ppl, val_bpb of the data's val split (evaluate.evaluate_model, in fp32 as quantized)."""
+    return evaluate_model(model, None, data=data_dir, seq_len=seq_len, batch_size=32, max_tokens=max_tokens,
+                          dtype="float32")
 
 
 def data_dir_of(ckpt_dir, given: str | None) -> Path:
@@ -488,93 +482,10 @@ def run_one(args, spec: QuantSpec, data_dir: Path, log=print) -> tuple[Transform
     return model, {"report": report, "quant_time_s": elapsed, "linear_bytes": stored, "linear_fp16_bytes": fp16}
 
 
-def decode_tokens_per_s(model: Transformer, prompt_len: int = 16, max_new_tokens: int = 128, runs: int = 3) -> float:
-    """Greedy decoding of one sequence with the KV cache (sample.generate): new tokens per second of the
-    fastest of `runs` runs after a warm-up (the fastest: the CPU is shared, other jobs only slow it down)."""
-    from sample import generate
-    prompt = torch.randint(model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
-    n = min(max_new_tokens, model.config.max_seq_len - prompt_len)
-    generate(model, prompt, 2, temperature=0)
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        new = generate(model, prompt, n, temperature=0)[0]
-        best = min(best, time.perf_counter() - t0)
-    return len(new) / best
-
-
-def bench(args, data_dir: Path) -> None:
-    """Every method of the README table on one checkpoint, with the decode speed of each."""
-    base = load_model(args.ckpt, device=args.device)
-    eval_len = base.config.max_seq_len
-    names = target_names(base, args.quantize_head)
-    fp_bytes = sum(base.get_submodule(n).weight.numel() * 4 for n in names)
-    g = args.group_size or 128
-    specs = [("fp32", None),
-             ("RTN int8 pc", QuantSpec("rtn", 8, 0)),
-             ("RTN int4 pc", QuantSpec("rtn", 4, 0)),
-             ("GPTQ int4 pc", QuantSpec("gptq", 4, 0, percdamp=args.percdamp)),
-             (f"RTN int4 g{g}", QuantSpec("rtn", 4, g)),
-             (f"GPTQ int4 g{g}", QuantSpec("gptq", 4, g, percdamp=args.percdamp)),
-             (f"GPTQ int4 g{g} act-order", QuantSpec("gptq", 4, g, act_order=True, static_groups=True,
-                                                     percdamp=args.percdamp)),
-             ("NF4 g64", QuantSpec("nf4", 4, 64)),
-             (f"RTN int3 g{g}", QuantSpec("rtn", 3, g)),
-             (f"GPTQ int3 g{g}", QuantSpec("gptq", 3, g, percdamp=args.percdamp)),
-             (f"GPTQ int3 g{g} act-order", QuantSpec("gptq", 3, g, act_order=True, static_groups=True,
-                                                     percdamp=args.percdamp))]
-    # GPTQ's result depends on which calibration windows it saw: on models that int4 hurts by under 1%
-    # perplexity the draw moves GPTQ's increase by as much as RTN's whole increase, so each GPTQ row is the
-    # mean over --bench-seeds calibration draws (seeds seed, seed+1, ...), with their range beside it.
-    rows = []
-    for label, spec in specs:
-        if spec is None:
-            model, info = base, {"quant_time_s": 0.0, "linear_bytes": fp_bytes}
-        seeds = range(args.seed, args.seed + args.bench_seeds) if spec and spec.method == "gptq" else [args.seed]
-        draws = []
-        for seed in seeds:
-            if spec is not None:
-                model, info = run_one(argparse.Namespace(**{**vars(args), "seed": seed}), spec, data_dir, log=None)
-            draws.append(evaluate_model(model, data_dir, eval_len, args.eval_tokens))
-        metrics = {k: sum(d[k] for d in draws) / len(draws) for k in ("val_ppl", "val_bpb")}
-        metrics["val_ppl_draws"] = [d["val_ppl"] for d in draws]
-        metrics["decode_tok_s"] = decode_tokens_per_s(model)
-        rows.append({"method": label, **metrics, **{k: v for k, v in info.items() if k != "report"}})
-        print(f"{label:28s} ppl {metrics['val_ppl']:8.3f} | bpb {metrics['val_bpb']:.4f} | linear layers "
-              f"{info['linear_bytes'] / 1e6:.3f} MB ({info['linear_bytes'] / fp_bytes * 2:.3f}x fp16) | "
-              f"{info['quant_time_s']:.1f} s | decode {metrics['decode_tok_s']:.0f} tok/s", flush=True)
-    fp = rows[0]["val_ppl"]
-    by = {r["method"]: r["val_ppl"] for r in rows}
-    print(f"\n| method | val ppl | vs fp32 | range over calibration draws | val bpb | linear layers (MB) | vs fp16 | "
-          f"quant time (s) | decode tok/s ({args.device}) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        draws = r["val_ppl_draws"]
-        spread = f"{min(draws) - fp:+.3f} .. {max(draws) - fp:+.3f}" if len(draws) > 1 else ""
-        print(f"| {r['method']} | {r['val_ppl']:.3f} | {r['val_ppl'] - fp:+.3f} | {spread} | {r['val_bpb']:.4f} | "
-              f"{r['linear_bytes'] / 1e6:.3f} | {r['linear_bytes'] / fp_bytes * 2:.3f}x | {r['quant_time_s']:.1f} | "
-              f"{r['decode_tok_s']:.0f} |")
-    increase_rtn, increase_gptq = by["RTN int4 pc"] - fp, by["GPTQ int4 pc"] - fp
-    removed = 1 - increase_gptq / increase_rtn if increase_rtn > 0 else float("nan")
-    print(f"\nGPTQ int4 per-channel (mean of {args.bench_seeds} calibration draws) removes {removed:.0%} of RTN int4 "
-          f"per-channel's perplexity increase (target >= 60%; the paper's OPT-125M: fp16 27.65, RTN 37.28, GPTQ 31.12 -> 64%)")
-    for rtn, gptq in [("RTN int4 pc", "GPTQ int4 pc"), (f"RTN int4 g{g}", f"GPTQ int4 g{g}"),
-                      (f"RTN int3 g{g}", f"GPTQ int3 g{g}")]:
-        print(f"{gptq} vs {rtn}: {by[gptq] - fp:+.3f} vs {by[rtn] - fp:+.3f} perplexity "
-              f"({'better' if by[gptq] < by[rtn] else 'NOT better'})")
-    int4 = next(r for r in rows if r["method"] == f"GPTQ int4 g{g}")
-    print(f"decode on {args.device}, batch 1, greedy with the KV cache: int4 g{g} QuantLinear "
-          f"{int4['decode_tok_s']:.0f} tok/s vs fp32 {rows[0]['decode_tok_s']:.0f} tok/s "
-          f"({int4['decode_tok_s'] / rows[0]['decode_tok_s']:.2f}x)")
-    if args.bench_json:
-        Path(args.bench_json).write_text(json.dumps({"ckpt": args.ckpt, "rows": rows, "gptq_removed": removed}, indent=2))
-
-
 def qlora(args, model: Transformer, spec: QuantSpec, data_dir: Path) -> dict:
     """LoRA on the frozen quantized model, then the adapters merged and the result quantized again.
     Returns the perplexities of both for summary.json."""
     from lora import apply_lora, save_adapter
-    from train import load_split, read_meta
     seq_len = model.config.max_seq_len
     counts = apply_lora(model, r=8, alpha=16)
     print(f"QLoRA: {counts['trainable']:,} trainable parameters in {counts['layers']} adapters")
@@ -582,12 +493,12 @@ def qlora(args, model: Transformer, spec: QuantSpec, data_dir: Path) -> dict:
     train_qlora(model, train_data, args.qlora_steps, lr=args.qlora_lr, batch_size=16, seq_len=seq_len, seed=args.seed)
     if args.out:
         save_adapter(model, Path(args.out) / "adapter.pt")
-    adapted = evaluate_model(model, data_dir, seq_len, args.eval_tokens)
+    adapted = val_metrics(model, data_dir, seq_len, args.eval_tokens)
     merged = merge_qlora(model)
     calib = calibration_tokens(data_dir, args.calib_samples, args.calib_seq_len or min(512, seq_len), args.seed) \
         if spec.method == "gptq" else None
     quantize_model(merged, spec, calib, args.quantize_head, log=None)
-    requantized = evaluate_model(merged, data_dir, seq_len, args.eval_tokens)
+    requantized = val_metrics(merged, data_dir, seq_len, args.eval_tokens)
     print(f"| {spec.label()} + LoRA ({args.qlora_steps} steps) | {adapted['val_ppl']:.3f} | {adapted['val_bpb']:.4f} |")
     print(f"| merged and quantized again | {requantized['val_ppl']:.3f} | {requantized['val_bpb']:.4f} |")
     return {"qlora_steps": args.qlora_steps, "qlora_val_ppl": adapted["val_ppl"], "qlora_val_bpb": adapted["val_bpb"],
@@ -615,9 +526,6 @@ def parse_args(argv=None):
     p.add_argument("--qlora-steps", type=int, default=0, help="QLoRA: train LoRA adapters (all block linears, r 8, "
                                                              "alpha 16) on the quantized model for this many steps")
     p.add_argument("--qlora-lr", type=float, default=1e-3, help="QLoRA learning rate")
-    p.add_argument("--bench", action="store_true", help="run every method of the README table on --ckpt")
-    p.add_argument("--bench-json", help="with --bench: also write the rows here")
-    p.add_argument("--bench-seeds", type=int, default=3, help="with --bench: calibration draws averaged per GPTQ row")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     return p.parse_args(argv)
@@ -645,10 +553,8 @@ def main(argv=None):
     try:
         t0 = time.time()
         args.device = resolve_device(args.device)
-        needs_data = args.bench or args.method == "gptq" or not args.no_eval or args.qlora_steps
+        needs_data = args.method == "gptq" or not args.no_eval or args.qlora_steps
         data_dir = data_dir_of(args.ckpt, args.data) if needs_data else None
-        if args.bench:
-            return bench(args, data_dir)
         spec = QuantSpec(args.method, args.bits, args.group_size, args.sym, args.act_order, args.static_groups,
                          args.percdamp)
         print(f"{spec.label()}: quantizing {args.ckpt}")
@@ -674,8 +580,8 @@ def main(argv=None):
                   + (f"; source {source.stat().st_size / 1e6:.3f} MB" if source.exists() else ""))
         if not args.no_eval:
             seq_len = model.config.max_seq_len
-            fp = evaluate_model(load_model(args.ckpt, device=args.device), data_dir, seq_len, args.eval_tokens)
-            q = evaluate_model(model, data_dir, seq_len, args.eval_tokens)
+            fp = val_metrics(load_model(args.ckpt, device=args.device), data_dir, seq_len, args.eval_tokens)
+            q = val_metrics(model, data_dir, seq_len, args.eval_tokens)
             summary.update({"fp_val_ppl": fp["val_ppl"], "fp_val_bpb": fp["val_bpb"], "val_loss": q["val_loss"],
                             "val_ppl": q["val_ppl"], "val_bpb": q["val_bpb"], "val_tokens": q["val_tokens"]})
             print("\n| model | val ppl | val bpb |\n|---|---|---|")

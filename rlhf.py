@@ -46,27 +46,26 @@ Outputs in --out-dir, as train.py: ckpt.pt (the merged policy, or the reward mod
 metrics.jsonl, a PNG of the curves, summary.json; --resume continues from ckpt.pt exactly.
 """
 import copy
-import json
 import math
 import random
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, prompt_ids)
-from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, check_trainable, load_model, opt,
-                    parse_config, peak_memory_mb, read_checkpoint, resolve_device, truncate_metrics)
-from lora import apply_lora, disable_adapters, lora_state_dict, merged_state_dict
+from common import check_trainable, load_model, load_tokenizer, peak_memory_mb, read_checkpoint, resolve_device
+from evaluate import arithmetic_accuracy
+from lora import apply_lora, disable_adapters
 from model import ModelConfig, Transformer
+from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs
-from train import (StepTimer, TrainingError, format_seconds, make_optimizer, progress_line, rng_state, set_lr,
-                   set_rng_state)
+from training import (RunConfig, RunDir, StepTimer, TrainingError, check_finite, format_seconds, make_optimizer, opt,
+                      parse_config, progress_line, rng_state, set_lr, set_rng_state)
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
 
@@ -329,7 +328,6 @@ def pack_rollouts(prompts, answers, stopped, end_id: int, pad_id: int, device) -
 @torch.no_grad()
 def sample_answers(model, prompts, max_new_tokens: int, temperature: float, seed: int, end_id: int):
     """Sample one answer per prompt -> (answers without <|im_end|>, stopped flags)."""
-    from sample import generate
     was_training = model.training
     model.eval()
     budget = min(max_new_tokens, model.config.max_seq_len - max(map(len, prompts)))
@@ -339,18 +337,13 @@ def sample_answers(model, prompts, max_new_tokens: int, temperature: float, seed
     return [t.tolist() for t in new], [len(t) < budget for t in new]
 
 
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int, batch_size: int = 128) -> dict:
-    """Held-out accuracy of greedy answers (tasks.check) and the share of answers that stop."""
-    end_id = chat_token_ids(tokenizer)[IM_END]
-    correct, stopped = 0, 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [question_prompt(tokenizer, p) for p in chunk]
-        answers, stops = sample_answers(model, prompts, max_new_tokens, 0.0, 0, end_id)
-        correct += sum(check(p, tokenizer.decode(a)) for p, a in zip(chunk, answers))
-        stopped += sum(stops)
-    return {"accuracy": correct / len(problems), "stop_rate": stopped / len(problems)}
+def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int) -> dict:
+    """Held-out accuracy of greedy answers (evaluate.arithmetic_accuracy, tasks.check) and the stop rate."""
+    was_training = model.training
+    model.eval()
+    metrics = arithmetic_accuracy(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=128, problems=problems)
+    model.train(was_training)
+    return {"accuracy": metrics["arith_acc_0shot"], "stop_rate": metrics["arith_stop_rate"]}
 
 
 def question_prompt(tokenizer, problem) -> list[int]:
@@ -381,6 +374,7 @@ def select(batch: Rollouts, rows) -> Rollouts:
 
 
 def optimizer_step(params, optimizer, loss, grad_clip: float) -> float:
+    """Backward, clip, step: one update of a minibatch (an RL step makes several); returns the grad norm."""
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
     optimizer.step()
@@ -470,50 +464,9 @@ def ppo_step(model, ref_model, value_head, reward_model, optimizer, prompts, con
 # Shared plumbing of the three commands
 
 def load_tokenizer_for(config):
-    from common import load_tokenizer
     tokenizer = load_tokenizer(config.init, config.tokenizer or None)
     chat_token_ids(tokenizer)  # a clear error now if the chat special tokens are missing
     return tokenizer
-
-
-def plot_curves(metrics_file: Path, out_png: Path, keys) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
-    for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), "o-" if len(points) < 30 else "-", markersize=3)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-class Run:
-    """Out-dir bookkeeping shared by the commands: metrics.jsonl (cut back to the step on resume), progress."""
-
-    def __init__(self, config, name: str):
-        self.out_dir = Path(config.out_dir)
-        self.metrics = self.out_dir / "metrics.jsonl"
-        self.resuming = bool(config.resume and (self.out_dir / CHECKPOINT_FILE).exists())
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resuming:
-            self.metrics.write_text("")
-        (self.out_dir / f"{name}_config.json").write_text(json.dumps(asdict(config), indent=2))
-
-    def truncate_metrics(self, step: int) -> None:
-        truncate_metrics(self.metrics, step)
-
-    def record(self, row: dict) -> None:
-        append_jsonl(self.metrics, row)
-
-    def rows(self) -> list:
-        return [json.loads(line) for line in self.metrics.read_text().splitlines()]
 
 
 def out_of_budget(config, step: int, elapsed: float) -> str | None:
@@ -611,6 +564,7 @@ def evaluate_reward_model(model, encoded, pad_id: int, device, batch_size: int =
 def train_reward_model(config: RewardConfig) -> dict:
     if not config.init:
         raise TrainingError("--init (the SFT checkpoint the reward model starts from) is required")
+    run = RunDir(config, "reward")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer_for(config)
@@ -635,27 +589,24 @@ def train_reward_model(config: RewardConfig) -> dict:
     order = torch.Generator().manual_seed(config.seed)
     permutation, position = torch.randperm(len(encoded), generator=order).tolist(), 0
 
-    run = Run(config, "reward")
-    step, elapsed_before = 0, 0.0
+    step, elapsed = 0, 0.0
     if run.resuming:
-        ckpt = read_checkpoint(run.out_dir)
+        ckpt = run.checkpoint
         model.load_state_dict(ckpt["train_state"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         order.set_state(ckpt["order"])
         permutation, position = ckpt["permutation"], ckpt["position"]
         set_rng_state(ckpt["rng"])
-        step, elapsed_before = ckpt["step"], ckpt["elapsed"]
-        run.truncate_metrics(step)
-        print(f"resumed from {run.out_dir / CHECKPOINT_FILE} at step {step}")
-    tokenizer.save(run.out_dir / "tokenizer")
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        print(f"resumed from {run.ckpt_path} at step {step}")
+    run.start(step)
+    tokenizer.save(run.path / "tokenizer")
 
     def save():
-        weights = merged_state_dict(model) if config.lora_rank else model.state_dict()
-        payload = {"model": weights, "model_config": asdict(model.config), "reward_model": True,
-                   "train_state": model.state_dict(), "optimizer": optimizer.state_dict(), "order": order.get_state(),
-                   "permutation": permutation, "position": position, "rng": rng_state(), "step": step,
-                   "elapsed": elapsed, "reward_config": asdict(config), "tokenizer": "tokenizer"}
-        atomic_write(run.out_dir / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))
+        run.save_checkpoint(model, lora=bool(config.lora_rank), reward_model=True, train_state=model.state_dict(),
+                            optimizer=optimizer.state_dict(), order=order.get_state(), permutation=permutation,
+                            position=position, rng=rng_state(), step=step, elapsed=elapsed,
+                            reward_config=asdict(config), tokenizer="tokenizer")
 
     def run_eval():
         metrics = evaluate_reward_model(model, eval_encoded, pad_id, device)
@@ -663,13 +614,13 @@ def train_reward_model(config: RewardConfig) -> dict:
               f"reward chosen {metrics['chosen_mean']:+.3f} +- {metrics['chosen_std']:.3f}, rejected "
               f"{metrics['rejected_mean']:+.3f} +- {metrics['rejected_std']:.3f}")
         run.record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
-        plot_curves(run.metrics, run.out_dir / "curves.png", ["loss", "accuracy", "eval_accuracy"])
+        run.plot("curves.png", {key: [key] for key in ("loss", "accuracy", "eval_accuracy")})
         return metrics
 
-    elapsed = elapsed_before
     initial = run_eval() if step == 0 else {k[5:]: v for k, v in run.rows()[0].items() if k.startswith("eval_")}
     model.train()
-    t_start, timer = time.time(), StepTimer(config, step)
+    t_start, elapsed_before = time.time(), elapsed
+    timer = StepTimer(config, step)
     while not (stop_reason := out_of_budget(config, step, elapsed)):
         lr = set_lr(optimizer, config, step, elapsed)
         rows = []
@@ -678,13 +629,15 @@ def train_reward_model(config: RewardConfig) -> dict:
                 permutation, position = torch.randperm(len(encoded), generator=order).tolist(), 0
             rows.append(encoded[permutation[position]])
             position += 1
+        # forward: the Bradley-Terry loss of the pairs' rewards
         r_chosen, r_rejected = pair_rewards(model, rows, pad_id, device)
         loss = bradley_terry_loss(r_chosen, r_rejected, config.margin, config.center)
+        # backward, clip, step
         grad_norm = optimizer_step(params, optimizer, loss, config.grad_clip)
-        if not math.isfinite(loss.item()):
-            raise TrainingError(f"loss is {loss.item()} at step {step + 1}; try a lower --lr")
+        check_finite(loss.item(), step, run.ckpt_path)
         step += 1
         elapsed = elapsed_before + time.time() - t_start
+        # log
         accuracy = (r_chosen > r_rejected).float().mean().item()
         if step % config.log_interval == 0:
             step_time, _, eta = timer.lap(step, elapsed)
@@ -702,10 +655,9 @@ def train_reward_model(config: RewardConfig) -> dict:
     summary = {**{f"initial_{k}": v for k, v in initial.items()}, **final, "step": step, "stop_reason": stop_reason,
                "wall_time_s": elapsed, "train_pairs": len(encoded), "eval_pairs": len(eval_encoded),
                "truncated": n_truncated, "peak_memory_mb": peak_memory_mb(device)}
-    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    path = run.write_summary(summary)
     print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | held-out pairwise accuracy "
-          f"{initial['accuracy']:.1%} -> {final['accuracy']:.1%} on {len(eval_encoded)} pairs | "
-          f"summary in {run.out_dir / 'summary.json'}")
+          f"{initial['accuracy']:.1%} -> {final['accuracy']:.1%} on {len(eval_encoded)} pairs | summary in {path}")
     return summary
 
 
@@ -720,6 +672,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     if algorithm == "grpo" and config.samples_per_prompt < 2:
         raise TrainingError(f"--samples-per-prompt must be >= 2 for GRPO's group statistics, got "
                             f"{config.samples_per_prompt}")
+    run = RunDir(config, algorithm)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer_for(config)
@@ -751,30 +704,24 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     optimizer = make_optimizer(modules, config, device)
     kl_ctl = AdaptiveKLController(config.beta, getattr(config, "target_kl", 0.0), getattr(config, "kl_horizon", 1))
 
-    run = Run(config, algorithm)
-    step, elapsed_before, reward_norm = 0, 0.0, (0.0, 1.0)
+    step, elapsed, reward_norm = 0, 0.0, (0.0, 1.0)
     if run.resuming:
-        ckpt = read_checkpoint(run.out_dir)
+        ckpt = run.checkpoint
         model.load_state_dict(ckpt["lora"] if config.lora_rank else ckpt["model"], strict=not config.lora_rank)
         if value_head is not None:
             value_head.load_state_dict(ckpt["value_head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        step, elapsed_before, reward_norm, kl_ctl.beta = ckpt["step"], ckpt["elapsed"], ckpt["reward_norm"], ckpt["beta"]
-        run.truncate_metrics(step)
-        print(f"resumed from {run.out_dir / CHECKPOINT_FILE} at step {step}")
-    tokenizer.save(run.out_dir / "tokenizer")
+        step, elapsed, reward_norm, kl_ctl.beta = ckpt["step"], ckpt["elapsed"], ckpt["reward_norm"], ckpt["beta"]
+        print(f"resumed from {run.ckpt_path} at step {step}")
+    run.start(step)
+    tokenizer.save(run.path / "tokenizer")
 
     def save():
-        weights = merged_state_dict(model) if config.lora_rank else model.state_dict()
-        payload = {"model": weights, "model_config": asdict(model.config), "optimizer": optimizer.state_dict(),
-                   "rng": rng_state(), "step": step, "elapsed": elapsed, "reward_norm": reward_norm,
-                   "beta": kl_ctl.beta, f"{algorithm}_config": asdict(config), "tokenizer": "tokenizer"}
-        if config.lora_rank:
-            payload["lora"] = lora_state_dict(model)
-        if value_head is not None:
-            payload["value_head"] = value_head.state_dict()
-        atomic_write(run.out_dir / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))
+        extra = {"value_head": value_head.state_dict()} if value_head is not None else {}
+        run.save_checkpoint(model, lora=bool(config.lora_rank), optimizer=optimizer.state_dict(), rng=rng_state(),
+                            step=step, elapsed=elapsed, reward_norm=reward_norm, beta=kl_ctl.beta,
+                            tokenizer="tokenizer", **{f"{algorithm}_config": asdict(config)}, **extra)
 
     def step_problems(k: int) -> list:  # a function of (seed, step) only, so --resume draws the same prompts
         return random.Random(f"{config.seed}:{k}").sample(train_problems, config.prompts_per_step)
@@ -786,7 +733,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
         run.record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
         keys = ["reward", "kl", "entropy", "eval_accuracy"] if algorithm == "grpo" else \
             ["score", "train_accuracy", "kl", "eval_accuracy"]
-        plot_curves(run.metrics, run.out_dir / "curves.png", keys)
+        run.plot("curves.png", {key: [key] for key in keys})
         return metrics
 
     if algorithm == "ppo" and step == 0 and config.normalize_reward:
@@ -794,15 +741,16 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
                                        config, end_id, pad_id)
         print(f"reward model scores on the SFT policy's answers: mean {reward_norm[0]:+.3f}, std {reward_norm[1]:.3f} "
               f"(used to normalise)")
-    elapsed = elapsed_before
     initial = run_eval() if step == 0 else {k[5:]: v for k, v in run.rows()[0].items() if k.startswith("eval_")}
     model.train()
-    t_start, timer = time.time(), StepTimer(config, step)
+    t_start, elapsed_before = time.time(), elapsed
+    timer = StepTimer(config, step)
     while not (stop_reason := out_of_budget(config, step, elapsed)):
         lr = set_lr(optimizer, config, step, elapsed)
         problems = step_problems(step)
         prompts = [question_prompt(tokenizer, p) for p in problems]
         seed = config.seed * 1_000_003 + step
+        # rollouts, rewards, then forward / backward / clip / step on each minibatch (grpo_step, ppo_step)
         if algorithm == "grpo":
             stats = grpo_step(model, ref_model, optimizer, prompts,
                               lambda i, ids: check(problems[i], tokenizer.decode(ids)), config, seed, end_id, pad_id)
@@ -811,10 +759,10 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
                              seed, end_id, pad_id)
             answers = stats.pop("answers")
             stats["train_accuracy"] = sum(check(p, tokenizer.decode(a)) for p, a in zip(problems, answers)) / len(problems)
-        if not math.isfinite(stats.get("loss", stats.get("pg_loss"))):
-            raise TrainingError(f"loss is not finite at step {step + 1}; try a lower --lr")
+        check_finite(stats.get("loss", stats.get("pg_loss")), step, run.ckpt_path)
         step += 1
         elapsed = elapsed_before + time.time() - t_start
+        # log
         run.record({"step": step, "lr": lr, "elapsed": elapsed, **stats})
         if step % config.log_interval == 0:
             step_time, _, eta = timer.lap(step, elapsed)
@@ -848,11 +796,11 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     if algorithm == "ppo":
         summary.update(train_accuracy_first10=mean(first, "train_accuracy"),
                        train_accuracy_last10=mean(last, "train_accuracy"), reward_norm=list(reward_norm))
-    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    path = run.write_summary(summary)
     print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | held-out greedy accuracy "
           f"{initial['accuracy']:.1%} -> {final['accuracy']:.1%} on {len(eval_problems)} problems | "
           f"{key} {summary[f'{key}_first10']:+.3f} -> {summary[f'{key}_last10']:+.3f} (first/last 10 steps) | "
-          f"KL {summary['kl_last10']:.4f} | summary in {run.out_dir / 'summary.json'}")
+          f"KL {summary['kl_last10']:.4f} | summary in {path}")
     return summary
 
 

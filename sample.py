@@ -5,7 +5,7 @@ batched and streaming generation, and a chat REPL.
     python sample.py --ckpt out/shakespeare --prompt "ROMEO:" --strategy beam --beam-width 4 --num-samples 2
     python sample.py --ckpt out/big --draft-ckpt out/tiny --strategy speculative --prompt "ROMEO:"
     python sample.py --ckpt out/sft --interactive       # multi-turn chat (ChatML): /reset, /system TEXT, /quit
-    python sample.py --bench                            # decode tokens/s against transformers' generate
+    python -m bench.decode                              # decode tokens/s against transformers' generate
 
 How it works: the prompts, left-padded to a common length (the padding masked out), go through the
 model once to fill the KV cache ("prefill"); then each step feeds one token per row and attends to
@@ -33,7 +33,6 @@ Streaming decodes token bytes with an incremental UTF-8 decoder, so a character 
 """
 import argparse
 import codecs
-import copy
 import math
 import sys
 import time
@@ -248,7 +247,7 @@ def compiled(model: Transformer):
     The C++ wrapper calls the generated kernels without Python in between: on the CPU most of a small
     model's per-token time beside the matmuls is Python and dispatch overhead, which this removes.
     (Freezing the weights into the graph was slower here: inductor then repacks the linear layers for
-    oneDNN, whose one-row matmuls lose to MKL's on decode_layout() weights; sample.py --bench measures it.)
+    oneDNN, whose one-row matmuls lose to MKL's on decode_layout() weights; python -m bench.decode measures it.)
     """
     if model not in _compiled_models:
         _compiled_models[model] = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
@@ -529,112 +528,6 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt, max_ne
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark
-
-def bench(args):
-    """Decode tokens/s on the CPU, nanollm beside transformers' generate on the same weights, one run.
-
-    Default models have random weights: the `small` preset, and for speculative decoding an 8-layer
-    target with a 2-layer draft made of the target's first two layers (an early-exit draft, as in
-    LayerSkip, Elhoushi et al. 2024), so acceptance rates are those of random models; pass --ckpt
-    (and --draft-ckpt) to measure trained ones.
-    """
-    from model import ModelConfig
-    from tests.reference import hf_copy  # the reference side of the comparison
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    N = args.bench_tokens
-    if args.ckpt:
-        model = load_model(args.ckpt, "cpu", torch.float32)
-        target = model
-        draft = load_model(args.draft_ckpt, "cpu", torch.float32) if args.draft_ckpt else None
-    else:
-        model = Transformer(ModelConfig.from_preset("small")).eval()
-        target = Transformer(ModelConfig.from_preset("small", n_layers=8)).eval()
-        draft = Transformer(ModelConfig.from_preset("small", n_layers=2)).eval()
-        draft.load_state_dict({k: v for k, v in target.state_dict().items() if k in draft.state_dict()})
-    training_layout = copy.deepcopy(model)
-    for m in filter(None, (model, target, draft)):
-        m.decode_layout()  # as sample.py's CLI does on the CPU
-    V, context = model.config.vocab_size, model.config.max_seq_len
-    prompt = torch.randint(V, (16,))
-    batch = [torch.randint(V, (n,)) for n in (16, 5, 23, 9, 30, 12, 27, 19)]   # 8 prompts of different lengths
-    if max(map(len, batch)) + N > context:
-        raise SystemExit(f"--bench-tokens {N} does not fit the model's context of {context} tokens")
-    hf_model = hf_copy(model)
-
-    def hf_generate(prompts):
-        ids, pad_lens = left_pad(prompts)
-        pad_lens = pad_lens if pad_lens is not None else torch.zeros(len(ids), dtype=torch.long)
-        mask = (torch.arange(ids.size(1))[None] >= pad_lens[:, None]).long()
-        with torch.no_grad():
-            out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False, pad_token_id=0,
-                                    top_k=None, top_p=None, temperature=None)
-        return list(out[:, ids.size(1):])
-
-    def speculative(name, temperature):
-        def run():
-            tokens, stats = speculative_generate(target, draft, prompt, N, 4, temperature=temperature, seed=0)
-            acceptance[name] = stats["acceptance_rate"]
-            return [tokens]
-        return run
-
-    # name -> (batch size, function returning the new tokens of each row)
-    cases = {
-        "nanollm, KV cache, weights in the training layout": (1, lambda: generate(training_layout, prompt, N, temperature=0)),
-        "nanollm, KV cache": (1, lambda: generate(model, prompt, N, temperature=0)),
-        "nanollm, KV cache + torch.compile": (1, lambda: generate(model, prompt, N, temperature=0, compile=True)),
-        "transformers generate, KV cache": (1, lambda: hf_generate([prompt])),
-        "nanollm, KV cache, batch of 8 prompts (5-30 tokens)": (8, lambda: generate(model, batch, N, temperature=0)),
-        "transformers generate, batch of 8 prompts": (8, lambda: hf_generate(batch)),
-    }
-    acceptance, speculative_pairs = {}, []   # (label, plain decoding case, speculative case)
-    if draft is not None:
-        for temperature in (0.0, 1.0):
-            label = "greedy" if temperature == 0 else f"sampling T={temperature:g}"
-            plain = f"target ({target.config.n_layers} layers), plain decoding, {label}"
-            fast = f"speculative, {draft.config.n_layers}-layer draft, 4 tokens drafted per round, {label}"
-            cases[plain] = (1, lambda t=temperature: generate(target, prompt, N, temperature=t, seed=0))
-            cases[fast] = (1, speculative(fast, temperature))
-            speculative_pairs.append((label, plain, fast))
-
-    print(f"decode tokens/s on {torch.get_num_threads()} CPU thread(s), {N} new tokens per prompt (prefill "
-          f"included), fastest of {args.repeats} rounds that run every case in turn", file=sys.stderr)
-    start = time.perf_counter()
-    generate(model, prompt, 8, temperature=0, compile=True)  # compiles the decode step, once
-    compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    no_cache_tokens = generate(model, prompt, N, temperature=0, use_cache=False)[0].numel()  # one run: it is slow
-    rates = {"nanollm, no cache (recompute every step)": no_cache_tokens / (time.perf_counter() - start)}
-    outputs = {}
-    for round_ in range(args.repeats):
-        for name, (_, fn) in cases.items():
-            start = time.perf_counter()
-            outputs[name] = fn()
-            rate = sum(o.numel() for o in outputs[name]) / (time.perf_counter() - start)
-            rates[name] = max(rate, rates.get(name, 0.0))
-        print(f"  round {round_ + 1}/{args.repeats} done", file=sys.stderr)
-
-    same = torch.equal(outputs["nanollm, KV cache"][0], outputs["transformers generate, KV cache"][0])
-    notes = {"nanollm, KV cache + torch.compile": f"compiling took {compile_seconds:.0f} s, once",
-             "transformers generate, KV cache": "same tokens as nanollm" if same else "tokens differ from nanollm"}
-    notes.update((name, f"acceptance {rate:.2f}") for name, rate in acceptance.items())
-    sizes = {name: size for name, (size, _) in cases.items()}
-    print(f"\n| {'model: ' + args.ckpt if args.ckpt else 'small preset, random weights'} | batch | tokens/s | |")
-    print("|---|---|---|---|")
-    for name, rate in rates.items():
-        print(f"| {name} | {sizes.get(name, 1)} | {rate:.1f} | {notes.get(name, '')} |")
-    hf = rates["transformers generate, KV cache"]
-    print(f"\nKV cache vs recomputation: {rates['nanollm, KV cache'] / rates['nanollm, no cache (recompute every step)']:.1f}x"
-          f" (target >= 5x)")
-    print(f"nanollm vs transformers, greedy, batch 1: {rates['nanollm, KV cache'] / hf:.2f}x eager, "
-          f"{rates['nanollm, KV cache + torch.compile'] / hf:.2f}x compiled (target >= 1.5x); batch 8: "
-          f"{rates['nanollm, KV cache, batch of 8 prompts (5-30 tokens)'] / rates['transformers generate, batch of 8 prompts']:.2f}x")
-    for label, plain, fast in speculative_pairs:
-        print(f"speculative vs plain decoding, {label}: {rates[fast] / rates[plain]:.2f}x at acceptance "
-              f"{acceptance[fast]:.2f} (target: faster when acceptance >= 0.7)")
-
-# ----------------------------------------------------------------------------------------------------------
 # Command line
 
 def build_parser():
@@ -674,10 +567,6 @@ def build_parser():
     parser.add_argument("--interactive", action="store_true",
                         help="chat (ChatML) with an SFT checkpoint: /reset, /system TEXT, /quit")
     parser.add_argument("--system", help="--interactive: the system prompt")
-    parser.add_argument("--bench", action="store_true", help="print the decode tokens/s table (random weights)")
-    parser.add_argument("--bench-tokens", type=int, default=256, help="--bench: new tokens per run (default: 256)")
-    parser.add_argument("--threads", type=int, default=1, help="--bench: torch CPU threads (default: 1)")
-    parser.add_argument("--repeats", type=int, default=2, help="--bench: runs per row, the fastest kept (default: 2)")
     return parser
 
 
@@ -687,13 +576,11 @@ def check_args(parser, args):
         sampling_params(args)
     except ValueError as e:
         parser.error(str(e))
-    for name in ("max_new_tokens", "num_samples", "beam_width", "n_draft", "threads", "repeats", "bench_tokens"):
+    for name in ("max_new_tokens", "num_samples", "beam_width", "n_draft"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.bench:
-        return
     if not args.ckpt:
-        parser.error("--ckpt is required (a checkpoint directory), unless --bench")
+        parser.error("--ckpt is required (a checkpoint directory)")
     if args.strategy == "speculative" and not args.draft_ckpt:
         parser.error("--strategy speculative needs --draft-ckpt (a small model with the same tokenizer)")
     if args.strategy == "speculative" and (args.repetition_penalty != 1.0 or args.frequency_penalty or args.presence_penalty):
@@ -839,9 +726,6 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    if args.bench:
-        bench(args)
-        return
     try:
         device = resolve_device(args.device)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

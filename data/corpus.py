@@ -14,8 +14,15 @@ Formats, chosen per file by its extension unless `fmt` is given:
 Errors are CorpusError (a ValueError) naming the file and line at fault.
 """
 import json
+import os
+import urllib.request
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+JSONL_SPECIALS = ("<s>", "</s>")  # in a jsonl corpus these strings are the special tokens
 
 
 class CorpusError(ValueError):
@@ -140,3 +147,36 @@ def _jsonl_documents(path: Path, text: str, skip_bad_lines: bool, bad_lines: Cou
                 continue
             raise CorpusError(f"{path}:{line_no}: {e} (use --skip-bad-lines to skip such lines)") from None
         yield {"text": record["text"], "source": f"{path.name}:{line_no}"}
+
+
+def fetch(source: str, cache_dir: Path) -> Path:
+    """A local path as is; a URL downloaded once into cache_dir."""
+    if "://" not in source:
+        return Path(source)  # read_documents names a missing path
+    target = cache_dir / source.rstrip("/").rsplit("/", 1)[-1]
+    if not target.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {source} -> {target}")
+        tmp = target.with_suffix(target.suffix + ".part")
+        try:
+            urllib.request.urlretrieve(source, tmp)
+        except OSError as e:
+            raise CorpusError(f"{source}: download failed ({e}); pass a local copy with --source PATH") from None
+        os.replace(tmp, target)
+    return target
+
+
+def tokenize(docs: list[str], tokenizer, fmt: str, desc: str) -> np.ndarray:
+    """All documents, each followed by <|endoftext|>, as one token stream (tiktoken's threads do the work)."""
+    encoding = tokenizer.to_tiktoken()
+    allowed = {s for s in JSONL_SPECIALS if s in tokenizer.special_tokens} if fmt == "jsonl" else set()
+    eot = tokenizer.special_tokens[EOT]
+    chunks, batch = [], 1024
+    for start in range(0, len(docs), batch):
+        ids = encoding.encode_batch(docs[start:start + batch], num_threads=os.cpu_count() or 1,
+                                    allowed_special=allowed, disallowed_special=())
+        chunks.extend(np.array(doc + [eot], dtype=np.int64) for doc in ids)
+        done = min(start + batch, len(docs))
+        print(f"\rtokenizing {desc}: {done:,}/{len(docs):,} documents", end="", flush=True)
+    print()
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)

@@ -26,7 +26,6 @@ import os
 import random
 import sys
 from collections import Counter
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -35,33 +34,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bpe import Tokenizer  # noqa: E402
-from data.corpus import CorpusError, files_of, infer_format, read_documents  # noqa: E402
+from data.corpus import EOT, CorpusError, fetch, files_of, infer_format, read_documents, tokenize  # noqa: E402
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-EOT = "<|endoftext|>"
-JSONL_SPECIALS = ("<s>", "</s>")
 PREPARE_VERSION = 1  # bump when the output format changes, so old directories are rebuilt
 
 
 class PrepareError(ValueError):
     """Bad input: reported as one clear line naming the file (and line) at fault."""
-
-
-def fetch(source: str, cache_dir: Path) -> Path:
-    """A local path as is; a URL downloaded once into cache_dir."""
-    if "://" not in source:
-        return Path(source)  # read_documents names a missing path
-    target = cache_dir / source.rstrip("/").rsplit("/", 1)[-1]
-    if not target.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {source} -> {target}")
-        tmp = target.with_suffix(target.suffix + ".part")
-        try:
-            urllib.request.urlretrieve(source, tmp)
-        except OSError as e:
-            raise PrepareError(f"{source}: download failed ({e}); pass a local copy with --source PATH") from None
-        os.replace(tmp, target)
-    return target
 
 
 def load_documents(source: Path, fmt: str | None, txt_docs: str, skip_bad_lines: bool, val_fraction: float,
@@ -101,22 +81,6 @@ def sha256_of(path: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def tokenize(docs: list[str], tokenizer: Tokenizer, fmt: str, desc: str) -> np.ndarray:
-    """All documents, each followed by <|endoftext|>, as one token stream (tiktoken's threads do the work)."""
-    encoding = tokenizer.to_tiktoken()
-    allowed = {s for s in JSONL_SPECIALS if s in tokenizer.special_tokens} if fmt == "jsonl" else set()
-    eot = tokenizer.special_tokens[EOT]
-    chunks, batch = [], 1024
-    for start in range(0, len(docs), batch):
-        ids = encoding.encode_batch(docs[start:start + batch], num_threads=os.cpu_count() or 1,
-                                    allowed_special=allowed, disallowed_special=())
-        chunks.extend(np.array(doc + [eot], dtype=np.int64) for doc in ids)
-        done = min(start + batch, len(docs))
-        print(f"\rtokenizing {desc}: {done:,}/{len(docs):,} documents", end="", flush=True)
-    print()
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
 def write_bin(path: Path, tokens: np.ndarray, dtype: str) -> None:

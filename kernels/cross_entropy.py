@@ -14,7 +14,7 @@ log-softmax and an fp32 gradient on top.
 The loss is the mean over targets != ignore_index (NaN when every target is ignored, as in torch).
 
 Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1.
-Tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py`; speed: `python bench.py kernels`.
+Tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py`; speed: `python -m bench.kernels`.
 """
 import torch
 import triton

@@ -37,7 +37,7 @@ each split writes a partial output and its log-sum-exp, and a reduce kernel comb
 (with a single split, for a short cache or a batch that already fills the GPU, it writes out directly).
 
 Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (small fixed blocks, no autotuning).
-Tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py`; speed: `python bench.py kernels`.
+Tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py`; speed: `python -m bench.kernels`.
 """
 import math
 

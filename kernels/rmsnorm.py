@@ -14,7 +14,7 @@ and keeps its own fp32 partial of dweight; the partials (n_programs, D) are summ
 weight gradient is reduced across programs without atomics and deterministically.
 
 Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1.
-Tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py`; speed: `python bench.py kernels`.
+Tests: `TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py`; speed: `python -m bench.kernels`.
 """
 import torch
 import triton

@@ -31,3 +31,13 @@ def data_dir() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Torch in this process on one thread, whatever OMP_NUM_THREADS says: the models are tiny."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

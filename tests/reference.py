@@ -1,7 +1,7 @@
 """The Hugging Face side of the benchmarks: transformers is the reference nanollm is compared with, never
 part of the implementation, so the code that builds and runs it lives here beside the tests.
 
-    from tests.reference import hf_llama_like, hf_copy     # bench.py model, sample.py --bench
+    from tests.reference import hf_llama_like, hf_copy     # bench/model.py, bench/decode.py
 """
 import tempfile
 

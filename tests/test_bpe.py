@@ -420,7 +420,7 @@ def test_cli_train_encode_decode(tmp_path, data_dir):
     assert result.returncode == 2 and "id 600" in result.stderr
     result = run_cli("train", "--input", corpus, "--vocab-size", 100, "--out", out)
     assert result.returncode == 2 and "too small" in result.stderr
-    for command in ["train", "encode", "decode", "compare"]:
+    for command in ["train", "encode", "decode"]:
         assert "usage" in run_cli(command, "--help").stdout
 
 

@@ -1,6 +1,6 @@
-"""The training scripts' shared plumbing: every CLI keeps its defaults on common.RunConfig (the values
+"""The training scripts' shared plumbing: every CLI keeps its defaults on training.RunConfig (the values
 below are the ones each script declared before the refactor), --help orders and documents the options,
-and the progress line's timing (train.StepTimer), lr setting and metrics file helpers behave."""
+and the progress line's timing (training.StepTimer), lr setting and metrics file helpers behave."""
 import json
 
 import pytest
@@ -10,7 +10,8 @@ import dpo
 import rlhf
 import sft
 import train
-from common import RunConfig, append_jsonl, opt, parse_config, truncate_metrics
+import training
+from training import RunConfig, append_jsonl, opt, parse_config, truncate_metrics
 
 SCRIPTS = {"train": (train.TrainConfig, train.TRAIN_PRESETS), "sft": (sft.SFTConfig, sft.SFT_PRESETS),
            "dpo": (dpo.DPOConfig, dpo.DPO_PRESETS), "distill": (distill.DistillConfig, distill.DISTILL_PRESETS),
@@ -59,7 +60,7 @@ def test_help_takes_the_base_text_and_lists_own_options_first(capsys):
         parse_config(sft.SFTConfig, sft.SFT_PRESETS, "test", ["--help"])
     text = capsys.readouterr().out
     own, shared = text.split("\noptions:")[1].split("\noptimisation and run")
-    assert "--lora-rank" in own and "--bench" in own and "--warmup-steps" not in own
+    assert "--lora-rank" in own and "--pack" in own and "--warmup-steps" not in own
     # sft.py only re-declares the default of --warmup-steps; the help text is RunConfig's
     assert "--warmup-steps WARMUP_STEPS\n                        linear warmup steps (default: 20)" in shared
     assert "LoRA usually wants ~10x more" in shared  # a re-declaration with opt() gives its own help
@@ -85,18 +86,18 @@ def test_a_field_without_help_is_an_error():
 
 def test_step_timer_pace_and_eta(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(train.time, "time", lambda: now[0])
-    timer = train.StepTimer(RunConfig(max_steps=100, max_time=0.0), step=0)
+    monkeypatch.setattr(training.time, "time", lambda: now[0])
+    timer = training.StepTimer(RunConfig(max_steps=100, max_time=0.0), step=0)
     now[0] += 20.0  # 10 steps in 20 s
     assert timer.lap(10, elapsed=20.0) == (2.0, 20.0, 180.0)  # 90 steps left at 2 s each
     now[0] += 50.0  # an eval, then 10 steps in 10 s
     timer.skip_pause()
     now[0] += 10.0
     assert timer.lap(20, elapsed=40.0) == (1.0, 10.0, 80.0)
-    capped = train.StepTimer(RunConfig(max_steps=100, max_time=50.0), step=0)
+    capped = training.StepTimer(RunConfig(max_steps=100, max_time=50.0), step=0)
     now[0] += 20.0
     assert capped.lap(10, elapsed=45.0)[2] == 5.0  # the budget ends before the steps do
-    assert train.progress_line(20, 100, 80.0, "loss 1.2345", "lr 1.00e-03") == \
+    assert training.progress_line(20, 100, 80.0, "loss 1.2345", "lr 1.00e-03") == \
         "step 20/100 | loss 1.2345 | lr 1.00e-03 | ETA 1m20s"
 
 
@@ -104,11 +105,11 @@ def test_set_lr_follows_steps_or_the_time_budget():
     import torch
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.0)
     config = RunConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.0)
-    assert train.set_lr(optimizer, config, 4, elapsed=0.0) == pytest.approx(0.5)  # warmup: (4 + 1) / 10
-    assert train.set_lr(optimizer, config, 50, elapsed=0.0) == pytest.approx(0.5)  # cosine half way
+    assert training.set_lr(optimizer, config, 4, elapsed=0.0) == pytest.approx(0.5)  # warmup: (4 + 1) / 10
+    assert training.set_lr(optimizer, config, 50, elapsed=0.0) == pytest.approx(0.5)  # cosine half way
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
     timed = RunConfig(max_steps=100, max_time=10.0, warmup_steps=10, lr=1.0, min_lr=0.0)
-    assert train.set_lr(optimizer, timed, 20, elapsed=10.0) == pytest.approx(0.0)  # the budget is spent
+    assert training.set_lr(optimizer, timed, 20, elapsed=10.0) == pytest.approx(0.0)  # the budget is spent
 
 
 def test_metrics_file_truncated_to_the_resumed_step(tmp_path):

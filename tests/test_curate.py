@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "data"))
 
 import curate as C  # noqa: E402
+from bench import curate as bench_curate  # noqa: E402  (the synthetic check and its generators)
 
 GOOD = ("The history of the river valley is long and varied. Farmers settled there with their cattle and built "
         "small villages near the water. Over the centuries, the towns grew into markets that traded grain, wool "
@@ -140,12 +141,12 @@ def test_checksums_against_known_values():
     rng = random.Random(0)
     for kind in C.PII_KINDS:  # every generated string is scrubbed as its own kind, decoys are not
         for _ in range(20):
-            secret = C.fake_pii(kind, rng)
+            secret = bench_curate.fake_pii(kind, rng)
             text, counts, found = C.scrub_pii(f"see {secret} now")
             assert text == f"see <{kind}> now" and counts == Counter({kind: 1}) and found == [(kind, secret)]
     for kind in ("ID_NUMBER", "CREDIT_CARD"):
         for _ in range(50):
-            decoy = C.fake_pii(kind, rng, valid=False)
+            decoy = bench_curate.fake_pii(kind, rng, valid=False)
             assert C.scrub_pii(f"see {decoy} now")[0] == f"see {decoy} now"
 
 
@@ -212,8 +213,8 @@ def test_lsh_candidates_equal_brute_force():
 def test_near_duplicates_removed_and_dissimilar_kept():
     rng = random.Random(0)
     base = C.normalize(GOOD * 2)
-    close, j_close = C.edited_copy(base, 0.85, rng)
-    far, j_far = C.edited_copy(base, 0.35, rng)
+    close, j_close = bench_curate.edited_copy(base, 0.85, rng)
+    far, j_far = bench_curate.edited_copy(base, 0.35, rng)
     assert 0.8 <= j_close <= 0.9 and 0.3 <= j_far <= 0.4
     kept, report = C.curate([base, close, far, POEM], C.CurateConfig(disabled=tuple(C.QUALITY_RULES)))
     assert kept == [base, far, POEM] and report["removed"]["near_dup"] == 1
@@ -323,7 +324,7 @@ def real_docs(data_dir):
     rng = random.Random(0)
     for k in range(30):  # PII and near copies, so that every stage has something to do
         doc = rng.choice(docs)
-        docs.append({"text": f"{doc['text']} Contact {C.fake_pii(rng.choice(C.PII_KINDS), rng)} today.",
+        docs.append({"text": f"{doc['text']} Contact {bench_curate.fake_pii(rng.choice(C.PII_KINDS), rng)} today.",
                      "source": f"pii{k}"})
     return docs
 
@@ -348,7 +349,7 @@ def test_two_processes_give_the_same_result(real_docs):
 def test_synthetic_near_duplicates_and_pii_recall(data_dir):
     docs = list(C.read_documents([data_dir / "pretrain" / "c4_demo.jsonl", data_dir / "pretrain" / "wiki_demo.txt",
                                   data_dir / "tang_poems" / "poet.tang.0.json"]))
-    result = C.synthetic_check(docs, n_dups=300, n_pii=30)
+    result = bench_curate.synthetic_check(docs, n_dups=300, n_pii=30)
     assert result["n_at_0.8"] >= 50 and result["n_at_0.5"] >= 50
     assert result["recall_at_0.8"] >= 0.95 and result["false_positive_at_0.5"] <= 0.01
     assert all(found == total for found, total in result["pii_recall"].values())

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import load_conversations
 from common import read_checkpoint, save_checkpoint
-from distill import (REST_LOGP, DistillConfig, DistillError, TopKCache, build_cache, check_same_tokenizer, distill,
+from evaluate import TokenizerMismatch, check_same_tokenizer
+from distill import (REST_LOGP, DistillConfig, DistillError, TopKCache, build_cache, distill,
                      divergence, kd_loss, main, teacher_targets)
 from model import ModelConfig, Transformer
 from tasks import arithmetic_problems, sft_conversations
@@ -204,10 +205,10 @@ def student_config(shards, out_dir, **overrides):
 
 def test_tokenizer_mismatch_is_a_clear_error(tmp_path, tokenizer, shards, shakespeare):
     other = Tokenizer.train(shakespeare[20000:40000], vocab_size=tokenizer.vocab_size)
-    with pytest.raises(DistillError, match="tokenizers differ .*token"):
+    with pytest.raises(TokenizerMismatch, match="tokenizers differ .*token"):
         check_same_tokenizer(tokenizer, other, "t", "s")
     smaller = Tokenizer.train(shakespeare[:20000], vocab_size=300)
-    with pytest.raises(DistillError, match="vocab size 320 vs 300"):
+    with pytest.raises(TokenizerMismatch, match="vocab size 320 vs 300"):
         check_same_tokenizer(tokenizer, smaller, "t", "s")
     foreign_teacher = save_model(tmp_path / "foreign", smaller)
     with pytest.raises(SystemExit, match="error: teacher and student tokenizers differ"):
@@ -290,14 +291,14 @@ def test_kd_run_live_and_cached_lower_the_kd_loss(tmp_path, teacher_dir, shards)
 
 
 def test_resume_is_exact(tmp_path, teacher_dir, shards, monkeypatch):
-    import distill as distill_module
+    import training  # where the run directory saves its checkpoint
     settings = dict(teacher=str(teacher_dir), alpha=0.5, max_steps=6, eval_interval=3, log_interval=1)
     distill(student_config(shards, tmp_path / "straight", **settings))
 
     def save_then_crash(*args, **kwargs):  # the run dies right after its step-3 checkpoint
         save_checkpoint(*args, **kwargs)
         raise KeyboardInterrupt
-    monkeypatch.setattr(distill_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         distill(student_config(shards, tmp_path / "resumed", **settings))
     monkeypatch.undo()

@@ -16,15 +16,6 @@ from model import ModelConfig, Transformer
 from tasks import arithmetic_problems, preference_pairs, sft_conversations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two, and much faster on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def t(*values):
     return torch.tensor(values, dtype=torch.float64)
 

@@ -15,21 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-import eval as ev
+import eval as eval_cli
+import evaluate as ev
 from bpe import Tokenizer
 from common import save_checkpoint
 from model import ModelConfig, Transformer
 from tasks import answer_text, arithmetic_problems
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def successor_model(vocab_size=16, scale=100.0):
@@ -343,7 +336,7 @@ def test_cli_compare_prints_one_table_and_writes_json(trained, capsys):
     root, _ = trained
     ckpt, other = str(root / "ckpt"), str(root / "ckpt_copy")
     shutil.copytree(ckpt, other, dirs_exist_ok=True)
-    results = ev.main(["--compare", ckpt, other, "--data", str(root / "data"), "--seq-len", "32",
+    results = eval_cli.main(["--compare", ckpt, other, "--data", str(root / "data"), "--seq-len", "32",
                        "--max-tokens", "256", "--out", str(root / "results.json")])
     table = capsys.readouterr().out
     assert table.splitlines()[0] == f"| metric | {ckpt} | {other} |"
@@ -373,7 +366,7 @@ def test_a_quantized_checkpoint_is_loaded_with_its_quantized_layers(trained, tmp
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(argv)
+        eval_cli.main(argv)
     assert exit_info.value.code != 0  # argparse prints its error; sys.exit(message) carries ours
     assert message in capsys.readouterr().err + str(exit_info.value.code)
 
@@ -382,8 +375,8 @@ def test_cli_names_the_bad_record(trained, tmp_path, capsys):
     root, _ = trained
     (tmp_path / "mc.jsonl").write_text('{"context": "a", "choices": ["b"], "label": 0}\n{"context": "a", "label": 0}\n')
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(["--ckpt", str(root / "ckpt"), "--mc", str(tmp_path / "mc.jsonl")])
+        eval_cli.main(["--ckpt", str(root / "ckpt"), "--mc", str(tmp_path / "mc.jsonl")])
     assert "mc.jsonl:2: field 'choices' missing" in str(exit_info.value.code)
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(["--ckpt", str(root / "ckpt"), "--data", str(tmp_path)])
+        eval_cli.main(["--ckpt", str(root / "ckpt"), "--data", str(tmp_path)])
     assert "meta.json not found" in str(exit_info.value.code)

@@ -297,7 +297,8 @@ def quantized(data_dir, tmp_path_factory):
 
 def test_cli_writes_summary_json(quantized):
     import json
-    from train import evaluate, load_split, read_meta, token_byte_lengths
+    from evaluate import evaluate, token_byte_lengths
+    from training import load_split, read_meta
     from bpe import Tokenizer
     source, out, data = quantized
     summary = json.loads((out / "summary.json").read_text())

@@ -19,15 +19,6 @@ from rlhf import (AdaptiveKLController, GRPOConfig, bradley_terry_loss, clipped_
 from tasks import arithmetic_problems, preference_pairs, sft_conversations
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine the spare thread's waits cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     text = " ".join(f"What is {a} + {b} + {c}? The answer is {a + b + c}." for a, b, c in

@@ -17,15 +17,6 @@ from sample import (SamplingParams, TextStream, apply_penalties, beam_search, ge
 INF = float("inf")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine the spare thread's waits cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed=0, std=0.3, **overrides):
     """A tiny random model; weights with std 0.3 so its distributions are peaked (no near-ties in argmax)."""
     torch.manual_seed(seed)

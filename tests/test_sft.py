@@ -79,7 +79,7 @@ def test_lora_with_an_embedding_adapter_on_a_tied_model(data_dir, tmp_path):
 
 
 def test_resume_is_exact(base, data_dir, tmp_path, monkeypatch):
-    import sft
+    import training  # where the run directory saves its checkpoint
 
     class Crash(Exception):
         pass
@@ -90,7 +90,7 @@ def test_resume_is_exact(base, data_dir, tmp_path, monkeypatch):
             raise Crash
 
     run_sft(base[0], data_dir, tmp_path / "straight", "--max-steps", 8, "--eval-interval", 4)
-    monkeypatch.setattr(sft, "save_checkpoint", save_then_crash_at_step_4)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash_at_step_4)
     with pytest.raises(Crash):
         run_sft(base[0], data_dir, tmp_path / "resumed", "--max-steps", 8, "--eval-interval", 4)
     monkeypatch.undo()

@@ -188,7 +188,7 @@ def test_prepare_refuses_a_vocabulary_that_does_not_fit_the_dtype(tmp_path, data
 
 
 def test_config_precedence_defaults_preset_file_flags(tmp_path):
-    from common import parse_config
+    from training import parse_config
     from train import TRAIN_PRESETS, TrainConfig
     config_file = tmp_path / "run.json"
     config_file.write_text(json.dumps({"lr": 0.5, "batch_size": 3}))

@@ -1,20 +1,16 @@
-"""Benchmarks, each a subcommand printing Markdown tables with the reference side by side:
+"""Triton kernels (kernels/) against torch on a CUDA GPU, in the same run:
 
-    python bench.py model              # model.py forward+backward tokens/s against transformers (CPU)
-    python bench.py kernels            # Triton kernels (kernels/) against torch, on a CUDA GPU
-    python bench.py kernels --quick    # fewer shapes, a minute or two
+    python -m bench.kernels            # every shape
+    python -m bench.kernels --quick    # fewer shapes, a minute or two
 
-`model`: forward+backward tokens/s of the `tiny` and `small` presets for the `naive` and `sdpa`
-backends against `transformers.LlamaForCausalLM` (eager and sdpa attention) with the same config and
-weights, steps interleaved so that background load hits every side alike.
-
-`kernels`: FlashAttention-2 (kernels/flash_attention.py) against torch SDPA's FlashAttention backend
-and a naive softmax(QK^T)V, in TFLOP/s (forward, and forward+backward) and peak memory, for bf16,
-head dims 64 and 128, sequences 512 to 16k, causal and not (batch * seq = 16k tokens, 2048 model width,
-as in the FlashAttention-2 paper); the split-K decode kernel against SDPA for one query over a long
-KV cache; fused RMSNorm and fused cross-entropy in GB/s and peak memory against torch.
+FlashAttention-2 (kernels/flash_attention.py) against torch SDPA's FlashAttention backend and a naive
+softmax(QK^T)V, in TFLOP/s (forward, and forward+backward) and peak memory, for bf16, head dims 64 and
+128, sequences 512 to 16k, causal and not (batch * seq = 16k tokens, 2048 model width, as in the
+FlashAttention-2 paper); the split-K decode kernel against SDPA for one query over a long KV cache;
+fused RMSNorm and fused cross-entropy in GB/s and peak memory against torch.
 FLOP counts: forward 4 * B * H * T^2 * D (halved when causal), backward 2.5x forward (five matmuls
-against two), the convention of the FlashAttention papers.
+against two), the convention of the FlashAttention papers. The kernels' correctness tests run on the
+CPU: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py
 """
 import argparse
 import sys
@@ -25,14 +21,13 @@ import torch.nn.functional as F
 DEVICE = "cuda"
 
 
-def _require_cuda(name):
+def _require_cuda():
     import triton
     if triton.knobs.runtime.interpret or not torch.cuda.is_available():
-        sys.exit(f"bench.py {name}: needs a CUDA GPU and TRITON_INTERPRET unset (found "
+        sys.exit(f"bench.kernels: needs a CUDA GPU and TRITON_INTERPRET unset (found "
                  f"cuda={torch.cuda.is_available()}, TRITON_INTERPRET={int(bool(triton.knobs.runtime.interpret))}). "
                  "The kernels' correctness tests run on the CPU: "
                  "TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py")
-
 
 def _time_ms(fn):
     import triton.testing
@@ -200,7 +195,7 @@ def bench_cross_entropy(vocab_sizes, tokens=16384, dtype=torch.bfloat16):
 
 
 def bench_kernels(args):
-    _require_cuda("kernels")
+    _require_cuda()
     torch.set_num_threads(1)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     seq_lens = [512, 2048, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
@@ -212,63 +207,10 @@ def bench_kernels(args):
     bench_cross_entropy([32000] if args.quick else [32000, 128256])
 
 
-# ----------------------------------------------------------------------------------------------------
-
-def bench_model(args):
-    """Forward+backward tokens/s on the CPU: nanollm's backends against transformers' LlamaForCausalLM
-    with the same config and weights, in the same run."""
-    import time
-
-    from model import ModelConfig, Transformer
-    from tests.reference import hf_llama_like  # the reference side of the comparison
-
-    torch.manual_seed(0)
-    shapes = {"tiny": (8, 256), "small": (4, 256)}  # preset -> (batch, seq_len)
-    print(f"forward+backward tokens/s on {torch.get_num_threads()} CPU threads (median of {args.iters} steps)\n")
-    print("| preset | batch x seq | nanollm naive | nanollm sdpa | transformers eager | transformers sdpa | sdpa / HF sdpa |")
-    print("|---|---|---|---|---|---|---|")
-    for preset, (B, T) in shapes.items():
-        config = ModelConfig.from_preset(preset)
-        ours = {b: Transformer(ModelConfig.from_preset(preset, attn_backend=b)) for b in ("naive", "sdpa")}
-        state = ours["sdpa"].state_dict()
-        for m in ours.values():
-            m.load_state_dict(state)
-        theirs = {impl: hf_llama_like(ours["sdpa"], impl) for impl in ("eager", "sdpa")}
-        idx = torch.randint(0, config.vocab_size, (B, T))
-
-        def step_ours(m):
-            _, loss = m(idx, idx)
-            loss.backward()
-
-        def step_hf(m):
-            m(input_ids=idx, labels=idx).loss.backward()
-
-        runs = {"naive": lambda: step_ours(ours["naive"]), "sdpa": lambda: step_ours(ours["sdpa"]),
-                "hf-eager": lambda: step_hf(theirs["eager"]), "hf-sdpa": lambda: step_hf(theirs["sdpa"])}
-        times = {name: [] for name in runs}
-        for name, fn in runs.items():  # warm-up
-            fn()
-        for _ in range(args.iters):  # interleaved, so background load hits every side alike
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        tps = {name: B * T / sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-        print(f"| {preset} | {B} x {T} | {tps['naive']:,.0f} | {tps['sdpa']:,.0f} | {tps['hf-eager']:,.0f} "
-              f"| {tps['hf-sdpa']:,.0f} | {tps['sdpa'] / tps['hf-sdpa']:.2f}x |")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    subcommands = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    kernels = subcommands.add_parser("kernels", help="Triton kernels against torch (CUDA GPU)")
-    kernels.add_argument("--quick", action="store_true", help="fewer shapes (about a minute or two)")
-    kernels.set_defaults(run=bench_kernels)
-    model = subcommands.add_parser("model", help="model.py forward+backward on the CPU against transformers' Llama")
-    model.add_argument("--iters", type=int, default=10, help="timed steps per configuration (median reported)")
-    model.set_defaults(run=bench_model)
-    args = parser.parse_args(argv)
-    args.run(args)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (about a minute or two)")
+    bench_kernels(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,470 @@
+"""What the training loops share (train, sft, dpo, rlhf, distill): the config CLI, AdamW with warmup +
+cosine, mixed precision, RNG state, the progress line, the run directory and its checkpoint.
+
+Each loop stays in its own script, written out in the same phases (nanoGPT's train.py):
+
+    lr = set_lr(optimizer, config, step, elapsed)          # warmup, then cosine to min_lr (or to --max-time)
+    loss = <the stage's loss on the stage's batch>          # forward
+    loss.backward()                                         # backward
+    clip_grad_norm_(params, config.grad_clip)               # clip
+    optimizer.step(); optimizer.zero_grad()                 # step
+    run.record({...}); print(progress_line(...))            # log
+    every eval_interval: evaluate, run.save_checkpoint(...)
+
+The learning rate at step s (AdamW, Loshchilov & Hutter 2019; weight decay on matrices only):
+
+    lr(s) = lr * (s + 1) / warmup_steps                                     while s < warmup_steps
+    lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2           after, progress = s / max_steps
+                                                                            (or elapsed / max_time if larger)
+
+A run directory (RunDir) holds ckpt.pt (everything needed to resume bit for bit), <stage>_config.json,
+metrics.jsonl (one JSON row per log/eval, cut back to the checkpoint's step on --resume), the plots and
+summary.json (written last: a summary means the run finished). A run directory is never overwritten by
+accident: starting over needs --overwrite or another --out-dir.
+"""
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import CHECKPOINT_FILE, atomic_write, read_checkpoint, save_checkpoint
+from lora import lora_state_dict, merged_state_dict, save_adapter
+from model import PRESETS, ModelConfig, Transformer
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (bad data, NaN loss, a run directory in the way): reported without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation: AdamW, the schedule, mixed precision
+
+def make_optimizer(model, config, device: str) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (embeddings, projections) only, not on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                             fused=device.startswith("cuda"))
+
+
+def learning_rate(progress: float, step: int, config) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to min_lr as progress goes 0 -> 1."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def set_lr(optimizer, config, step: int, elapsed: float) -> float:
+    """Set the optimizer's lr for this step and return it. Progress is the share of max_steps done, or of
+    --max-time used when that is further along, so the cosine decay ends with the time budget."""
+    progress = step / config.max_steps
+    if config.max_time:
+        progress = max(progress, elapsed / config.max_time)
+    lr = learning_rate(progress, step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def mixed_precision(dtype: str, device: str):
+    """(dtype name, autocast context, grad scaler) for --dtype. auto: bf16 autocast on CUDA (fp16 where bf16 is
+    missing, its gradients scaled by the GradScaler so they do not underflow), fp32 elsewhere."""
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
+    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    device_type = device.split(":")[0]
+    autocast = torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+    return dtype, autocast, scaler
+
+
+def check_finite(loss: float, step: int, ckpt_path: Path, hint: str = "try a lower --lr") -> None:
+    """Stop on a NaN or infinite loss, naming the last good checkpoint (left intact)."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"loss is {loss} at step {step + 1}: stopping. The last good checkpoint "
+                            f"({ckpt_path if ckpt_path.exists() else 'none yet'}) is intact; {hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Randomness: one seed for everything, and its state in every checkpoint
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The progress line
+
+def format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class StepTimer:
+    """The timing of the progress line: the pace over the steps since the last line, and the ETA it implies."""
+
+    def __init__(self, config, step: int):
+        self.max_steps, self.max_time = config.max_steps, config.max_time
+        self.window_t, self.window_step = time.time(), step
+
+    def skip_pause(self) -> None:
+        """Call after an eval or a checkpoint: that time is not training throughput."""
+        self.window_t = time.time()
+
+    def lap(self, step: int, elapsed: float) -> tuple[float, float, float]:
+        """(seconds per step, seconds (> 0) since the last lap, ETA in seconds), and start the next window.
+        The ETA is the remaining steps at this pace, or what is left of --max-time if that ends first."""
+        now = time.time()
+        window_s = max(now - self.window_t, 1e-9)
+        step_time = window_s / max(step - self.window_step, 1)
+        self.window_t, self.window_step = now, step
+        eta = (self.max_steps - step) * step_time
+        if self.max_time:
+            eta = min(eta, max(self.max_time - elapsed, 0))
+        return step_time, window_s, eta
+
+
+def progress_line(step: int, max_steps: int, eta: float, *fields: str) -> str:
+    """`step 40/300 | loss 2.3456 | lr 1.00e-03 | ... | ETA 1m05s`: what every training loop prints."""
+    return " | ".join([f"step {step}/{max_steps}", *fields, f"ETA {format_seconds(eta)}"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run directory
+
+def truncate_metrics(metrics_file, step: int) -> None:
+    """Keep the rows of a metrics.jsonl logged up to `step`: a resumed run is about to log the later ones again."""
+    path = Path(metrics_file)
+    rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(row + "\n" for row in rows))
+
+
+def append_jsonl(path, row: dict) -> None:
+    """One more row of a metrics.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def plot_metrics(metrics_file: Path, out_png: Path, panels: dict) -> None:
+    """One panel per {title: [metric keys]}, each key a curve over the steps it was logged at."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7, 4 * len(panels)), 4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:  # (a run shorter than one log interval has no curve yet)
+                ax.plot(*zip(*points), "o-" if len(points) < 30 else "-", markersize=3, label=key, alpha=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+LOSS_PANELS = {"cross-entropy (nats / token)": ["loss", "val_loss"]}
+
+
+class RunDir:
+    """A training run's --out-dir: its checkpoint, config, metrics.jsonl, plots and summary.json.
+
+    RunDir(config, "sft") checks the directory before anything is written: with --resume it reads the
+    checkpoint (self.checkpoint, None on a fresh start), without it a directory that already holds a run
+    is refused unless --overwrite. start(step) then cuts metrics.jsonl back to the checkpoint's step
+    (resume) or starts it empty, and writes the config."""
+
+    def __init__(self, config, stage: str, master: bool = True):
+        self.path, self.stage, self.config, self.master = Path(config.out_dir), stage, config, master
+        self.metrics = self.path / "metrics.jsonl"
+        self.ckpt_path = self.path / CHECKPOINT_FILE
+        self.checkpoint = read_checkpoint(self.path) if config.resume and self.ckpt_path.exists() else None
+
+    @property
+    def resuming(self) -> bool:
+        return self.checkpoint is not None
+
+    def start(self, step: int) -> None:
+        if not self.master:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.resuming:  # forget what was logged after the checkpoint: those steps are about to run again
+            truncate_metrics(self.metrics, step)
+        else:
+            self.metrics.write_text("")
+        (self.path / f"{self.stage}_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+
+    def record(self, row: dict) -> None:
+        if self.master:
+            append_jsonl(self.metrics, row)
+
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines()]
+
+    def plot(self, name: str = "loss.png", panels: dict = LOSS_PANELS) -> None:
+        plot_metrics(self.metrics, self.path / name, panels)
+
+    def write_summary(self, summary: dict) -> Path:
+        path = self.path / "summary.json"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
+        return path
+
+    def save_checkpoint(self, model, lora: bool = False, **state) -> Path:
+        """ckpt.pt, written atomically: the model (LoRA adapters merged in, so every later stage loads a plain
+        model) and `state`; with LoRA also the adapters alone ("lora", what --resume loads) and adapter.pt."""
+        if not lora:
+            return save_checkpoint(self.path, model, **state)
+        save_adapter(model, self.path / "adapter.pt")
+        payload = {"model": merged_state_dict(model), "model_config": asdict(model.config),
+                   "lora": lora_state_dict(model), **state}
+        atomic_write(self.ckpt_path, lambda tmp: torch.save(payload, tmp))
+        return self.ckpt_path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: a prepared token stream (data/prepare.py) and shuffled passes over examples
+
+def read_meta(data_dir: Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise TrainingError(f"{path} not found: --data must be a directory written by data/prepare.py")
+    meta = json.loads(path.read_text())
+    for key in ("vocab_size", "dtype", "tokenizer"):
+        if key not in meta:
+            raise TrainingError(f"{path}: missing field {key!r}")
+    return meta
+
+
+def load_split(data_dir: Path, split: str, meta: dict) -> np.ndarray:
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.exists():
+        raise TrainingError(f"{path} not found: prepare the data first (python data/prepare.py --out {data_dir})")
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+
+
+class BatchSampler:
+    """Random windows of the token stream, drawn from one seeded generator.
+
+    Every process draws the offsets of the whole global batch (world_size x batch_size rows per
+    micro-step) and keeps its own slice, so N processes see exactly the rows one process with an N
+    times larger batch would. The generator's state goes into the checkpoint.
+    """
+
+    def __init__(self, data: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if len(data) <= seq_len + 1:
+            raise TrainingError(f"the train split has {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.randint(len(self.data) - self.seq_len - 1, (self.world_size * self.batch_size,),
+                                generator=self.generator)
+        mine = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+        windows = torch.from_numpy(np.stack([self.data[i:i + self.seq_len + 1] for i in mine]).astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]  # (B, T) inputs, (B, T) next-token targets
+
+
+class ExampleSampler:
+    """Shuffled passes over n examples; its generator state is checkpointed, so resume is exact."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position, self.epoch = [], 0, 0
+
+    def next_indices(self) -> list[int]:
+        out = []
+        while len(out) < self.batch_size:
+            if self.position >= len(self.order):
+                self.order = torch.randperm(self.n, generator=self.generator).tolist()
+                self.position, self.epoch = 0, self.epoch + 1
+            take = self.order[self.position:self.position + self.batch_size - len(out)]
+            out += take
+            self.position += len(take)
+        return out
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position,
+                "epoch": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position, self.epoch = state["order"], state["position"], state["epoch"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config parsing: a dataclass of every hyperparameter becomes the CLI.
+# Precedence: dataclass defaults < --preset < --config FILE (JSON) < flags given on the command line.
+
+def opt(default, help, **meta):
+    """A config field: its default, its --help text, and optional `choices`, `type`, `append` for the CLI."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class RunConfig:
+    """The options every training script shares (train, sft, dpo, rlhf, distill): the budget, AdamW with
+    warmup + cosine (learning_rate above), evaluation and logging cadence, device, seed and resume. The
+    defaults are pretraining's (train.py); the fine-tuning scripts lower lr, steps and weight decay.
+
+    A script's config inherits it and changes a default by declaring the field again without opt():
+    `lr: float = 1e-4` keeps the help text given here (parse_config reads it through the MRO)."""
+    max_steps: int = opt(2000, "optimizer steps (the cosine schedule ends here)")
+    max_time: float = opt(0.0, "wall-clock budget in seconds (0: none); stops cleanly, then the final eval")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(100, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on norms, biases)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    eval_interval: int = opt(250, "evaluate and checkpoint every N steps (and once at the end)")
+    log_interval: int = opt(10, "print a progress line every N steps")
+    device: str = opt("auto", "auto | cpu | cuda | mps")
+    seed: int = opt(1337, "random seed (every random draw of the run follows from it)")
+    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
+
+
+def field_metadata(config_class, name: str) -> dict:
+    """The help, choices and type of a field: from the nearest class in the MRO that gives any (a subclass
+    that only changes a default declares the field without them)."""
+    for cls in config_class.__mro__:
+        f = getattr(cls, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata:
+            return f.metadata
+    raise TypeError(f"{config_class.__name__}.{name}: no help text (declare it with opt(default, help))")
+
+
+def _flag_type(default):
+    if isinstance(default, bool):
+        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+    return type(default) if default is not None else str
+
+
+def parse_config(config_class, presets: dict, description: str, argv=None):
+    """Build an argparse CLI from `config_class`'s fields (help text from field metadata["help"]),
+    apply --preset, --config and the flags, and return the config instance.
+
+    --help lists the script's own options first, then RunConfig's shared ones in a group of their own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=sorted(presets), help="a named set of hyperparameters")
+    parser.add_argument("--config", help="JSON file of hyperparameters (flags override it)")
+    shared = {f.name for f in fields(RunConfig)} if issubclass(config_class, RunConfig) else set()
+    shared_group = parser.add_argument_group("optimisation and run (shared by every training script: training.RunConfig)")
+    for f in sorted(fields(config_class), key=lambda f: f.name in shared):  # stable: the script's own first
+        group = shared_group if f.name in shared else parser
+        meta = field_metadata(config_class, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if meta.get("append"):  # a list field: the flag may be given several times
+            group.add_argument(flag, action="append", default=argparse.SUPPRESS,
+                               help=f"{meta.get('help', '')} (repeatable)")
+            continue
+        kind = meta.get("type") or _flag_type(f.default)
+        is_bool = isinstance(f.default, bool)  # `--compile` alone means true; `--compile false` also works
+        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, **({"nargs": "?", "const": True} if is_bool else {}),
+                           help=f"{meta.get('help', '')} (default: {f.default})",
+                           **({"choices": meta["choices"]} if "choices" in meta else {}))
+    args = vars(parser.parse_args(argv))
+    values = dict(presets[args.pop("preset")]) if args.get("preset") else {}
+    args.pop("preset", None)
+    config_file = args.pop("config", None)
+    if config_file:
+        try:
+            from_file = json.loads(open(config_file, encoding="utf-8").read())
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {config_file}: {e}")
+        known = {f.name for f in fields(config_class)}
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            parser.error(f"--config {config_file}: unknown keys {unknown}")
+        values.update(from_file)
+    values.update(args)
+    return config_class(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A model trained from scratch: train.py's config, which distill.py's student config extends
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A model trained from scratch on token shards: train.py's config, and distill.py's for its student."""
+    data: str = opt("", "prepared data directory (train.bin, val.bin, meta.json from data/prepare.py)")
+    out_dir: str = opt("out/train", "where checkpoints, metrics and the summary go")
+    # model
+    model: str = opt("small", "model preset (model.py)", choices=list(PRESETS))
+    n_layers: int = opt(0, "override the preset's layer count (0: keep)")
+    dim: int = opt(0, "override the preset's width (0: keep)")
+    n_heads: int = opt(0, "override the preset's query heads (0: keep)")
+    n_kv_heads: int = opt(0, "override the preset's key/value heads (0: keep)")
+    hidden_dim: int = opt(0, "override the preset's SwiGLU width (0: keep)")
+    seq_len: int = opt(256, "training context length")
+    dropout: float = opt(0.0, "dropout on attention and residual branches")
+    tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
+    attn_backend: str = opt("sdpa", "attention implementation", choices=["naive", "sdpa", "triton"])
+    fused_ce: bool = opt(False, "loss through kernels/cross_entropy.py (chunked, no fp32 copy of the logits)")
+    # batches
+    batch_size: int = opt(16, "sequences per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    # evaluation
+    eval_tokens: int = opt(65536, "validation tokens per periodic eval (the final eval uses the whole split)")
+    sample_tokens: int = opt(64, "tokens of generated text shown at each eval (0: none)")
+    # system
+    dtype: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    compile: bool = opt(False, "torch.compile the model")
+
+
+TRAIN_PRESETS = {
+    # Tiny Shakespeare (prepared with the default 2048-token BPE) on a 2-core CPU in 2 minutes: small
+    # batches of short windows and many steps learn most per second here (README: the measurements)
+    "cpu-shakespeare": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
+                            seq_len=64, batch_size=12, max_steps=5000, max_time=120.0, lr=2e-3, min_lr=2e-4,
+                            warmup_steps=50, eval_interval=500, eval_tokens=8192, log_interval=100),
+    # the complete Tang poems on a CPU
+    "cpu-tang": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
+                     seq_len=64, batch_size=12, max_steps=20000, max_time=180.0, lr=2e-3, min_lr=2e-4,
+                     warmup_steps=50, eval_interval=1000, eval_tokens=8192, log_interval=100),
+    # GPT-2 small's budget on GPUs: 0.5M tokens per step over 8 GPUs
+    "gpu-124m": dict(model="llama-124m", seq_len=1024, batch_size=32, grad_accum=2, max_steps=20000,
+                     lr=6e-4, min_lr=6e-5, warmup_steps=700, eval_interval=500, eval_tokens=1 << 20,
+                     compile=True, dtype="bfloat16"),
+}
+
+
+def new_model(config: TrainConfig, vocab_size: int) -> Transformer:
+    """A randomly initialised model of config's preset, with the config's overrides of its shape."""
+    overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim")
+                 if getattr(config, k)}
+    return Transformer(ModelConfig.from_preset(config.model, vocab_size=vocab_size, max_seq_len=config.seq_len,
+                                               dropout=config.dropout, tie_embeddings=config.tie_embeddings,
+                                               attn_backend=config.attn_backend, **overrides))
