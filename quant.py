@@ -1,48 +1,25 @@
 """Weight-only quantization of a trained model: round-to-nearest, GPTQ and NF4, packed storage, QLoRA.
 
-    python quant.py --ckpt out/shakespeare --method gptq --bits 4 --group-size 128 --out out/shakespeare-gptq4
-    python quant.py --ckpt out/shakespeare --method rtn --bits 8 --group-size 0 --out out/shakespeare-int8
-    python -m bench.quant --ckpt out/shakespeare              # every method on one model, with decode tokens/s
-    python quant.py --ckpt out/shakespeare --method nf4 --group-size 64 --qlora-steps 200 --out DIR   # QLoRA
+    python quant.py --ckpt out/shakespeare --method gptq --bits 4 --group-size 128 --out-dir out/shakespeare-gptq4
+    python quant.py --ckpt out/shakespeare --method rtn --bits 8 --group-size 0 --out-dir out/shakespeare-int8
+    python quant.py --ckpt out/shakespeare --method nf4 --group-size 64 --qlora-steps 200 --out-dir DIR   # QLoRA
 
-The linear layers of the blocks (q k v o gate up down) become `QuantLinear`; the embedding and the LM head
-stay in full precision unless --quantize-head.
-
-Quantization grid (per output row, per group of `group_size` input columns; group size 0 = one group per
-row, "per channel"): b-bit codes q in [0, 2^b - 1], a scale s and a zero point z, w ~ s (q - z).
-Asymmetric: s = (max(w, 0) - min(w, 0)) / (2^b - 1), z = round(-min(w, 0) / s); symmetric: s = 2 max|w| /
-(2^b - 1), z = 2^(b-1). Scales and zeros are stored in fp16 and s is rounded to fp16 before any code is
-chosen, so the stored model is exactly the one that was evaluated.
-
-- RTN: each weight to its nearest grid point, independently.
-- GPTQ (Frantar, Ashkboos, Hoefler & Alistarh 2022, arXiv:2210.17323, Algorithm 1): minimise the layer's
-  output error ||W X - Q X||^2 over the calibration inputs X (in_features, n_tokens), one column of W at a
-  time, pushing each column's rounding error onto the columns not yet quantized through the inverse
-  Hessian of that quadratic, H = 2 X X^T:
-      H += percdamp * mean(diag H) * I                  dampening: H^-1 stays well conditioned
-      U = cholesky(H^-1, upper)                         the rows of U are the OBS updates, computed once
+The block's linear layers become QuantLinear (quant_linear.py): b-bit codes q, and per output row and group
+of `group_size` input columns an fp16 scale s and zero z, w ~ s (q - z) (s rounded to fp16 before any code
+is chosen, so the stored model is exactly the evaluated one).
+- RTN: each weight to its nearest grid point.
+- GPTQ (Frantar et al. 2022, arXiv:2210.17323, Algorithm 1): minimise the layer's output error
+  ||W X - Q X||^2 over calibration inputs X, one column at a time, pushing each column's rounding error onto
+  the columns not yet quantized through the inverse Hessian H = 2 X X^T:
+      H += percdamp * mean(diag H) * I;  U = cholesky(H^-1, upper)
       for each column i:  q_i = quant(w_i);  e_i = (w_i - q_i) / U_ii;  W[:, i:] -= e_i U[i, i:]
-  with the updates applied lazily in blocks of 128 columns (one rank-128 update of the remaining columns
-  per block), dead inputs (H_ii = 0: W's column is irrelevant, set to 0), optional act-order (columns in
-  order of decreasing H_ii, the permutation undone at the end; --static-groups fixes the group grids on
-  the unpermuted weights first, so groups stay contiguous in storage) and group-wise grids found when a
-  group's first column is reached (so they see the error pushed onto it). Layers are done block by block,
-  in the order their inputs are computed (q k v, then o, then gate up, then down), each with inputs that
-  went through the already quantized layers before it.
-- NF4 (Dettmers, Pagnoni, Holtzman & Zettlemoyer 2023, "QLoRA", arXiv:2305.14314): the 16 NormalFloat
-  values (quantiles of N(0, 1) scaled to [-1, 1], with an exact 0), a per-group absmax scale, each weight to
-  the nearest value (the paper's double quantization of the scales is not done: scales stay fp16).
-
-Storage (quant_linear.py, the QuantLinear layer): codes packed along the input dimension, 8 codes in
-`bits` bytes (int4: two per byte, the even column in the low nibble), fp16 scales and zeros (out, n_groups),
-and for act-order without static groups the group index of every input column. On CUDA a 4-bit
-QuantLinear runs through kernels/quant_matmul.py (dequantization in registers); elsewhere it dequantizes
-and calls F.linear. The --out directory is an ordinary checkpoint (common.load_model reads it, so
-sample.py, eval.py and sft.py take it as --ckpt / --init) with the tokenizer and a summary.json.
-
-QLoRA: `apply_lora` (lora.py) wraps QuantLinear layers like any linear layer; the base stays frozen and
-gradients reach the adapters through the dequantized weights. `merge_qlora` folds the adapters into a
-full-precision model that can be quantized again.
+  (lazy updates in blocks of 128 columns, optional act-order, group grids found when a group's first column
+  is reached), layer after layer in the order their inputs are computed, each calibrated on inputs that
+  went through the already quantized layers.
+- NF4 (Dettmers et al. 2023, QLoRA): the 16 NormalFloat values, a per-group absmax scale.
+The --out-dir directory is an ordinary checkpoint (common.load_model reads it) with the tokenizer and a
+summary.json; QLoRA trains LoRA adapters on the frozen QuantLinear layers (lora.py), then merges them into a
+full-precision model that can be quantized again. Benchmark: python -m bench.quant --ckpt DIR.
 """
 import argparse
 import json
@@ -491,8 +468,8 @@ def qlora(args, model: Transformer, spec: QuantSpec, data_dir: Path) -> dict:
     print(f"QLoRA: {counts['trainable']:,} trainable parameters in {counts['layers']} adapters")
     train_data = load_split(data_dir, "train", read_meta(data_dir))
     train_qlora(model, train_data, args.qlora_steps, lr=args.qlora_lr, batch_size=16, seq_len=seq_len, seed=args.seed)
-    if args.out:
-        save_adapter(model, Path(args.out) / "adapter.pt")
+    if args.out_dir:
+        save_adapter(model, Path(args.out_dir) / "adapter.pt")
     adapted = val_metrics(model, data_dir, seq_len, args.eval_tokens)
     merged = merge_qlora(model)
     calib = calibration_tokens(data_dir, args.calib_samples, args.calib_seq_len or min(512, seq_len), args.seed) \
@@ -508,7 +485,7 @@ def qlora(args, model: Transformer, spec: QuantSpec, data_dir: Path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="trained model: a nanollm checkpoint directory or a Hugging Face directory")
-    p.add_argument("--out", help="where to write the quantized checkpoint (omit: evaluate only)")
+    p.add_argument("--out-dir", "--out", dest="out_dir", help="where to write the quantized checkpoint (omit: evaluate only)")
     p.add_argument("--method", default="gptq", choices=METHODS)
     p.add_argument("--bits", type=int, default=4, help=f"bits per weight, one of {BITS}")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero (0: per output channel)")
@@ -567,9 +544,9 @@ def main(argv=None):
                    "quant_time_s": info["quant_time_s"], "linear_mb": info["linear_bytes"] / 2**20,
                    "linear_fp16_mb": info["linear_fp16_bytes"] / 2**20, "linear_vs_fp16": linear_ratio,
                    "model_fp16_mb": fp16_bytes / 2**20, **error_stats(info["report"])}
-        if args.out:
+        if args.out_dir:
             source = Path(args.ckpt) / CHECKPOINT_FILE
-            path = save_quantized(model, args.out, spec, Path(args.ckpt) if Path(args.ckpt).is_dir() else None,
+            path = save_quantized(model, args.out_dir, spec, Path(args.ckpt) if Path(args.ckpt).is_dir() else None,
                                   extra={"tokenizer": read_checkpoint(args.ckpt).get("tokenizer")}
                                   if source.exists() else None)
             summary.update(ckpt_mb=path.stat().st_size / 2**20, ckpt_vs_fp16=path.stat().st_size / fp16_bytes)
@@ -589,9 +566,9 @@ def main(argv=None):
             print(f"| {spec.label()} | {q['val_ppl']:.3f} | {q['val_bpb']:.4f} |")
         if args.qlora_steps:
             summary.update(qlora(args, model, spec, data_dir))
-        if args.out:  # written last: a summary.json means the stage finished
+        if args.out_dir:  # written last: a summary.json means the stage finished
             summary.update(wall_time_s=time.time() - t0, layers=info["report"])
-            summary_path = Path(args.out) / "summary.json"
+            summary_path = Path(args.out_dir) / "summary.json"
             atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
             print(f"summary in {summary_path}")
     except (QuantError, ValueError, FileNotFoundError) as e:

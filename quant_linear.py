@@ -42,7 +42,14 @@ class QuantError(ValueError):
 # Packing: 8 codes of b bits -> b bytes (one little-endian 8b-bit word), along the input dimension
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, cols) integer codes in [0, 2^bits) -> (rows, cols * bits / 8) uint8."""
+    """(rows, cols) integer codes in [0, 2^bits) -> (rows, cols * bits / 8) uint8.
+
+    Every 8 consecutive codes of a row become one little-endian word of `bits` bytes, code k at bit k * bits.
+    Example, int4, one row of 8 codes [1, 2, 3, 4, 5, 6, 7, 15]:
+        word = 1 | 2 << 4 | 3 << 8 | 4 << 12 | 5 << 16 | 6 << 20 | 7 << 24 | 15 << 28 = 0xF7654321
+        bytes, low first: [0x21, 0x43, 0x65, 0xF7]
+    so byte j holds column 2j in its low nibble and column 2j + 1 in its high one (what unpack and the
+    kernel read). int3 packs the same 8 codes into 3 bytes, a code may then straddle two bytes."""
     rows, cols = codes.shape
     if cols % 8:
         raise QuantError(f"cannot pack {cols} columns: need a multiple of 8")

@@ -1,9 +1,9 @@
 """Data curation before tokenization: PII scrubbing, language selection, quality filters, exact and
 near-duplicate removal, with a report of what was removed and why.
 
-    python data/curate.py --source ../shared/data/pretrain/c4_demo.jsonl --out out/c4_curated
-    python data/curate.py --source ../shared/data/tang_poems --out out/tang_curated --lang zh
-    python data/curate.py --source a.txt b.jsonl --out DIR --disable stop_words --set en.min_words=50
+    python data/curate.py --source ../shared/data/pretrain/c4_demo.jsonl --out-dir out/c4_curated
+    python data/curate.py --source ../shared/data/tang_poems --out-dir out/tang_curated --lang zh
+    python data/curate.py --source a.txt b.jsonl --out-dir DIR --disable stop_words --set en.min_words=50
     python -m bench.curate                 # synthetic recall check, speed, and the real-corpus table
 
 Writes DIR/curated.jsonl (one {"text", "source"} object per kept document, in input order) and
@@ -978,7 +978,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=f"rules: {', '.join(RULES)}")
     parser.add_argument("--source", nargs="+", help="input files or directories (txt, jsonl, tang JSON)")
-    parser.add_argument("--out", help="output directory: curated.jsonl, curation_report.json/.md")
+    parser.add_argument("--out-dir", "--out", dest="out_dir", help="output directory: curated.jsonl, curation_report.json/.md")
     parser.add_argument("--format", choices=["txt", "jsonl", "tang"], help="input format (default: from the suffix)")
     parser.add_argument("--txt-docs", choices=["auto", "file", "line", "blank"], default="auto",
                         help="txt documents: per line, per blank-line block, whole file; auto: blank if any")
@@ -1003,15 +1003,15 @@ def main(argv=None):
                         help="analysis processes (default: CPUs - 1, at most 4; 1 analyses in this process)")
     args = parser.parse_args(argv)
     try:
-        if not args.source or not args.out:
-            parser.error("--source and --out are required")
-        report = curate_files(args.source, args.out, config_from_args(args), args.format, args.txt_docs,
+        if not args.source or not args.out_dir:
+            parser.error("--source and --out-dir are required")
+        report = curate_files(args.source, args.out_dir, config_from_args(args), args.format, args.txt_docs,
                               args.skip_bad_lines, args.workers)
     except (CurateError, CorpusError) as e:
         sys.exit(f"error: {e}")
     removed = ", ".join(f"{r} {n:,}" for r, n in report["removed"].items() if n)
     print(f"curated {report['documents_in']:,} -> {report['documents_out']:,} documents ({removed or 'none removed'}) "
-          f"in {report['seconds']['total']:.1f}s; wrote {Path(args.out) / 'curated.jsonl'} and curation_report.md")
+          f"in {report['seconds']['total']:.1f}s; wrote {Path(args.out_dir) / 'curated.jsonl'} and curation_report.md")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Turn a text corpus into training shards: train.bin / val.bin token streams plus meta.json.
 
-    python data/prepare.py --source ../shared/data/tinyshakespeare/input.txt --out data/shakespeare
-    python data/prepare.py --source ../shared/data/tang_poems --out data/tang --vocab-size 8192
-    python data/prepare.py --source ../shared/data/pretrain/c4_demo.jsonl --out data/c4 --tokenizer data/tang/tokenizer
+    python data/prepare.py --source ../shared/data/tinyshakespeare/input.txt --out-dir data/shakespeare
+    python data/prepare.py --source ../shared/data/tang_poems --out-dir data/tang --vocab-size 8192
+    python data/prepare.py --source ../shared/data/pretrain/c4_demo.jsonl --out-dir data/c4 --tokenizer data/tang/tokenizer
 
 Formats (inferred from the source when --format is not given):
   txt    plain text. `--txt-docs file` (default) treats the file as one document and holds out its last
@@ -90,7 +90,7 @@ def write_bin(path: Path, tokens: np.ndarray, dtype: str) -> None:
 
 
 def prepare(args) -> dict:
-    out = Path(args.out)
+    out = Path(args.out_dir)
     source = fetch(args.source, out / "raw")
     fmt = args.format or infer_format(files_of(source)[0])
     fingerprint = {"version": PREPARE_VERSION, "source_sha256": sha256_of(source), "format": fmt,
@@ -140,7 +140,7 @@ def prepare(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=TINY_SHAKESPEARE_URL, help="local file/directory or URL of the corpus")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out-dir", "--out", dest="out_dir", required=True, help="output directory")
     parser.add_argument("--format", choices=["txt", "jsonl", "tang"], help="input format (default: from the source)")
     parser.add_argument("--txt-docs", choices=["file", "line", "blank"], default="file",
                         help="txt: whole file (last 10%% is val), one document per line, or per blank-line block")

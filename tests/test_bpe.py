@@ -218,37 +218,6 @@ def test_train_hand_computed_merges():
     assert tok.encode("aaaaa") == [256, 257]
 
 
-def naive_merges(chunk_counts, n_new_tokens):
-    """Reference trainer: recount every pair of every chunk after every merge."""
-    words = {tuple(chunk): freq for chunk, freq in chunk_counts.items()}
-    vocab = [bytes([i]) for i in range(256)]
-    new_tokens = []
-    while len(new_tokens) < n_new_tokens:
-        counts = Counter()
-        for word, freq in words.items():
-            for pair in zip(word, word[1:]):
-                counts[pair] += freq
-        if not counts:
-            break
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        token = vocab[best[0]] + vocab[best[1]]
-        vocab.append(token)
-        new_tokens.append(token)
-        merged = Counter()
-        for word, freq in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if word[i:i + 2] == best:
-                    out.append(len(vocab) - 1)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] += freq
-        words = merged
-    return new_tokens
-
-
 def test_incremental_trainer_equals_naive_trainer(data_dir):
     text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:15_000]
     text += (data_dir / "sft" / "alpaca_zh_demo.json").read_text(encoding="utf-8")[:3_000]
@@ -257,7 +226,7 @@ def test_incremental_trainer_equals_naive_trainer(data_dir):
     chunk_counts = Counter(regex.findall(bpe.PATTERNS["cl100k"], text))
     byte_counts = {chunk.encode(): n for chunk, n in chunk_counts.items()}
     learned = bpe.learn_merges(byte_counts, 300)
-    assert learned == naive_merges(byte_counts, 300)
+    assert learned == bpe.naive_merges(byte_counts, 300)
     assert len(set(learned)) == len(learned)  # every merge makes a new token
 
 
