@@ -1,55 +1,24 @@
 """Knowledge distillation: a small student learns from a bigger teacher that shares its tokenizer.
 
-White-box: the student matches the teacher's next-token distributions (live, or from a top-k cache):
-
     python distill.py --preset cpu-shakespeare-student --teacher out/teacher --data data/shakespeare --out-dir out/kd
-    python distill.py cache --teacher out/teacher --data data/shakespeare --top-k 32 --samples 32 --temperature 2 --out cache/kd
-    python distill.py --preset cpu-shakespeare-student --teacher-cache cache/kd --data data/shakespeare --out-dir out/kd-cached
-    python distill.py --init out/student --teacher out/teacher-sft --data chat.jsonl --seq-len 256 --out-dir out/kd-chat
+    python distill.py cache --teacher out/teacher --data data/shakespeare --top-k 32 --samples 32 --out-dir cache/kd
+    python distill.py --preset cpu-shakespeare-student --teacher-cache cache/kd --data data/shakespeare --out-dir out/kd2
+    python distill.py generate --teacher out/teacher-sft --prompts prompts.jsonl --out teacher.jsonl  # black-box
 
-Black-box: the teacher answers prompts; the student is fine-tuned on its answers with sft.py:
-
-    python distill.py generate --teacher out/teacher-sft --prompts prompts.jsonl --out teacher.jsonl --reasoning
-    python sft.py --init out/student --data teacher.jsonl --think-weight 1 --out-dir out/student-sft
-
-The white-box loss (p: the teacher, q: the student, both softened by the temperature T):
+White-box, the student q matches the teacher's next-token distributions p, both softened by temperature T:
 
     loss = alpha * T^2 * D(p_T, q_T) + (1 - alpha) * CE(hard labels)       (Hinton et al. 2015)
 
-D is `--loss`: forward_kl KL(p||q) (mean seeking: Hinton's KD); reverse_kl KL(q||p) (mode seeking,
-MiniLLM, Gu et al. 2024); jsd, the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024):
-beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q. The T^2 factor keeps the gradient
-of the soft term on the scale of the hard one as T changes (its gradient shrinks as 1/T^2). `--alpha 0`
-trains on the hard labels alone (no teacher needed): the baseline KD is compared against.
-
-Data: `--data` is a directory from data/prepare.py (every position of random windows is trained on)
-or chat files (chat.py formats, comma-separated), where only the assistant's tokens count, as in sft.py.
-
-The cache (`distill.py cache`): one teacher pass writes, for every input position of the data, the
-teacher's k largest log-probabilities at T and their token ids, plus the log of the tail mass P(tail)
-(everything outside the top k). The tail is then either:
-- one "rest" bucket (`--samples 0`): the divergence is computed over k + 1 outcomes, the k tokens and the
-  bucket, for teacher and student alike (the student's rest is the logsumexp of its other log-probs):
-  an exact divergence between the two distributions coarsened the same way, never larger than the full
-  one, equal to it when k = vocab, for all three losses. But it is biased: it moves the student's tail
-  mass as a whole and never its shape (renormalising the teacher over the top k instead would be worse
-  still: it claims the tail is empty);
-- or (the default, n = 32) `--samples n` tokens s_1..s_n drawn (with replacement) from the teacher's
-  tail p(.|tail), with the tail's sum of p log p. Forward KL only, then estimated as (random-sampling
-  KD, Anshumann et al. 2025, here with the top k kept exactly):
-
-      KL(p||q) = sum_top p_i (log p_i - log q_i) + sum_tail p_i log p_i - P(tail) E_s[log q_s]
-               ~ sum_top p_i (log p_i - log q_i) + sum_tail p_i log p_i - P(tail) / n sum_j log q_{s_j}
-
-  with q normalised over the whole vocabulary. The estimate and its gradient w.r.t. the student's logits
-  equal the full KL's in expectation over the draws: the gradient at z_i is (q_i - p_i) / T, with the
-  tail's p_i replaced by P(tail) times the share of draws that are i. k = 0 is the paper's pure sampling.
-Shards are cached as consecutive windows of seq_len tokens (the teacher's context), so a cached run
-samples those windows rather than random offsets; the cache's temperature is fixed (it changes which
-mass is in the tail) and checked, as are the data and tokenizer. Top log-probs are stored in float16
-(about 3 significant digits), ids as uint16 (int32 above 65536 tokens), the rest in float32.
-
-Outputs in --out-dir, as train.py: ckpt.pt (resumable), metrics.jsonl, loss.png, summary.json, the tokenizer.
+D is --loss: forward_kl KL(p||q) (mean seeking, Hinton's KD), reverse_kl KL(q||p) (mode seeking, MiniLLM,
+Gu et al. 2024), or jsd, GKD's generalised Jensen-Shannon beta KL(p||m) + (1 - beta) KL(q||m) with
+m = beta p + (1 - beta) q (Agarwal et al. 2024). T^2 keeps the soft term's gradient on the hard term's
+scale as T changes; --alpha 0 is the hard-label baseline. The teacher runs live under no_grad, or is
+read from a cache written once: its top-k log-probs per position plus the tail, either as one "rest"
+bucket (an exact divergence between the two distributions coarsened alike) or as tokens sampled from the
+tail (an unbiased estimate of the forward KL and its gradient, random-sampling KD, Anshumann et al. 2025).
+Data: a data/prepare.py directory, or chat files where only the assistant's tokens count, as in sft.py.
+Black-box: the teacher answers prompts and the student is fine-tuned on the answers with sft.py.
+The loop, schedule and checkpoints are training.py's; outputs in --out-dir as train.py's.
 """
 import argparse
 import hashlib
@@ -76,7 +45,7 @@ from model import Transformer
 from sample import generate
 from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, RunDir, StepTimer, TrainConfig, TrainingError,
                       check_finite, format_seconds, load_split, make_optimizer, mixed_precision, new_model, opt,
-                      parse_config, progress_line, read_meta, rng_state, seed_everything, set_lr, set_rng_state)
+                      parse_config, progress_line, read_meta, rng_state, seed_everything, set_lr)
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 REST_LOGP = -1e4  # "log 0" that stays finite: exp() of it is 0 in float32, and no inf - inf makes a NaN
@@ -84,36 +53,6 @@ REST_LOGP = -1e4  # "log 0" that stays finite: exp() of it is 0 in float32, and 
 
 class DistillError(TrainingError):
     """Bad input to distillation (mismatched tokenizers, a stale cache): reported without a traceback."""
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    data: str = opt("", "a data/prepare.py directory (train.bin, val.bin), or chat files (comma-separated .json/.jsonl)")
-    out_dir: str = opt("out/distill", "where checkpoints, metrics and the summary go")
-    teacher: str = opt("", "teacher checkpoint (nanollm or Hugging Face directory), run live under no_grad")
-    teacher_cache: str = opt("", "a top-k cache from `distill.py cache`, used instead of a live teacher")
-    init: str = opt("", "start the student from this checkpoint (the model flags are then ignored)")
-    loss: str = opt("forward_kl", "divergence between teacher and student distributions", choices=list(LOSSES))
-    temperature: float = opt(2.0, "softmax temperature of both distributions in the KD term (scaled by T^2)")
-    alpha: float = opt(0.5, "weight of the KD term; 1 - alpha goes to the hard-label CE (0: no teacher)")
-    beta: float = opt(0.5, "jsd: the mixture m = beta * teacher + (1 - beta) * student, 0 < beta < 1")
-    windows: str = opt("auto", "shards: random offsets (train.py), or the aligned windows a cache holds; auto: "
-                       "aligned with --teacher-cache, else random", choices=["auto", "random", "aligned"])
-    # chat data
-    truncate: str = opt("left", "chat examples over seq_len + 1 tokens: drop the oldest turns ('left') or the "
-                        "example ('drop')", choices=["left", "drop"])
-    think_weight: float = opt(1.0, "chat: weight of <think>...</think> tokens in both loss terms")
-    eval_fraction: float = opt(0.05, "chat: share of the conversations held out for the validation loss")
-
-
-DISTILL_PRESETS = {
-    **TRAIN_PRESETS,
-    # the README's student: 2 layers at a quarter of the width of train.py's cpu-shakespeare model (the
-    # teacher), for a fixed number of steps (runs are compared at equal steps: the CPU is shared)
-    "cpu-shakespeare-student": {**TRAIN_PRESETS["cpu-shakespeare"], "n_layers": 2, "dim": 32, "n_heads": 2,
-                                "n_kv_heads": 2, "hidden_dim": 96, "max_steps": 1000, "max_time": 0.0,
-                                "eval_interval": 500, "sample_tokens": 0},
-}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,6 +325,37 @@ class TopKCache:
 # ----------------------------------------------------------------------------------------------------------
 # White-box training
 
+@dataclass
+class DistillConfig(TrainConfig):
+    data: str = opt("", "a data/prepare.py directory (train.bin, val.bin), or chat files (comma-separated .json/.jsonl)")
+    out_dir: str = opt("out/distill", "where checkpoints, metrics and the summary go")
+    teacher: str = opt("", "teacher checkpoint (nanollm or Hugging Face directory), run live under no_grad")
+    teacher_cache: str = opt("", "a top-k cache from `distill.py cache`, used instead of a live teacher")
+    init: str = opt("", "start the student from this checkpoint (the model flags are then ignored)")
+    loss: str = opt("forward_kl", "divergence between teacher and student distributions", choices=list(LOSSES))
+    temperature: float = opt(2.0, "softmax temperature of both distributions in the KD term (scaled by T^2)")
+    alpha: float = opt(0.5, "weight of the KD term; 1 - alpha goes to the hard-label CE (0: no teacher)")
+    beta: float = opt(0.5, "jsd: the mixture m = beta * teacher + (1 - beta) * student, 0 < beta < 1")
+    windows: str = opt("auto", "shards: random offsets (train.py), or the aligned windows a cache holds; auto: "
+                       "aligned with --teacher-cache, else random", choices=["auto", "random", "aligned"])
+    # chat data
+    truncate: str = opt("left", "chat examples over seq_len + 1 tokens: drop the oldest turns ('left') or the "
+                        "example ('drop')", choices=["left", "drop"])
+    think_weight: float = opt(1.0, "chat: weight of <think>...</think> tokens in both loss terms")
+    eval_fraction: float = opt(0.05, "chat: share of the conversations held out for the validation loss")
+
+
+DISTILL_PRESETS = {
+    **TRAIN_PRESETS,
+    # the README's student: 2 layers at a quarter of the width of train.py's cpu-shakespeare model (the
+    # teacher), for a fixed number of steps (runs are compared at equal steps: the CPU is shared)
+    "cpu-shakespeare-student": {**TRAIN_PRESETS["cpu-shakespeare"], "n_layers": 2, "dim": 32, "n_heads": 2,
+                                "n_kv_heads": 2, "hidden_dim": 96, "max_steps": 1000, "max_time": 0.0,
+                                "eval_interval": 500, "sample_tokens": 0},
+}
+
+
+
 def build_student(config: DistillConfig, vocab_size: int, device: str) -> Transformer:
     if config.init:
         student = load_model(config.init, device=device).train()
@@ -420,6 +390,8 @@ def check_config(config: DistillConfig) -> None:
 def distill(config: DistillConfig) -> dict:
     check_config(config)
     run = RunDir(config, "train")
+    if run.finished:
+        return run.finished
     device = resolve_device(config.device)
     dtype, autocast, scaler = mixed_precision(config.dtype, device)
     use_teacher = config.alpha > 0
@@ -484,7 +456,6 @@ def distill(config: DistillConfig) -> dict:
         return batch[0].to(device), batch[1].to(device), None, (batch[2].tolist() if len(batch) == 3 else None)
 
     optimizer = make_optimizer(student, config, device)
-    step, elapsed = 0, 0.0
     sampler_state = (lambda: sampler.generator.get_state()) if shards else sampler.state
     if run.resuming:
         ckpt = run.checkpoint
@@ -495,10 +466,7 @@ def distill(config: DistillConfig) -> dict:
             sampler.generator.set_state(ckpt["sampler"])
         else:
             sampler.load_state(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        print(f"resumed from {run.ckpt_path} at step {step}")
-    run.start(step)
+    step, elapsed = run.start()
     for f in tokenizer_path.parent.glob(tokenizer_path.stem + "*"):  # the tokenizer travels with the checkpoint
         shutil.copy(f, run.path / f.name)
     source = f"live teacher {config.teacher}" if teacher else (f"cache {config.teacher_cache}" if cache else "hard labels only")
@@ -510,6 +478,7 @@ def distill(config: DistillConfig) -> dict:
                         sampler=sampler_state(), rng=rng_state(), step=step, elapsed=elapsed,
                         train_config=asdict(config), tokenizer=tokenizer_path.stem)
 
+    @run.timed_eval
     def run_eval(max_tokens):
         student.eval()
         if shards:
@@ -575,10 +544,10 @@ def distill(config: DistillConfig) -> dict:
                                 f"teacher {teacher_share:.0%}"), flush=True)
             run.record({"step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_time, "elapsed": elapsed})
-        if config.max_time and elapsed >= config.max_time:
+        if run.stop_reason(step):  # --max-time spent (evaluations included), or Ctrl-C
             stop_reason = "max_time"
             break
-        if step % config.eval_interval == 0 and step < config.max_steps:
+        if run.eval_due(step):
             run_eval(config.eval_tokens)
             save()
             timer.skip_pause()
@@ -737,7 +706,7 @@ def cache_main(argv) -> None:
                                      "log-probabilities at a temperature, for white-box distillation of many students.")
     parser.add_argument("--teacher", required=True, help="teacher checkpoint directory")
     parser.add_argument("--data", required=True, help="a data/prepare.py directory or chat files (as distill.py --data)")
-    parser.add_argument("--out", required=True, help="the cache directory")
+    parser.add_argument("--out-dir", "--out", dest="out_dir", required=True, help="the cache directory")
     parser.add_argument("--seq-len", type=int, default=64, help="window length (shards; chat: the longest example - 1)")
     parser.add_argument("--top-k", type=int, default=32, help="log-probs kept per position")
     parser.add_argument("--samples", type=int, default=32, help="tokens drawn per position from the teacher's tail "
@@ -752,7 +721,7 @@ def cache_main(argv) -> None:
     args = parser.parse_args(argv)
     config = DistillConfig(data=args.data, seq_len=args.seq_len, truncate=args.truncate, think_weight=args.think_weight)
     try:
-        build_cache(args.teacher, args.data, args.out, args.seq_len, args.top_k, args.temperature, args.batch_size,
+        build_cache(args.teacher, args.data, args.out_dir, args.seq_len, args.top_k, args.temperature, args.batch_size,
                     args.device, config, args.samples, args.seed)
     except (ValueError, FileNotFoundError, TrainingError) as e:
         sys.exit(f"error: {e}")

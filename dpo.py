@@ -40,7 +40,7 @@ from chat import (PAD, ChatDataError, answer_ids, chat_token_ids, load_preferenc
 from common import check_trainable, load_model, load_tokenizer, peak_memory_mb, resolve_device
 from lora import ALL_LINEAR, apply_lora, disable_adapters
 from training import (RunConfig, RunDir, StepTimer, TrainingError, check_finite, format_seconds, make_optimizer, opt,
-                      parse_config, progress_line, rng_state, set_lr, set_rng_state)
+                      parse_config, progress_line, rng_state, set_lr)
 
 LN2 = math.log(2)
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
@@ -79,7 +79,13 @@ def simpo_loss(avg_chosen, avg_rejected, beta: float, gamma: float):
 
 
 def log_odds(avg_logp):
-    """log(P / (1 - P)) for P = exp(avg_logp) < 1; log(1 - P) as log(-expm1(.)), exact near P = 1."""
+    """log(P / (1 - P)) for P = exp(avg_logp) < 1; log(1 - P) as log(-expm1(.)), exact near P = 1.
+
+    Example: an answer whose tokens have probabilities 0.5 and 0.8 has avg_logp = (ln 0.5 + ln 0.8) / 2
+    = -0.458, so P = exp(-0.458) = 0.632 (the geometric mean) and log odds = ln(0.632 / 0.368) = 0.543.
+    ORPO compares these between the chosen and the rejected answer: log odds 0.543 against, say, -1.0
+    gives -log sigmoid(1.543) = 0.194. Near P = 1 (avg_logp = -1e-6) the naive log(1 - exp(x)) loses
+    every digit to cancellation; -expm1(x) = 1e-6 keeps them, so the log odds is 13.8, not -inf or NaN."""
     avg_logp = avg_logp.clamp(max=-1e-6)
     return avg_logp - torch.log(-torch.expm1(avg_logp))
 
@@ -409,6 +415,8 @@ def check_config(config: DPOConfig) -> None:
 def train(config: DPOConfig, log=print) -> dict:
     check_config(config)
     run = RunDir(config, "dpo")
+    if run.finished:
+        return run.finished
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.init)
     pad_id = chat_token_ids(tokenizer)[PAD]
@@ -436,7 +444,7 @@ def train(config: DPOConfig, log=print) -> dict:
     kind = ("none" if config.loss in REFERENCE_FREE else "cache" if config.precompute_ref
             else "lora" if config.lora_rank else "copy")
     optimizer = make_optimizer(policy, config, device)
-    step, position, elapsed, cache = 0, 0, 0.0, None
+    position, cache = 0, None
     if run.resuming:
         ckpt = run.checkpoint
         if config.lora_rank:
@@ -444,12 +452,10 @@ def train(config: DPOConfig, log=print) -> dict:
         else:
             policy.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        step, position, elapsed, cache = ckpt["step"], ckpt["position"], ckpt["elapsed"], ckpt.get("ref_cache")
-        log(f"resumed from {run.ckpt_path} at step {step}")
+        position, cache = ckpt["position"], ckpt.get("ref_cache")
     else:
         torch.manual_seed(config.seed)
-    run.start(step)
+    step, elapsed = run.start(log)
     if kind == "cache" and cache is None:  # before any update the policy is the reference
         t0 = time.time()
         cache = {"train": precompute_reference(policy, train_seqs, pad_id, config.batch_size, device),
@@ -475,6 +481,7 @@ def train(config: DPOConfig, log=print) -> dict:
             state["ref_cache"] = cache
         run.save_checkpoint(policy, lora=bool(config.lora_rank), **state)
 
+    @run.timed_eval
     def run_eval():
         if not val_seqs:
             return {}
@@ -533,10 +540,10 @@ def train(config: DPOConfig, log=print) -> dict:
                               f"{pairs_per_s:.1f} {'examples' if labels else 'pairs'}/s"))
         run.record({"step": step, **{k: v for k, v in metrics.items() if k not in INTERNAL},
                     "lr": lr, "grad_norm": grad_norm.item(), "elapsed": elapsed})
-        if config.max_time and elapsed >= config.max_time:
+        if run.stop_reason(step):  # --max-time spent (evaluations included), or Ctrl-C
             stop_reason = "max_time"
             break
-        if step % config.eval_interval == 0 and step < config.max_steps:
+        if run.eval_due(step):
             run_eval()
             save()
             timer.skip_pause()

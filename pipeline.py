@@ -1,50 +1,21 @@
 """The whole chain in one command: text -> tokenizer -> pretrained model -> chat model (SFT, RL, DPO) ->
 distilled student -> quantized model, every stage evaluated, and a report card (report.md).
 
-    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out runs/tiny            # < 20 min, 2-core CPU
-    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out runs/tiny-zh --lang zh
-    python pipeline.py --preset ci --data-dir ../shared/data --out /tmp/ci                    # a few minutes, tiny sizes
-    python pipeline.py --preset gpu --data-dir ../shared/data --out runs/gpu --device cuda
-    python pipeline.py --preset cpu-tiny --out runs/tiny                                      # downloads the data first
+    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out-dir runs/tiny         # < 20 min, 2-core CPU
+    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out-dir runs/tiny-zh --lang zh
+    python pipeline.py --preset ci --data-dir ../shared/data --out-dir /tmp/ci                 # a few minutes
+    python pipeline.py --preset gpu --data-dir ../shared/data --out-dir runs/gpu --device cuda
+    python pipeline.py --preset cpu-tiny --out-dir runs/tiny                                   # downloads the data first
 
-Data: --data-dir is a folder laid out like ../shared/data. Without it, the files the preset and language
-read are downloaded once from their public URLs (DATA_URLS: LLaMA-Factory's demo data, the chinese-poetry
-project) into OUT/downloads in the same layout; --data-url BASE takes them from a mirror of the layout.
-
-Stages, each a subprocess of the project's own scripts with its log in OUT/logs/<stage>.log:
-
-  chat_data    the arithmetic task (tasks.py) as SFT conversations and DPO pairs, the student's prompts (JSONL)
-  tokenizer    bpe.py train: a byte-level BPE with the chat special tokens, on the raw corpus (zh: + the SFT chats)
-  prepare      data/prepare.py --curate: PII scrubbing, quality rules, dedup, then train.bin / val.bin
-  pretrain     train.py: the base model (en: Wikipedia + C4 excerpts; zh: the Tang poems)
-  sft          sft.py, full fine-tuning on identity.json (--set name=nanollm) + arithmetic + alpaca(_zh)
-  sft_lora     sft.py --lora-rank: the same data, LoRA adapters (a side branch, compared in the table)
-  reward       rlhf.py reward: a Bradley-Terry reward model on the arithmetic right/wrong pairs
-  grpo         rlhf.py grpo: RL of the SFT model against the verifiable reward (tasks.check)
-  ppo          rlhf.py ppo: RL of the SFT model against the trained reward model (a side branch)
-  dpo          dpo.py: DPO of the RL model on dpo_en (dpo_zh) + arithmetic pairs -> the final chat model;
-               the RL model is grpo's, or ppo's when its held-out accuracy is clearly higher (rl_policy)
-  distill_ce   distill.py --alpha 0: a smaller student on the pretraining data, hard labels only (baseline)
-  distill      distill.py: the same student with the base model as its teacher (KD gain = the difference)
-  distill_gen  distill.py generate: the final chat model answers arithmetic and identity prompts (greedy)
-  distill_sft  sft.py: the distilled student fine-tuned on those answers -> a chat student (black-box KD)
-  quant_rtn    quant.py: the final chat model to int4, round to nearest
-  quant_gptq   quant.py --method gptq: the same with GPTQ
-  eval         every checkpoint: val bpb, chat stop rate, identity and arithmetic accuracy, samples, tok/s
-  sample       sample.py: answers of the final chat model
-
-A stage is done when its output directory holds summary.json (the scripts write it last; for the
-ones that write none, this file writes it after they succeed), so a rerun skips finished stages and
+Each stage is a subprocess of the project's own scripts (build_stages lists them in order, with their
+flags: chat_data, tokenizer, prepare, pretrain, sft, sft_lora, reward, grpo, ppo, dpo, distill_ce, distill,
+distill_gen, distill_sft, quant_rtn, quant_gptq, eval, sample), its log in OUT/logs/<stage>.log. A stage is
+done when its output directory holds summary.json (written last), so a rerun skips finished stages and
 training stages continue from their checkpoint (--resume). A failing stage stops the run with one line
-naming the stage and its log. report.md (OUT/report.md) has one table of every stage's metrics, the
-loss curves, sample generations, the machine, the commit and each stage's wall time.
-
-Simplified against a production recipe: both RL stages start from the SFT model and train on the
-arithmetic task alone (PPO's reward model is learned from arithmetic right/wrong pairs, not from human
-preferences on open prompts); the chat student is distilled in two steps, white-box from the base model
-on the pretraining corpus, then black-box on the final chat model's greedy answers to a few hundred
-arithmetic and identity prompts (no alpaca or preference data, no on-policy distillation); the sizes and
-budgets of the CPU presets (PRESETS) are small enough that quality numbers are only indicative.
+naming the stage and its log. report.md has one table of every stage's metrics, the loss curves, sample
+generations, the machine, the commit and each stage's wall time. --data-dir is a folder laid out like
+../shared/data; without it the files are downloaded once from their public URLs (DATA_URLS) into
+OUT/downloads. The CPU presets are small: their quality numbers are only indicative.
 `python pipeline.py evaluate ...` is the eval stage's worker (see evaluate_stage).
 """
 import argparse
@@ -266,10 +237,10 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
         Stage("tokenizer", f"bpe.py: {p['vocab_size'][lang]}-token BPE on {corpus.name}"
               + (" + the SFT chats" if tokenizer_extra else ""), "tokenizer",
               [py("bpe.py", "train", "--input", corpus, *tokenizer_extra, "--vocab-size", p["vocab_size"][lang],
-                  "--out", r / "tokenizer" / "tokenizer")], writes_summary=False),
+                  "--out-dir", r / "tokenizer")], writes_summary=False),
         Stage("prepare", "data/prepare.py --curate: curated train/val token shards", "data",
               [py("data/prepare.py", "--source", corpus, *corpus_args, "--curate",
-                  "--tokenizer", r / "tokenizer" / "tokenizer", "--out", data)], writes_summary=False),
+                  "--tokenizer", r / "tokenizer" / "tokenizer", "--out-dir", data)], writes_summary=False),
         Stage("pretrain", "train.py: the base model", "pretrain",
               [py("train.py", "--data", data, "--out-dir", r / "pretrain", *p["pretrain"], *dev, "--resume")],
               kind="base", pngs=["loss.png"]),
@@ -307,10 +278,10 @@ def build_stages(preset: str, lang: str, data_dir: Path, run_dir: Path, device: 
                                  *sft_eval, "--out-dir", r / "distill_sft", *p["distill_sft"], *dev, "--resume")],
               kind="chat", pngs=["loss.png"]),
         Stage("quant_rtn", "quant.py: the final chat model to int4, round to nearest", "quant_rtn",
-              [py("quant.py", "--ckpt", r / "dpo", "--out", r / "quant_rtn", "--method", "rtn", "--bits", "4",
+              [py("quant.py", "--ckpt", r / "dpo", "--out-dir", r / "quant_rtn", "--method", "rtn", "--bits", "4",
                   *p["quant"], "--data", data, "--no-eval", *dev)], kind="chat"),
         Stage("quant_gptq", "quant.py --method gptq: int4 GPTQ of the final chat model", "quant_gptq",
-              [py("quant.py", "--ckpt", r / "dpo", "--out", r / "quant_gptq", "--method", "gptq", "--bits", "4",
+              [py("quant.py", "--ckpt", r / "dpo", "--out-dir", r / "quant_gptq", "--method", "gptq", "--bits", "4",
                   *p["quant"], *p["gptq"], "--data", data, "--no-eval", *dev)], kind="chat"),
     ]
     evaluated = [f"{s.name}={s.kind}" for s in stages if s.kind]
@@ -385,6 +356,14 @@ def stage_summary(stage: Stage, run_dir: Path, wall_s: float) -> dict:
     return {"wall_time_s": wall_s}
 
 
+def without_idle_resume(argv: list) -> list:
+    """argv without --resume when its --out-dir holds no checkpoint yet: the stage's first run starts it."""
+    if "--resume" in argv and "--out-dir" in argv:
+        if not (Path(argv[argv.index("--out-dir") + 1]) / "ckpt.pt").exists():
+            return [arg for arg in argv if arg != "--resume"]
+    return argv
+
+
 def run_stage(stage: Stage, run_dir: Path, log_dir: Path) -> tuple[str, float]:
     """Run one stage unless its summary.json exists -> ("done" | "skipped", seconds). Raises PipelineError."""
     if stage.summary_path(run_dir).exists():
@@ -400,7 +379,7 @@ def run_stage(stage: Stage, run_dir: Path, log_dir: Path) -> tuple[str, float]:
                 raise PipelineError(f"stage '{stage.name}' failed ({e}); log: {log}") from None
         else:
             for argv in stage.commands:
-                argv = [str(arg(run_dir)) if callable(arg) else arg for arg in argv]
+                argv = without_idle_resume([str(arg(run_dir)) if callable(arg) else arg for arg in argv])
                 fh.write("$ " + " ".join(map(str, argv)) + "\n")
                 fh.flush()
                 # unbuffered, so that the log shows the stage's progress lines as they come
@@ -649,12 +628,13 @@ def main(argv=None):
                         "preset reads are downloaded once from their public URLs into OUT/downloads")
     parser.add_argument("--data-url", default="", help="without --data-dir: download from this mirror of the "
                         "layout (http://, https:// or file:// + the same relative paths) instead")
-    parser.add_argument("--out", required=True, help="run directory: every stage's outputs, logs/, report.md")
+    parser.add_argument("--out-dir", "--out", dest="out_dir", required=True,
+                        help="run directory: every stage's outputs, logs/, report.md")
     parser.add_argument("--lang", choices=["en", "zh"], default="en", help="en, or zh: Tang poems, alpaca_zh, dpo_zh")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps, passed to every stage")
     parser.add_argument("--only", help="comma-separated stage names to run (the others are not touched)")
     args = parser.parse_args(argv)
-    run_dir = Path(args.out).resolve()
+    run_dir = Path(args.out_dir).resolve()
     if args.data_dir:
         data_dir = Path(args.data_dir).resolve()
         if not data_dir.is_dir():

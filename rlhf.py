@@ -2,48 +2,22 @@
 with PPO against that learned reward, or with GRPO against a verifiable reward (a program checks answers).
 
     python rlhf.py reward --init out/sft --data arithmetic --out-dir out/rm             # tasks.py's pairs
-    python rlhf.py reward --init out/sft --data ../shared/data/preference/dpo_en_demo.json --out-dir out/rm-en
     python rlhf.py grpo --init out/sft --out-dir out/grpo --max-time 300                # reward = tasks.check
     python rlhf.py ppo --init out/sft --reward-model out/rm --out-dir out/ppo --max-time 300
 
-Reward model (InstructGPT, Ouyang et al. 2022, section 3.5): the SFT model with its LM head replaced by a
-linear head to one scalar, read at the answer's last token (its <|im_end|>). For a prompt x with a chosen
-answer y_w and a rejected one y_l, the Bradley-Terry model P(y_w > y_l) = sigmoid(r(x, y_w) - r(x, y_l))
-gives the loss
-
-    L = -log sigmoid(r_w - r_l - margin) + center * (r_w + r_l)^2
-
-with an optional margin (Llama 2) and a centering term that keeps rewards near zero (Eisenstein et al.
-2023), since the Bradley-Terry loss sees only differences. It reports held-out pairwise accuracy (share of
-pairs with r_w > r_l) and the reward distribution.
-
-PPO (Schulman et al. 2017, as used by Ziegler et al. 2019 and InstructGPT; the choices follow Huang et
-al. 2022, "The N implementation details of RLHF with PPO"): each step samples answers from the policy
-(sample.py, on the KV cache), scores each with the reward model at its last token, and gives every
-answer token t the reward
-
-    r_t = -beta * (log pi(y_t) - log pi_ref(y_t))  [+ RM score on the last token]
-
-(the per-token KL penalty to the frozen SFT model, beta optionally adapted toward a target KL). A value
-head on the policy's last hidden state gives V_t; GAE (Schulman et al. 2016) turns rewards and values into
-advantages, A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, whitened over
-the batch. Then several epochs of minibatch updates of
-
-    L = E[max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))] + vf_coef * E[max((V - R)^2, (V_clip - R)^2)] / 2
-
-with ratio = pi(y_t) / pi_old(y_t) and V_clip = V_old + clip(V - V_old, -eps_v, eps_v).
-
-GRPO (Shao et al. 2024, DeepSeekMath): no value model. G answers per prompt, each rewarded by a program
-(tasks.check: is the last number the sum?), advantage A_i = (r_i - mean(r)) / (std(r) + eps) within the
-group for every token of answer i, the same clipped ratio objective, and a KL penalty to the reference in
-the loss with the k3 estimator, unbiased and always >= 0:
-
-    KL_t = pi_ref / pi - log(pi_ref / pi) - 1,   L = mean_i mean_t [clipped objective + beta KL_t]
-
-The policy trains LoRA adapters (lora.py) by default, so the reference is the same model with its
-adapters disabled: one model in memory. With --lora-rank 0 it is fully fine-tuned against a frozen copy.
-Outputs in --out-dir, as train.py: ckpt.pt (the merged policy, or the reward model), the tokenizer,
-metrics.jsonl, a PNG of the curves, summary.json; --resume continues from ckpt.pt exactly.
+Reward model (InstructGPT, Ouyang et al. 2022): the SFT model with a scalar head read at the answer's last
+token, trained on Bradley-Terry: L = -log sigmoid(r_w - r_l - margin) + center * (r_w + r_l)^2.
+PPO (Schulman et al. 2017; the details of Huang et al. 2022): sample answers, score them with the reward
+model, give every answer token the reward r_t = -beta (log pi(y_t) - log pi_ref(y_t)) [+ the score on the
+last token], turn rewards and a value head's V_t into advantages with GAE (Schulman et al. 2016),
+A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t, and minimise
+    E[max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))] + vf_coef * E[max((V - R)^2, (V_clip - R)^2)] / 2.
+GRPO (Shao et al. 2024, DeepSeekMath): no value model; G answers per prompt, A_i = (r_i - mean r) / (std r
++ eps) within the group, the same clipped objective plus beta times the k3 KL estimate
+KL_t = pi_ref / pi - log(pi_ref / pi) - 1 in the loss.
+The policy trains LoRA adapters by default, so the reference is the same model with its adapters off (one
+model in memory). The loop, schedule and checkpoints are training.py's; outputs in --out-dir: ckpt.pt (the
+merged policy, or the reward model), the tokenizer, metrics.jsonl, curves.png, summary.json.
 """
 import copy
 import math
@@ -65,108 +39,9 @@ from model import ModelConfig, Transformer
 from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs
 from training import (RunConfig, RunDir, StepTimer, TrainingError, check_finite, format_seconds, make_optimizer, opt,
-                      parse_config, progress_line, rng_state, set_lr, set_rng_state)
+                      parse_config, progress_line, rng_state, set_lr)
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configs: one per subcommand, on common.RunConfig; the RL ones share RLConfig's fields
-
-@dataclass
-class RewardConfig(RunConfig):
-    init: str = opt("", "the model to start from (an SFT checkpoint directory); its LM head becomes a scalar head")
-    data: str = opt("arithmetic", "comma-separated preference files (dpo.py's formats), or 'arithmetic' for "
-                                  "tasks.py's right-vs-wrong answer pairs")
-    eval_data: str = opt("", "held-out preference files (default: --eval-fraction of --data; for 'arithmetic' "
-                             "the pairs of the test split)")
-    eval_fraction: float = opt(0.1, "share of --data held out when --eval-data is not given")
-    out_dir: str = opt("out/rm", "where the reward model, metrics and summary go")
-    tokenizer: str = opt("", "tokenizer file (default: the one beside --init)")
-    max_len: int = opt(256, "longest prompt + answer in tokens (the prompt is cut from the left first)")
-    n_problems: int = opt(800, "arithmetic: train-split problems to make pairs from")
-    pairs_per_problem: int = opt(4, "arithmetic: wrong answers (pairs) per problem")
-    n_eval_problems: int = opt(100, "arithmetic: test-split problems to evaluate on")
-    margin: float = opt(0.0, "Bradley-Terry margin: -log sigmoid(r_w - r_l - margin)")
-    center: float = opt(0.01, "weight of the centering term (r_w + r_l)^2 (0: off)")
-    lora_rank: int = opt(0, "LoRA rank on the trunk (0: fine-tune everything)")
-    lora_alpha: float = opt(16.0, "LoRA alpha")
-    batch_size: int = opt(16, "pairs per step")
-    # the reward model's defaults of RunConfig's options (their help is RunConfig's)
-    max_steps: int = 400
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    eval_interval: int = 100
-
-
-@dataclass
-class RLConfig(RunConfig):
-    init: str = opt("", "the policy to start from (an SFT checkpoint directory); also the frozen reference")
-    out_dir: str = opt("out/rl", "where the policy, metrics and summary go")
-    tokenizer: str = opt("", "tokenizer file (default: the one beside --init)")
-    # the task: tasks.py's arithmetic
-    n_terms: int = opt(3, "arithmetic: numbers per question")
-    max_operand: int = opt(9, "arithmetic: largest number")
-    n_train: int = opt(800, "train-split problems the prompts are drawn from")
-    n_eval: int = opt(100, "held-out (test split) problems for greedy accuracy")
-    # rollouts
-    prompts_per_step: int = opt(16, "prompts sampled per step")
-    samples_per_prompt: int = opt(1, "answers sampled per prompt (GRPO's group size G)")
-    max_new_tokens: int = opt(16, "longest sampled answer")
-    temperature: float = opt(1.0, "sampling temperature (the log-probabilities use the same)")
-    # the objective
-    beta: float = opt(0.05, "KL penalty coefficient (to the reference)")
-    clip: float = opt(0.2, "PPO clip range eps: ratio kept in [1 - eps, 1 + eps]")
-    ppo_epochs: int = opt(1, "passes over each batch of rollouts")
-    minibatches: int = opt(1, "minibatches per pass")
-    # the policy
-    lora_rank: int = opt(16, "LoRA rank of the policy (0: full fine-tuning against a frozen copy)")
-    lora_alpha: float = opt(32.0, "LoRA alpha")
-    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "layers to adapt")
-    lora_embedding_rank: int = opt(0, "with --lora-rank: rank of an adapter on the token embedding (and a tied head)")
-    # the RL defaults of RunConfig's options (their help is RunConfig's)
-    max_steps: int = opt(200, "RL steps (each: rollouts, then the updates; the cosine schedule ends here)")
-    lr: float = 2e-3
-    min_lr: float = 2e-3
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    eval_interval: int = 20
-    log_interval: int = 5
-
-
-@dataclass
-class GRPOConfig(RLConfig):  # a field declared without opt() changes RLConfig's default only
-    out_dir: str = "out/grpo"
-    samples_per_prompt: int = 8
-    lr: float = 1e-3
-    min_lr: float = 1e-3
-    group_eps: float = opt(1e-4, "added to the group's std in the advantage")
-
-
-@dataclass
-class PPOConfig(RLConfig):
-    out_dir: str = "out/ppo"
-    reward_model: str = opt("", "the reward model (a directory written by `rlhf.py reward`)")
-    prompts_per_step: int = 32
-    ppo_epochs: int = 2
-    minibatches: int = 2
-    beta: float = opt(0.2, "initial KL penalty coefficient (0.05 let the policy hack the reward model: README)")
-    lr: float = 1e-3
-    min_lr: float = 1e-3
-    target_kl: float = opt(0.0, "adaptive KL controller's target per answer (0: fixed beta)")
-    kl_horizon: int = opt(10000, "adaptive KL controller's horizon (answers)")
-    gamma: float = opt(1.0, "GAE discount")
-    lam: float = opt(0.95, "GAE lambda")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    value_clip: float = opt(0.2, "value clip range")
-    missing_end_penalty: float = opt(-1.0, "score of an answer cut off before <|im_end|> (replaces the RM's)")
-    normalize_reward: bool = opt(True, "scale RM scores to mean 0, std 1 on the SFT policy's answers at the start")
-
-
-PRESETS = {"reward": {}, "ppo": {}, "grpo": {}}
-CONFIGS = {"reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +72,15 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     """Generalised advantage estimation on (B, T) rows whose answer is one contiguous run of mask == 1.
 
     delta_t = r_t + gamma V_{t+1} - V_t (V after the answer's last token is 0: the episode ends),
-    A_t = delta_t + gamma lambda A_{t+1}. Returns (advantages, returns = advantages + values), 0 off the mask."""
+    A_t = delta_t + gamma lambda A_{t+1}. Returns (advantages, returns = advantages + values), 0 off the mask.
+
+    Example, one answer of 3 tokens, the score 1.0 on the last, gamma = 1, lambda = 0.5:
+        rewards [0, 0, 1], values [0.5, 0.5, 0.5]
+        delta   [0 + 0.5 - 0.5, 0 + 0.5 - 0.5, 1 + 0 - 0.5] = [0, 0, 0.5]
+        A       [0 + 0.5 * 0.25, 0 + 0.5 * 0.5, 0.5] = [0.125, 0.25, 0.5]   (from the end backwards)
+        returns A + V = [0.625, 0.75, 1.0]
+    The score reaches earlier tokens shrunk by (gamma lambda) per step; with lambda = 1 every A_t would be
+    1 - V_t (Monte Carlo), with lambda = 0 only delta_t (one-step TD)."""
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     T = rewards.size(1)
@@ -212,7 +95,14 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-4):
     """GRPO: rewards (n_prompts * G,), consecutive groups of G answers to one prompt -> (r - mean) / (std + eps)
-    within each group (std with Bessel's correction, as TRL's GRPOTrainer). A group of equal rewards gets 0."""
+    within each group (std with Bessel's correction, as TRL's GRPOTrainer). A group of equal rewards gets 0.
+
+    Example, 2 prompts, G = 4 answers each, reward 1 for a right answer:
+        rewards [1, 0, 0, 0,  1, 1, 1, 1]
+        group 1: mean 0.25, std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5 -> [1.5, -0.5, -0.5, -0.5] (eps aside)
+        group 2: all right, std 0 -> [0, 0, 0, 0]: nothing to learn from a prompt every answer solves
+    The one right answer among wrong ones is pushed up three times as hard as each wrong one is pushed down;
+    the advantages of a group sum to 0."""
     grouped = rewards.view(-1, group_size)
     mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
     return ((grouped - mean) / (std + eps)).flatten()
@@ -461,6 +351,105 @@ def ppo_step(model, ref_model, value_head, reward_model, optimizer, prompts, con
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Configs: one per subcommand, on common.RunConfig; the RL ones share RLConfig's fields
+
+@dataclass
+class RewardConfig(RunConfig):
+    init: str = opt("", "the model to start from (an SFT checkpoint directory); its LM head becomes a scalar head")
+    data: str = opt("arithmetic", "comma-separated preference files (dpo.py's formats), or 'arithmetic' for "
+                                  "tasks.py's right-vs-wrong answer pairs")
+    eval_data: str = opt("", "held-out preference files (default: --eval-fraction of --data; for 'arithmetic' "
+                             "the pairs of the test split)")
+    eval_fraction: float = opt(0.1, "share of --data held out when --eval-data is not given")
+    out_dir: str = opt("out/rm", "where the reward model, metrics and summary go")
+    tokenizer: str = opt("", "tokenizer file (default: the one beside --init)")
+    max_len: int = opt(256, "longest prompt + answer in tokens (the prompt is cut from the left first)")
+    n_problems: int = opt(800, "arithmetic: train-split problems to make pairs from")
+    pairs_per_problem: int = opt(4, "arithmetic: wrong answers (pairs) per problem")
+    n_eval_problems: int = opt(100, "arithmetic: test-split problems to evaluate on")
+    margin: float = opt(0.0, "Bradley-Terry margin: -log sigmoid(r_w - r_l - margin)")
+    center: float = opt(0.01, "weight of the centering term (r_w + r_l)^2 (0: off)")
+    lora_rank: int = opt(0, "LoRA rank on the trunk (0: fine-tune everything)")
+    lora_alpha: float = opt(16.0, "LoRA alpha")
+    batch_size: int = opt(16, "pairs per step")
+    # the reward model's defaults of RunConfig's options (their help is RunConfig's)
+    max_steps: int = 400
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_interval: int = 100
+
+
+@dataclass
+class RLConfig(RunConfig):
+    init: str = opt("", "the policy to start from (an SFT checkpoint directory); also the frozen reference")
+    out_dir: str = opt("out/rl", "where the policy, metrics and summary go")
+    tokenizer: str = opt("", "tokenizer file (default: the one beside --init)")
+    # the task: tasks.py's arithmetic
+    n_terms: int = opt(3, "arithmetic: numbers per question")
+    max_operand: int = opt(9, "arithmetic: largest number")
+    n_train: int = opt(800, "train-split problems the prompts are drawn from")
+    n_eval: int = opt(100, "held-out (test split) problems for greedy accuracy")
+    # rollouts
+    prompts_per_step: int = opt(16, "prompts sampled per step")
+    samples_per_prompt: int = opt(1, "answers sampled per prompt (GRPO's group size G)")
+    max_new_tokens: int = opt(16, "longest sampled answer")
+    temperature: float = opt(1.0, "sampling temperature (the log-probabilities use the same)")
+    # the objective
+    beta: float = opt(0.05, "KL penalty coefficient (to the reference)")
+    clip: float = opt(0.2, "PPO clip range eps: ratio kept in [1 - eps, 1 + eps]")
+    ppo_epochs: int = opt(1, "passes over each batch of rollouts")
+    minibatches: int = opt(1, "minibatches per pass")
+    # the policy
+    lora_rank: int = opt(16, "LoRA rank of the policy (0: full fine-tuning against a frozen copy)")
+    lora_alpha: float = opt(32.0, "LoRA alpha")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "layers to adapt")
+    lora_embedding_rank: int = opt(0, "with --lora-rank: rank of an adapter on the token embedding (and a tied head)")
+    # the RL defaults of RunConfig's options (their help is RunConfig's)
+    max_steps: int = opt(200, "RL steps (each: rollouts, then the updates; the cosine schedule ends here)")
+    lr: float = 2e-3
+    min_lr: float = 2e-3
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    eval_interval: int = 20
+    log_interval: int = 5
+
+
+@dataclass
+class GRPOConfig(RLConfig):  # a field declared without opt() changes RLConfig's default only
+    out_dir: str = "out/grpo"
+    samples_per_prompt: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-3
+    group_eps: float = opt(1e-4, "added to the group's std in the advantage")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    out_dir: str = "out/ppo"
+    reward_model: str = opt("", "the reward model (a directory written by `rlhf.py reward`)")
+    prompts_per_step: int = 32
+    ppo_epochs: int = 2
+    minibatches: int = 2
+    beta: float = opt(0.2, "initial KL penalty coefficient (0.05 let the policy hack the reward model: README)")
+    lr: float = 1e-3
+    min_lr: float = 1e-3
+    target_kl: float = opt(0.0, "adaptive KL controller's target per answer (0: fixed beta)")
+    kl_horizon: int = opt(10000, "adaptive KL controller's horizon (answers)")
+    gamma: float = opt(1.0, "GAE discount")
+    lam: float = opt(0.95, "GAE lambda")
+    vf_coef: float = opt(0.1, "weight of the value loss")
+    value_clip: float = opt(0.2, "value clip range")
+    missing_end_penalty: float = opt(-1.0, "score of an answer cut off before <|im_end|> (replaces the RM's)")
+    normalize_reward: bool = opt(True, "scale RM scores to mean 0, std 1 on the SFT policy's answers at the start")
+
+
+PRESETS = {"reward": {}, "ppo": {}, "grpo": {}}
+CONFIGS = {"reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Shared plumbing of the three commands
 
 def load_tokenizer_for(config):
@@ -469,12 +458,9 @@ def load_tokenizer_for(config):
     return tokenizer
 
 
-def out_of_budget(config, step: int, elapsed: float) -> str | None:
-    if step >= config.max_steps:
-        return "max_steps"
-    if config.max_time and elapsed >= config.max_time:
-        return "max_time"
-    return None
+def out_of_budget(config, run: RunDir, step: int) -> str | None:
+    """"max_steps", or "max_time" when --max-time is spent (evaluations included); exits after a Ctrl-C."""
+    return "max_steps" if step >= config.max_steps else run.stop_reason(step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -565,6 +551,8 @@ def train_reward_model(config: RewardConfig) -> dict:
     if not config.init:
         raise TrainingError("--init (the SFT checkpoint the reward model starts from) is required")
     run = RunDir(config, "reward")
+    if run.finished:
+        return run.finished
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer_for(config)
@@ -589,17 +577,13 @@ def train_reward_model(config: RewardConfig) -> dict:
     order = torch.Generator().manual_seed(config.seed)
     permutation, position = torch.randperm(len(encoded), generator=order).tolist(), 0
 
-    step, elapsed = 0, 0.0
     if run.resuming:
         ckpt = run.checkpoint
         model.load_state_dict(ckpt["train_state"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         order.set_state(ckpt["order"])
         permutation, position = ckpt["permutation"], ckpt["position"]
-        set_rng_state(ckpt["rng"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        print(f"resumed from {run.ckpt_path} at step {step}")
-    run.start(step)
+    step, elapsed = run.start()
     tokenizer.save(run.path / "tokenizer")
 
     def save():
@@ -608,6 +592,7 @@ def train_reward_model(config: RewardConfig) -> dict:
                             position=position, rng=rng_state(), step=step, elapsed=elapsed,
                             reward_config=asdict(config), tokenizer="tokenizer")
 
+    @run.timed_eval
     def run_eval():
         metrics = evaluate_reward_model(model, eval_encoded, pad_id, device)
         print(f"eval step {step}: held-out accuracy {metrics['accuracy']:.1%} | BT loss {metrics['bt_loss']:.4f} | "
@@ -621,7 +606,7 @@ def train_reward_model(config: RewardConfig) -> dict:
     model.train()
     t_start, elapsed_before = time.time(), elapsed
     timer = StepTimer(config, step)
-    while not (stop_reason := out_of_budget(config, step, elapsed)):
+    while not (stop_reason := out_of_budget(config, run, step)):
         lr = set_lr(optimizer, config, step, elapsed)
         rows = []
         while len(rows) < config.batch_size:
@@ -645,7 +630,7 @@ def train_reward_model(config: RewardConfig) -> dict:
                                 f"lr {lr:.2e}", f"grad norm {grad_norm:.3f}", f"{step_time * 1000:.0f} ms/step"))
             run.record({"step": step, "loss": loss.item(), "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
                         "elapsed": elapsed})
-        if step % config.eval_interval == 0 and not out_of_budget(config, step, elapsed):
+        if step % config.eval_interval == 0 and not out_of_budget(config, run, step):
             run_eval()
             save()
             timer.skip_pause()
@@ -673,6 +658,8 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
         raise TrainingError(f"--samples-per-prompt must be >= 2 for GRPO's group statistics, got "
                             f"{config.samples_per_prompt}")
     run = RunDir(config, algorithm)
+    if run.finished:
+        return run.finished
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer_for(config)
@@ -704,17 +691,15 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     optimizer = make_optimizer(modules, config, device)
     kl_ctl = AdaptiveKLController(config.beta, getattr(config, "target_kl", 0.0), getattr(config, "kl_horizon", 1))
 
-    step, elapsed, reward_norm = 0, 0.0, (0.0, 1.0)
+    reward_norm = (0.0, 1.0)
     if run.resuming:
         ckpt = run.checkpoint
         model.load_state_dict(ckpt["lora"] if config.lora_rank else ckpt["model"], strict=not config.lora_rank)
         if value_head is not None:
             value_head.load_state_dict(ckpt["value_head"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        step, elapsed, reward_norm, kl_ctl.beta = ckpt["step"], ckpt["elapsed"], ckpt["reward_norm"], ckpt["beta"]
-        print(f"resumed from {run.ckpt_path} at step {step}")
-    run.start(step)
+        reward_norm, kl_ctl.beta = ckpt["reward_norm"], ckpt["beta"]
+    step, elapsed = run.start()
     tokenizer.save(run.path / "tokenizer")
 
     def save():
@@ -726,6 +711,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     def step_problems(k: int) -> list:  # a function of (seed, step) only, so --resume draws the same prompts
         return random.Random(f"{config.seed}:{k}").sample(train_problems, config.prompts_per_step)
 
+    @run.timed_eval
     def run_eval():
         metrics = greedy_accuracy(model, tokenizer, eval_problems, config.max_new_tokens)
         print(f"eval step {step}: held-out greedy accuracy {metrics['accuracy']:.1%} on {len(eval_problems)} "
@@ -745,7 +731,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     model.train()
     t_start, elapsed_before = time.time(), elapsed
     timer = StepTimer(config, step)
-    while not (stop_reason := out_of_budget(config, step, elapsed)):
+    while not (stop_reason := out_of_budget(config, run, step)):
         lr = set_lr(optimizer, config, step, elapsed)
         problems = step_problems(step)
         prompts = [question_prompt(tokenizer, p) for p in problems]
@@ -771,7 +757,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
             print(progress_line(step, config.max_steps, eta, *main_stats, f"KL {stats['kl']:.4f}",
                                 f"entropy {stats['entropy']:.3f}", f"clipfrac {stats['clipfrac']:.3f}",
                                 f"answer {stats['answer_len']:.1f} tokens", f"{step_time:.2f} s/step"))
-        if step % config.eval_interval == 0 and not out_of_budget(config, step, elapsed):
+        if step % config.eval_interval == 0 and not out_of_budget(config, run, step):
             run_eval()
             save()
             timer.skip_pause()

@@ -34,7 +34,7 @@ from lora import apply_lora
 from sample import generate
 from training import (ExampleSampler, RunConfig, RunDir, StepTimer, TrainingError, check_finite, format_seconds,
                       make_optimizer, mixed_precision, opt, parse_config, progress_line, rng_state, seed_everything,
-                      set_lr, set_rng_state)
+                      set_lr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,6 +169,8 @@ def finetune(config: SFTConfig) -> dict:
     if not config.init or not config.data:
         raise TrainingError("--init (the model to fine-tune) and --data (chat files) are required")
     run = RunDir(config, "sft")
+    if run.finished:
+        return run.finished
     device = resolve_device(config.device)
     _, autocast, scaler = mixed_precision(config.dtype, device)
     seed_everything(config.seed)
@@ -210,7 +212,6 @@ def finetune(config: SFTConfig) -> dict:
     optimizer = make_optimizer(model, config, device)
     sampler = ExampleSampler(len(items), config.batch_size, config.seed)
 
-    step, elapsed = 0, 0.0
     if run.resuming:
         ckpt = run.checkpoint
         if config.lora_rank:
@@ -219,10 +220,7 @@ def finetune(config: SFTConfig) -> dict:
             model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        print(f"resumed from {run.ckpt_path} at step {step}")
-    run.start(step)
+    step, elapsed = run.start()
     tokenizer.save(run.path / "tokenizer")
 
     def save():
@@ -232,6 +230,7 @@ def finetune(config: SFTConfig) -> dict:
 
     eval_prompts = [prompt_of(c) for c in eval_conversations[:config.eval_prompts]]
 
+    @run.timed_eval
     def run_eval():
         model.eval()
         with autocast:
@@ -285,10 +284,10 @@ def finetune(config: SFTConfig) -> dict:
                                 f"grad norm {grad_norm.item():.3f}", f"{tokens_per_s:,.0f} tok/s"))
             run.record({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tokens_per_s, "elapsed": elapsed})
-        if config.max_time and elapsed >= config.max_time:
+        if run.stop_reason(step):  # --max-time spent (evaluations included), or Ctrl-C
             stop_reason = "max_time"
             break
-        if step % config.eval_interval == 0 and step < config.max_steps:
+        if run.eval_due(step):
             run_eval()
             save()
             timer.skip_pause()

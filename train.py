@@ -1,6 +1,6 @@
 """Pretrain a nanollm model from scratch on a prepared corpus (see data/prepare.py).
 
-    python data/prepare.py --source ../shared/data/tinyshakespeare/input.txt --out data/shakespeare
+    python data/prepare.py --source ../shared/data/tinyshakespeare/input.txt --out-dir data/shakespeare
     python train.py --preset cpu-shakespeare --data data/shakespeare --out-dir out/shakespeare
     torchrun --nproc_per_node=8 train.py --preset gpu-124m --data DIR     # DistributedDataParallel
 
@@ -31,7 +31,7 @@ from evaluate import evaluate, token_byte_lengths
 from sample import generate
 from training import (TRAIN_PRESETS, BatchSampler, RunDir, StepTimer, TrainConfig, TrainingError, check_finite,
                       format_seconds, load_split, make_optimizer, mixed_precision, new_model, parse_config,
-                      progress_line, read_meta, rng_state, seed_everything, set_lr, set_rng_state)
+                      progress_line, read_meta, rng_state, seed_everything, set_lr)
 
 
 # bf16 dense peak FLOP/s of devices we know, for MFU
@@ -65,6 +65,10 @@ def train(config: TrainConfig) -> dict:
     if not config.data:
         raise TrainingError("--data is required: a directory written by data/prepare.py")
     run = RunDir(config, "train", master)
+    if run.finished:
+        if ddp:
+            dist.destroy_process_group()
+        return run.finished
     data_dir = Path(config.data)
     meta = read_meta(data_dir)
     train_data, val_data = load_split(data_dir, "train", meta), load_split(data_dir, "val", meta)
@@ -77,7 +81,6 @@ def train(config: TrainConfig) -> dict:
     optimizer = make_optimizer(model, config, device)
     sampler = BatchSampler(train_data, config.seq_len, config.batch_size, config.seed, rank, world_size)
 
-    step, elapsed = 0, 0.0
     if run.resuming:
         ckpt = run.checkpoint
         model.load_state_dict(ckpt["model"])
@@ -85,10 +88,7 @@ def train(config: TrainConfig) -> dict:
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         sampler.generator.set_state(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        log(f"resumed from {run.ckpt_path} at step {step}")
-    run.start(step)
+    step, elapsed = run.start(log)
     if master:
         for f in tokenizer_path.parent.glob(tokenizer_path.name + "*"):  # the tokenizer travels with the checkpoint
             shutil.copy(f, run.path / f.name)
@@ -112,6 +112,7 @@ def train(config: TrainConfig) -> dict:
                             sampler=sampler.generator.get_state(), rng=rng_state(), step=step, elapsed=elapsed,
                             train_config=asdict(config), tokenizer=tokenizer_path.name)
 
+    @run.timed_eval
     def run_eval(max_tokens):
         raw_model.eval()
         metrics = evaluate(raw_model, val_data, config.seq_len, config.batch_size, device, autocast, token_bytes, max_tokens)
@@ -169,7 +170,7 @@ def train(config: TrainConfig) -> dict:
                               f"grad norm {grad_norm.item():.3f}", f"{tokens_per_s:,.0f} tok/s", *mfu))
             run.record({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
                         "tokens_per_s": tokens_per_s, "elapsed": elapsed})
-        out_of_time = bool(config.max_time) and elapsed >= config.max_time
+        out_of_time = run.stop_reason(step) is not None  # --max-time spent (evaluations included), or Ctrl-C
         if ddp:  # every process stops at the same step
             flag = torch.tensor(float(out_of_time), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -177,7 +178,7 @@ def train(config: TrainConfig) -> dict:
         if out_of_time:
             stop_reason = "max_time"
             break
-        if step % config.eval_interval == 0 and step < config.max_steps and master:
+        if run.eval_due(step) and master:
             run_eval(config.eval_tokens)
             save()
             timer.skip_pause()

@@ -26,6 +26,8 @@ import argparse
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -158,10 +160,15 @@ def progress_line(step: int, max_steps: int, eta: float, *fields: str) -> str:
 # The run directory
 
 def truncate_metrics(metrics_file, step: int) -> None:
-    """Keep the rows of a metrics.jsonl logged up to `step`: a resumed run is about to log the later ones again."""
+    """Keep the rows of a metrics.jsonl logged up to `step`: a resumed run is about to log the later ones
+    again. Atomic: a crash leaves the old file or the new one."""
     path = Path(metrics_file)
     rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(row + "\n" for row in rows))
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("".join(row + "\n" for row in rows))
+    atomic_write(path, write)
 
 
 def append_jsonl(path, row: dict) -> None:
@@ -198,30 +205,109 @@ LOSS_PANELS = {"cross-entropy (nats / token)": ["loss", "val_loss"]}
 class RunDir:
     """A training run's --out-dir: its checkpoint, config, metrics.jsonl, plots and summary.json.
 
-    RunDir(config, "sft") checks the directory before anything is written: with --resume it reads the
-    checkpoint (self.checkpoint, None on a fresh start), without it a directory that already holds a run
-    is refused unless --overwrite. start(step) then cuts metrics.jsonl back to the checkpoint's step
-    (resume) or starts it empty, and writes the config."""
+    RunDir(config, "sft") checks the directory before anything is written: --resume needs a checkpoint
+    there (self.checkpoint); without --resume a directory that holds a run (ckpt.pt or summary.json) is
+    refused unless --overwrite. A run resumed after it finished has nothing left to do (self.finished: its
+    summary). start(step) then cuts metrics.jsonl back to the checkpoint's step (resume) or starts it empty,
+    and writes the config. stop_reason(step) ends the loop when --max-time, which covers the evaluations
+    (timed_eval) as well as the steps, is spent, or after a Ctrl-C (the run exits, naming its checkpoint)."""
 
     def __init__(self, config, stage: str, master: bool = True):
         self.path, self.stage, self.config, self.master = Path(config.out_dir), stage, config, master
         self.metrics = self.path / "metrics.jsonl"
         self.ckpt_path = self.path / CHECKPOINT_FILE
-        self.checkpoint = read_checkpoint(self.path) if config.resume and self.ckpt_path.exists() else None
+        self.checkpoint, self.finished = None, None
+        self.started, self.eval_s, self.saved_step, self.interrupted = time.time(), 0.0, None, False
+        if config.resume:
+            if not self.ckpt_path.exists():
+                raise TrainingError(f"--resume: {self.path} holds no checkpoint ({CHECKPOINT_FILE}), so there is "
+                                    f"nothing to resume; leave out --resume to start a run there")
+            self.checkpoint = read_checkpoint(self.path)
+            self.saved_step = self.checkpoint["step"]
+            self.finished = self._finished_summary()
+        elif (self.ckpt_path.exists() or (self.path / "summary.json").exists()) and not config.overwrite:
+            raise TrainingError(f"{self.path} holds a run already: --resume continues it, --overwrite starts over "
+                                f"there, or give another --out-dir")
+        if master and self.path.is_dir():  # temporary files of checkpoint writes killed half-way
+            for stale in self.path.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+                stale.unlink()
+        if self.finished is not None and master:
+            print(f"{self.path}: the run finished at step {self.saved_step} ({self.finished.get('stop_reason')}); "
+                  f"nothing left to resume (raise --max-steps or --max-time to train on)")
 
     @property
     def resuming(self) -> bool:
         return self.checkpoint is not None
 
-    def start(self, step: int) -> None:
+    def _finished_summary(self) -> dict | None:
+        """The summary, when it was written at the checkpoint's step and this config would stop there too."""
+        path = self.path / "summary.json"
+        if not path.exists():
+            return None
+        summary = json.loads(path.read_text())
+        step, elapsed = self.checkpoint["step"], self.checkpoint.get("elapsed", 0.0)
+        spent = step >= self.config.max_steps or (self.config.max_time and elapsed >= self.config.max_time)
+        return summary if summary.get("step") == step and spent else None
+
+    def start(self, log=print) -> tuple[int, float]:
+        """Begin the run, or go on with it: on --resume the RNG state of the checkpoint comes back and
+        metrics.jsonl is cut back to its step. Returns (step, elapsed seconds) to continue from."""
+        step, elapsed = 0, 0.0
+        if self.resuming:
+            set_rng_state(self.checkpoint["rng"])
+            step, elapsed = self.checkpoint["step"], self.checkpoint["elapsed"]
+            log(f"resumed from {self.ckpt_path} at step {step}")
         if not self.master:
-            return
+            return step, elapsed
         self.path.mkdir(parents=True, exist_ok=True)
         if self.resuming:  # forget what was logged after the checkpoint: those steps are about to run again
             truncate_metrics(self.metrics, step)
         else:
             self.metrics.write_text("")
+            (self.path / "summary.json").unlink(missing_ok=True)  # --overwrite: the old run's summary goes
         (self.path / f"{self.stage}_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        if threading.current_thread() is threading.main_thread():
+            self._sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        return step, elapsed
+
+    def eval_due(self, step: int) -> bool:
+        """A periodic evaluation (and checkpoint) after this step; the last step's is the final one."""
+        return step % self.config.eval_interval == 0 and step < self.config.max_steps
+
+    def _on_sigint(self, signum, frame) -> None:
+        print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once)", flush=True)
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _restore_sigint(self) -> None:
+        if getattr(self, "_sigint", None) is not None:
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
+
+    def timed_eval(self, evaluate):
+        """evaluate, timed: the longest evaluation is kept back from --max-time for the final one."""
+        def timed(*args, **kwargs):
+            t0 = time.time()
+            result = evaluate(*args, **kwargs)
+            self.eval_s = max(self.eval_s, time.time() - t0)
+            return result
+        return timed
+
+    def stop_reason(self, step: int) -> str | None:
+        """"max_time" when what is left of --max-time (counted from this run's start, plus the time of the
+        resumed checkpoint) no longer holds the final evaluation, and the periodic one due at this step if
+        any (each as long as the longest so far); after a Ctrl-C, exit naming the step."""
+        if self.interrupted:
+            self._restore_sigint()
+            resume = (f"--resume continues from step {self.saved_step}" if self.saved_step is not None
+                      else "no checkpoint yet: run it again to start over")
+            print(f"interrupted at step {step}; {resume}", flush=True)
+            raise SystemExit(130)
+        before = self.checkpoint.get("elapsed", 0.0) if self.resuming else 0.0
+        evals_left = 2 if step % self.config.eval_interval == 0 else 1
+        if self.config.max_time and before + time.time() - self.started + evals_left * self.eval_s >= self.config.max_time:
+            return "max_time"
+        return None
 
     def record(self, row: dict) -> None:
         if self.master:
@@ -234,6 +320,7 @@ class RunDir:
         plot_metrics(self.metrics, self.path / name, panels)
 
     def write_summary(self, summary: dict) -> Path:
+        self._restore_sigint()
         path = self.path / "summary.json"
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
         return path
@@ -242,11 +329,14 @@ class RunDir:
         """ckpt.pt, written atomically: the model (LoRA adapters merged in, so every later stage loads a plain
         model) and `state`; with LoRA also the adapters alone ("lora", what --resume loads) and adapter.pt."""
         if not lora:
-            return save_checkpoint(self.path, model, **state)
+            path = save_checkpoint(self.path, model, **state)
+            self.saved_step = state.get("step")
+            return path
         save_adapter(model, self.path / "adapter.pt")
         payload = {"model": merged_state_dict(model), "model_config": asdict(model.config),
                    "lora": lora_state_dict(model), **state}
         atomic_write(self.ckpt_path, lambda tmp: torch.save(payload, tmp))
+        self.saved_step = state.get("step")
         return self.ckpt_path
 
 
@@ -267,7 +357,7 @@ def read_meta(data_dir: Path) -> dict:
 def load_split(data_dir: Path, split: str, meta: dict) -> np.ndarray:
     path = Path(data_dir) / f"{split}.bin"
     if not path.exists():
-        raise TrainingError(f"{path} not found: prepare the data first (python data/prepare.py --out {data_dir})")
+        raise TrainingError(f"{path} not found: prepare the data first (python data/prepare.py --out-dir {data_dir})")
     return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
 
 
@@ -352,7 +442,8 @@ class RunConfig:
     log_interval: int = opt(10, "print a progress line every N steps")
     device: str = opt("auto", "auto | cpu | cuda | mps")
     seed: int = opt(1337, "random seed (every random draw of the run follows from it)")
-    resume: bool = opt(False, "continue from out_dir/ckpt.pt if it exists")
+    resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
+    overwrite: bool = opt(False, "start a new run in an out_dir that holds one (its files are replaced)")
 
 
 def field_metadata(config_class, name: str) -> dict:

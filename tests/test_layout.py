@@ -70,3 +70,13 @@ def test_benchmark_module_answers_help(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("train", []), ("sft", []), ("dpo", []), ("rlhf", ["reward"]), ("rlhf", ["grpo"]), ("rlhf", ["ppo"]),
+    ("distill", []), ("distill", ["cache"]), ("quant", []), ("pipeline", []), ("bpe", ["train"]),
+    ("data.prepare", []), ("data.curate", [])])
+def test_every_cli_takes_out_dir(module, argv, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main([*argv, "--help"])
+    assert "--out-dir" in capsys.readouterr().out
