@@ -485,23 +485,32 @@ class Tokenizer:
             raise ValueError(f"{path}: not a BPE tokenizer.json (needs model.type 'BPE' and a model.vocab object)")
         pattern = _hf_pattern(spec.get("pre_tokenizer"), path)
         specials = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        vocab = {text: i for text, i in model["vocab"].items() if text not in specials}
+        try:
+            return cls.from_byte_level(vocab, model.get("merges") or [], specials, pattern, path.stem, "skip")
+        except ValueError as e:
+            raise ValueError(f"{path}: model.vocab/merges: {e}") from None
+
+    @classmethod
+    def from_byte_level(cls, vocab, merges, special_tokens, pattern, name="bpe", missing_bytes=None):
+        """From a GPT-2-style vocabulary ({token in the byte-to-unicode alphabet: id}, as tokenizer.json and
+        GGUF store it) and its merges ("left right" in merge order), which must create ids in increasing
+        order: tiktoken's rule then merges exactly as the merge list does, with the ids as ranks."""
         byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
         ranks = {}
-        for text, i in model["vocab"].items():
-            if text in specials:
-                continue
+        for text, i in vocab.items():
             try:
                 ranks[bytes(byte_of[ch] for ch in text)] = i
             except KeyError:
-                raise ValueError(f"{path}: model.vocab entry {text!r} is not in the byte-level alphabet") from None
+                raise ValueError(f"vocabulary entry {text!r} is not in the byte-level alphabet") from None
         merged_ids = []
-        for merge in model.get("merges") or []:
+        for merge in merges:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
-            merged_ids.append(model["vocab"].get(left + right))
+            merged_ids.append(vocab.get(left + right))
         if any(i is None for i in merged_ids) or merged_ids != sorted(merged_ids):
-            raise ValueError(f"{path}: merges do not produce ids in increasing order, so the ids cannot "
-                             "serve as tiktoken merge ranks")
-        return cls(ranks, pattern, specials, name=path.stem, missing_bytes="skip")
+            raise ValueError("merges do not produce ids in increasing order, so the ids cannot serve as "
+                             "tiktoken merge ranks")
+        return cls(ranks, pattern, special_tokens, name=name, missing_bytes=missing_bytes)
 
     def to_tiktoken(self):
         """A `tiktoken.Encoding` over the same ranks, pattern and special tokens (the fast path).
