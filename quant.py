@@ -5,8 +5,8 @@
     python quant.py --ckpt out/shakespeare --bench            # the README table: every method on one model
     python quant.py --ckpt out/shakespeare --method nf4 --group-size 64 --qlora-steps 200 --out DIR   # QLoRA
 
-The linear layers of the blocks (q k v o gate up down) become `QuantLinear`; the embedding and the LM head
-stay in full precision unless --quantize-head.
+The linear layers of the blocks (q k v o gate up down; in a mixture-of-experts block those of every expert)
+become `QuantLinear`; the embedding, the LM head (unless --quantize-head) and MoE routers stay in full precision.
 
 Quantization grid (per output row, per group of `group_size` input columns; group size 0 = one group per
 row, "per channel"): b-bit codes q in [0, 2^b - 1], a scale s and a zero point z, w ~ s (q - z).
@@ -59,16 +59,26 @@ import torch
 import torch.nn as nn
 
 from common import CHECKPOINT_FILE, atomic_write, load_model, read_checkpoint, resolve_device, save_checkpoint
-from model import Transformer
+from model import MoE, Transformer
 from quant_linear import NF4_VALUES, QuantError, QuantLinear, dequantize_codes, set_module
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "nf4")
-BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # GPTQ's "true sequential" order inside a block: layers that read the same input are done together
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def sequential_groups(block: nn.Module) -> list[tuple[str, ...]]:
+    """SEQUENTIAL_GROUPS of one block. In a mixture-of-experts block the mlp names stand for every expert's
+    (and the shared expert's) layers; an expert's layers only ever see the tokens routed to it, so GPTQ
+    quantizes each expert with the Hessian of its own tokens. The router (mlp.gate) stays in full precision."""
+    mlps = ["mlp."]
+    if isinstance(block.mlp, MoE):
+        mlps = [f"mlp.experts.{e}." for e in range(len(block.mlp.experts))]
+        mlps += ["mlp.shared_expert."] if block.mlp.shared_expert is not None else []
+    return [tuple(p + n.removeprefix("mlp.") for p in mlps for n in group) if group[0].startswith("mlp.") else group
+            for group in SEQUENTIAL_GROUPS]
 
 
 @dataclass
@@ -291,7 +301,7 @@ class GPTQ:
 
 
 def target_names(model: Transformer, quantize_head: bool) -> list[str]:
-    names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in BLOCK_LINEARS]
+    names = [f"layers.{i}.{n}" for i, block in enumerate(model.layers) for group in sequential_groups(block) for n in group]
     return names + (["lm_head"] if quantize_head else [])
 
 
@@ -345,15 +355,16 @@ def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | No
         for hook in hooks:
             hook.remove()
         for n, layer in layers.items():
-            if spec.method == "gptq":
+            seen = hessians[n].n_samples > 0  # False for an expert no calibration token was routed to: RTN
+            if spec.method == "gptq" and seen:
                 q, _ = hessians[n].quantize(layer.weight, spec)
             else:
                 q = rtn_quantize(layer.weight, spec, full[n])
-            report.append(_layer_row(full[n], layer.weight, q, hessians[n].H, log))
+            report.append(_layer_row(full[n], layer.weight, q, hessians[n].H if seen else None, log))
             set_module(root, n, QuantLinear.from_quantized(q, layer.bias))
 
     for i, block in enumerate(model.layers):
-        for group in SEQUENTIAL_GROUPS:
+        for group in sequential_groups(block):
             quantize_group(block, f"layers.{i}.", group, lambda h: block(h, cos, sin))
         hidden = [block(h, cos, sin) for h in hidden]
     if quantize_head:
