@@ -406,6 +406,11 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
+def reset_moe_stats(model: nn.Module) -> None:
+    for m in moe_layers(model):
+        m.reset_stats()
+
+
 def moe_stats(model: nn.Module) -> dict:
     """Routing since the last call, over every token the model saw (then the totals restart): per layer,
     each expert's share of the assignments (sums to 1), the load-balancing and z losses of those tokens,

@@ -12,7 +12,8 @@ The recipe, each piece a few lines below:
 - evaluation of loss, perplexity and bits per byte (nats / ln 2 / bytes) on the validation split;
 - checkpoints written atomically with everything needed to resume bit for bit: model, optimizer,
   step, RNG states and the batch sampler's generator.
-Outputs in --out-dir: ckpt.pt, train_config.json, metrics.jsonl, loss.png, summary.json and the tokenizer.
+Outputs in --out-dir: ckpt.pt, train_config.json, metrics.jsonl, loss.png, summary.json and the tokenizer
+(and experts.png, the experts' shares of the tokens over training, for a mixture-of-experts model).
 """
 import json
 import math
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, opt, parse_config, peak_memory_mb, read_checkpoint,
                     resolve_device, save_checkpoint, truncate_metrics)
-from model import PRESETS, ModelConfig, Transformer
+from model import PRESETS, ModelConfig, Transformer, moe_stats, plot_expert_shares, reset_moe_stats
 
 
 @dataclass
@@ -46,6 +47,9 @@ class TrainConfig(RunConfig):  # budget, schedule, AdamW, eval/log cadence, devi
     n_heads: int = opt(0, "override the preset's query heads (0: keep)")
     n_kv_heads: int = opt(0, "override the preset's key/value heads (0: keep)")
     hidden_dim: int = opt(0, "override the preset's SwiGLU width (0: keep)")
+    n_experts: int = opt(0, "mixture of experts: routed experts per block, each of width hidden_dim (0: the preset's)")
+    n_experts_per_token: int = opt(0, "mixture of experts: top-k experts per token (0: the preset's)")
+    router_aux_loss_coef: float = opt(0.01, "mixture of experts: load-balancing loss weight (0: none)")
     seq_len: int = opt(256, "training context length")
     dropout: float = opt(0.0, "dropout on attention and residual branches")
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
@@ -69,6 +73,11 @@ TRAIN_PRESETS = {
     "cpu-shakespeare": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
                             seq_len=64, batch_size=12, max_steps=5000, max_time=120.0, lr=2e-3, min_lr=2e-4,
                             warmup_steps=50, eval_interval=500, eval_tokens=8192, log_interval=100),
+    # the same with 4 experts, top-1: the same active parameters per token, 4x the FFN parameters (docs/moe.md)
+    "cpu-shakespeare-moe": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
+                                n_experts=4, n_experts_per_token=1, seq_len=64, batch_size=12, max_steps=5000,
+                                max_time=120.0, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_interval=500,
+                                eval_tokens=8192, log_interval=100),
     # the complete Tang poems on a CPU
     "cpu-tang": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
                      seq_len=64, batch_size=12, max_steps=20000, max_time=180.0, lr=2e-3, min_lr=2e-4,
@@ -314,11 +323,12 @@ def train(config: TrainConfig) -> dict:
 
     dtype, autocast, scaler = mixed_precision(config.dtype, device)
 
-    overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim")
-                 if getattr(config, k)}
+    overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim",
+                                                 "n_experts", "n_experts_per_token") if getattr(config, k)}
     model_config = ModelConfig.from_preset(config.model, vocab_size=meta["vocab_size"], max_seq_len=config.seq_len,
                                            dropout=config.dropout, tie_embeddings=config.tie_embeddings,
-                                           attn_backend=config.attn_backend, **overrides)
+                                           attn_backend=config.attn_backend,
+                                           router_aux_loss_coef=config.router_aux_loss_coef, **overrides)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -370,14 +380,20 @@ def train(config: TrainConfig) -> dict:
 
     def run_eval(max_tokens):
         raw_model.eval()
+        reset_moe_stats(raw_model)  # the expert shares below are those of the validation tokens
         metrics = evaluate(raw_model, val_data, config.seq_len, config.batch_size, device, autocast, token_bytes, max_tokens)
+        metrics.update(moe_stats(raw_model))
         log(f"eval step {step}: val loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.2f} | "
             f"bpb {metrics['val_bpb']:.4f}")
+        if "moe_expert_share" in metrics:
+            log(f"experts: aux loss {metrics['moe_aux_loss']:.3f} | share CV {metrics['moe_share_cv']:.3f} | "
+                f"shares per layer {metrics['moe_expert_share']}")
         if config.sample_tokens:
             log("sample: " + repr(generate_sample(raw_model, tokenizer, config.sample_tokens))[:400])
         raw_model.train()
         record({"step": step, **metrics})
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+        plot_expert_shares(out_dir / "metrics.jsonl", out_dir / "experts.png")
         return metrics
 
     if config.fused_ce:
