@@ -381,7 +381,9 @@ class MoE(nn.Module):
         token = order // self.top_k                                        # (N k,) their tokens
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()   # segment lengths
         segments = x[token].split(counts)                                  # E tensors (count_e, dim)
-        y = torch.cat([expert(s) if len(s) else s for expert, s in zip(self.experts, segments)])
+        # every expert runs, an unchosen one on 0 rows: all parameters stay in the autograd graph (DDP
+        # needs that without find_unused_parameters)
+        y = torch.cat([expert(s) for expert, s in zip(self.experts, segments)])
         return torch.zeros_like(x).index_add_(0, token, y * weights.flatten()[order, None])
 
     def forward(self, x):

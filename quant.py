@@ -219,6 +219,8 @@ class GPTQ:
         """x (..., in_features): H = 2/n sum_t x_t x_t^T, kept as a running mean over all tokens seen."""
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
+        if n == 0:  # an MoE expert that no token of this batch was routed to
+            return
         self.H *= self.n_samples / (self.n_samples + n)
         self.n_samples += n
         x = math.sqrt(2 / self.n_samples) * x
