@@ -73,11 +73,6 @@ TRAIN_PRESETS = {
     "cpu-shakespeare": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
                             seq_len=64, batch_size=12, max_steps=5000, max_time=120.0, lr=2e-3, min_lr=2e-4,
                             warmup_steps=50, eval_interval=500, eval_tokens=8192, log_interval=100),
-    # the same with 4 experts, top-1: the same active parameters per token, 4x the FFN parameters (docs/moe.md)
-    "cpu-shakespeare-moe": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
-                                n_experts=4, n_experts_per_token=1, seq_len=64, batch_size=12, max_steps=5000,
-                                max_time=120.0, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_interval=500,
-                                eval_tokens=8192, log_interval=100),
     # the complete Tang poems on a CPU
     "cpu-tang": dict(model="small", n_layers=4, dim=128, n_heads=4, n_kv_heads=4, hidden_dim=384,
                      seq_len=64, batch_size=12, max_steps=20000, max_time=180.0, lr=2e-3, min_lr=2e-4,
@@ -87,6 +82,8 @@ TRAIN_PRESETS = {
                      lr=6e-4, min_lr=6e-5, warmup_steps=700, eval_interval=500, eval_tokens=1 << 20,
                      compile=True, dtype="bfloat16"),
 }
+# cpu-shakespeare with 4 experts, top-1: the same active parameters per token, 4x the FFN's (docs/moe.md)
+TRAIN_PRESETS["cpu-shakespeare-moe"] = dict(TRAIN_PRESETS["cpu-shakespeare"], n_experts=4, n_experts_per_token=1)
 
 # bf16 dense peak FLOP/s of devices we know, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -325,10 +322,13 @@ def train(config: TrainConfig) -> dict:
 
     overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim",
                                                  "n_experts", "n_experts_per_token") if getattr(config, k)}
-    model_config = ModelConfig.from_preset(config.model, vocab_size=meta["vocab_size"], max_seq_len=config.seq_len,
-                                           dropout=config.dropout, tie_embeddings=config.tie_embeddings,
-                                           attn_backend=config.attn_backend,
-                                           router_aux_loss_coef=config.router_aux_loss_coef, **overrides)
+    try:
+        model_config = ModelConfig.from_preset(config.model, vocab_size=meta["vocab_size"], max_seq_len=config.seq_len,
+                                               dropout=config.dropout, tie_embeddings=config.tie_embeddings,
+                                               attn_backend=config.attn_backend,
+                                               router_aux_loss_coef=config.router_aux_loss_coef, **overrides)
+    except ValueError as e:  # e.g. --n-experts-per-token above --n-experts: the message names the field
+        raise TrainingError(f"model flags: {e}") from None
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -413,6 +413,8 @@ def train(config: TrainConfig) -> dict:
                 if config.fused_ce:
                     logits, _ = model(x)
                     loss = fused_cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+                    if raw_model.config.n_experts:  # the model adds its router losses only to its own loss
+                        loss = loss + raw_model.router_loss()
                 else:
                     _, loss = model(x, y)
                 loss = loss / config.grad_accum
