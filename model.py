@@ -539,11 +539,15 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (a tied LM head counted once); non_embedding leaves out the token embedding table."""
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
+        """Parameter count (a tied LM head counted once); non_embedding leaves out the token embedding table;
+        active counts only the k experts a token runs through of each mixture-of-experts block's E."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.embed_tokens.weight.numel()
+        c = self.config
+        if active and c.n_experts:
+            n -= c.n_layers * (c.n_experts - c.n_experts_per_token) * 3 * c.dim * c.hidden_dim
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -554,9 +558,8 @@ class Transformer(nn.Module):
         N counts the k experts a token runs through, not the E the model holds.
         """
         c = self.config
-        n_matmul = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if c.tie_embeddings else 0)
-        if c.n_experts:
-            n_matmul -= c.n_layers * (c.n_experts - c.n_experts_per_token) * 3 * c.dim * c.hidden_dim
+        n_matmul = self.num_params(non_embedding=True, active=True)
+        n_matmul += self.lm_head.weight.numel() if c.tie_embeddings else 0
         return 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
     def decode_layout(self) -> "Transformer":

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import read_checkpoint  # noqa: E402
-from model import MLP, MoE, ModelConfig  # noqa: E402
+from model import MLP, MoE, ModelConfig, Transformer  # noqa: E402
 
 # name -> train.py flags on top of the preset: active FFN width per token 384 in every model
 MODELS = {
@@ -94,11 +94,9 @@ def train_run(out_dir: Path, preset: str, data: str, flags: list[str], extra: li
     if log.returncode:
         sys.exit(f"error: train.py failed ({out_dir}):\n{log.stderr[-2000:]}")
     summary = json.loads((out_dir / "summary.json").read_text())
-    config = ModelConfig(**read_checkpoint(out_dir)["model_config"])
-    inactive = 0
-    if config.n_experts:
-        inactive = config.n_layers * (config.n_experts - config.n_experts_per_token) * 3 * config.dim * config.hidden_dim
-    return {**summary, "active_params": summary["params"] - inactive, "load": f"{load_before} -> {load_average()}"}
+    with torch.device("meta"):  # shapes only
+        model = Transformer(ModelConfig(**read_checkpoint(out_dir)["model_config"]))
+    return {**summary, "active_params": model.num_params(active=True), "load": f"{load_before} -> {load_average()}"}
 
 
 def print_table(title: str, rows: dict[str, dict]) -> None:

@@ -92,7 +92,7 @@ def test_load_balancing_loss_by_hand():
 
 
 def test_load_balancing_loss_matches_transformers_for_one_layer():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
     torch.manual_seed(0)
     logits = torch.randn(50, 6) * 2
@@ -185,6 +185,7 @@ def test_flops_count_active_experts_only():
     c = moe.config
     assert moe.flops_per_token(64) - dense.flops_per_token(64) == 6 * c.n_layers * c.n_experts * c.dim
     assert moe.num_params() - dense.num_params() == c.n_layers * (7 * 3 * c.dim * 192 + 8 * c.dim)
+    assert moe.num_params(active=True) - dense.num_params() == c.n_layers * 8 * c.dim
 
 
 def test_kv_cache_decode_and_sampling():
