@@ -4,7 +4,8 @@
     python quant.py --ckpt out/shakespeare --method rtn --bits 8 --group-size 0 --out-dir out/shakespeare-int8
     python quant.py --ckpt out/shakespeare --method nf4 --group-size 64 --qlora-steps 200 --out-dir DIR   # QLoRA
 
-The block's linear layers become QuantLinear (quant_linear.py): b-bit codes q, and per output row and group
+The blocks' linear layers (in a mixture-of-experts block those of every expert; routers stay in full
+precision) become QuantLinear (quant_linear.py): b-bit codes q, and per output row and group
 of `group_size` input columns an fp16 scale s and zero z, w ~ s (q - z) (s rounded to fp16 before any code
 is chosen, so the stored model is exactly the evaluated one).
 - RTN: each weight to its nearest grid point.
@@ -37,17 +38,27 @@ import torch.nn as nn
 from common import (CHECKPOINT_FILE, atomic_write, load_model, load_tokenizer, read_checkpoint, resolve_device,
                     save_checkpoint)
 from evaluate import evaluate_model
-from model import Transformer
+from model import MoE, Transformer
 from quant_linear import NF4_VALUES, QuantError, QuantLinear, dequantize_codes, set_module
 from training import BatchSampler, load_split, read_meta
 
 BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "nf4")
-BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # GPTQ's "true sequential" order inside a block: layers that read the same input are done together
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def sequential_groups(block: nn.Module) -> list[tuple[str, ...]]:
+    """SEQUENTIAL_GROUPS of one block. In a mixture-of-experts block the mlp names stand for every expert's
+    (and the shared expert's) layers; an expert's layers only ever see the tokens routed to it, so GPTQ
+    quantizes each expert with the Hessian of its own tokens. The router (mlp.gate) stays in full precision."""
+    mlps = ["mlp."]
+    if isinstance(block.mlp, MoE):
+        mlps = [f"mlp.experts.{e}." for e in range(len(block.mlp.experts))]
+        mlps += ["mlp.shared_expert."] if block.mlp.shared_expert is not None else []
+    return [tuple(p + n.removeprefix("mlp.") for p in mlps for n in group) if group[0].startswith("mlp.") else group
+            for group in SEQUENTIAL_GROUPS]
 
 
 @dataclass
@@ -188,6 +199,8 @@ class GPTQ:
         """x (..., in_features): H = 2/n sum_t x_t x_t^T, kept as a running mean over all tokens seen."""
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
+        if n == 0:  # an MoE expert that no token of this batch was routed to
+            return
         self.H *= self.n_samples / (self.n_samples + n)
         self.n_samples += n
         x = math.sqrt(2 / self.n_samples) * x
@@ -270,7 +283,7 @@ class GPTQ:
 
 
 def target_names(model: Transformer, quantize_head: bool) -> list[str]:
-    names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in BLOCK_LINEARS]
+    names = [f"layers.{i}.{n}" for i, block in enumerate(model.layers) for group in sequential_groups(block) for n in group]
     return names + (["lm_head"] if quantize_head else [])
 
 
@@ -324,15 +337,16 @@ def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | No
         for hook in hooks:
             hook.remove()
         for n, layer in layers.items():
-            if spec.method == "gptq":
+            seen = hessians[n].n_samples > 0  # False for an expert no calibration token was routed to: RTN
+            if spec.method == "gptq" and seen:
                 q, _ = hessians[n].quantize(layer.weight, spec)
             else:
                 q = rtn_quantize(layer.weight, spec, full[n])
-            report.append(_layer_row(full[n], layer.weight, q, hessians[n].H, log))
+            report.append(_layer_row(full[n], layer.weight, q, hessians[n].H if seen else None, log))
             set_module(root, n, QuantLinear.from_quantized(q, layer.bias))
 
     for i, block in enumerate(model.layers):
-        for group in SEQUENTIAL_GROUPS:
+        for group in sequential_groups(block):
             quantize_group(block, f"layers.{i}.", group, lambda h: block(h, cos, sin))
         hidden = [block(h, cos, sin) for h in hidden]
     if quantize_head:

@@ -12,7 +12,8 @@ The recipe, each piece a few lines below:
 - evaluation of loss, perplexity and bits per byte (nats / ln 2 / bytes) on the validation split;
 - checkpoints written atomically with everything needed to resume bit for bit: model, optimizer,
   step, RNG states and the batch sampler's generator.
-Outputs in --out-dir: ckpt.pt, train_config.json, metrics.jsonl, loss.png, summary.json and the tokenizer.
+Outputs in --out-dir: ckpt.pt, train_config.json, metrics.jsonl, loss.png, summary.json and the tokenizer
+(and experts.png, the experts' shares of the tokens over training, for a mixture-of-experts model).
 """
 import os
 import shutil
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from bpe import Tokenizer
 from common import peak_memory_mb, resolve_device
 from evaluate import evaluate, token_byte_lengths
+from model import moe_stats, plot_expert_shares, reset_moe_stats
 from sample import generate
 from training import (TRAIN_PRESETS, BatchSampler, RunDir, StepTimer, TrainConfig, TrainingError, check_finite,
                       format_seconds, load_split, make_optimizer, mixed_precision, new_model, parse_config,
@@ -115,15 +117,21 @@ def train(config: TrainConfig) -> dict:
     @run.timed_eval
     def run_eval(max_tokens):
         raw_model.eval()
+        reset_moe_stats(raw_model)  # the expert shares below are those of the validation tokens
         metrics = evaluate(raw_model, val_data, config.seq_len, config.batch_size, device, autocast, token_bytes, max_tokens)
+        metrics.update(moe_stats(raw_model))
         log(f"eval step {step}: val loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.2f} | "
             f"bpb {metrics['val_bpb']:.4f}")
+        if "moe_expert_share" in metrics:
+            log(f"experts: aux loss {metrics['moe_aux_loss']:.3f} | share CV {metrics['moe_share_cv']:.3f} | "
+                f"shares per layer {metrics['moe_expert_share']}")
         if config.sample_tokens:
             log("sample: " + repr(generate_sample(raw_model, tokenizer, config.sample_tokens))[:400])
         raw_model.train()
         run.record({"step": step, **metrics})
         if master:
             run.plot()
+            plot_expert_shares(run.metrics, run.path / "experts.png")
         return metrics
 
     model.train()
@@ -141,6 +149,8 @@ def train(config: TrainConfig) -> dict:
                 if config.fused_ce:
                     logits, _ = model(x)
                     loss = fused_cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+                    if raw_model.config.n_experts:  # the model adds its router losses only to its own loss
+                        loss = loss + raw_model.router_loss()
                 else:
                     _, loss = model(x, y)
                 loss = loss / config.grad_accum

@@ -518,6 +518,9 @@ class TrainConfig(RunConfig):
     n_heads: int = opt(0, "override the preset's query heads (0: keep)")
     n_kv_heads: int = opt(0, "override the preset's key/value heads (0: keep)")
     hidden_dim: int = opt(0, "override the preset's SwiGLU width (0: keep)")
+    n_experts: int = opt(0, "mixture of experts: routed experts per block, each of width hidden_dim (0: the preset's)")
+    n_experts_per_token: int = opt(0, "mixture of experts: top-k experts per token (0: the preset's)")
+    router_aux_loss_coef: float = opt(0.01, "mixture of experts: load-balancing loss weight (0: none)")
     seq_len: int = opt(256, "training context length")
     dropout: float = opt(0.0, "dropout on attention and residual branches")
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
@@ -550,12 +553,19 @@ TRAIN_PRESETS = {
                      lr=6e-4, min_lr=6e-5, warmup_steps=700, eval_interval=500, eval_tokens=1 << 20,
                      compile=True, dtype="bfloat16"),
 }
+# cpu-shakespeare with 4 experts, top-1: the same active parameters per token, 4x the FFN's (docs/moe.md)
+TRAIN_PRESETS["cpu-shakespeare-moe"] = dict(TRAIN_PRESETS["cpu-shakespeare"], n_experts=4, n_experts_per_token=1)
 
 
 def new_model(config: TrainConfig, vocab_size: int) -> Transformer:
     """A randomly initialised model of config's preset, with the config's overrides of its shape."""
-    overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim")
-                 if getattr(config, k)}
-    return Transformer(ModelConfig.from_preset(config.model, vocab_size=vocab_size, max_seq_len=config.seq_len,
+    overrides = {k: getattr(config, k) for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim",
+                                                 "n_experts", "n_experts_per_token") if getattr(config, k)}
+    try:
+        model_config = ModelConfig.from_preset(config.model, vocab_size=vocab_size, max_seq_len=config.seq_len,
                                                dropout=config.dropout, tie_embeddings=config.tie_embeddings,
-                                               attn_backend=config.attn_backend, **overrides))
+                                               attn_backend=config.attn_backend,
+                                               router_aux_loss_coef=config.router_aux_loss_coef, **overrides)
+    except ValueError as e:  # e.g. --n-experts-per-token above --n-experts: the message names the field
+        raise TrainingError(f"model flags: {e}") from None
+    return Transformer(model_config)

@@ -28,6 +28,16 @@ HF_SHAPES = [
     ("rope-llama3", "LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
                                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    # mixtures of experts: Mixtral (top-2 of 4, renormalised), Qwen2-MoE (top-2 of 4 unnormalised, a gated
+    # shared expert, q/k/v biases) and Qwen2-MoE with norm_topk_prob
+    ("mixtral-top2", "MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, tie_word_embeddings=False)),
+    ("qwen2-moe-shared", "Qwen2MoeConfig", dict(num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                                num_experts_per_tok=2, moe_intermediate_size=48,
+                                                shared_expert_intermediate_size=80, norm_topk_prob=False)),
+    ("qwen2-moe-normtopk", "Qwen2MoeConfig", dict(num_attention_heads=4, num_key_value_heads=4, num_experts=6,
+                                                  num_experts_per_tok=3, moe_intermediate_size=32,
+                                                  shared_expert_intermediate_size=64, norm_topk_prob=True)),
 ]
 
 
@@ -82,8 +92,9 @@ def test_classic_config_layout_and_sharded_weights(tmp_path):
         assert (model(idx)[0] - hf_logits(hf_model, idx)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name,config_class,kwargs", [HF_SHAPES[1], HF_SHAPES[3], HF_SHAPES[5], HF_SHAPES[7]],
-                         ids=["gqa-tied", "qwen2", "head-dim", "yarn"])
+@pytest.mark.parametrize("name,config_class,kwargs", [HF_SHAPES[1], HF_SHAPES[3], HF_SHAPES[5], HF_SHAPES[7],
+                                                      HF_SHAPES[9], HF_SHAPES[10]],
+                         ids=["gqa-tied", "qwen2", "head-dim", "yarn", "mixtral", "qwen2-moe"])
 def test_save_hf_loads_in_transformers(tmp_path, name, config_class, kwargs):
     hf_model = make_hf_model(config_class, **dict(kwargs))
     hf_model.save_pretrained(tmp_path / "hf")

@@ -76,6 +76,23 @@ def test_training_reduces_loss_and_writes_summary(shakespeare, tmp_path):
     assert (out / "loss.png").stat().st_size > 1000 and (out / "ckpt.pt").exists()
 
 
+def test_mixture_of_experts_trains_and_logs_expert_shares(shakespeare, tmp_path):
+    out = tmp_path / "moe"
+    run("train.py", "--data", shakespeare, "--out-dir", out, "--max-steps", "40", "--eval-interval", "20",
+        "--n-experts", "4", "--n-experts-per-token", "2", *TINY_RUN)
+    curve = losses(out)
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    for r in evals:  # 2 layers x 4 experts, each layer's shares summing to 1
+        assert len(r["moe_expert_share"]) == 2 and all(abs(sum(s) - 1) < 1e-3 for s in r["moe_expert_share"])
+        assert 0 < r["moe_aux_loss"] <= 4 and r["moe_share_cv"] >= 0  # E sum f_i P_i <= E max f_i <= E
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"] > 2 * 4 * 3 * 64 * 192 and "moe_share_cv" in summary
+    assert (out / "experts.png").stat().st_size > 1000
+
+
 def test_kill_and_resume_is_bit_exact(shakespeare, tmp_path):
     args = ["--data", shakespeare, "--max-steps", "60", "--eval-interval", "10", "--dropout", "0.1", *TINY_RUN]
     run("train.py", *args, "--out-dir", tmp_path / "straight")

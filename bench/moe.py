@@ -1,0 +1,158 @@
+"""Mixture of experts against the dense model at equal active parameters per token (docs/moe.md).
+
+    python -m bench.moe --data data/shakespeare                    # everything on Tiny Shakespeare
+    python -m bench.moe --data data/shakespeare --tang data/tang   # and the Tang poems (120 s runs)
+    python -m bench.moe --only dispatch                            # just the dispatch timing
+
+Three tables, each with its reference in the same run:
+- dispatch: one MoE layer forward + backward, the loop over experts (the reference) against the sorted
+  dispatch, and a dense SwiGLU of the active width (k x hidden) as the floor both are measured against;
+- equal steps: the dense `cpu-shakespeare` model and MoE models with the same active parameters per
+  token (4 experts top-1; 8 experts of half the width top-2; 4 experts top-1 without the load-balancing
+  loss), each trained for the same number of steps (machine load changes their times, not their bpb);
+- equal time: the same models under the same wall-clock budget, back to back (load shifts the steps each
+  gets: the table prints the load average around every run; on the Tang poems, whose final eval over the
+  whole validation split is long, the dense model and the 4-expert one only).
+Each training run is `python train.py` in its own process; its out-dir keeps metrics.jsonl and experts.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from common import read_checkpoint  # noqa: E402
+from model import MLP, MoE, ModelConfig, Transformer  # noqa: E402
+
+# name -> train.py flags on top of the preset: active FFN width per token 384 in every model
+MODELS = {
+    "dense": [],
+    "moe 4x384 top-1": ["--n-experts", "4", "--n-experts-per-token", "1"],
+    "moe 8x192 top-2": ["--n-experts", "8", "--n-experts-per-token", "2", "--hidden-dim", "192"],
+    "moe 4x384 top-1, no aux loss": ["--n-experts", "4", "--n-experts-per-token", "1", "--router-aux-loss-coef", "0"],
+}
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatch
+
+def time_fn(fn, reps: int) -> float:
+    """Median seconds of fn() over reps runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_dispatch(reps: int) -> None:
+    print("\n## Dispatch: one MoE layer, forward + backward (median of "
+          f"{reps}; torch threads {torch.get_num_threads()}; load {load_average()})\n")
+    print("| layer | tokens | loop over experts (ms) | sorted (ms) | loop / sorted | dense SwiGLU of k x width (ms) | sorted / dense |")
+    print("|---|---|---|---|---|---|---|")
+    for dim, hidden, n_experts, k, n_tokens in [(128, 384, 4, 1, 768), (128, 192, 8, 2, 768), (384, 512, 16, 2, 4096)]:
+        torch.manual_seed(0)
+        config = ModelConfig.from_preset("tiny", dim=dim, n_heads=4, n_kv_heads=4, hidden_dim=hidden,
+                                         n_experts=n_experts, n_experts_per_token=k)
+        moe, dense = MoE(config), MLP(config, k * hidden)
+        x = torch.randn(n_tokens, dim, requires_grad=True)
+
+        def step(dispatch):
+            _, _, weights, experts = moe.route(x)
+            dispatch(x, weights, experts).sum().backward()
+
+        loop = time_fn(lambda: step(moe.dispatch_loop), reps)
+        ordered = time_fn(lambda: step(moe.dispatch_sorted), reps)
+        floor = time_fn(lambda: dense(x).sum().backward(), reps)
+        print(f"| dim {dim}, {n_experts} x {hidden}, top-{k} | {n_tokens} | {loop * 1e3:.2f} | {ordered * 1e3:.2f} "
+              f"| {loop / ordered:.2f}x | {floor * 1e3:.2f} | {ordered / floor:.2f}x |")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training comparisons
+
+def train_run(out_dir: Path, preset: str, data: str, flags: list[str], extra: list[str]) -> dict:
+    """One `python train.py` run; its summary with the load average and the parameter counts added."""
+    cmd = [sys.executable, str(REPO / "train.py"), "--preset", preset, "--data", data, "--out-dir", str(out_dir),
+           "--sample-tokens", "0", *flags, *extra]
+    print("$ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    load_before = load_average()
+    log = subprocess.run(cmd, capture_output=True, text=True)
+    if log.returncode:
+        sys.exit(f"error: train.py failed ({out_dir}):\n{log.stderr[-2000:]}")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    with torch.device("meta"):  # shapes only
+        model = Transformer(ModelConfig(**read_checkpoint(out_dir)["model_config"]))
+    return {**summary, "active_params": model.num_params(active=True), "load": f"{load_before} -> {load_average()}"}
+
+
+def print_table(title: str, rows: dict[str, dict]) -> None:
+    print(f"\n## {title}\n")
+    print("| model | total params | active params / token | steps | wall s | tokens/s | val bpb | vs dense | "
+          "expert share CV | aux loss | load avg (1/5/15 min) before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    dense = rows.get("dense", {}).get("val_bpb")
+    for name, r in rows.items():
+        cv = f"{r['moe_share_cv']:.3f}" if "moe_share_cv" in r else "-"
+        aux = f"{r['moe_aux_loss']:.3f}" if "moe_aux_loss" in r else "-"
+        delta = f"{r['val_bpb'] - dense:+.4f}" if dense is not None else "-"
+        print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | {r['step']} "
+              f"| {r['wall_time_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['val_bpb']:.4f} | {delta} | {cv} | {aux} "
+              f"| {r['load']} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="prepared Tiny Shakespeare (data/prepare.py)")
+    parser.add_argument("--tang", help="prepared Tang poems (data/prepare.py --vocab-size 8192); optional")
+    parser.add_argument("--out-dir", default="out/bench_moe", help="one sub-directory per training run")
+    parser.add_argument("--steps", type=int, default=120, help="steps of the equal-steps comparison")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds of the equal-time comparison")
+    parser.add_argument("--only", choices=["dispatch", "steps", "time"], help="run one table only")
+    parser.add_argument("--reps", type=int, default=20, help="timing repetitions of the dispatch table")
+    args = parser.parse_args()
+    if args.only != "dispatch" and not args.data:
+        parser.error("--data (a directory written by data/prepare.py) is needed for the training tables")
+    for flag in ("data", "tang"):
+        path = getattr(args, flag)
+        if path and not (Path(path) / "meta.json").exists():
+            parser.error(f"--{flag} {path}: no meta.json there (prepare it with data/prepare.py)")
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        parser.error(f"--out-dir {out} is not empty; give a new directory (runs are never overwritten)")
+
+    if args.only in (None, "dispatch"):
+        bench_dispatch(args.reps)
+    if args.only in (None, "steps"):
+        eval_every = str(max(args.steps // 6, 1))
+        rows = {name: train_run(out / "steps" / f"m{i}", "cpu-shakespeare", args.data, flags,
+                                ["--max-steps", str(args.steps), "--max-time", "0", "--eval-interval", eval_every,
+                                 "--eval-tokens", "4096"])
+                for i, (name, flags) in enumerate(MODELS.items())}
+        print_table(f"Tiny Shakespeare, {args.steps} steps each (cosine over the steps, no clock)", rows)
+    if args.only in (None, "time"):
+        corpora = [("Tiny Shakespeare", "cpu-shakespeare", args.data)] + ([("Tang poems", "cpu-tang", args.tang)]
+                                                                          if args.tang else [])
+        for title, preset, data in corpora:
+            names = [n for n in MODELS if "no aux" not in n][:3 if preset == "cpu-shakespeare" else 2]
+            rows = {name: train_run(out / "time" / f"{preset}-m{i}", preset, data, MODELS[name],
+                                    ["--max-time", str(args.budget)])
+                    for i, name in enumerate(names)}
+            print_table(f"{title}, {args.budget:.0f} s each (`{preset}`, schedule on the clock)", rows)
+
+
+if __name__ == "__main__":
+    main()
