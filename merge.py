@@ -33,7 +33,7 @@ name applies (`self_attn`, `mlp`; no filter: the rest), as in mergekit's YAML.
 
 Inputs (each read tensor by tensor: peak memory about one output model plus one tensor per input):
 a nanollm checkpoint (torch.load with mmap), a Hugging Face directory (safetensors' safe_open), a GGUF file
-(common.load_model, dequantized whole), or a LoRA adapter file (lora.save_adapter's adapter.pt, the
+(gguf_io.py's memory-mapped reader, each tensor dequantized when read), or a LoRA adapter file (lora.save_adapter's adapter.pt, the
 task vector (alpha / r) B A of each adapted layer applied to --base). All must share the architecture and
 the tokenizer (refused otherwise, naming the first tensor or field that differs). Computation is in fp32;
 the output is a nanollm checkpoint directory (ckpt.pt, the tokenizer, merge_config.json), or a Hugging
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from common import CHECKPOINT_FILE, atomic_write, load_model, load_tokenizer, peak_memory_mb, tokenizer_file
+from common import CHECKPOINT_FILE, atomic_write, load_tokenizer, peak_memory_mb, tokenizer_file
 from model import ModelConfig, Transformer, config_from_hf, save_hf
 
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_ties", "dare_linear")
@@ -108,25 +108,21 @@ def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator,
     return kept / density if rescale else kept
 
 
-def sign_agreement(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES' election over (n_models, ...) weighted task vectors: the sign of each entry's summed mass
-    (0 counts as +); True where a model's entry has that sign (a zeroed entry agrees with neither)."""
-    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-    return weighted.sign() == elected
-
-
 def merge_task_vectors(deltas: list[torch.Tensor], weights: list[float], consensus: bool, normalize: bool) -> torch.Tensor:
-    """sum_i w_i m_i tau_i, divided by sum_i w_i m_i when normalize (m_i = 1 without sign consensus)."""
-    taus = torch.stack(deltas)                                          # (n_models, ...)
-    w = torch.tensor(weights, dtype=taus.dtype).view(-1, *[1] * (taus.dim() - 1))
-    weighted = taus * w
-    if consensus:
-        agree = sign_agreement(weighted)
-        mixed, divisor = (weighted * agree).sum(0), (w * agree).sum(0)
-        divisor[divisor == 0] = 1  # no model agrees (every entry zero): the sum is 0 anyway
-    else:
-        mixed, divisor = weighted.sum(0), w.sum(0).expand_as(weighted[0]).clone()
-        divisor[divisor.abs() < 1e-8] = 1
+    """sum_i w_i m_i tau_i, divided by sum_i w_i m_i when normalize. Without consensus m_i = 1; with it
+    (TIES' sign election) m_i marks the entries whose sign is that of the summed mass sum_i w_i tau_i (a sum
+    of 0 counts as +; a zeroed entry agrees with neither sign). Accumulated model by model: no stacked copy."""
+    total = sum(w * tau for w, tau in zip(weights, deltas))
+    if not consensus:
+        divisor = sum(weights)
+        return total / (divisor if abs(divisor) > 1e-8 else 1.0) if normalize else total
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    mixed, divisor = torch.zeros_like(total), torch.zeros_like(total)
+    for w, tau in zip(weights, deltas):
+        agree = tau.sign() * math.copysign(1.0, w) == elected if w else torch.zeros_like(tau, dtype=torch.bool)
+        mixed += torch.where(agree, w * tau, 0.0)
+        divisor += agree * w
+    divisor[divisor == 0] = 1  # no model agrees (every entry zero): the sum is 0 anyway
     return mixed / divisor if normalize else mixed
 
 
@@ -205,13 +201,12 @@ class Source:
     def tensor(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def tokenizer_dir(self) -> Path:
+    def tokenizer_path(self) -> Path:
         return Path(self.path)
 
 
 class StateDictSource(Source):
-    """A nanollm checkpoint (ckpt.pt memory-mapped: a tensor is read from disk when used) or a state dict
-    already in memory (a GGUF file, dequantized by common.load_model)."""
+    """A nanollm checkpoint: ckpt.pt memory-mapped, so a tensor is read from disk when it is used."""
     def __init__(self, path, state: dict, config: ModelConfig):
         self.path, self.state, self.config = str(path), state, config
         self.dtype = state["embed_tokens.weight"].dtype
@@ -281,8 +276,36 @@ class AdapterSource(Source):
             theta += (A @ B if embedding else B @ A) * (self.alpha / (math.sqrt(r) if self.rslora else r))
         return theta
 
-    def tokenizer_dir(self):
-        return self.base.tokenizer_dir()
+    def tokenizer_path(self):
+        return self.base.tokenizer_path()
+
+
+class GGUFSource(Source):
+    """A GGUF file (gguf_io.py): memory-mapped, each tensor dequantized to fp32 when read, its Q/K rows put
+    back in Hugging Face's order where llama.cpp's converter permuted them."""
+    def __init__(self, path: Path):
+        import gguf_io
+        self.gguf_io, self.path = gguf_io, str(path)
+        try:
+            self.gguf = gguf_io.GGUFFile(path)
+            self.config = gguf_io.config_from_gguf(self.gguf)
+        except gguf_io.GGUFError as e:
+            raise MergeError(str(e)) from None
+        self.permuted = self.gguf.field("general.architecture") in gguf_io.PERMUTED_ARCHITECTURES
+        self.dtype = torch.float32  # quantized blocks have no float dtype of their own: the output is fp32
+
+    def names(self):
+        shapes = expected_shapes(self.config)
+        return {key: self.gguf.tensors[self.gguf_io.gguf_name(key)][1] for key in shapes
+                if self.gguf_io.gguf_name(key) in self.gguf.tensors}
+
+    def tensor(self, name):
+        tensor = self.gguf.tensor(self.gguf_io.gguf_name(name))
+        if self.permuted and ".q_proj." in name:
+            tensor = self.gguf_io.unpermute_rope_rows(tensor, self.config.n_heads)
+        elif self.permuted and ".k_proj." in name:
+            tensor = self.gguf_io.unpermute_rope_rows(tensor, self.config.n_kv_heads)
+        return tensor
 
 
 def open_source(path: str, base: Source | None = None) -> Source:
@@ -290,12 +313,8 @@ def open_source(path: str, base: Source | None = None) -> Source:
     p = Path(path)
     if not p.exists():
         raise MergeError(f"{path}: no such file or directory")
-    if p.suffix == ".gguf":  # quantized blocks: dequantized whole by the GGUF reader
-        try:
-            model = load_model(p)
-        except (ValueError, OSError) as e:
-            raise MergeError(f"{path}: cannot read this GGUF file ({e})") from None
-        return StateDictSource(p, {k: v.detach() for k, v in model.state_dict().items()}, model.config)
+    if p.suffix == ".gguf":
+        return GGUFSource(p)
     if p.is_dir() and (p / "config.json").exists() and not (p / CHECKPOINT_FILE).exists():
         return HFSource(p)
     ckpt_file = p / CHECKPOINT_FILE if p.is_dir() else p
@@ -318,16 +337,20 @@ def open_source(path: str, base: Source | None = None) -> Source:
 
 
 def tokenizer_identity(source: Source) -> tuple[str, object]:
-    """A fingerprint of the tokenizer (its vocabulary, merges order, specials and pre-split pattern) and the
-    tokenizer itself (None when only its file can be read: then the fingerprint is the file's bytes)."""
-    directory = source.tokenizer_dir()
+    """A fingerprint of what the weights are tied to, the id of every token (its ranks and special tokens;
+    not the pre-split regex, which two readers of one vocabulary may spell differently), and the tokenizer
+    itself (None when only its file can be read: then the fingerprint is the file's bytes)."""
+    directory = source.tokenizer_path()
     try:
         tok = load_tokenizer(directory)
     except FileNotFoundError:
         raise MergeError(f"{source.path}: no tokenizer beside the model (a merge keeps its inputs' tokenizer)") from None
-    except (ValueError, NotImplementedError, KeyError):
-        return hashlib.sha256(tokenizer_file(directory).read_bytes()).hexdigest(), None
-    h = hashlib.sha256(json.dumps([tok.pattern, sorted(tok.special_tokens.items())]).encode())
+    except (ValueError, NotImplementedError, KeyError) as e:
+        path = tokenizer_file(directory)
+        if path.suffix != ".json":
+            raise MergeError(f"{source.path}: its tokenizer cannot be read ({e})") from None
+        return hashlib.sha256(path.read_bytes()).hexdigest(), None
+    h = hashlib.sha256(json.dumps(sorted(tok.special_tokens.items())).encode())
     for token, rank in sorted(tok.ranks.items(), key=lambda item: item[1]):
         h.update(token + b"\0%d\n" % rank)
     return h.hexdigest(), tok
@@ -504,7 +527,7 @@ def write_output(out_dir: Path, merged: dict, model_config: ModelConfig, dtype: 
         tok.save(out_dir / "tokenizer")
         tokenizer_name = "tokenizer"
     else:  # a Hugging Face tokenizer.json that bpe.py does not read: kept byte for byte
-        shutil.copyfile(tokenizer_file(tokenizer_source.tokenizer_dir()), out_dir / "tokenizer.json")
+        shutil.copyfile(tokenizer_file(tokenizer_source.tokenizer_path()), out_dir / "tokenizer.json")
         tokenizer_name = None
     (out_dir / "merge_config.json").write_text(json.dumps(merge_config, indent=2) + "\n")
     if out_format == "hf":
