@@ -36,8 +36,9 @@ a nanollm checkpoint (torch.load with mmap), a Hugging Face directory (safetenso
 (gguf_io.py's memory-mapped reader, each tensor dequantized when read), or a LoRA adapter file (lora.save_adapter's adapter.pt, the
 task vector (alpha / r) B A of each adapted layer applied to --base). All must share the architecture and
 the tokenizer (refused otherwise, naming the first tensor or field that differs). Computation is in fp32;
-the output is a nanollm checkpoint directory (ckpt.pt, the tokenizer, merge_config.json), or a Hugging
-Face directory with --out-format hf, cast to `dtype` (default: the base's, else the first model's).
+the output is a nanollm checkpoint directory (ckpt.pt, the tokenizer, merge_config.json), a Hugging Face
+directory (--out-format hf) or a GGUF file (--out-format gguf), cast to `dtype` (default: the base's, else
+the first model's; a GGUF input counts as float32).
 """
 import argparse
 import hashlib
@@ -52,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from gguf_io import WRITE_TYPES
 from common import CHECKPOINT_FILE, atomic_write, load_tokenizer, peak_memory_mb, tokenizer_file
 from model import ModelConfig, Transformer, config_from_hf, save_hf
 
@@ -360,7 +362,7 @@ def check_compatible(sources: list[Source]) -> dict[str, tuple]:
     """Every input has the first one's tensors, shapes, architecture fields and tokenizer, or a MergeError
     names the first thing that differs. Returns the tensor names and shapes."""
     ref = sources[0]
-    shapes = expected_shapes(ref.config)
+    shapes = ref.names()
     for source in sources:
         have = source.names()
         for name, shape in shapes.items():
@@ -372,7 +374,8 @@ def check_compatible(sources: list[Source]) -> dict[str, tuple]:
         if extra:
             raise MergeError(f"{source.path}: tensor {extra[0]} is not in {ref.path}")
         for field in ARCH_FIELDS:
-            if getattr(source.config, field) != getattr(ref.config, field):
+            mine, theirs = getattr(source.config, field), getattr(ref.config, field)
+            if mine != theirs and not (isinstance(mine, float) and math.isclose(mine, theirs, rel_tol=1e-6)):  # GGUF: fp32
                 raise MergeError(f"{source.path}: config {field}={getattr(source.config, field)!r}, "
                                  f"{ref.path} has {getattr(ref.config, field)!r}")
     fingerprint = tokenizer_identity(ref)[0]
@@ -471,6 +474,16 @@ def dare_generator(seed: int, model_index: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{model_index}:{name}".encode()))
 
 
+def anonymous_memory_mb() -> float:
+    """This process's resident anonymous memory (Linux; 0 elsewhere): its RSS without the pages of the
+    memory-mapped input files, which the kernel may drop and read again at will."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def merge_models(config: dict, seed: int = 0, progress: bool = True) -> tuple[dict, ModelConfig, Source]:
     """Run a normalized config: returns the merged state dict (fp32 tensors, tied head left out), the
     output ModelConfig and the source whose tokenizer the output takes."""
@@ -485,7 +498,7 @@ def merge_models(config: dict, seed: int = 0, progress: bool = True) -> tuple[di
         if entry["layer_range"] not in (None, [0, n_layers], (0, n_layers)):
             raise MergeError(f"{entry['model']}: layer_range {entry['layer_range']} must be [0, {n_layers}] "
                              f"(nanollm merges whole models)")
-    merged, start = {}, time.time()
+    merged, start, peak_anon = {}, time.time(), 0.0
     for done, (name, shape) in enumerate(shapes.items(), 1):
         position = tensor_position(name, n_layers)
         options = {key: evaluate_setting(value, name, position, f"parameters.{key}")
@@ -503,9 +516,10 @@ def merge_models(config: dict, seed: int = 0, progress: bool = True) -> tuple[di
         generators = [dare_generator(seed, i, name) for i in range(len(models))] if method.startswith("dare") else None
         merged[name] = merge_tensor(method, base.tensor(name) if base else None, [m.tensor(name) for m in models],
                                     per_model, options, generators)
+        peak_anon = max(peak_anon, anonymous_memory_mb())
         if progress and (done % max(1, len(shapes) // 10) == 0 or done == len(shapes)):
-            print(f"merged {done}/{len(shapes)} tensors | {time.time() - start:.1f}s | "
-                  f"peak RSS {peak_memory_mb('cpu'):.0f} MB", flush=True)
+            print(f"merged {done}/{len(shapes)} tensors | {time.time() - start:.1f}s | peak RSS "
+                  f"{peak_memory_mb('cpu'):.0f} MB, of it anonymous {peak_anon:.0f} MB", flush=True)
     return merged, ref.config, ref
 
 
@@ -515,9 +529,9 @@ def out_dtype(config: dict, ref: Source) -> torch.dtype:
 
 
 def write_output(out_dir: Path, merged: dict, model_config: ModelConfig, dtype: torch.dtype, tokenizer_source: Source,
-                 merge_config: dict, out_format: str = "nanollm") -> None:
-    """A nanollm checkpoint (ckpt.pt written atomically, the tokenizer, merge_config.json) or a Hugging Face
-    directory (config.json, model.safetensors, the tokenizer)."""
+                 merge_config: dict, out_format: str = "nanollm", gguf_type: str = "f32") -> None:
+    """A nanollm checkpoint (ckpt.pt written atomically, the tokenizer, merge_config.json), a Hugging Face
+    directory (config.json, model.safetensors, the tokenizer) or model.gguf (gguf_io.save_gguf, gguf_type)."""
     state = {name: tensor.to(dtype) for name, tensor in merged.items()}
     if model_config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -530,13 +544,19 @@ def write_output(out_dir: Path, merged: dict, model_config: ModelConfig, dtype: 
         shutil.copyfile(tokenizer_file(tokenizer_source.tokenizer_path()), out_dir / "tokenizer.json")
         tokenizer_name = None
     (out_dir / "merge_config.json").write_text(json.dumps(merge_config, indent=2) + "\n")
-    if out_format == "hf":
+    if out_format in ("hf", "gguf"):
         with torch.device("meta"):
             model = Transformer(model_config)
         model.load_state_dict(state, assign=True)
         if model_config.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        save_hf(model, out_dir)
+        if out_format == "hf":
+            save_hf(model, out_dir)
+        else:
+            from gguf_io import save_gguf
+            if tok is None:
+                raise MergeError(f"{tokenizer_source.path}: its tokenizer cannot be written to GGUF (bpe.py does not read it)")
+            save_gguf(model, tok, out_dir / "model.gguf", qtype=gguf_type)
         return
     payload = {"model": state, "model_config": asdict(model_config), "merge_config": merge_config}
     if tokenizer_name:
@@ -545,7 +565,7 @@ def write_output(out_dir: Path, merged: dict, model_config: ModelConfig, dtype: 
 
 
 def run(config: dict, out_dir, seed: int = 0, out_format: str = "nanollm", overwrite: bool = False,
-        progress: bool = True) -> Path:
+        progress: bool = True, gguf_type: str = "f32") -> Path:
     """Normalize `config`, merge, write out_dir; refuses to overwrite a checkpoint or an input."""
     config = normalize_config(config)
     out_dir = Path(out_dir)
@@ -553,12 +573,12 @@ def run(config: dict, out_dir, seed: int = 0, out_format: str = "nanollm", overw
     for path in filter(None, inputs):
         if Path(path).resolve() in (out_dir.resolve(), (out_dir / CHECKPOINT_FILE).resolve()):
             raise MergeError(f"--out-dir {out_dir} is an input of the merge ({path}): choose another directory")
-    target = out_dir / (CHECKPOINT_FILE if out_format == "nanollm" else "model.safetensors")
+    target = out_dir / {"nanollm": CHECKPOINT_FILE, "hf": "model.safetensors", "gguf": "model.gguf"}[out_format]
     if target.exists() and not overwrite:
         raise MergeError(f"--out-dir {out_dir} already holds {target.name} (pass --overwrite to replace it)")
     merged, model_config, ref = merge_models(config, seed, progress)
     dtype = out_dtype(config, ref)
-    write_output(out_dir, merged, model_config, dtype, ref, {**config, "seed": seed}, out_format)
+    write_output(out_dir, merged, model_config, dtype, ref, {**config, "seed": seed}, out_format, gguf_type)
     if progress:
         print(f"wrote {out_dir} ({config['merge_method']} of {len(config['models'])} model(s), {str(dtype).removeprefix('torch.')})")
     return out_dir
@@ -621,8 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the base's, else the first model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
     parser.add_argument("--out-dir", required=True, help="where the merged model goes")
-    parser.add_argument("--out-format", choices=["nanollm", "hf"], default="nanollm",
-                        help="nanollm checkpoint (ckpt.pt) or Hugging Face directory (config.json + safetensors)")
+    parser.add_argument("--out-format", choices=["nanollm", "hf", "gguf"], default="nanollm",
+                        help="nanollm checkpoint (ckpt.pt), Hugging Face directory (config.json + safetensors) "
+                             "or OUT_DIR/model.gguf")
+    parser.add_argument("--gguf-type", default="f32", choices=WRITE_TYPES, help="--out-format gguf: how matrices "
+                                                                            "are stored (gguf_io.py)")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out-dir")
     return parser
 
@@ -638,7 +661,7 @@ def main(argv=None) -> int:
             config = read_config_file(args.config)
         else:
             config = config_from_flags(args)
-        run(config, args.out_dir, args.seed, args.out_format, args.overwrite)
+        run(config, args.out_dir, args.seed, args.out_format, args.overwrite, gguf_type=args.gguf_type)
     except MergeError as e:
         parser.exit(2, f"merge.py: error: {e}\n")
     return 0

@@ -213,6 +213,16 @@ def test_hugging_face_input_and_output(trio, tmp_path, tokenizer):
     assert all(torch.allclose(got[n], a[n], atol=1e-6) for n in a)
 
 
+def test_gguf_input_and_output(trio, tmp_path, tokenizer):
+    from gguf_io import save_gguf
+    a = load_model(trio / "a")
+    save_gguf(a, tokenizer, tmp_path / "a.gguf", qtype="f32", log=lambda *_: None)
+    out = merge.run({"merge_method": "slerp", "base_model": str(tmp_path / "a.gguf"), "models": [str(trio / "base")],
+                     "parameters": {"t": 0.0}}, tmp_path / "out", out_format="gguf", progress=False)
+    got, expected = states(out / "model.gguf"), a.state_dict()  # read back through gguf_io (Q/K rows permuted twice)
+    assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in expected)
+
+
 def test_mismatches_are_refused_by_name(trio, tmp_path, tokenizer):
     make_ckpt(tmp_path / "wide", tokenizer, 3, hidden_dim=128)
     with pytest.raises(merge.MergeError, match=r"wide: tensor layers\.0\.mlp\.gate_proj\.weight has shape \(128, 64\)"):
@@ -237,7 +247,14 @@ def cli(*args):
     return subprocess.run([sys.executable, str(REPO / "merge.py"), *map(str, args)], capture_output=True, text=True)
 
 
-def test_cli_flags_and_yaml_config_agree(trio, tmp_path):
+def main_error(capsys, *args):
+    """merge.main in this process: (exit code, stderr) of a refused command line."""
+    with pytest.raises(SystemExit) as exit_info:
+        merge.main(list(map(str, args)))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_flags_and_yaml_config_agree(trio, tmp_path, capsys):
     b, a, c = (trio / n for n in ("base", "a", "c"))
     flags = cli("--method", "dare_ties", "--base", b, "--models", f"{a},{c}", "--weights", "0.6,0.4",
                 "--density", "0.5", "--seed", "3", "--out-dir", tmp_path / "flags")
@@ -247,16 +264,19 @@ def test_cli_flags_and_yaml_config_agree(trio, tmp_path):
         f"merge_method: dare_ties\nbase_model: {b}\nmodels:\n"
         f"  - model: {a}\n    parameters:\n      weight: 0.6\n      density: 0.5\n"
         f"  - model: {c}\n    parameters: {{weight: 0.4, density: 0.5}}\ndtype: float32\n")
-    yml = cli("--config", tmp_path / "merge.yml", "--seed", "3", "--out-dir", tmp_path / "yaml")
-    assert yml.returncode == 0, yml.stderr
+    assert merge.main(["--config", str(tmp_path / "merge.yml"), "--seed", "3", "--out-dir", str(tmp_path / "yaml")]) == 0
     x, y, base = states(tmp_path / "flags"), states(tmp_path / "yaml"), states(b)
     assert all(torch.equal(x[n], y[n]) for n in x)
     assert not torch.equal(x["layers.0.mlp.up_proj.weight"], base["layers.0.mlp.up_proj.weight"])
     assert (tmp_path / "flags" / "tokenizer.json").exists() and (tmp_path / "flags" / "merge_config.json").exists()
 
-    again = cli("--method", "linear", "--models", f"{a},{c}", "--out-dir", tmp_path / "flags")
-    assert again.returncode == 2 and "already holds ckpt.pt" in again.stderr and "Traceback" not in again.stderr
-    bad = cli("--method", "ties", "--base", b, "--models", f"{a},{c}", "--weights", "1,2,3", "--out-dir", tmp_path / "x")
-    assert bad.returncode == 2 and "--weights '1,2,3': one value, or one per model (2)" in bad.stderr
-    missing = cli("--method", "linear", "--models", f"{a},{tmp_path / 'nope'}", "--out-dir", tmp_path / "x")
-    assert missing.returncode == 2 and "nope: no such file or directory" in missing.stderr
+    code, err = main_error(capsys, "--method", "linear", "--models", f"{a},{c}", "--out-dir", tmp_path / "flags")
+    assert code == 2 and "already holds ckpt.pt" in err
+    code, err = main_error(capsys, "--method", "ties", "--base", b, "--models", f"{a},{c}", "--weights", "1,2,3",
+                           "--out-dir", tmp_path / "x")
+    assert code == 2 and "--weights '1,2,3': one value, or one per model (2)" in err
+    code, err = main_error(capsys, "--method", "linear", "--models", f"{a},{tmp_path / 'nope'}", "--out-dir", tmp_path / "x")
+    assert code == 2 and "nope: no such file or directory" in err
+    (tmp_path / "bad.yml").write_text("merge_method: ties\nmodels: [unclosed\n")
+    code, err = main_error(capsys, "--config", tmp_path / "bad.yml", "--out-dir", tmp_path / "x")
+    assert code == 2 and "bad.yml: not valid YAML" in err and len(err.splitlines()) == 1
