@@ -53,12 +53,11 @@ from pathlib import Path
 
 import torch
 
-from gguf_io import WRITE_TYPES
 from common import CHECKPOINT_FILE, atomic_write, load_tokenizer, peak_memory_mb, tokenizer_file
+from gguf_io import WRITE_TYPES
 from model import ModelConfig, Transformer, config_from_hf, save_hf
 
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_ties", "dare_linear")
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
 # method -> (trim, sign consensus, normalize by default, rescale by default): mergekit's registry
 VARIANTS = {"task_arithmetic": (None, False, False, False), "ties": ("magnitude", True, True, False),
             "dare_ties": ("random", True, False, True), "dare_linear": ("random", False, False, True)}
@@ -134,8 +133,7 @@ def merge_tensor(method: str, base: torch.Tensor | None, tensors: list[torch.Ten
     global ones (t, normalize, rescale, lambda); generators[i]: model i's DARE randomness for this tensor."""
     weights = [p.get("weight", 1.0) for p in params]
     if method == "linear":
-        merged = merge_task_vectors(tensors, weights, consensus=False, normalize=options.get("normalize", True))
-        return merged
+        return merge_task_vectors(tensors, weights, consensus=False, normalize=options.get("normalize", True))
     if method == "slerp":
         return slerp(options["t"], base, tensors[0])
     trim, consensus, normalize, rescale = VARIANTS[method]
@@ -439,6 +437,7 @@ def normalize_config(config: dict, where: str = "config") -> dict:
             raise MergeError(f"{where}: models[{i}].parameters: unsupported {bad[0]!r} (weight, density)")
         entries.append({"model": entry["model"], "parameters": params, "layer_range": entry.get("layer_range")})
     params = config.get("parameters") or {}
+    # int8_mask is mergekit's memory saving for the sign masks: accepted, nothing to do here
     bad = sorted(set(params) - {"t", "weight", "density", "normalize", "rescale", "lambda", "int8_mask"})
     if bad:
         raise MergeError(f"{where}: parameters: unsupported {bad[0]!r}")
@@ -537,12 +536,13 @@ def write_output(out_dir: Path, merged: dict, model_config: ModelConfig, dtype: 
         state["lm_head.weight"] = state["embed_tokens.weight"]
     out_dir.mkdir(parents=True, exist_ok=True)
     _, tok = tokenizer_identity(tokenizer_source)
-    if tok is not None:
+    source_file = tokenizer_file(tokenizer_source.tokenizer_path())
+    if source_file.suffix == ".json" and json.loads(source_file.read_text(encoding="utf-8")).get("format") != "nanollm-bpe":
+        shutil.copyfile(source_file, out_dir / "tokenizer.json")  # a Hugging Face tokenizer: kept byte for byte
+        tokenizer_name = None
+    else:  # bpe.py's own files (from a nanollm checkpoint, or read from a GGUF file's metadata)
         tok.save(out_dir / "tokenizer")
         tokenizer_name = "tokenizer"
-    else:  # a Hugging Face tokenizer.json that bpe.py does not read: kept byte for byte
-        shutil.copyfile(tokenizer_file(tokenizer_source.tokenizer_path()), out_dir / "tokenizer.json")
-        tokenizer_name = None
     (out_dir / "merge_config.json").write_text(json.dumps(merge_config, indent=2) + "\n")
     if out_format in ("hf", "gguf"):
         with torch.device("meta"):
