@@ -618,6 +618,12 @@ def config_from_flags(args) -> dict:
             "dtype": args.dtype}
 
 
+def truth(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+    return text.lower() in ("true", "1", "yes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -634,9 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--density", help="share of each task vector kept (ties, dare_*): one, or one per model (default 1)")
     parser.add_argument("--t", type=float, help="slerp: 0 gives --base, 1 the other model")
     parser.add_argument("--lambda", dest="scale", type=float, help="scale of the merged task vector (default 1)")
-    parser.add_argument("--normalize", type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--normalize", type=truth,
                         help="divide by the sum of the (agreeing) weights: true|false (default: the method's)")
-    parser.add_argument("--rescale", type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--rescale", type=truth,
                         help="dare_*: rescale kept entries by 1/density: true|false (default true)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the base's, else the first model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
@@ -655,9 +661,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.config:
-            given = [f for f in ("method", "base", "models", "weights", "density", "t") if getattr(args, f) is not None]
+            given = [f for f in ("method", "base", "models", "weights", "density", "t", "scale", "normalize", "rescale",
+                                 "dtype") if getattr(args, f) is not None]
             if given:
-                raise MergeError(f"--config and --{given[0]} both given: put everything in the config file")
+                flag = {"scale": "lambda"}.get(given[0], given[0])
+                raise MergeError(f"--config and --{flag} both given: put everything in the config file")
             config = read_config_file(args.config)
         else:
             config = config_from_flags(args)
