@@ -374,8 +374,7 @@ def check_compatible(sources: list[Source]) -> dict[str, tuple]:
         for field in ARCH_FIELDS:
             mine, theirs = getattr(source.config, field), getattr(ref.config, field)
             if mine != theirs and not (isinstance(mine, float) and math.isclose(mine, theirs, rel_tol=1e-6)):  # GGUF: fp32
-                raise MergeError(f"{source.path}: config {field}={getattr(source.config, field)!r}, "
-                                 f"{ref.path} has {getattr(ref.config, field)!r}")
+                raise MergeError(f"{source.path}: config {field}={mine!r}, {ref.path} has {theirs!r}")
     fingerprint = tokenizer_identity(ref)[0]
     for source in sources[1:]:
         if tokenizer_identity(source)[0] != fingerprint:
@@ -447,20 +446,20 @@ def normalize_config(config: dict, where: str = "config") -> dict:
         if base is None and len(entries) == 2:
             base, others = entries[0]["model"], entries[1:]
         if base is None or len(others) != 1:
-            raise MergeError(f"{where}: slerp interpolates two models: a base_model (t = 0) and one other (t = 1)")
+            raise MergeError(f"{where}: slerp interpolates two models: base_model (--base; t = 0) and one other (t = 1)")
         if "t" not in params:
-            raise MergeError(f"{where}: slerp needs parameters.t (0: the base model, 1: the other)")
+            raise MergeError(f"{where}: slerp needs parameters.t (--t; 0: the base model, 1: the other)")
         entries = others
     elif method == "linear":
         if base is not None and base not in [e["model"] for e in entries]:
-            raise MergeError(f"{where}: linear averages the models listed; base_model {base!r} is not one of them")
+            raise MergeError(f"{where}: linear averages the models listed; base_model (--base) {base!r} is not one of them")
         base = None
     else:
         if base is None:
-            raise MergeError(f"{where}: {method} adds task vectors theta_i - theta_base: give base_model")
+            raise MergeError(f"{where}: {method} adds task vectors theta_i - theta_base: give base_model (--base)")
         entries = [e for e in entries if e["model"] != base]
         if not entries:
-            raise MergeError(f"{where}: {method} needs at least one model besides base_model")
+            raise MergeError(f"{where}: {method} needs at least one model besides base_model (--base)")
     for field in ("dtype", "out_dtype"):
         if config.get(field) is not None and config[field] not in DTYPES:
             raise MergeError(f"{where}: {field} {config[field]!r} is not one of {', '.join(DTYPES)}")
@@ -565,9 +564,10 @@ def write_output(out_dir: Path, merged: dict, model_config: ModelConfig, dtype: 
 
 
 def run(config: dict, out_dir, seed: int = 0, out_format: str = "nanollm", overwrite: bool = False,
-        progress: bool = True, gguf_type: str = "f32") -> Path:
-    """Normalize `config`, merge, write out_dir; refuses to overwrite a checkpoint or an input."""
-    config = normalize_config(config)
+        progress: bool = True, gguf_type: str = "f32", where: str = "config") -> Path:
+    """Normalize `config` (`where` names it in errors), merge, write out_dir; refuses to overwrite a
+    checkpoint or an input."""
+    config = normalize_config(config, where)
     out_dir = Path(out_dir)
     inputs = [config["base_model"], *[e["model"] for e in config["models"]]]
     for path in filter(None, inputs):
@@ -660,6 +660,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        where = f"--config {args.config}" if args.config else "flags"
         if args.config:
             given = [f for f in ("method", "base", "models", "weights", "density", "t", "scale", "normalize", "rescale",
                                  "dtype") if getattr(args, f) is not None]
@@ -669,7 +670,7 @@ def main(argv=None) -> int:
             config = read_config_file(args.config)
         else:
             config = config_from_flags(args)
-        run(config, args.out_dir, args.seed, args.out_format, args.overwrite, gguf_type=args.gguf_type)
+        run(config, args.out_dir, args.seed, args.out_format, args.overwrite, gguf_type=args.gguf_type, where=where)
     except MergeError as e:
         parser.exit(2, f"merge.py: error: {e}\n")
     return 0
