@@ -318,3 +318,51 @@ def test_smollm2_logits_and_greedy_chat_match_transformers(smollm2):
     expected = expected.tolist()
     assert got.tolist() == (expected[:-1] if expected[-1] == tokenizer.eos_id else expected)
     assert "Paris" in tokenizer.decode(got)
+
+
+# ---- llama.cpp (llama-cpp-python, slow to build: -m slow) ----------------------------------------------
+
+PARAGRAPH = ("The Amazon rainforest covers much of the Amazon basin of South America. The basin encompasses seven "
+             "million square kilometres, of which five and a half million are covered by the rainforest. The region "
+             "includes territory belonging to nine nations and 3,344 formally acknowledged indigenous territories. "
+             "The majority of the forest, 60%, is in Brazil, followed by Peru with 13% and Colombia with 10%.")
+
+
+def llama_cpp_logits(path, ids):
+    """llama.cpp's logits for ids, with an fp32 KV cache (type 0; its default fp16 cache rounds keys and values)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, n_threads=2, verbose=False, type_k=0, type_v=0)
+    llm.eval(list(ids))
+    return llm, np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_llama_cpp(smollm2):
+    """The same file in llama.cpp: identical token ids; perplexity within 1.5% and top-1 agreement >= 95%
+    (llama.cpp rounds activations to 8 bits inside its Q4_1 matmuls, so the last digits differ)."""
+    tokenizer, model = load_tokenizer(smollm2), load_model(smollm2)
+    ids = tokenizer.encode(PARAGRAPH)
+    llm, theirs = llama_cpp_logits(smollm2, ids)
+    for text in STRINGS + ["control\x04bytes\x06!\x04!", PARAGRAPH]:
+        assert tokenizer.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=False), repr(text)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0]
+    targets = torch.tensor(ids[1:])
+    ppl_ours = torch.nn.functional.cross_entropy(ours[:-1], targets).exp()
+    ppl_theirs = torch.nn.functional.cross_entropy(torch.from_numpy(theirs[:-1]), targets).exp()
+    assert abs(ppl_ours / ppl_theirs - 1) < 0.015
+    assert (ours.argmax(-1).numpy() == theirs.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_exported_model_runs_in_llama_cpp(tmp_path):
+    """A nanollm model and its bpe.py tokenizer, exported as f32: llama.cpp gives the same ids and logits."""
+    model, tokenizer = tiny_model(tie_embeddings=False), tiny_tokenizer()
+    path = gguf_io.save_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    text = "hello there, the quick fox 4567 jumps"
+    ids = tokenizer.encode(text)
+    llm, theirs = llama_cpp_logits(path, ids)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-3
