@@ -55,14 +55,14 @@ def test_q4_k_hand_computed_block():
     assert w[200] == -0.25 * 10    # sub-block 6, code 0
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "F16", "BF16"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
 def test_dequantize_matches_gguf_package(type_name):
     qtype = gguf.GGMLQuantizationType[type_name]
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, size=(64, block_bytes * (512 // block)), dtype=np.uint8)
     if type_name not in ("F16", "BF16"):  # finite fp16 scales at the places each format keeps them
-        where = {"Q6_K": [208]}.get(type_name, [0, 2] if type_name in ("Q4_1", "Q4_K") else [0])
+        where = {"Q6_K": [208]}.get(type_name, [0, 2] if type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0])
         blocks = raw.reshape(-1, block_bytes)
         for offset in where:
             blocks[:, offset:offset + 2] = rng.uniform(-1, 1, (len(blocks), 1)).astype(np.float16).view(np.uint8)
@@ -241,13 +241,12 @@ def test_unsupported_type_architecture_and_tokenizer_named(tmp_path):
     path = tmp_path / "odd.gguf"
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_string("tokenizer.ggml.model", "llama")
-    writer.add_tensor("q5", gguf.quants.quantize(np.ones((1, 32), np.float32), gguf.GGMLQuantizationType.Q5_0),
-                      raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    writer.add_tensor("q8_1", np.zeros((1, 40), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)  # one block
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(gguf_io.GGUFError, match=r"odd\.gguf: tensor q5 has ggml type 6, .* \(supported: F32, F16"):
+    with pytest.raises(gguf_io.GGUFError, match=r"odd\.gguf: tensor q8_1 has ggml type 9, .* \(supported: F32, F16"):
         gguf_io.GGUFFile(path)
     metadata = {"general.architecture": "gpt2", "tokenizer.ggml.model": "llama"}
     gguf_io.write_gguf(path, metadata, [])
