@@ -48,11 +48,14 @@ class ChatDataError(ValueError):
 def chat_token_ids(tokenizer, names=(IM_START, IM_END, PAD)) -> dict:
     """The ids of the chat special tokens (padding only where batches are padded); a clear error when
     the tokenizer lacks one."""
-    missing = [t for t in names if t not in tokenizer.special_tokens]
+    special = dict(tokenizer.special_tokens)
+    if PAD not in special and END_OF_TEXT in special:  # a published vocabulary (SmolLM2's) has no <|pad|>: padding
+        special[PAD] = special[END_OF_TEXT]             # is masked everywhere, so <|endoftext|> serves
+    missing = [t for t in names if t not in special]
     if missing:
         raise ChatDataError(f"the tokenizer has no {', '.join(missing)} special token(s): chat needs a tokenizer "
                             f"trained by bpe.py (which reserves them) or one that defines them")
-    return {t: tokenizer.special_tokens[t] for t in names}
+    return {t: special[t] for t in names}
 
 
 def default_system_prompt(tokenizer) -> str | None:

@@ -15,8 +15,11 @@ weights of a row, each block its own scale:
     Q4_0  32 weights: fp16 d, 16 bytes of 4-bit q      w = d (q - 8)
     Q4_1  32 weights: fp16 d, fp16 m, 16 bytes         w = d q + m
           (byte j holds weight j in its low nibble and weight j + 16 in its high one)
+    Q5_0  32 weights: fp16 d, 32 fifth bits, 16 bytes   w = d (q - 16)
+    Q5_1  32 weights: fp16 d, fp16 m, 32 fifth bits, 16 bytes    w = d q + m
     Q4_K  256 weights in 8 sub-blocks of 32: fp16 d, fp16 dmin, 12 bytes of 6-bit scales s and mins n,
           128 bytes of 4-bit q                         w = d s_j q - dmin n_j
+    Q5_K  as Q4_K, with 32 bytes of fifth bits before the 4-bit codes
     Q6_K  256 weights in 16 sub-blocks of 16: 128 bytes of low 4 bits, 64 bytes of high 2 bits,
           16 int8 scales s, fp16 d                     w = d s_j (q - 32)
 
@@ -53,8 +56,9 @@ VALUE_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 STRING, ARRAY = 8, 9
 
 # ggml tensor types this file reads: name -> (type id, weights per block, bytes per block)
-GGML_TYPES = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
-              "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210), "BF16": (30, 1, 2)}
+GGML_TYPES = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
+              "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
+              "Q6_K": (14, 256, 210), "BF16": (30, 1, 2)}
 TYPE_NAMES = {type_id: name for name, (type_id, _, _) in GGML_TYPES.items()}
 WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 
@@ -114,14 +118,47 @@ def dequantize_q4_1(blocks):
     return _f16(blocks, 0) * _nibbles(blocks[:, 4:20]) + _f16(blocks, 2)
 
 
-def dequantize_q4_k(blocks):
-    """Sub-block j's 6-bit scale and min: j < 4 in the low 6 bits of bytes j and j + 4; j >= 4 in the two
-    nibbles of byte j + 4, topped with the high 2 bits of bytes j - 4 and j."""
-    d, dmin, packed = _f16(blocks, 0), _f16(blocks, 2), blocks[:, 4:16].astype(np.int32)
+def _fifth_bits(qh):
+    """4 bytes (a little-endian u32) -> the 32 fifth bits, bit j for weight j, as values 0 or 16."""
+    bits = np.unpackbits(qh, axis=1, bitorder="little")                      # (n, 32)
+    return bits.astype(np.float32) * 16
+
+
+def dequantize_q5_0(blocks):
+    return _f16(blocks, 0) * (_nibbles(blocks[:, 6:22]) + _fifth_bits(blocks[:, 2:6]) - 16)
+
+
+def dequantize_q5_1(blocks):
+    return _f16(blocks, 0) * (_nibbles(blocks[:, 8:24]) + _fifth_bits(blocks[:, 4:8])) + _f16(blocks, 2)
+
+
+def _k_scales_mins(blocks):
+    """Q4_K/Q5_K: sub-block j's 6-bit scale and min: j < 4 in the low 6 bits of bytes j and j + 4; j >= 4 in
+    the two nibbles of byte j + 4, topped with the high 2 bits of bytes j - 4 and j. (n, 8) each, float32."""
+    packed = blocks[:, 4:16].astype(np.int32)
     low, mid, high = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    scales = np.concatenate((low & 63, (high & 0xF) | ((low >> 6) << 4)), axis=1).astype(np.float32)  # (n, 8)
+    scales = np.concatenate((low & 63, (high & 0xF) | ((low >> 6) << 4)), axis=1).astype(np.float32)
     mins = np.concatenate((mid & 63, (high >> 4) | ((mid >> 6) << 4)), axis=1).astype(np.float32)
-    qs = blocks[:, 16:144].reshape(-1, 4, 32)  # 64 weights per 32 bytes: sub-block 2c low nibbles, 2c + 1 high
+    return scales, mins
+
+
+def dequantize_q5_k(blocks):
+    """Q4_K's layout plus 32 bytes qh: bit j of byte l is the fifth bit of weight l of sub-block j."""
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k_scales_mins(blocks)
+    qh = blocks[:, 16:48]
+    qs = blocks[:, 48:176].reshape(-1, 4, 32)
+    low = np.stack((qs & 0xF, qs >> 4), axis=2).reshape(-1, 8, 32).astype(np.float32)
+    fifth = np.stack([(qh >> j) & 1 for j in range(8)], axis=1).astype(np.float32) * 16   # (n, 8, 32)
+    w = (d * scales)[:, :, None] * (low + fifth) - (dmin * mins)[:, :, None]
+    return w.reshape(-1, 256)
+
+
+def dequantize_q4_k(blocks):
+    """Eight sub-blocks of 32; 32 bytes of codes per pair of sub-blocks (2c in the low nibbles, 2c + 1 in the high)."""
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k_scales_mins(blocks)
+    qs = blocks[:, 16:144].reshape(-1, 4, 32)
     q = np.stack((qs & 0xF, qs >> 4), axis=2).reshape(-1, 8, 32).astype(np.float32)
     w = (d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]  # float32, in llama.cpp's order
     return w.reshape(-1, 256)
@@ -177,8 +214,8 @@ def quantize_q4_1(w):
                            _pack_nibbles(q)), axis=1)
 
 
-DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1,
-              "Q4_K": dequantize_q4_k, "Q6_K": dequantize_q6_k}
+DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
+              "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
 QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1}
 
 

@@ -35,9 +35,12 @@ STRINGS = ["Hello world", "  123 4567 89", "The year 2024, 3.14159 and 1,000,000
            "control\x04bytes\x06!\x04!", "Ünïcödé 12ab34", "\n\n\n", "    indented\n\tcode {}[]();"]
 
 
-def llama_cpp_model(path, n_ctx, logits_all=True):
+def llama_cpp_model(path, n_ctx, logits_all=True, f32_cache=False):
+    """f32_cache: keys and values kept in fp32 (llama.cpp's default cache is fp16), for exact comparisons."""
     import llama_cpp
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, n_threads=2, n_batch=512, verbose=False)
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0: GGML_TYPE_F32
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, n_threads=2, n_batch=512, verbose=False,
+                           **cache)
 
 
 def llama_logits(llm, ids) -> np.ndarray:
@@ -109,7 +112,7 @@ def train_small_model(data_dir, steps=300):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return model.eval(), tokenizer, float(loss), text[-20_000:]
+    return model.eval(), tokenizer, loss.item(), text[-20_000:]
 
 
 def export_tables(model, tokenizer, llm_ppl_of, wins, own_ppl, data_dir, tmp):
@@ -125,13 +128,13 @@ def export_tables(model, tokenizer, llm_ppl_of, wins, own_ppl, data_dir, tmp):
 
     small, small_tok, loss, heldout = train_small_model(data_dir)
     path = gguf_io.save_gguf(small, small_tok, Path(tmp) / "shakespeare-f32.gguf", "f32", "shakespeare")
-    llm = llama_cpp_model(path, 256)
+    llm = llama_cpp_model(path, 256, f32_cache=True)
     lines = [line for line in heldout.splitlines() if line.strip()][:200]
     same = sum(small_tok.encode(line) == llm.tokenize(line.encode(), add_bos=False, special=False) for line in lines)
     ids = small_tok.encode(heldout)[:256]
     theirs, ours = llama_logits(llm, ids), nanollm_logits(small)(ids)
     print(f"\n### A model nanollm trained here (tiny preset, 300 steps on Tiny Shakespeare, final loss {loss:.2f}; "
-          f"bpe.py tokenizer, 1024 ids, cl100k split -> llama-bpe), exported as f32\n")
+          f"bpe.py tokenizer, 1024 ids, cl100k split -> llama-bpe), exported as f32 (llama.cpp with an fp32 KV cache)\n")
     print("| check | result |\n|---|---|")
     print(f"| token ids, 200 held-out lines | {same}/{len(lines)} identical |")
     print(f"| logits, 256 held-out tokens | max abs difference {np.abs(theirs - ours).max():.2e} "
@@ -187,7 +190,7 @@ def decode_table(path, model, tokenizer, n_tokens, repeats):
     fp32_bytes = 4 * (linear + c.vocab_size * c.dim)          # every matrix and the (tied) head, once per token
     gguf_file = gguf_io.GGUFFile(path)
     file_bytes = sum(size for name, (_, _, _, size) in gguf_file.tensors.items())  # the Q8_0 table is the head
-    weight_bytes = {"nanollm": fp32_bytes, "transformers": fp32_bytes, "llama.cpp": file_bytes}
+    weight_bytes = dict(zip(cases, (fp32_bytes, fp32_bytes, file_bytes)))
     tps = {name: n_tokens / seconds for name, seconds in best.items()}
     hf_tps = tps["transformers fp32 (its GGUF loader), generate"]
     print(f"\n### Decode speed: {n_tokens} greedy tokens after a {len(prompt)}-token prompt, batch 1, 2 threads, "
@@ -195,7 +198,7 @@ def decode_table(path, model, tokenizer, n_tokens, repeats):
     print("| engine | tokens/s | vs transformers | weights read per token | bandwidth bound, tokens/s | share of bound |")
     print("|---|---|---|---|---|---|")
     for name, value in tps.items():
-        nbytes = weight_bytes[name.split(" ")[0]]
+        nbytes = weight_bytes[name]
         bound = bandwidth * 1e9 / nbytes
         print(f"| {name} | {value:.1f} | {value / hf_tps:.2f}x | {nbytes / 2**20:.0f} MiB | {bound:.0f} | {value / bound:.0%} |")
 

@@ -55,14 +55,14 @@ def test_q4_k_hand_computed_block():
     assert w[200] == -0.25 * 10    # sub-block 6, code 0
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "F16", "BF16"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
 def test_dequantize_matches_gguf_package(type_name):
     qtype = gguf.GGMLQuantizationType[type_name]
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, size=(64, block_bytes * (512 // block)), dtype=np.uint8)
     if type_name not in ("F16", "BF16"):  # finite fp16 scales at the places each format keeps them
-        where = {"Q6_K": [208]}.get(type_name, [0, 2] if type_name in ("Q4_1", "Q4_K") else [0])
+        where = {"Q6_K": [208]}.get(type_name, [0, 2] if type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0])
         blocks = raw.reshape(-1, block_bytes)
         for offset in where:
             blocks[:, offset:offset + 2] = rng.uniform(-1, 1, (len(blocks), 1)).astype(np.float16).view(np.uint8)
@@ -241,13 +241,12 @@ def test_unsupported_type_architecture_and_tokenizer_named(tmp_path):
     path = tmp_path / "odd.gguf"
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_string("tokenizer.ggml.model", "llama")
-    writer.add_tensor("q5", gguf.quants.quantize(np.ones((1, 32), np.float32), gguf.GGMLQuantizationType.Q5_0),
-                      raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    writer.add_tensor("q8_1", np.zeros((1, 40), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)  # one block
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(gguf_io.GGUFError, match=r"odd\.gguf: tensor q5 has ggml type 6, .* \(supported: F32, F16"):
+    with pytest.raises(gguf_io.GGUFError, match=r"odd\.gguf: tensor q8_1 has ggml type 9, .* \(supported: F32, F16"):
         gguf_io.GGUFFile(path)
     metadata = {"general.architecture": "gpt2", "tokenizer.ggml.model": "llama"}
     gguf_io.write_gguf(path, metadata, [])
@@ -318,3 +317,51 @@ def test_smollm2_logits_and_greedy_chat_match_transformers(smollm2):
     expected = expected.tolist()
     assert got.tolist() == (expected[:-1] if expected[-1] == tokenizer.eos_id else expected)
     assert "Paris" in tokenizer.decode(got)
+
+
+# ---- llama.cpp (llama-cpp-python, slow to build: -m slow) ----------------------------------------------
+
+PARAGRAPH = ("The Amazon rainforest covers much of the Amazon basin of South America. The basin encompasses seven "
+             "million square kilometres, of which five and a half million are covered by the rainforest. The region "
+             "includes territory belonging to nine nations and 3,344 formally acknowledged indigenous territories. "
+             "The majority of the forest, 60%, is in Brazil, followed by Peru with 13% and Colombia with 10%.")
+
+
+def llama_cpp_logits(path, ids):
+    """llama.cpp's logits for ids, with an fp32 KV cache (type 0; its default fp16 cache rounds keys and values)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, n_threads=2, verbose=False, type_k=0, type_v=0)
+    llm.eval(list(ids))
+    return llm, np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_llama_cpp(smollm2):
+    """The same file in llama.cpp: identical token ids; perplexity within 1.5% and top-1 agreement >= 95%
+    (llama.cpp rounds activations to 8 bits inside its Q4_1 matmuls, so the last digits differ)."""
+    tokenizer, model = load_tokenizer(smollm2), load_model(smollm2)
+    ids = tokenizer.encode(PARAGRAPH)
+    llm, theirs = llama_cpp_logits(smollm2, ids)
+    for text in STRINGS + ["control\x04bytes\x06!\x04!", PARAGRAPH]:
+        assert tokenizer.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=False), repr(text)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0]
+    targets = torch.tensor(ids[1:])
+    ppl_ours = torch.nn.functional.cross_entropy(ours[:-1], targets).exp()
+    ppl_theirs = torch.nn.functional.cross_entropy(torch.from_numpy(theirs[:-1]), targets).exp()
+    assert abs(ppl_ours / ppl_theirs - 1) < 0.015
+    assert (ours.argmax(-1).numpy() == theirs.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.slow
+def test_exported_model_runs_in_llama_cpp(tmp_path):
+    """A nanollm model and its bpe.py tokenizer, exported as f32: llama.cpp gives the same ids and logits."""
+    model, tokenizer = tiny_model(tie_embeddings=False), tiny_tokenizer()
+    path = gguf_io.save_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    text = "hello there, the quick fox 4567 jumps"
+    ids = tokenizer.encode(text)
+    llm, theirs = llama_cpp_logits(path, ids)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-3
