@@ -43,7 +43,7 @@ from common import atomic_write, check_trainable, load_model, load_tokenizer, pe
 from evaluate import check_same_tokenizer, evaluate, held_out_loss, token_byte_lengths
 from model import Transformer
 from sample import generate
-from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, RunDir, StepTimer, TrainConfig, TrainingError,
+from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, RunDir, TrainConfig, TrainingError,
                       check_finite, format_seconds, load_split, make_optimizer, mixed_precision, new_model, opt,
                       parse_config, progress_line, read_meta, rng_state, seed_everything, set_lr)
 
@@ -466,7 +466,7 @@ def distill(config: DistillConfig) -> dict:
             sampler.generator.set_state(ckpt["sampler"])
         else:
             sampler.load_state(ckpt["sampler"])
-    step, elapsed = run.start()
+    step = run.start()
     for f in tokenizer_path.parent.glob(tokenizer_path.stem + "*"):  # the tokenizer travels with the checkpoint
         shutil.copy(f, run.path / f.name)
     source = f"live teacher {config.teacher}" if teacher else (f"cache {config.teacher_cache}" if cache else "hard labels only")
@@ -475,7 +475,7 @@ def distill(config: DistillConfig) -> dict:
 
     def save():
         run.save_checkpoint(student, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                        sampler=sampler_state(), rng=rng_state(), step=step, elapsed=elapsed,
+                        sampler=sampler_state(), rng=rng_state(), step=step, elapsed=run.elapsed(),
                         train_config=asdict(config), tokenizer=tokenizer_path.stem)
 
     @run.timed_eval
@@ -497,11 +497,9 @@ def distill(config: DistillConfig) -> dict:
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
     ckpt_step = step  # the teacher time below counts this run's steps only
     student.train()
-    t_start, elapsed_before = time.time(), elapsed
-    timer, teacher_s, teacher_total_s = StepTimer(config, step), 0.0, 0.0
-    stop_reason = "max_steps"
-    while step < config.max_steps:
-        lr = set_lr(optimizer, config, step, elapsed)
+    teacher_s, teacher_total_s = 0.0, 0.0
+    while not (stop_reason := run.stop_reason(step)):
+        lr = set_lr(optimizer, config, step, run.elapsed())
         sums = torch.zeros(3)  # loss, kd, ce
         for _ in range(config.grad_accum):
             inputs, targets, mask, rows = next_batch()
@@ -534,26 +532,22 @@ def distill(config: DistillConfig) -> dict:
         loss_value, kd_value, ce_value = sums.tolist()
         check_finite(loss_value, step, run.ckpt_path, "try a lower --lr or --dtype float32")
         step += 1
-        elapsed = elapsed_before + time.time() - t_start
         # log
-        if step % config.log_interval == 0 or step == config.max_steps:
-            step_time, window_s, eta = timer.lap(step, elapsed)
+        if run.log_due(step):
+            step_time, window_s, eta = run.lap(step)
             teacher_share, teacher_s = teacher_s / window_s, 0.0
             print(progress_line(step, config.max_steps, eta, f"loss {loss_value:.4f}", f"kd {kd_value:.4f}",
                                 f"ce {ce_value:.4f}", f"lr {lr:.2e}", f"{tokens_per_step / step_time:,.0f} tok/s",
                                 f"teacher {teacher_share:.0%}"), flush=True)
             run.record({"step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "lr": lr,
-                    "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_time, "elapsed": elapsed})
-        if run.stop_reason(step):  # --max-time spent (evaluations included), or Ctrl-C
-            stop_reason = "max_time"
-            break
+                    "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_time, "elapsed": run.elapsed()})
         if run.eval_due(step):
             run_eval(config.eval_tokens)
             save()
-            timer.skip_pause()
 
     final = run_eval(0)
     save()
+    elapsed = run.elapsed()
     summary = {**final, "step": step, "stop_reason": stop_reason, "tokens_seen": step * tokens_per_step,
                "wall_time_s": elapsed, "s_per_step": elapsed / max(step, 1), "params": student.num_params(),
                "teacher_s_per_step": teacher_total_s / max(step - ckpt_step, 1),

@@ -39,7 +39,7 @@ from chat import (PAD, ChatDataError, answer_ids, chat_token_ids, load_preferenc
                   pad_batch, parse_placeholders, prompt_ids, read_records)
 from common import check_trainable, load_model, load_tokenizer, peak_memory_mb, resolve_device
 from lora import ALL_LINEAR, apply_lora, disable_adapters
-from training import (RunConfig, RunDir, StepTimer, TrainingError, check_finite, format_seconds, make_optimizer, opt,
+from training import (RunConfig, RunDir, TrainingError, check_finite, format_seconds, make_optimizer, opt,
                       parse_config, progress_line, rng_state, set_lr)
 
 LN2 = math.log(2)
@@ -447,15 +447,12 @@ def train(config: DPOConfig, log=print) -> dict:
     position, cache = 0, None
     if run.resuming:
         ckpt = run.checkpoint
-        if config.lora_rank:
-            policy.load_state_dict(ckpt["lora"], strict=False)
-        else:
-            policy.load_state_dict(ckpt["model"])
+        run.load_weights(policy, lora=bool(config.lora_rank))
         optimizer.load_state_dict(ckpt["optimizer"])
         position, cache = ckpt["position"], ckpt.get("ref_cache")
     else:
         torch.manual_seed(config.seed)
-    step, elapsed = run.start(log)
+    step = run.start(log)
     if kind == "cache" and cache is None:  # before any update the policy is the reference
         t0 = time.time()
         cache = {"train": precompute_reference(policy, train_seqs, pad_id, config.batch_size, device),
@@ -476,7 +473,7 @@ def train(config: DPOConfig, log=print) -> dict:
 
     def save():
         state = dict(optimizer=optimizer.state_dict(), rng=rng_state(), step=step, position=position,
-                     elapsed=elapsed, dpo_config=asdict(config), tokenizer="tokenizer")
+                     elapsed=run.elapsed(), dpo_config=asdict(config), tokenizer="tokenizer")
         if cache is not None:
             state["ref_cache"] = cache
         run.save_checkpoint(policy, lora=bool(config.lora_rank), **state)
@@ -496,11 +493,9 @@ def train(config: DPOConfig, log=print) -> dict:
         run_eval()
     n = len(train_seqs)
     params = [p for p in policy.parameters() if p.requires_grad]
-    t_start, elapsed_before = time.time(), elapsed
-    timer = StepTimer(config, step)
-    stop_reason, stuck, warned, last = "max_steps", 0, False, {}
-    while step < config.max_steps:
-        lr = set_lr(optimizer, config, step, elapsed)
+    stuck, warned, last = 0, False, {}
+    while not (stop_reason := run.stop_reason(step)):
+        lr = set_lr(optimizer, config, step, run.elapsed())
         total = {}
         for _ in range(config.grad_accum):
             index = []
@@ -522,7 +517,6 @@ def train(config: DPOConfig, log=print) -> dict:
         metrics = averaged(total)
         check_finite(metrics["loss"], step, run.ckpt_path)
         step += 1
-        elapsed = elapsed_before + time.time() - t_start
         last = metrics
 
         # log
@@ -530,8 +524,8 @@ def train(config: DPOConfig, log=print) -> dict:
         if stuck == config.stuck_steps and not warned:
             log(stuck_warning(stuck, lr, n_trainable, total, config))
             warned = True
-        if step % config.log_interval == 0 or step == config.max_steps:
-            step_time, _, eta = timer.lap(step, elapsed)
+        if run.log_due(step):
+            step_time, _, eta = run.lap(step)
             pairs_per_s = config.batch_size * config.grad_accum / step_time
             shown = {k: metrics.get("rewards/" + k, float("nan")) for k in ("accuracy", "margin", "chosen", "rejected")}
             log(progress_line(step, config.max_steps, eta, f"loss {metrics['loss']:.4f}",
@@ -539,17 +533,14 @@ def train(config: DPOConfig, log=print) -> dict:
                               f"chosen {shown['chosen']:.3f}", f"rejected {shown['rejected']:.3f}", f"lr {lr:.2e}",
                               f"{pairs_per_s:.1f} {'examples' if labels else 'pairs'}/s"))
         run.record({"step": step, **{k: v for k, v in metrics.items() if k not in INTERNAL},
-                    "lr": lr, "grad_norm": grad_norm.item(), "elapsed": elapsed})
-        if run.stop_reason(step):  # --max-time spent (evaluations included), or Ctrl-C
-            stop_reason = "max_time"
-            break
+                    "lr": lr, "grad_norm": grad_norm.item(), "elapsed": run.elapsed()})
         if run.eval_due(step):
             run_eval()
             save()
-            timer.skip_pause()
 
     final = run_eval()
     save()
+    elapsed = run.elapsed()
     run.plot()
     run.plot("rewards.png", {"reward accuracy": ["rewards/accuracy", "val/rewards/accuracy"],
                              "reward margin": ["rewards/margin", "val/rewards/margin"]})

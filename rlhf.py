@@ -23,7 +23,6 @@ import copy
 import math
 import random
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -38,7 +37,7 @@ from lora import apply_lora, disable_adapters
 from model import ModelConfig, Transformer
 from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs
-from training import (RunConfig, RunDir, StepTimer, TrainingError, check_finite, format_seconds, make_optimizer, opt,
+from training import (RunConfig, RunDir, TrainingError, check_finite, format_seconds, make_optimizer, opt,
                       parse_config, progress_line, rng_state, set_lr)
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
@@ -458,11 +457,6 @@ def load_tokenizer_for(config):
     return tokenizer
 
 
-def out_of_budget(config, run: RunDir, step: int) -> str | None:
-    """"max_steps", or "max_time" when --max-time is spent (evaluations included); exits after a Ctrl-C."""
-    return "max_steps" if step >= config.max_steps else run.stop_reason(step)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # rlhf.py reward
 
@@ -583,13 +577,13 @@ def train_reward_model(config: RewardConfig) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         order.set_state(ckpt["order"])
         permutation, position = ckpt["permutation"], ckpt["position"]
-    step, elapsed = run.start()
+    step = run.start()
     tokenizer.save(run.path / "tokenizer")
 
     def save():
         run.save_checkpoint(model, lora=bool(config.lora_rank), reward_model=True, train_state=model.state_dict(),
                             optimizer=optimizer.state_dict(), order=order.get_state(), permutation=permutation,
-                            position=position, rng=rng_state(), step=step, elapsed=elapsed,
+                            position=position, rng=rng_state(), step=step, elapsed=run.elapsed(),
                             reward_config=asdict(config), tokenizer="tokenizer")
 
     @run.timed_eval
@@ -604,10 +598,8 @@ def train_reward_model(config: RewardConfig) -> dict:
 
     initial = run_eval() if step == 0 else {k[5:]: v for k, v in run.rows()[0].items() if k.startswith("eval_")}
     model.train()
-    t_start, elapsed_before = time.time(), elapsed
-    timer = StepTimer(config, step)
-    while not (stop_reason := out_of_budget(config, run, step)):
-        lr = set_lr(optimizer, config, step, elapsed)
+    while not (stop_reason := run.stop_reason(step)):
+        lr = set_lr(optimizer, config, step, run.elapsed())
         rows = []
         while len(rows) < config.batch_size:
             if position >= len(permutation):
@@ -621,22 +613,21 @@ def train_reward_model(config: RewardConfig) -> dict:
         grad_norm = optimizer_step(params, optimizer, loss, config.grad_clip)
         check_finite(loss.item(), step, run.ckpt_path)
         step += 1
-        elapsed = elapsed_before + time.time() - t_start
         # log
         accuracy = (r_chosen > r_rejected).float().mean().item()
         if step % config.log_interval == 0:
-            step_time, _, eta = timer.lap(step, elapsed)
+            step_time, _, eta = run.lap(step)
             print(progress_line(step, config.max_steps, eta, f"loss {loss.item():.4f}", f"batch accuracy {accuracy:.0%}",
                                 f"lr {lr:.2e}", f"grad norm {grad_norm:.3f}", f"{step_time * 1000:.0f} ms/step"))
             run.record({"step": step, "loss": loss.item(), "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
-                        "elapsed": elapsed})
-        if step % config.eval_interval == 0 and not out_of_budget(config, run, step):
+                        "elapsed": run.elapsed()})
+        if run.eval_due(step):
             run_eval()
             save()
-            timer.skip_pause()
 
     final = run_eval()
     save()
+    elapsed = run.elapsed()
     summary = {**{f"initial_{k}": v for k, v in initial.items()}, **final, "step": step, "stop_reason": stop_reason,
                "wall_time_s": elapsed, "train_pairs": len(encoded), "eval_pairs": len(eval_encoded),
                "truncated": n_truncated, "peak_memory_mb": peak_memory_mb(device)}
@@ -694,18 +685,18 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     reward_norm = (0.0, 1.0)
     if run.resuming:
         ckpt = run.checkpoint
-        model.load_state_dict(ckpt["lora"] if config.lora_rank else ckpt["model"], strict=not config.lora_rank)
+        run.load_weights(model, lora=bool(config.lora_rank))
         if value_head is not None:
             value_head.load_state_dict(ckpt["value_head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         reward_norm, kl_ctl.beta = ckpt["reward_norm"], ckpt["beta"]
-    step, elapsed = run.start()
+    step = run.start()
     tokenizer.save(run.path / "tokenizer")
 
     def save():
         extra = {"value_head": value_head.state_dict()} if value_head is not None else {}
         run.save_checkpoint(model, lora=bool(config.lora_rank), optimizer=optimizer.state_dict(), rng=rng_state(),
-                            step=step, elapsed=elapsed, reward_norm=reward_norm, beta=kl_ctl.beta,
+                            step=step, elapsed=run.elapsed(), reward_norm=reward_norm, beta=kl_ctl.beta,
                             tokenizer="tokenizer", **{f"{algorithm}_config": asdict(config)}, **extra)
 
     def step_problems(k: int) -> list:  # a function of (seed, step) only, so --resume draws the same prompts
@@ -729,10 +720,8 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
               f"(used to normalise)")
     initial = run_eval() if step == 0 else {k[5:]: v for k, v in run.rows()[0].items() if k.startswith("eval_")}
     model.train()
-    t_start, elapsed_before = time.time(), elapsed
-    timer = StepTimer(config, step)
-    while not (stop_reason := out_of_budget(config, run, step)):
-        lr = set_lr(optimizer, config, step, elapsed)
+    while not (stop_reason := run.stop_reason(step)):
+        lr = set_lr(optimizer, config, step, run.elapsed())
         problems = step_problems(step)
         prompts = [question_prompt(tokenizer, p) for p in problems]
         seed = config.seed * 1_000_003 + step
@@ -747,23 +736,22 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
             stats["train_accuracy"] = sum(check(p, tokenizer.decode(a)) for p, a in zip(problems, answers)) / len(problems)
         check_finite(stats.get("loss", stats.get("pg_loss")), step, run.ckpt_path)
         step += 1
-        elapsed = elapsed_before + time.time() - t_start
         # log
-        run.record({"step": step, "lr": lr, "elapsed": elapsed, **stats})
+        run.record({"step": step, "lr": lr, "elapsed": run.elapsed(), **stats})
         if step % config.log_interval == 0:
-            step_time, _, eta = timer.lap(step, elapsed)
+            step_time, _, eta = run.lap(step)
             main_stats = [f"reward {stats['reward']:.3f}"] if algorithm == "grpo" else \
                 [f"RM score {stats['score']:+.3f}", f"checker accuracy {stats['train_accuracy']:.0%}"]
             print(progress_line(step, config.max_steps, eta, *main_stats, f"KL {stats['kl']:.4f}",
                                 f"entropy {stats['entropy']:.3f}", f"clipfrac {stats['clipfrac']:.3f}",
                                 f"answer {stats['answer_len']:.1f} tokens", f"{step_time:.2f} s/step"))
-        if step % config.eval_interval == 0 and not out_of_budget(config, run, step):
+        if run.eval_due(step):
             run_eval()
             save()
-            timer.skip_pause()
 
     final = run_eval()
     save()
+    elapsed = run.elapsed()
     rows = run.rows()
     train_rows = [r for r in rows if "kl" in r]
     first, last = train_rows[:10], train_rows[-10:]

@@ -20,7 +20,6 @@ Outputs in --out-dir: ckpt.pt (the full model, adapters merged: every stage load
 """
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,7 +31,7 @@ from common import check_trainable, load_model, load_tokenizer, peak_memory_mb, 
 from evaluate import held_out_loss
 from lora import apply_lora
 from sample import generate
-from training import (ExampleSampler, RunConfig, RunDir, StepTimer, TrainingError, check_finite, format_seconds,
+from training import (ExampleSampler, RunConfig, RunDir, TrainingError, check_finite, format_seconds,
                       make_optimizer, mixed_precision, opt, parse_config, progress_line, rng_state, seed_everything,
                       set_lr)
 
@@ -214,18 +213,15 @@ def finetune(config: SFTConfig) -> dict:
 
     if run.resuming:
         ckpt = run.checkpoint
-        if config.lora_rank:
-            model.load_state_dict(ckpt["lora"], strict=False)
-        else:
-            model.load_state_dict(ckpt["model"])
+        run.load_weights(model, lora=bool(config.lora_rank))
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state(ckpt["sampler"])
-    step, elapsed = run.start()
+    step = run.start()
     tokenizer.save(run.path / "tokenizer")
 
     def save():
         run.save_checkpoint(model, lora=bool(config.lora_rank), optimizer=optimizer.state_dict(),
-                            sampler=sampler.state(), rng=rng_state(), step=step, elapsed=elapsed,
+                            sampler=sampler.state(), rng=rng_state(), step=step, elapsed=run.elapsed(),
                             sft_config=asdict(config), tokenizer="tokenizer")
 
     eval_prompts = [prompt_of(c) for c in eval_conversations[:config.eval_prompts]]
@@ -251,11 +247,9 @@ def finetune(config: SFTConfig) -> dict:
     initial = run_eval() if step == 0 else run.rows()[0]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    t_start, elapsed_before = time.time(), elapsed
-    timer, window_tokens = StepTimer(config, step), 0
-    stop_reason = "max_steps"
-    while step < config.max_steps:
-        lr = set_lr(optimizer, config, step, elapsed)
+    window_tokens = 0
+    while not (stop_reason := run.stop_reason(step)):
+        lr = set_lr(optimizer, config, step, run.elapsed())
         loss_sum = 0.0
         for _ in range(config.grad_accum):
             batch = make_batch([items[i] for i in sampler.next_indices()], pad_id, device, config.pack)
@@ -275,25 +269,21 @@ def finetune(config: SFTConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         check_finite(loss_sum, step, run.ckpt_path)
         step += 1
-        elapsed = elapsed_before + time.time() - t_start
         # log
-        if step % config.log_interval == 0 or step == config.max_steps:
-            _, window_s, eta = timer.lap(step, elapsed)
+        if run.log_due(step):
+            _, window_s, eta = run.lap(step)
             tokens_per_s, window_tokens = window_tokens / window_s, 0
             print(progress_line(step, config.max_steps, eta, f"loss {loss_sum:.4f}", f"lr {lr:.2e}",
                                 f"grad norm {grad_norm.item():.3f}", f"{tokens_per_s:,.0f} tok/s"))
             run.record({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tokens_per_s, "elapsed": elapsed})
-        if run.stop_reason(step):  # --max-time spent (evaluations included), or Ctrl-C
-            stop_reason = "max_time"
-            break
+                        "tokens_per_s": tokens_per_s, "elapsed": run.elapsed()})
         if run.eval_due(step):
             run_eval()
             save()
-            timer.skip_pause()
 
     final = run_eval()
     save()
+    elapsed = run.elapsed()
     summary = {**{f"initial_{k}": v for k, v in initial.items() if k in ("val_loss", "stop_rate")}, **final,
                "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "train_examples": len(examples),
                "eval_examples": len(eval_examples), "truncated": stats["truncated"], "dropped": stats["dropped"],

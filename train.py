@@ -18,7 +18,6 @@ Outputs in --out-dir: ckpt.pt, train_config.json, metrics.jsonl, loss.png, summa
 import os
 import shutil
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +30,7 @@ from common import peak_memory_mb, resolve_device
 from evaluate import evaluate, token_byte_lengths
 from model import moe_stats, plot_expert_shares, reset_moe_stats
 from sample import generate
-from training import (TRAIN_PRESETS, BatchSampler, RunDir, StepTimer, TrainConfig, TrainingError, check_finite,
+from training import (TRAIN_PRESETS, BatchSampler, RunDir, TrainConfig, TrainingError, check_finite,
                       format_seconds, load_split, make_optimizer, mixed_precision, new_model, parse_config,
                       progress_line, read_meta, rng_state, seed_everything, set_lr)
 
@@ -90,7 +89,7 @@ def train(config: TrainConfig) -> dict:
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         sampler.generator.set_state(ckpt["sampler"])
-    step, elapsed = run.start(log)
+    step = run.start(log)
     if master:
         for f in tokenizer_path.parent.glob(tokenizer_path.name + "*"):  # the tokenizer travels with the checkpoint
             shutil.copy(f, run.path / f.name)
@@ -111,7 +110,7 @@ def train(config: TrainConfig) -> dict:
 
     def save():
         run.save_checkpoint(raw_model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                            sampler=sampler.generator.get_state(), rng=rng_state(), step=step, elapsed=elapsed,
+                            sampler=sampler.generator.get_state(), rng=rng_state(), step=step, elapsed=run.elapsed(),
                             train_config=asdict(config), tokenizer=tokenizer_path.name)
 
     @run.timed_eval
@@ -135,11 +134,9 @@ def train(config: TrainConfig) -> dict:
         return metrics
 
     model.train()
-    t_start, elapsed_before = time.time(), elapsed
-    timer = StepTimer(config, step)
     stop_reason = "max_steps"
     while step < config.max_steps:
-        lr = set_lr(optimizer, config, step, elapsed)
+        lr = set_lr(optimizer, config, step, run.elapsed())
         loss_sum = torch.zeros((), device=device)
         for micro in range(config.grad_accum):
             x, y = (t.to(device) for t in sampler.next_batch())
@@ -169,18 +166,17 @@ def train(config: TrainConfig) -> dict:
         loss_value = loss_sum.item()
         check_finite(loss_value, step, run.ckpt_path, "try a lower --lr or --dtype float32")
         step += 1
-        elapsed = elapsed_before + time.time() - t_start
 
         # log
-        if step % config.log_interval == 0 or step == config.max_steps:
-            step_time, _, eta = timer.lap(step, elapsed)
+        if run.log_due(step):
+            step_time, _, eta = run.lap(step)
             tokens_per_s = tokens_per_step / step_time
             mfu = [f"MFU {flops_per_step / step_time / (peak_flops * world_size):.1%}"] if peak_flops else []
             log(progress_line(step, config.max_steps, eta, f"loss {loss_value:.4f}", f"lr {lr:.2e}",
                               f"grad norm {grad_norm.item():.3f}", f"{tokens_per_s:,.0f} tok/s", *mfu))
             run.record({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tokens_per_s, "elapsed": elapsed})
-        out_of_time = run.stop_reason(step) is not None  # --max-time spent (evaluations included), or Ctrl-C
+                        "tokens_per_s": tokens_per_s, "elapsed": run.elapsed()})
+        out_of_time = run.stop_reason(step) == "max_time"  # --max-time spent (evaluations included); Ctrl-C exits
         if ddp:  # every process stops at the same step
             flag = torch.tensor(float(out_of_time), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -191,12 +187,12 @@ def train(config: TrainConfig) -> dict:
         if run.eval_due(step) and master:
             run_eval(config.eval_tokens)
             save()
-            timer.skip_pause()
 
     summary = {}
     if master:
         final = run_eval(0)  # the whole validation split
         save()
+        elapsed = run.elapsed()
         summary = {**final, "step": step, "stop_reason": stop_reason, "tokens_seen": step * tokens_per_step,
                    "tokens_per_s": (step * tokens_per_step) / max(elapsed, 1e-9), "wall_time_s": elapsed,
                    "peak_memory_mb": peak_memory_mb(device), "params": raw_model.num_params()}

@@ -3,13 +3,16 @@ cosine, mixed precision, RNG state, the progress line, the run directory and its
 
 Each loop stays in its own script, written out in the same phases (nanoGPT's train.py):
 
-    lr = set_lr(optimizer, config, step, elapsed)          # warmup, then cosine to min_lr (or to --max-time)
-    loss = <the stage's loss on the stage's batch>          # forward
-    loss.backward()                                         # backward
-    clip_grad_norm_(params, config.grad_clip)               # clip
-    optimizer.step(); optimizer.zero_grad()                 # step
-    run.record({...}); print(progress_line(...))            # log
-    every eval_interval: evaluate, run.save_checkpoint(...)
+    step = run.start()                                       # 0, or the checkpoint's step (RNG restored)
+    while not (stop_reason := run.stop_reason(step)):        # max_steps, --max-time (evals included), Ctrl-C
+        lr = set_lr(optimizer, config, step, run.elapsed())  # warmup, then cosine to min_lr
+        loss = <the stage's loss on the stage's batch>       # forward
+        loss.backward()                                      # backward
+        clip_grad_norm_(params, config.grad_clip)            # clip
+        optimizer.step(); optimizer.zero_grad()              # step
+        step += 1
+        if run.log_due(step): print(progress_line(...)); run.record({...})      # log
+        if run.eval_due(step): run_eval(); save()            # evaluate, run.save_checkpoint(...)
 
 The learning rate at step s (AdamW, Loshchilov & Hutter 2019; weight decay on matrices only):
 
@@ -206,11 +209,12 @@ class RunDir:
     """A training run's --out-dir: its checkpoint, config, metrics.jsonl, plots and summary.json.
 
     RunDir(config, "sft") checks the directory before anything is written: --resume needs a checkpoint
-    there (self.checkpoint); without --resume a directory that holds a run (ckpt.pt or summary.json) is
-    refused unless --overwrite. A run resumed after it finished has nothing left to do (self.finished: its
-    summary). start(step) then cuts metrics.jsonl back to the checkpoint's step (resume) or starts it empty,
-    and writes the config. stop_reason(step) ends the loop when --max-time, which covers the evaluations
-    (timed_eval) as well as the steps, is spent, or after a Ctrl-C (the run exits, naming its checkpoint)."""
+    there (self.checkpoint; load_weights), without --resume a directory that holds a run (ckpt.pt or
+    summary.json) is refused unless --overwrite, and a run resumed after it finished has nothing left to do
+    (self.finished: its summary). start() cuts metrics.jsonl back to the checkpoint's step (resume) or
+    starts it empty, writes the config and starts the clock (elapsed, lap for the progress line).
+    stop_reason(step) ends the loop at max_steps, or when --max-time, which covers the evaluations
+    (timed_eval) as well as the steps, is spent; after a Ctrl-C the run exits, naming its checkpoint."""
 
     def __init__(self, config, stage: str, master: bool = True):
         self.path, self.stage, self.config, self.master = Path(config.out_dir), stage, config, master
@@ -218,6 +222,7 @@ class RunDir:
         self.ckpt_path = self.path / CHECKPOINT_FILE
         self.checkpoint, self.finished = None, None
         self.started, self.eval_s, self.saved_step, self.interrupted = time.time(), 0.0, None, False
+        self.timer, self.elapsed_before, self.t_start = None, 0.0, time.time()
         if config.resume:
             if not self.ckpt_path.exists():
                 raise TrainingError(f"--resume: {self.path} holds no checkpoint ({CHECKPOINT_FILE}), so there is "
@@ -249,16 +254,17 @@ class RunDir:
         spent = step >= self.config.max_steps or (self.config.max_time and elapsed >= self.config.max_time)
         return summary if summary.get("step") == step and spent else None
 
-    def start(self, log=print) -> tuple[int, float]:
+    def start(self, log=print) -> int:
         """Begin the run, or go on with it: on --resume the RNG state of the checkpoint comes back and
-        metrics.jsonl is cut back to its step. Returns (step, elapsed seconds) to continue from."""
-        step, elapsed = 0, 0.0
+        metrics.jsonl is cut back to its step. Returns the step to continue from; the clock starts."""
+        step = 0
         if self.resuming:
             set_rng_state(self.checkpoint["rng"])
-            step, elapsed = self.checkpoint["step"], self.checkpoint["elapsed"]
+            step, self.elapsed_before = self.checkpoint["step"], self.checkpoint["elapsed"]
             log(f"resumed from {self.ckpt_path} at step {step}")
+        self.timer, self.t_start = StepTimer(self.config, step), time.time()
         if not self.master:
-            return step, elapsed
+            return step
         self.path.mkdir(parents=True, exist_ok=True)
         if self.resuming:  # forget what was logged after the checkpoint: those steps are about to run again
             truncate_metrics(self.metrics, step)
@@ -268,11 +274,22 @@ class RunDir:
         (self.path / f"{self.stage}_config.json").write_text(json.dumps(asdict(self.config), indent=2))
         if threading.current_thread() is threading.main_thread():
             self._sigint = signal.signal(signal.SIGINT, self._on_sigint)
-        return step, elapsed
+        return step
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, those before the resumed checkpoint included (the schedule's clock)."""
+        return self.elapsed_before + time.time() - self.t_start
+
+    def log_due(self, step: int) -> bool:
+        return step % self.config.log_interval == 0 or step == self.config.max_steps
+
+    def lap(self, step: int) -> tuple[float, float, float]:
+        """The progress line's (seconds per step, seconds since the last line, ETA): StepTimer.lap."""
+        return self.timer.lap(step, self.elapsed())
 
     def eval_due(self, step: int) -> bool:
-        """A periodic evaluation (and checkpoint) after this step; the last step's is the final one."""
-        return step % self.config.eval_interval == 0 and step < self.config.max_steps
+        """A periodic evaluation (and checkpoint) after this step, unless the run stops here (the final one)."""
+        return step % self.config.eval_interval == 0 and self.stop_reason(step) is None
 
     def _on_sigint(self, signum, frame) -> None:
         print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once)", flush=True)
@@ -290,19 +307,23 @@ class RunDir:
             t0 = time.time()
             result = evaluate(*args, **kwargs)
             self.eval_s = max(self.eval_s, time.time() - t0)
+            self.timer.skip_pause()  # not training throughput
             return result
         return timed
 
     def stop_reason(self, step: int) -> str | None:
-        """"max_time" when what is left of --max-time (counted from this run's start, plus the time of the
-        resumed checkpoint) no longer holds the final evaluation, and the periodic one due at this step if
-        any (each as long as the longest so far); after a Ctrl-C, exit naming the step."""
+        """Why the loop ends after this step, if it does: "max_steps", or "max_time" when what is left of
+        --max-time (counted from this run's start, plus the time of the resumed checkpoint) no longer holds
+        the final evaluation, and the periodic one due at this step if any (each as long as the longest so
+        far). After a Ctrl-C, exit naming the step."""
         if self.interrupted:
             self._restore_sigint()
             resume = (f"--resume continues from step {self.saved_step}" if self.saved_step is not None
                       else "no checkpoint yet: run it again to start over")
             print(f"interrupted at step {step}; {resume}", flush=True)
             raise SystemExit(130)
+        if step >= self.config.max_steps:
+            return "max_steps"
         before = self.checkpoint.get("elapsed", 0.0) if self.resuming else 0.0
         evals_left = 2 if step % self.config.eval_interval == 0 else 1
         if self.config.max_time and before + time.time() - self.started + evals_left * self.eval_s >= self.config.max_time:
@@ -325,18 +346,27 @@ class RunDir:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
         return path
 
+    def load_weights(self, model, lora: bool = False) -> None:
+        """The checkpoint's weights into `model`: with LoRA its adapters alone (the base is --init's), else all."""
+        if lora:
+            model.load_state_dict(self.checkpoint["lora"], strict=False)
+        else:
+            model.load_state_dict(self.checkpoint["model"])
+
     def save_checkpoint(self, model, lora: bool = False, **state) -> Path:
         """ckpt.pt, written atomically: the model (LoRA adapters merged in, so every later stage loads a plain
         model) and `state`; with LoRA also the adapters alone ("lora", what --resume loads) and adapter.pt."""
         if not lora:
             path = save_checkpoint(self.path, model, **state)
             self.saved_step = state.get("step")
+            self.timer.skip_pause()
             return path
         save_adapter(model, self.path / "adapter.pt")
         payload = {"model": merged_state_dict(model), "model_config": asdict(model.config),
                    "lora": lora_state_dict(model), **state}
         atomic_write(self.ckpt_path, lambda tmp: torch.save(payload, tmp))
         self.saved_step = state.get("step")
+        self.timer.skip_pause()
         return self.ckpt_path
 
 
