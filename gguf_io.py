@@ -34,7 +34,6 @@ it. Qwen2 files keep Hugging Face's layout.
 """
 import argparse
 import hashlib
-import json
 import os
 import struct
 import subprocess
@@ -529,15 +528,15 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     """tokenizer.* metadata of a bpe.py tokenizer: every id up to the model's vocab_size as a token in GPT-2's
     byte-to-unicode alphabet (special tokens as their text, unused ids as [PAD<id>]), and the merges
     recovered from the ranks (each token's last merge: BPE on its bytes with the tokens ranked below it)."""
-    from bpe import _bytes_to_unicode
-    pre = {pattern: name for name, pattern in PRE_TOKENIZERS.items()}
-    import bpe
-    names = {bpe.PATTERNS[p]: n for p, n in pre.items()}
+    from bpe import PATTERNS, _bytes_to_unicode
+    names = {PATTERNS[pattern]: name for name, pattern in PRE_TOKENIZERS.items()}  # regex -> llama.cpp's name
     if tokenizer.pattern not in names:
-        raise GGUFError(f"tokenizer {tokenizer.name!r}: its pre-split pattern has no llama.cpp name "
-                        f"(supported: {', '.join(f'{p} -> {n}' for p, n in pre.items())})")
+        raise GGUFError(f"tokenizer {tokenizer.name!r}: its pre-split pattern has no llama.cpp name (supported: "
+                        f"{', '.join(f'{pattern} -> {name}' for name, pattern in PRE_TOKENIZERS.items())})")
     to_unicode = _bytes_to_unicode()
-    spell = lambda token: "".join(to_unicode[b] for b in token)  # noqa: E731
+
+    def spell(token: bytes) -> str:
+        return "".join(to_unicode[b] for b in token)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [TOKEN_UNUSED] * vocab_size
     for token, i in tokenizer.ranks.items():
@@ -559,10 +558,13 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
             raise GGUFError(f"tokenizer {tokenizer.name!r}: token {token!r} is not the merge of two earlier tokens")
         merges.append(f"{spell(parts[0])} {spell(parts[1])}")
     specials = tokenizer.special_tokens
-    by_name = lambda *names: next((specials[n] for n in names if n in specials), None)  # noqa: E731
-    ids = {"bos_token_id": getattr(tokenizer, "bos_id", None) or by_name("<|endoftext|>", "<s>"),
-           "eos_token_id": getattr(tokenizer, "eos_id", None) or by_name("<|endoftext|>", "</s>"),
-           "padding_token_id": getattr(tokenizer, "pad_id", None) or by_name("<|pad|>")}
+
+    def first_of(*texts):
+        return next((specials[text] for text in texts if text in specials), None)
+    # a GGUF tokenizer's own ids, else by name (bpe.py's defaults)
+    ids = {"bos_token_id": getattr(tokenizer, "bos_id", None) or first_of("<|endoftext|>", "<s>"),
+           "eos_token_id": getattr(tokenizer, "eos_id", None) or first_of("<|endoftext|>", "</s>"),
+           "padding_token_id": getattr(tokenizer, "pad_id", None) or first_of("<|pad|>")}
     metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": names[tokenizer.pattern],
                 "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
                 **{f"tokenizer.ggml.{key}": i for key, i in ids.items() if i is not None},
