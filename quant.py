@@ -26,7 +26,8 @@ chosen, so the stored model is exactly the one that was evaluated.
   per block), dead inputs (H_ii = 0: W's column is irrelevant, set to 0), optional act-order (columns in
   order of decreasing H_ii, the permutation undone at the end; --static-groups fixes the group grids on
   the unpermuted weights first, so groups stay contiguous in storage) and group-wise grids found when a
-  group's first column is reached (so they see the error pushed onto it). Layers are done block by block,
+  group's first column is reached, from W as it stands then: it holds the updates of the earlier lazy
+  blocks, not yet those of the current block (as in the reference code, IST-DASLab/gptq). Layers are done block by block,
   in the order their inputs are computed (q k v, then o, then gate up, then down), each with inputs that
   went through the already quantized layers before it.
 - NF4 (Dettmers, Pagnoni, Holtzman & Zettlemoyer 2023, "QLoRA", arXiv:2305.14314): the 16 NormalFloat
@@ -236,17 +237,18 @@ class GPTQ:
         group_size = spec.groups_of(in_features, self.name)
         grid = Grid(spec)
         H = self.H.clone()
-        dead = torch.diag(H) == 0                                          # inputs that are always 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-
         n_groups = in_features // group_size
         scales = torch.zeros(out_features, n_groups, device=W.device)
         zeros = torch.zeros(out_features, n_groups, device=W.device)
-        upfront = spec.static_groups or n_groups == 1  # per channel: one grid per row from the whole row
-        if upfront:  # every group's grid from the unpermuted, not yet updated weights (GPTQ's reference code)
+        if n_groups == 1:  # per channel: one grid per row from the whole row, before dead columns are zeroed
+            scales[:], zeros[:] = grid.params(W)
+        dead = torch.diag(H) == 0                                          # inputs that are always 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        if spec.static_groups and n_groups > 1:  # every group's grid from the unpermuted, not yet updated weights
             for g in range(n_groups):
                 scales[:, g:g + 1], zeros[:, g:g + 1] = grid.params(W[:, g * group_size:(g + 1) * group_size])
+        upfront = spec.static_groups or n_groups == 1
 
         perm = torch.arange(in_features, device=W.device)
         if spec.act_order:  # the columns with the largest input energy first, while there is slack left
@@ -254,8 +256,7 @@ class GPTQ:
             W, H = W[:, perm], H[perm][:, perm]
         U = self.inverse_hessian_cholesky(H, spec.percdamp)                # (in, in) upper triangular
 
-        # a group must not straddle two lazy blocks: its grid is found from the block's updated columns
-        block = group_size * max(1, spec.block_size // group_size) if group_size < in_features else spec.block_size
+        block = spec.block_size
         Q = torch.zeros_like(W)                                            # codes, permuted order
         column_group = torch.zeros(in_features, dtype=torch.long, device=W.device)  # permuted order
         losses = torch.zeros_like(W)
@@ -270,8 +271,10 @@ class GPTQ:
                     g = perm[col].item() // group_size
                 else:
                     g = col // group_size
-                    if col % group_size == 0:  # a new group: its grid from the columns as updated so far
-                        scales[:, g:g + 1], zeros[:, g:g + 1] = grid.params(W1[:, i:i + group_size])
+                    if col % group_size == 0:
+                        # a new group's grid from W, which holds the earlier blocks' updates but not this
+                        # block's (W1's): the reference code's choice, kept so results match it bit for bit
+                        scales[:, g:g + 1], zeros[:, g:g + 1] = grid.params(W[:, col:col + group_size])
                 column_group[col] = g
                 w, d = W1[:, i], U1[i, i]
                 q = grid.codes(w[:, None], scales[:, g:g + 1], zeros[:, g:g + 1])[:, 0]
