@@ -255,6 +255,17 @@ def compiled(model: Transformer):
     return _compiled_models[model]
 
 
+def prefill(model: Transformer, ids: torch.Tensor, cache, start_pos: int = 0) -> torch.Tensor:
+    """Feed ids (B, T) from position start_pos, writing their keys and values into cache; return the
+    logits (B, V) at the last position, those of the next token."""
+    return model(ids, start_pos=start_pos, kv_cache=cache)[0][:, -1]
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, cache) -> torch.Tensor:
+    """One token per row, tokens (B,), at position start_pos on the cache; return the next logits (B, V)."""
+    return model(tokens[:, None], start_pos=start_pos, kv_cache=cache)[0][:, -1]
+
+
 def check_prompt_length(T: int, max_seq_len: int) -> None:
     if T >= max_seq_len:
         raise ValueError(f"prompt of {T} tokens leaves no room to generate in the model's context of "
@@ -355,78 +366,88 @@ def reorder_cache(cache, rows: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, prompt, max_new_tokens: int, beam_width: int = 4, length_penalty: float = 1.0,
-                early_stopping: bool = True, stop_tokens=()) -> list[tuple[torch.Tensor, float]]:
-    """The beam_width best continuations of one prompt, best first, as (new tokens, score).
+def beam_search(model: Transformer, prompts, max_new_tokens: int, beam_width: int = 4, length_penalty: float = 1.0,
+                early_stopping: bool = True, stop_tokens=()):
+    """The beam_width best continuations of each prompt, best first, as (new tokens, score).
 
-    Every step extends each live beam by every token and keeps the beam_width highest sums of log
-    probabilities (the beams are the rows of one batch; the KV cache rows follow their beams). A beam
-    that emits a stop token becomes a finished hypothesis (the stop token counted, not returned) scored
-    sum log p / length^length_penalty: 0 ranks by raw probability, > 0 favours longer outputs.
-    Search ends after max_new_tokens, or with early_stopping as soon as beam_width hypotheses are
-    finished; without it, once no live beam can still beat the worst of them (as in Hugging Face).
-    Unfinished beams are scored the same way when the search ends.
+    prompts: one prompt (a list of ints or a 1-D tensor), which returns its list of (tokens, score), or
+    several (see left_pad), which return one such list per prompt. Each prompt's W = beam_width beams are
+    rows of one batch (the KV cache rows follow their beams). Every step, as transformers'
+    generate(num_beams=W) and fairseq do:
+      - the 2W best continuations (beam + token) by sum of log probabilities are taken, best first;
+      - a continuation ending in a stop token becomes a finished hypothesis only if it ranks among the
+        first W (the other W exist only so that W live beams remain); it is scored
+        sum log p / length^length_penalty, the stop token counted in both and not returned;
+      - the W best continuations without a stop token are the next step's beams;
+      - at the last step (max_new_tokens, or the context full) the W best continuations are finished.
+    Only the W best finished hypotheses are kept. A prompt is done, and its hypotheses final, with
+    early_stopping as soon as W are finished; without it, once the best live beam, scored at its
+    current length, cannot beat the worst of them (transformers' heuristic for early_stopping=False).
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    single = (torch.is_tensor(prompts) and prompts.dim() == 1) or (len(prompts) and isinstance(prompts[0], int))
     device = model.embed_tokens.weight.device
-    ids, _ = left_pad(torch.as_tensor(prompt).flatten(), device)
-    T = ids.size(1)
+    ids, pad_lens = left_pad(prompts, device)
+    B, T = ids.shape
     check_prompt_length(T, model.config.max_seq_len)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - T)
     stop = set(stop_tokens)
     W = beam_width
+    finished = [[] for _ in range(B)]          # per prompt: (score, tokens) of up to W hypotheses, best first
+    done = [max_new_tokens == 0] * B
 
     def score(sum_logprob: float, length: int) -> float:
         return sum_logprob / length ** length_penalty
 
-    cache = model.new_kv_cache(1, T + max_new_tokens)
-    logits = model(ids, kv_cache=cache)[0][:, -1]
-    reorder_cache(cache, torch.zeros(W, dtype=torch.long, device=device))   # W copies of the prompt
-    # all W beams start as the same prefix: only the first may expand, or the step would pick duplicates
-    beam_scores = torch.full((W,), float("-inf"), device=device)
-    beam_scores[0] = 0.0
-    beam_tokens = torch.zeros((W, 0), dtype=torch.long, device=device)
-    finished: list[tuple[float, torch.Tensor]] = []
+    cache = model.new_kv_cache(B, T + max_new_tokens, pad_lens)
+    logits = prefill(model, ids, cache)                                   # (B, V)
+    rows = torch.arange(B, device=device).repeat_interleave(W)            # W copies of each prompt
+    reorder_cache(cache, rows)
+    logits = logits[rows]                                                 # (B * W, V)
+    # a prompt's W beams start as the same prefix: only the first may expand, or a step would pick duplicates
+    beam_scores = torch.full((B, W), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0
+    beam_tokens = [[] for _ in range(B * W)]                             # row b * W + j: beam j of prompt b
     for i in range(max_new_tokens):
-        logprobs = F.log_softmax(logits.float(), dim=-1)                     # (W, V)
+        if all(done):
+            break
+        last = i == max_new_tokens - 1
+        logprobs = F.log_softmax(logits.float(), dim=-1)                  # (B * W, V)
         V = logprobs.size(-1)
-        candidates = (beam_scores[:, None] + logprobs).view(-1)               # (W * V,)
-        # 2W candidates: even if W of them end with a stop token, W remain to continue
-        top_scores, top_index = candidates.topk(min(2 * W, candidates.numel()))
-        keep_rows, keep_tokens, keep_scores = [], [], []
-        for s, index in zip(top_scores.tolist(), top_index.tolist()):
-            if s == float("-inf") or len(keep_rows) == W:
-                break
-            row, token = divmod(index, V)
-            if token in stop:
-                finished.append((score(s, i + 1), beam_tokens[row].clone()))
-            else:
-                keep_rows.append(row)
-                keep_tokens.append(token)
-                keep_scores.append(s)
-        finished = sorted(finished, key=lambda h: h[0], reverse=True)[:W]
-        if not keep_rows:
+        candidates = (beam_scores[..., None] + logprobs.view(B, W, V)).view(B, W * V)
+        top_scores, top_index = candidates.topk(min(2 * W, W * V), dim=-1)   # (B, 2W), best first
+        next_rows, next_tokens, next_scores = [], [], []
+        for b in range(B):
+            live = []
+            for rank, (s, index) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
+                if s == float("-inf"):
+                    break
+                beam, token = divmod(index, V)
+                if token in stop or last:
+                    if rank < W and not done[b]:
+                        tokens = beam_tokens[b * W + beam] + ([] if token in stop else [token])
+                        finished[b].append((score(s, i + 1), tokens))
+                elif len(live) < W:
+                    live.append((b * W + beam, token, s))
+            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:W]
+            if len(finished[b]) == W and (early_stopping or not live or score(live[0][2], i + 1) <= finished[b][-1][0]):
+                done[b] = True
+            live += [(live[0][0] if live else b * W, 0, float("-inf"))] * (W - len(live))   # dead rows pad the batch
+            for row, token, s in live:
+                next_rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(s)
+        if last or all(done):
             break
-        n_live = len(keep_rows)
-        rows = torch.tensor(keep_rows + [keep_rows[0]] * (W - n_live), device=device)   # dead rows pad the batch
-        new_tokens = torch.tensor(keep_tokens + [keep_tokens[0]] * (W - n_live), device=device)
-        beam_scores = torch.tensor(keep_scores + [float("-inf")] * (W - n_live), device=device)
-        beam_tokens = torch.cat([beam_tokens[rows], new_tokens[:, None]], dim=1)
-        if len(finished) == W:
-            best_live = score(keep_scores[0], i + 1)
-            if early_stopping or finished[-1][0] >= best_live:
-                break
-        if i == max_new_tokens - 1:
-            break
+        rows = torch.tensor(next_rows, device=device)
+        new_tokens = torch.tensor(next_tokens, device=device)
+        beam_scores = torch.tensor(next_scores, device=device).view(B, W)
+        beam_tokens = [beam_tokens[row] + [token] for row, token in zip(next_rows, next_tokens)]
         reorder_cache(cache, rows)
-        logits = model(new_tokens[:, None], start_pos=T + i, kv_cache=cache)[0][:, -1]
-    if beam_tokens.size(1):
-        for s, tokens in zip(beam_scores.tolist(), beam_tokens):
-            if s > float("-inf"):
-                finished.append((score(s, tokens.numel()), tokens.clone()))
-    finished = sorted(finished, key=lambda h: h[0], reverse=True)[:W]
-    return [(tokens.cpu(), s) for s, tokens in finished]
+        logits = decode_step(model, new_tokens, T + i, cache)
+    results = [[(torch.tensor(tokens, dtype=torch.long), s) for s, tokens in hyps] for hyps in finished]
+    return results[0] if single else results
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -297,6 +297,51 @@ def test_beam_length_penalty_scores_finished_hypotheses():
             assert score == pytest.approx(sequence_logprob(model, prompt, full) / len(full) ** alpha, abs=1e-4)
 
 
+def hf_beam_search(model, prompts, n, W, stop, length_penalty, early_stopping):
+    """transformers' generate(num_beams=W) on the same weights: per prompt, W (tokens, score), the stop
+    token and the padding after it cut off."""
+    from tests.reference import hf_llama_like
+    hf = hf_llama_like(model, "eager").eval()
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[stop] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, num_beams=W, num_return_sequences=W, max_new_tokens=n,
+                      early_stopping=early_stopping, length_penalty=length_penalty, eos_token_id=stop,
+                      pad_token_id=stop, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    results = []
+    for b in range(len(prompts)):
+        hyps = []
+        for j in range(W):
+            tokens = out.sequences[b * W + j, T:].tolist()
+            hyps.append((tokens[:tokens.index(stop)] if stop in tokens else tokens,
+                         out.sequences_scores[b * W + j].item()))
+        results.append(hyps)
+    return results
+
+
+@pytest.mark.parametrize("seed,W,length_penalty,early_stopping", [(0, 3, 1.0, True), (1, 4, 1.0, True),
+                                                                  (2, 2, 0.0, True), (3, 4, 2.0, True),
+                                                                  (4, 3, 1.0, False), (5, 4, 0.5, False)])
+def test_beam_search_matches_transformers_on_every_beam_and_score(seed, W, length_penalty, early_stopping):
+    """Against generate(num_beams=W, early_stopping=...): finished hypotheses only once W are done (never
+    a live, unfinished beam beside them), stop tokens finalized only from the top W, over a batch of
+    prompts of different lengths."""
+    pytest.importorskip("transformers")
+    model = make_model(seed=seed, std=0.15, vocab_size=24)
+    prompts = [[5, 9, 2, 13], [7, 1], [3, 3, 8]]
+    n = 10
+    stop = greedy_reference(model, prompts[0], n)[1 + seed % 3]
+    expected = hf_beam_search(model, prompts, n, W, stop, length_penalty, early_stopping)
+    beams = beam_search(model, prompts, n, beam_width=W, length_penalty=length_penalty,
+                        early_stopping=early_stopping, stop_tokens=[stop])
+    for got, want in zip(beams, expected):
+        assert [t.tolist() for t, _ in got] == [t for t, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-4)
+    alone = beam_search(model, prompts[1], n, beam_width=W, length_penalty=length_penalty,
+                        early_stopping=early_stopping, stop_tokens=[stop])
+    assert [t.tolist() for t, _ in alone] == [t.tolist() for t, _ in beams[1]]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Speculative decoding
 
