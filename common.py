@@ -9,6 +9,7 @@ state, and save the tokenizer they used into the same directory. A model with qu
 (`config.json` + safetensors) is accepted wherever a checkpoint is.
 """
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -75,6 +76,8 @@ def save_checkpoint(ckpt_dir, model: Transformer, **state) -> Path:
     with QuantLinear layers also gets quant_config["layers"] (their shapes, for load_model)."""
     path = Path(ckpt_dir) / CHECKPOINT_FILE
     payload = {"model": model.state_dict(), "model_config": asdict(model.config), **state}
+    if "tokenizer" in state and "tokenizer_identity" not in state:  # the name of the tokenizer saved beside it
+        payload["tokenizer_identity"] = saved_tokenizer_identity(tokenizer_file(ckpt_dir, Path(ckpt_dir) / state["tokenizer"]))
     layout = quant_layout(model)
     if layout:
         payload["quant_config"] = {**payload.get("quant_config", {}), "layers": layout}
@@ -168,6 +171,64 @@ def load_tokenizer(model_path, tokenizer_path=None):
     except (ValueError, AttributeError):
         raise ValueError(f"{json_path}: not a tokenizer file (expected JSON from bpe.py or Hugging Face)") from None
     return Tokenizer.load(json_path) if is_ours else Tokenizer.from_hf(json_path)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 of everything that decides a text's ids: every id's bytes, the special tokens and the pre-split
+    pattern. Two tokenizers with equal identities encode every text to the same ids; equal vocabulary sizes
+    prove nothing (a 300-id tokenizer trained on other text gives other ids)."""
+    digest = hashlib.sha256(tokenizer.pattern.encode())
+    for text, i in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1]):
+        digest.update(f"\0special {i} ".encode() + text.encode())
+    for token, i in sorted(tokenizer.ranks.items(), key=lambda item: item[1]):
+        digest.update(f"\0{i} ".encode() + token)
+    return digest.hexdigest()
+
+
+_identities = {}  # (path, size, mtime) -> identity: a training run saves the same tokenizer at every checkpoint
+
+
+def saved_tokenizer_identity(json_path) -> str | None:
+    """The identity of the tokenizer file json_path (see load_tokenizer), None where there is none."""
+    path = Path(json_path)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _identities:
+        try:
+            _identities[key] = tokenizer_identity(load_tokenizer(path.parent, path))
+        except (ValueError, OSError, KeyError):  # not a tokenizer we read: nothing to compare against
+            _identities[key] = None
+    return _identities[key]
+
+
+def check_tokenizer(model_path, tokenizer, tokenizer_path=None) -> None:
+    """Refuse `tokenizer` for the model at model_path unless it is the one the model was trained with.
+
+    The reference is the identity save_checkpoint recorded in ckpt.pt, else the tokenizer saved beside
+    the model (a Hugging Face directory's tokenizer.json); with neither there is nothing to check
+    against. Ids beyond the model's vocabulary are refused too; a model vocabulary padded above the
+    tokenizer's (50,304 rows for GPT-2's 50,257 ids) is fine."""
+    path = Path(model_path)
+    directory = path if path.is_dir() else path.parent
+    ckpt_file = path / CHECKPOINT_FILE if path.is_dir() else path
+    given = f"tokenizer {tokenizer_path}" if tokenizer_path else "the tokenizer"
+    expected, vocab_size = None, None
+    if ckpt_file.is_file() and ckpt_file.suffix == ".pt":
+        ckpt = torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False)  # mmap: no weights read
+        vocab_size = ckpt.get("model_config", {}).get("vocab_size")
+        expected = ckpt.get("tokenizer_identity")
+    elif (directory / "config.json").exists():
+        vocab_size = json.loads((directory / "config.json").read_text()).get("vocab_size")
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{given} has {tokenizer.vocab_size} ids, the model {model_path} only {vocab_size}: "
+                         "they do not belong together")
+    if expected is None:
+        expected = saved_tokenizer_identity(tokenizer_file(model_path))
+    if expected is not None and tokenizer_identity(tokenizer) != expected:
+        raise ValueError(f"{given} is not the tokenizer the model {model_path} was trained with (its ids mean "
+                         f"other text); use the one saved with the checkpoint (leave out --tokenizer)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -64,11 +64,13 @@ class EvalError(ValueError):
 
 def load_for_eval(path, device="cpu", tokenizer_path=None):
     """(model, tokenizer) of a nanollm, quantized or Hugging Face directory (common.load_model)."""
-    from common import load_tokenizer
+    from common import check_tokenizer, load_tokenizer
     path = Path(path)
     if not path.exists():
         raise EvalError(f"{path}: no such checkpoint")
-    return load_model(path, device=device).eval(), load_tokenizer(path, tokenizer_path)
+    tokenizer = load_tokenizer(path, tokenizer_path)
+    check_tokenizer(path, tokenizer, tokenizer_path)
+    return load_model(path, device=device).eval(), tokenizer
 
 
 def autocast_for(device: str, dtype: str = "auto"):

@@ -409,12 +409,12 @@ def save_quantized(model: Transformer, out_dir, spec: QuantSpec, source_dir=None
     config, quant_config = the spec and the quantized layers); the tokenizer files beside the source
     checkpoint are copied along."""
     out_dir = Path(out_dir)
-    path = save_checkpoint(out_dir, model, quant_config=asdict(spec), **(extra or {}))
-    if source_dir is not None:
+    if source_dir is not None:  # first: save_checkpoint records the identity of the tokenizer beside it
+        out_dir.mkdir(parents=True, exist_ok=True)
         for f in Path(source_dir).iterdir():
             if f.name.startswith("tokenizer"):
                 shutil.copy(f, out_dir / f.name)
-    return path
+    return save_checkpoint(out_dir, model, quant_config=asdict(spec), **(extra or {}))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, prompt_ids)
 from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, check_trainable, load_model, opt,
                     parse_config, peak_memory_mb, read_checkpoint, resolve_device, truncate_metrics)
+from common import check_tokenizer
 from lora import apply_lora, disable_adapters, lora_state_dict, merged_state_dict
 from model import ModelConfig, Transformer
 from tasks import arithmetic_problems, check, preference_pairs
@@ -472,6 +473,7 @@ def ppo_step(model, ref_model, value_head, reward_model, optimizer, prompts, con
 def load_tokenizer_for(config):
     from common import load_tokenizer
     tokenizer = load_tokenizer(config.init, config.tokenizer or None)
+    check_tokenizer(config.init, tokenizer, config.tokenizer or None)
     chat_token_ids(tokenizer)  # a clear error now if the chat special tokens are missing
     return tokenizer
 

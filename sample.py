@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from chat import END_OF_TEXT, IM_END, IM_START, prompt_ids
-from common import load_model, load_tokenizer, resolve_device
+from common import check_tokenizer, load_model, load_tokenizer, resolve_device
 from model import Transformer
 
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
@@ -873,9 +873,8 @@ def main(argv=None):
             for m in filter(None, (model, draft)):
                 m.decode_layout()
         tokenizer = load_tokenizer(args.ckpt, args.tokenizer)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}: "
-                             "they do not belong together")
+        for path in filter(None, (args.ckpt, draft and args.draft_ckpt)):
+            check_tokenizer(path, tokenizer, args.tokenizer)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         (chat if args.interactive else complete)(args, model, draft, tokenizer)

@@ -39,6 +39,7 @@ from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations
 from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, check_trainable, load_model,
                     load_tokenizer, opt, parse_config, peak_memory_mb, read_checkpoint, resolve_device,
                     save_checkpoint, truncate_metrics)
+from common import check_tokenizer
 from lora import apply_lora, lora_state_dict, merged_state_dict, save_adapter
 from model import ModelConfig, Transformer
 from train import (StepTimer, TrainingError, format_seconds, make_optimizer, plot_losses, progress_line, rng_state,
@@ -239,6 +240,7 @@ def finetune(config: SFTConfig) -> dict:
     np.random.seed(config.seed)
 
     tokenizer = load_tokenizer(config.init, config.tokenizer or None)
+    check_tokenizer(config.init, tokenizer, config.tokenizer or None)
     pad_id = chat_token_ids(tokenizer)[PAD]
     placeholders = parse_placeholders(config.set)
     conversations = load_chat_files(config.data, placeholders, config.skip_bad_records)
