@@ -9,9 +9,12 @@ state, and save the tokenizer they used into the same directory. A model with qu
 (`config.json` + safetensors) is accepted wherever a checkpoint is.
 """
 import argparse
+import errno
 import hashlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,6 +25,20 @@ from model import ModelConfig, Transformer, load_hf
 from quant_linear import quant_layout, replace_with_quant_layers
 
 CHECKPOINT_FILE = "ckpt.pt"
+
+
+class UsageError(ValueError):
+    """A flag or an input the user can fix: one line, exit status 2 (as argparse's own errors)."""
+
+
+class WriteError(ValueError):
+    """An output that could not be written (read-only, a file in the way, disk full); what was there is intact."""
+
+
+def exit_on_error(error: Exception, prog: str = "error") -> None:
+    """The one line a script prints for an expected error, and its exit: 2 for usage errors, else 1."""
+    print(f"{prog}: {error}", file=sys.stderr)
+    sys.exit(2 if isinstance(error, UsageError) else 1)
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -53,22 +70,75 @@ def atomic_write(path, write) -> None:
     """Call write(tmp_path), fsync, then rename over `path`: a crash at any moment leaves either the old
     file or the new one, never a torn one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a full disk as a RuntimeError from its zip writer
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
+            kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+            raise WriteError(f"cannot write {path} ({describe_os_error(e, path)}); {kept}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def describe_os_error(error: Exception, path: Path) -> str:
+    """Why a write under path failed, in words (errno's text is terse: 'Not a directory')."""
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None and blocker != path:
+        return f"{blocker} is a file, in the way of the directory"
+    if getattr(error, "errno", None) == errno.ENOSPC or "space" in str(error).lower():
+        return "the disk is full"
+    if isinstance(error, PermissionError) or getattr(error, "errno", None) in (errno.EACCES, errno.EROFS):
+        return "the directory is not writable"
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    free_mb = shutil.disk_usage(existing).free / 2**20  # torch's zip writer hides ENOSPC behind its own message
+    return f"{getattr(error, 'strerror', None) or str(error).split(': ')[-1]}; {free_mb:,.0f} MB free on that disk"
+
+
+def check_writable_dir(out_dir, flag: str = "--out-dir") -> Path:
+    """Create out_dir if needed and prove a file can be written there, before any work: a UsageError
+    naming the flag and the reason otherwise."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write there ({describe_os_error(e, path / 'x')})") from None
+    return path
+
+
+def check_resume(ckpt: dict, model_config, path) -> None:
+    """--resume must continue the same model: a UsageError naming every config field that differs."""
+    saved, current = ckpt["model_config"], asdict(model_config)
+    differ = [f"{k} {saved.get(k)} -> {current[k]}" for k in current if k in saved and saved[k] != current[k]
+              and k not in ("dropout", "attn_backend")]  # not part of the weights' shape
+    if differ:
+        raise UsageError(f"--resume: {path} holds another model ({', '.join(differ)}); resume with the flags it "
+                         f"was trained with, or start over in a new --out-dir")
+
+
+def check_positive(config, names=("batch_size", "grad_accum", "seq_len", "max_len", "eval_interval",
+                                  "log_interval", "minibatches", "ppo_epochs", "prompts_per_step",
+                                  "samples_per_prompt", "eval_new_tokens")) -> None:
+    """Counts that must be >= 1 (a batch of 0 sequences): a UsageError naming the flag."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def save_checkpoint(ckpt_dir, model: Transformer, **state) -> Path:
@@ -318,4 +388,9 @@ def parse_config(config_class, presets: dict, description: str, argv=None):
             parser.error(f"--config {config_file}: unknown keys {unknown}")
         values.update(from_file)
     values.update(args)
-    return config_class(**values)
+    config = config_class(**values)
+    try:
+        check_positive(config)
+    except UsageError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # one line: train.py's usage block is 30 lines long
+    return config

@@ -59,7 +59,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import CHECKPOINT_FILE, atomic_write, load_model, read_checkpoint, resolve_device, save_checkpoint
+from common import (CHECKPOINT_FILE, UsageError, atomic_write, exit_on_error, load_model, read_checkpoint, resolve_device,
+                    save_checkpoint)
 from model import Transformer
 from quant_linear import NF4_VALUES, QuantError, QuantLinear, dequantize_codes, set_module
 
@@ -70,6 +71,10 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 # GPTQ's "true sequential" order inside a block: layers that read the same input are done together
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+class GroupSizeError(QuantError, UsageError):
+    """A group size that does not divide a layer's width: the user's flag to change (exit status 2)."""
 
 
 @dataclass
@@ -100,8 +105,9 @@ class QuantSpec:
         if self.group_size == 0:
             return in_features
         if in_features % self.group_size:
-            raise QuantError(f"{name}: group size {self.group_size} does not divide in_features {in_features} "
-                             f"(choose a divisor, or 0 for per-channel)")
+            largest = max(d for d in range(1, min(self.group_size, in_features) + 1) if in_features % d == 0)
+            raise GroupSizeError(f"--group-size {self.group_size} does not divide the {in_features} input columns of "
+                             f"{name}: give a divisor (the largest up to {self.group_size} is {largest}) or 0 (per channel)")
         return self.group_size
 
     def label(self) -> str:
@@ -626,6 +632,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_out(ckpt, out) -> None:
+    """Refuse an --out that would overwrite the model being quantized, or another full-precision
+    checkpoint (a training run's), before anything is computed or written."""
+    if not out:
+        return
+    source, target = Path(ckpt).resolve(), Path(out).resolve()
+    source_dir = source if source.is_dir() else source.parent
+    if source_dir in (target, target.parent if target.name == CHECKPOINT_FILE else None):
+        raise UsageError(f"--out {out} is --ckpt's directory: the quantized checkpoint would replace the model it "
+                         f"is made from; give another --out")
+    existing = target / CHECKPOINT_FILE
+    if existing.is_file() and "quant_config" not in torch.load(existing, map_location="cpu", mmap=True,
+                                                                weights_only=False):
+        raise UsageError(f"--out {out} holds a full-precision checkpoint ({existing}), which would be replaced; "
+                         f"give another --out")
+
+
 def model_fp16_bytes(model: Transformer) -> int:
     """Bytes of the model's weights in fp16 (a quantized layer counted as its full matrix, a tied one once)."""
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
@@ -646,6 +669,7 @@ def error_stats(report: list[dict]) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_out(args.ckpt, args.out)
         t0 = time.time()
         args.device = resolve_device(args.device)
         needs_data = args.bench or args.method == "gptq" or not args.no_eval or args.qlora_steps
@@ -692,7 +716,7 @@ def main(argv=None):
             atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
             print(f"summary in {summary_path}")
     except (QuantError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

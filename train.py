@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from common import check_resume, check_writable_dir, exit_on_error
 from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, opt, parse_config, peak_memory_mb, read_checkpoint,
                     resolve_device, save_checkpoint, truncate_metrics)
 from model import PRESETS, ModelConfig, Transformer
@@ -330,6 +331,7 @@ def train(config: TrainConfig) -> dict:
     ckpt_path = out_dir / CHECKPOINT_FILE
     if config.resume and ckpt_path.exists():
         ckpt = read_checkpoint(out_dir)
+        check_resume(ckpt, model_config, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
@@ -341,7 +343,7 @@ def train(config: TrainConfig) -> dict:
             truncate_metrics(out_dir / "metrics.jsonl", step)
         log(f"resumed from {ckpt_path} at step {step}")
     elif master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(out_dir)
         (out_dir / "metrics.jsonl").write_text("")
     if master:
         for f in tokenizer_path.parent.glob(tokenizer_path.name + "*"):  # the tokenizer travels with the checkpoint
@@ -466,8 +468,8 @@ def main(argv=None):
     config = parse_config(TrainConfig, TRAIN_PRESETS, __doc__.split("\n\n")[0], argv)
     try:
         train(config)
-    except TrainingError as e:
-        sys.exit(f"error: {e}")
+    except (TrainingError, ValueError) as e:
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

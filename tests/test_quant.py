@@ -220,7 +220,8 @@ def test_bad_specs_are_named():
     with pytest.raises(QuantError, match="bits must be one of"):
         QuantSpec("rtn", 5)
     model = tiny_model()
-    with pytest.raises(QuantError, match=r"layers\.0\.self_attn\.q_proj: group size 48 does not divide in_features 64"):
+    with pytest.raises(QuantError, match=r"--group-size 48 does not divide the 64 input columns of "
+                                         r"layers\.0\.self_attn\.q_proj: give a divisor \(the largest up to 48 is 32\)"):
         quantize_model(model, QuantSpec("rtn", 4, 48), log=None)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # checked before any layer changed
 

@@ -91,3 +91,128 @@ def test_sft_and_eval_refuse_a_foreign_tokenizer(tmp_path, tokenizers):
     assert "not the tokenizer the model" in str(exit_info.value.code)
     with pytest.raises(ValueError, match="not the tokenizer the model"):
         evaluation.load_for_eval(run, tokenizer_path=paths["other"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One line, not a traceback; nothing overwritten
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A small corpus through data/prepare.py (a 300-id tokenizer), for train.py."""
+    import data.prepare as prepare
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "corpus.txt").write_text((TEXT + OTHER_TEXT) * 12)
+    prepare.main(["--source", str(root / "corpus.txt"), "--out", str(root / "data"), "--vocab-size", "300"])
+    return root / "data"
+
+
+def one_line_error(capsys, exit_info, code):
+    """The error printed: one line (after argparse's usage lines, for its own errors), no traceback."""
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and all(line.startswith(("usage:", " ")) for line in lines[:-1]), err
+    return lines[-1]
+
+
+def train_cli(data, out_dir, *flags):
+    import train
+    train.main(["--data", str(data), "--out-dir", str(out_dir), "--model", "tiny", "--seq-len", "32",
+                "--batch-size", "4", "--max-steps", "2", "--eval-interval", "2", "--eval-tokens", "256",
+                "--sample-tokens", "0", "--warmup-steps", "1", "--log-interval", "1", *flags])
+
+
+def test_train_usage_errors_are_one_line_with_exit_status_2(prepared, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli(prepared, tmp_path / "run", "--batch-size", "0")
+    assert "--batch-size must be >= 1, got 0" in one_line_error(capsys, exit_info, 2)
+
+    train_cli(prepared, tmp_path / "run")
+    capsys.readouterr()
+    saved = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:                  # another width: a size mismatch deep in torch today
+        train_cli(prepared, tmp_path / "run", "--resume", "--max-steps", "4", "--dim", "32")
+    err = one_line_error(capsys, exit_info, 2)
+    assert "--resume" in err and "dim 64 -> 32" in err
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == saved
+
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli(prepared, tmp_path / "blocker" / "run")
+    err = one_line_error(capsys, exit_info, 2)
+    assert "--out-dir" in err and f"{tmp_path / 'blocker'} is a file" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_train_resume_from_a_damaged_checkpoint_is_one_line(prepared, tmp_path, capsys, damage):
+    train_cli(prepared, tmp_path / "run")
+    capsys.readouterr()
+    path = tmp_path / "run" / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[:1000] if damage == "truncated" else b"")
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli(prepared, tmp_path / "run", "--resume", "--max-steps", "4")
+    assert f"{path}: not a readable checkpoint" in one_line_error(capsys, exit_info, 1)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter "
+                                                  "failed writing file data/3: file write failed")])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, tokenizers, monkeypatch, failure):
+    from common import WriteError
+    trained, _ = tokenizers
+    run = tiny_checkpoint(tmp_path / "run", trained)
+    before = (run / "ckpt.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"partial")
+        raise failure
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(WriteError) as error:
+        save_checkpoint(run, Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                                                     hidden_dim=64, max_seq_len=64)))
+    reason = "the disk is full" if isinstance(failure, OSError) else "file write failed; "
+    assert str(error.value).startswith(f"cannot write {run / 'ckpt.pt'} ({reason}")
+    assert str(error.value).endswith("; the previous ckpt.pt is intact")
+    assert (run / "ckpt.pt").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "tokenizer.json", "tokenizer.tiktoken"]  # no .tmp
+
+
+def test_prepare_refuses_a_vocabulary_smaller_than_the_bytes_and_specials(tmp_path, capsys):
+    import data.prepare as prepare
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--source", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "data"), "--vocab-size", "100"])
+    err = one_line_error(capsys, exit_info, 2)
+    assert "--vocab-size must be at least the 256 byte tokens + 6 special tokens = 262, got 100" in err
+    assert not (tmp_path / "data" / "meta.json").exists()
+
+
+def test_sft_names_a_file_that_is_not_utf8(tmp_path, tokenizers):
+    trained, _ = tokenizers
+    run = tiny_checkpoint(tmp_path / "run", trained)
+    chat_file = tmp_path / "chats.jsonl"
+    raw = b'{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'
+    chat_file.write_bytes(raw)
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--init", str(run), "--data", str(chat_file), "--out-dir", str(tmp_path / "sft")])
+    assert f"{chat_file}: not UTF-8 text (line 2, byte offset {raw.index(0xE9)}" in str(exit_info.value.code)
+
+
+def test_quant_refuses_to_overwrite_its_input_and_names_the_group_size_flag(tmp_path, tokenizers, capsys):
+    import quant
+    trained, _ = tokenizers
+    run = tiny_checkpoint(tmp_path / "run", trained)          # dim 32: narrower than the default group of 128
+    before = (run / "ckpt.pt").read_bytes()
+    for out in (run, run / "ckpt.pt"):
+        with pytest.raises(SystemExit) as exit_info:
+            quant.main(["--ckpt", str(run), "--out", str(out), "--method", "rtn", "--no-eval"])
+        assert "is --ckpt's directory" in one_line_error(capsys, exit_info, 2)
+    other = tiny_checkpoint(tmp_path / "other", trained)
+    with pytest.raises(SystemExit) as exit_info:
+        quant.main(["--ckpt", str(run), "--out", str(other), "--method", "rtn", "--no-eval"])
+    assert "holds a full-precision checkpoint" in one_line_error(capsys, exit_info, 2)
+    assert (run / "ckpt.pt").read_bytes() == before
+    with pytest.raises(SystemExit) as exit_info:
+        quant.main(["--ckpt", str(run), "--out", str(tmp_path / "q"), "--method", "rtn", "--no-eval"])
+    err = one_line_error(capsys, exit_info, 2)
+    assert "--group-size 128 does not divide the 32 input columns of layers.0.self_attn.q_proj" in err
