@@ -37,8 +37,10 @@ class WriteError(ValueError):
 
 def exit_on_error(error: Exception, prog: str = "error") -> None:
     """The one line a script prints for an expected error, and its exit: 2 for usage errors, else 1."""
-    print(f"{prog}: {error}", file=sys.stderr)
-    sys.exit(2 if isinstance(error, UsageError) else 1)
+    if isinstance(error, UsageError):
+        print(f"{prog}: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(f"{prog}: {error}")
 
 
 def resolve_device(name: str = "auto") -> str:

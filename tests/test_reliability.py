@@ -107,9 +107,12 @@ def prepared(tmp_path_factory):
 
 
 def one_line_error(capsys, exit_info, code):
-    """The error printed: one line (after argparse's usage lines, for its own errors), no traceback."""
-    err = capsys.readouterr().err
-    assert exit_info.value.code == code, err
+    """The error printed: one line (after argparse's usage lines, for its own errors), no traceback.
+    sys.exit("message") exits with status 1 and prints the message."""
+    err, status = capsys.readouterr().err, exit_info.value.code
+    if isinstance(status, str):
+        err, status = err + status, 1
+    assert status == code, err
     lines = err.strip().splitlines()
     assert "Traceback" not in err and all(line.startswith(("usage:", " ")) for line in lines[:-1]), err
     return lines[-1]
