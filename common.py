@@ -13,12 +13,14 @@ import errno
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import ModelConfig, Transformer, load_hf
@@ -121,6 +123,13 @@ def check_writable_dir(out_dir, flag: str = "--out-dir") -> Path:
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot write there ({describe_os_error(e, path / 'x')})") from None
     return path
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (every one a run may draw from)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def check_resume(ckpt: dict, model_config, path) -> None:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
                   pad_batch, parse_placeholders, prompt_ids, read_records)
+from common import seed_everything
 from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, check_trainable, load_model, opt, parse_config,
                     peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
 from lora import ALL_LINEAR, apply_lora, disable_adapters, lora_state_dict, merge_and_unload, save_adapter
@@ -446,6 +447,7 @@ def check_config(config: DPOConfig) -> None:
 
 def train(config: DPOConfig, log=print) -> dict:
     check_config(config)
+    seed_everything(config.seed)  # before the LoRA adapters' random init
     device = resolve_device(config.device)
     out_dir = Path(config.out_dir)
     from common import load_tokenizer
@@ -485,12 +487,10 @@ def train(config: DPOConfig, log=print) -> dict:
         else:
             policy.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
         step, position, elapsed_before, cache = ckpt["step"], ckpt["position"], ckpt["elapsed"], ckpt.get("ref_cache")
         truncate_metrics(out_dir / "metrics.jsonl", step)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
-        torch.manual_seed(config.seed)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").write_text("")
     if kind == "cache" and cache is None:  # before any update the policy is the reference
@@ -502,6 +502,8 @@ def train(config: DPOConfig, log=print) -> dict:
         reference = Reference(kind, load_model(config.init, device=device).float())
     else:
         reference = Reference(kind, policy, cache)
+    if resuming:  # last: building the models above draws from the generators, as it did before the first step
+        set_rng_state(ckpt["rng"])
     tokenizer.save(out_dir / "tokenizer")
     (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
 
