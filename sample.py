@@ -729,7 +729,7 @@ def sampling_params(args) -> SamplingParams:
 
 
 def respond(args, model, draft, tokenizer, ids, stop_tokens, on_text=None):
-    """Run the chosen strategy on one prompt; returns (texts, generated token count, extra report)."""
+    """Run the chosen strategy on one prompt; returns (texts, each text's token count, extra report)."""
     n = args.num_samples
     texts = [[] for _ in range(n)]
 
@@ -744,24 +744,35 @@ def respond(args, model, draft, tokenizer, ids, stop_tokens, on_text=None):
         for tokens, score in beams:
             stream = TextStream(tokenizer, args.stop)
             outputs.append("".join(stream.push(t) for t in tokens.tolist()) + stream.finish())
-        return outputs, sum(t.numel() for t, _ in beams), "scores " + ", ".join(f"{s:.3f}" for _, s in beams)
+        return outputs, [t.numel() for t, _ in beams], "scores " + ", ".join(f"{s:.3f}" for _, s in beams)
     if args.strategy == "speculative":
-        count, stats = 0, {"drafted": 0, "accepted": 0}
+        counts, stats = [], {"drafted": 0, "accepted": 0}
         for row in range(n):
             tokens, run = speculative_generate(
                 model, draft, ids, args.max_new_tokens, args.n_draft, temperature=sampling_params(args).temperature,
                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 seed=None if args.seed is None else args.seed + row, stop_tokens=stop_tokens,
                 stop_strings=args.stop, tokenizer=tokenizer, on_text=lambda _, text, row=row: collect(row, text))
-            count += tokens.numel()
+            counts.append(tokens.numel())
             stats = {key: stats[key] + run[key] for key in stats}
-        return ["".join(t) for t in texts], count, f"acceptance {stats['accepted'] / max(stats['drafted'], 1):.2f}"
+        return ["".join(t) for t in texts], counts, f"acceptance {stats['accepted'] / max(stats['drafted'], 1):.2f}"
     p = sampling_params(args)
     outs = generate(model, [ids] * n, args.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                     min_p=p.min_p, repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
                     presence_penalty=p.presence_penalty, seed=args.seed, stop_tokens=stop_tokens,
                     stop_strings=args.stop, tokenizer=tokenizer, on_text=collect, compile=args.compile)
-    return ["".join(t) for t in texts], sum(o.numel() for o in outs), ""
+    return ["".join(t) for t in texts], [o.numel() for o in outs], ""
+
+
+def context_note(prompt_len: int, counts, context: int, max_new_tokens: int) -> str:
+    """A line saying that a generation was cut short by the model's context, or '' if none was."""
+    room = context - prompt_len
+    cut = sum(n >= room for n in counts) if max_new_tokens > room else 0
+    if not cut:
+        return ""
+    which = "the generation" if len(counts) == 1 else f"{cut} of {len(counts)} generations"
+    return (f"[{which} stopped at the model's context of {context} tokens ({prompt_len} prompt + {room} new), "
+            f"before --max-new-tokens {max_new_tokens}]")
 
 
 def fit_prompt(ids, context: int, max_new_tokens: int, truncate: str):
@@ -790,9 +801,10 @@ def complete(args, model, draft, tokenizer):
     if streaming:
         print(args.prompt, end="", flush=True)
     started = time.perf_counter()
-    texts, n_tokens, extra = respond(args, model, draft, tokenizer, ids, [eot] if eot is not None else [],
-                                     (lambda _, text: print(text, end="", flush=True)) if streaming else None)
+    texts, counts, extra = respond(args, model, draft, tokenizer, ids, [eot] if eot is not None else [],
+                                   (lambda _, text: print(text, end="", flush=True)) if streaming else None)
     elapsed = time.perf_counter() - started
+    n_tokens = sum(counts)
     if streaming:
         print(flush=True)
     else:
@@ -801,6 +813,9 @@ def complete(args, model, draft, tokenizer):
     notes = [extra] * bool(extra) + ["the first run includes compiling"] * args.compile
     print(f"[{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:.1f} tokens/s{''.join('; ' + n for n in notes)}]",
           file=sys.stderr)
+    note = context_note(len(ids), counts, context, args.max_new_tokens)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def chat(args, model, draft, tokenizer):
@@ -848,12 +863,16 @@ def chat(args, model, draft, tokenizer):
             continue
         print("assistant> ", end="", flush=True)
         started = time.perf_counter()
-        texts, n_tokens, extra = respond(args, model, draft, tokenizer, ids, stop_tokens,
-                                         None if args.strategy == "beam" else lambda _, text: print(text, end="", flush=True))
+        texts, counts, extra = respond(args, model, draft, tokenizer, ids, stop_tokens,
+                                       None if args.strategy == "beam" else lambda _, text: print(text, end="", flush=True))
         elapsed = time.perf_counter() - started
+        n_tokens = counts[0]
         print(texts[0] if args.strategy == "beam" else "", flush=True)
         history.append({"role": "assistant", "content": texts[0]})
         print(f"[{n_tokens} tokens, {n_tokens / elapsed:.1f} tokens/s{'; ' + extra if extra else ''}]", file=sys.stderr)
+        note = context_note(len(ids), counts[:1], context, args.max_new_tokens)
+        if note:
+            print(note, file=sys.stderr)
 
 
 def main(argv=None):

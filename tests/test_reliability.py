@@ -219,3 +219,19 @@ def test_quant_refuses_to_overwrite_its_input_and_names_the_group_size_flag(tmp_
         quant.main(["--ckpt", str(run), "--out", str(tmp_path / "q"), "--method", "rtn", "--no-eval"])
     err = one_line_error(capsys, exit_info, 2)
     assert "--group-size 128 does not divide the 32 input columns of layers.0.self_attn.q_proj" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+def test_a_generation_cut_short_by_the_context_says_so(tmp_path, tokenizers, capsys):
+    trained, _ = tokenizers
+    run = tiny_checkpoint(tmp_path / "run", trained)                 # a context of 64 tokens
+    n_prompt = len(trained.encode("To be"))
+    sample.main(["--ckpt", str(run), "--prompt", "To be", "--max-new-tokens", "100", "--strategy", "greedy"])
+    err = capsys.readouterr().err
+    assert (f"[the generation stopped at the model's context of 64 tokens ({n_prompt} prompt + {64 - n_prompt} new), "
+            f"before --max-new-tokens 100]") in err
+    assert f"[{64 - n_prompt} tokens in" in err
+    sample.main(["--ckpt", str(run), "--prompt", "To be", "--max-new-tokens", "10", "--strategy", "greedy"])
+    assert "context" not in capsys.readouterr().err
