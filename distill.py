@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import (ChatDataError, chat_token_ids, IM_END, PAD, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
+from common import check_resume
 from common import (CHECKPOINT_FILE, append_jsonl, atomic_write, check_trainable, load_model, load_tokenizer, opt,
                     parse_config, peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, tokenizer_file,
                     truncate_metrics)
@@ -517,6 +518,7 @@ def distill(config: DistillConfig) -> dict:
     sampler_state = (lambda: sampler.generator.get_state()) if shards else sampler.state
     if config.resume and ckpt_path.exists():
         ckpt = read_checkpoint(out_dir)
+        check_resume(ckpt, student.config, ckpt_path)
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

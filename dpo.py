@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
                   pad_batch, parse_placeholders, prompt_ids, read_records)
-from common import seed_everything
+from common import check_resume, seed_everything
 from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, check_trainable, load_model, opt, parse_config,
                     peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint, truncate_metrics)
 from lora import ALL_LINEAR, apply_lora, disable_adapters, lora_state_dict, merge_and_unload, save_adapter
@@ -482,6 +482,7 @@ def train(config: DPOConfig, log=print) -> dict:
     resuming = config.resume and ckpt_path.exists()
     if resuming:
         ckpt = read_checkpoint(out_dir)
+        check_resume(ckpt, policy.config, ckpt_path)
         if config.lora_rank:
             policy.load_state_dict(ckpt["lora"], strict=False)
         else:

@@ -39,7 +39,7 @@ from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_conversations
 from common import (CHECKPOINT_FILE, RunConfig, append_jsonl, atomic_write, check_trainable, load_model,
                     load_tokenizer, opt, parse_config, peak_memory_mb, read_checkpoint, resolve_device,
                     save_checkpoint, truncate_metrics)
-from common import check_tokenizer
+from common import check_resume, check_tokenizer
 from lora import apply_lora, lora_state_dict, merged_state_dict, save_adapter
 from model import ModelConfig, Transformer
 from train import (StepTimer, TrainingError, format_seconds, make_optimizer, plot_losses, progress_line, rng_state,
@@ -281,6 +281,7 @@ def finetune(config: SFTConfig) -> dict:
     step, elapsed_before = 0, 0.0
     if config.resume and (out_dir / CHECKPOINT_FILE).exists():
         ckpt = read_checkpoint(out_dir)
+        check_resume(ckpt, model.config, out_dir / CHECKPOINT_FILE)
         if config.lora_rank:
             model.load_state_dict(ckpt["lora"], strict=False)
         else:
