@@ -180,6 +180,26 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "tokenizer.json", "tokenizer.tiktoken"]  # no .tmp
 
 
+def test_a_read_only_directory_is_named(tmp_path, tokenizers, monkeypatch):
+    """As root the permission bits do not stop a write, so the refusal a read-only mount gives is simulated."""
+    import tempfile
+    from common import UsageError, WriteError, check_writable_dir
+    trained, _ = tokenizers
+    run = tiny_checkpoint(tmp_path / "run", trained)
+    before = (run / "ckpt.pt").read_bytes()
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(WriteError, match=r"ckpt.pt \(the directory is not writable\); the previous ckpt.pt is intact"):
+        save_checkpoint(run, Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                                                     hidden_dim=64, max_seq_len=64)))
+    assert (run / "ckpt.pt").read_bytes() == before
+    with pytest.raises(UsageError, match=f"--out-dir {run}: cannot write there \\(the directory is not writable\\)"):
+        check_writable_dir(run)
+
+
 def test_prepare_refuses_a_vocabulary_smaller_than_the_bytes_and_specials(tmp_path, capsys):
     import data.prepare as prepare
     (tmp_path / "corpus.txt").write_text(TEXT)
