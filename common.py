@@ -157,8 +157,9 @@ def save_checkpoint(ckpt_dir, model: Transformer, **state) -> Path:
     with QuantLinear layers also gets quant_config["layers"] (their shapes, for load_model)."""
     path = Path(ckpt_dir) / CHECKPOINT_FILE
     payload = {"model": model.state_dict(), "model_config": asdict(model.config), **state}
-    if "tokenizer" in state and "tokenizer_identity" not in state:  # the name of the tokenizer saved beside it
-        payload["tokenizer_identity"] = saved_tokenizer_identity(tokenizer_file(ckpt_dir, Path(ckpt_dir) / state["tokenizer"]))
+    if state.get("tokenizer") and "tokenizer_identity" not in state:  # the name of the tokenizer saved beside it
+        tokenizer_json = tokenizer_file(ckpt_dir, Path(ckpt_dir) / state["tokenizer"])
+        payload["tokenizer_identity"] = saved_tokenizer_identity(tokenizer_json)
     layout = quant_layout(model)
     if layout:
         payload["quant_config"] = {**payload.get("quant_config", {}), "layers": layout}
