@@ -183,6 +183,13 @@ class SamplingParams:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """The token ids the options name must be the model's."""
+        for name, ids in (("logit_bias", self.logit_bias or ()), ("banned_tokens", self.banned_tokens)):
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token {bad[0]} is not in the model's vocabulary (ids 0..{vocab_size - 1})")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -429,6 +436,7 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: f
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty,
                             typical_p, min_tokens_to_keep, no_repeat_ngram_size, logit_bias, tuple(banned_tokens),
                             min_new_tokens)
+    params.check_vocab(model.config.vocab_size)
     if (stop_strings or on_text) and tokenizer is None:
         raise ValueError("stop_strings and on_text need a tokenizer to turn tokens into text")
     if max_new_tokens < 0:
@@ -617,6 +625,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt, max_ne
     if n_rows > 1:
         raise ValueError(f"speculative decoding takes one prompt, got a batch of {n_rows}: call it once per "
                          f"prompt (or use generate, which batches)")
+    params.check_vocab(target.config.vocab_size)
     if n_draft < 1:
         raise ValueError(f"n_draft must be >= 1, got {n_draft}")
     if target.config.vocab_size != draft.config.vocab_size:

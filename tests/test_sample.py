@@ -315,6 +315,10 @@ def test_generate_with_every_option_equals_transformers_greedy_generate():
 
 def test_speculative_and_beam_refuse_what_they_cannot_do(capsys):
     target = make_model()
+    with pytest.raises(ValueError, match=r"banned_tokens: token 64 is not in the model's vocabulary \(ids 0..63\)"):
+        generate(target, [1, 2], 4, banned_tokens=[3, 64])
+    with pytest.raises(ValueError, match="logit_bias: token -1"):
+        speculative_generate(target, target, [1, 2], 4, logit_bias={-1: 2.0})
     with pytest.raises(ValueError, match="speculative decoding takes one prompt, got a batch of 2"):
         speculative_generate(target, target, [[1, 2], [3, 4, 5]], 4)
     with pytest.raises(ValueError, match="batch of 2"):
