@@ -306,7 +306,7 @@ def check_tokenizer(model_path, tokenizer, tokenizer_path=None) -> None:
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"{given} has {tokenizer.vocab_size} ids, the model {model_path} only {vocab_size}: "
                          "they do not belong together")
-    if expected is None:
+    if expected is None and (path.is_dir() or path.suffix == ".pt"):  # (a .gguf file carries its own tokenizer)
         expected = saved_tokenizer_identity(tokenizer_file(model_path))
     if expected is not None and tokenizer_identity(tokenizer) != expected:
         raise ValueError(f"{given} is not the tokenizer the model {model_path} was trained with (its ids mean "
