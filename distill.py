@@ -761,6 +761,8 @@ def generate_main(argv) -> None:
                         "(left-out answers go to OUT.rejected.jsonl, which resume also reads)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         generate_dataset(args)
     except (ValueError, FileNotFoundError) as e:
@@ -785,6 +787,8 @@ def cache_main(argv) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     config = DistillConfig(data=args.data, seq_len=args.seq_len, truncate=args.truncate, think_weight=args.think_weight)
     try:
         build_cache(args.teacher, args.data, args.out, args.seq_len, args.top_k, args.temperature, args.batch_size,

@@ -552,6 +552,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.shots < 0 or args.arithmetic < 0 or args.tang < 0:
         parser.error("--arithmetic, --shots and --tang must be >= 0")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if not any([args.data, args.text, args.mc, args.arithmetic, args.gen, args.tang]):
         parser.error("nothing to evaluate: give --data, --text, --mc, --arithmetic, --gen or --tang")
     tasks = dict(data=args.data, split=args.split, text=args.text, txt_docs=args.txt_docs, mc=args.mc,

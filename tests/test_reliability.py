@@ -146,6 +146,19 @@ def test_train_usage_errors_are_one_line_with_exit_status_2(prepared, tmp_path, 
     assert "--out-dir" in err and f"{tmp_path / 'blocker'} is a file" in err
 
 
+@pytest.mark.parametrize("script,argv", [
+    ("sft", ["--init", "x", "--data", "y"]), ("dpo", ["--init", "x", "--data", "y"]), ("distill", ["--teacher", "x"]),
+    ("rlhf", ["grpo", "--init", "x", "--prompts-per-step", "0"]), ("eval", ["--ckpt", "x", "--arithmetic", "5"]),
+    ("distill", ["generate", "--teacher", "x", "--prompts", "y", "--out", "z"]),
+    ("distill", ["cache", "--teacher", "x", "--data", "y", "--out", "z"])])
+def test_a_batch_of_zero_is_a_usage_error_in_every_script(script, argv, capsys):
+    import importlib
+    flag = "--prompts-per-step" if script == "rlhf" else "--batch-size"
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script).main(argv + ([] if script == "rlhf" else ["--batch-size", "0"]))
+    assert f"{flag} must be >= 1, got 0" in one_line_error(capsys, exit_info, 2)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_train_resume_from_a_damaged_checkpoint_is_one_line(prepared, tmp_path, capsys, damage):
     train_cli(prepared, tmp_path / "run")
