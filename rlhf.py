@@ -581,6 +581,7 @@ def train_reward_model(config: RewardConfig) -> dict:
 
     if run.resuming:
         ckpt = run.checkpoint
+        run.check_model(model.config)
         model.load_state_dict(ckpt["train_state"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         order.set_state(ckpt["order"])
@@ -696,6 +697,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
     reward_norm = (0.0, 1.0)
     if run.resuming:
         ckpt = run.checkpoint
+        run.check_model(model.config)
         model.load_state_dict(ckpt["lora"] if config.lora_rank else ckpt["model"], strict=not config.lora_rank)
         if value_head is not None:
             value_head.load_state_dict(ckpt["value_head"])
