@@ -132,7 +132,13 @@ def read_records(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise ChatDataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ChatDataError(f"{path}: not UTF-8 text (line {line}, byte offset {e.start}: "
+                            f"{raw[e.start:e.start + 1]!r}); convert it, e.g. iconv -f latin1 -t utf-8") from None
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]

@@ -9,8 +9,12 @@ state, and save the tokenizer they used into the same directory. A model with qu
 (`config.json` + safetensors) and a GGUF file (gguf_io.py: weights, tokenizer and chat template in one file)
 are accepted wherever a checkpoint is.
 """
+import errno
+import hashlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +25,22 @@ from model import ModelConfig, Transformer, load_hf
 from quant_linear import quant_layout, replace_with_quant_layers
 
 CHECKPOINT_FILE = "ckpt.pt"
+
+
+class UsageError(ValueError):
+    """A flag or an input the user can fix: one line, exit status 2 (as argparse's own errors)."""
+
+
+class WriteError(ValueError):
+    """An output that could not be written (read-only, a file in the way, disk full); what was there is intact."""
+
+
+def exit_on_error(error: Exception, prog: str = "error") -> None:
+    """The one line a script prints for an expected error, and its exit: 2 for usage errors, else 1."""
+    if isinstance(error, UsageError):
+        print(f"{prog}: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(f"{prog}: {error}")
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -52,16 +72,22 @@ def atomic_write(path, write) -> None:
     """Call write(tmp_path), fsync, then rename over `path`: a crash at any moment leaves either the old
     file or the new one, never a torn one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a full disk as a RuntimeError from its zip writer
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
+            kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+            raise WriteError(f"cannot write {path} ({describe_os_error(e, path)}); {kept}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
@@ -70,11 +96,41 @@ def atomic_write(path, write) -> None:
         os.close(dir_fd)
 
 
+def describe_os_error(error: Exception, path: Path) -> str:
+    """Why a write under path failed, in words (errno's text is terse: 'Not a directory')."""
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None and blocker != path:
+        return f"{blocker} is a file, in the way of the directory"
+    if getattr(error, "errno", None) == errno.ENOSPC or "space" in str(error).lower():
+        return "the disk is full"
+    if isinstance(error, PermissionError) or getattr(error, "errno", None) in (errno.EACCES, errno.EROFS):
+        return "the directory is not writable"
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    free_mb = shutil.disk_usage(existing).free / 2**20  # torch's zip writer hides ENOSPC behind its own message
+    return f"{getattr(error, 'strerror', None) or str(error).split(': ')[-1]}; {free_mb:,.0f} MB free on that disk"
+
+
+def check_writable_dir(out_dir, flag: str = "--out-dir") -> Path:
+    """Create out_dir if needed and prove a file can be written there, before any work: a UsageError
+    naming the flag and the reason otherwise."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write there ({describe_os_error(e, path / 'x')})") from None
+    return path
+
+
 def save_checkpoint(ckpt_dir, model: Transformer, **state) -> Path:
     """Write ckpt_dir/ckpt.pt atomically: the model's weights and config plus any extra state; a model
     with QuantLinear layers also gets quant_config["layers"] (their shapes, for load_model)."""
     path = Path(ckpt_dir) / CHECKPOINT_FILE
     payload = {"model": model.state_dict(), "model_config": asdict(model.config), **state}
+    if state.get("tokenizer") and "tokenizer_identity" not in state:  # the name of the tokenizer saved beside it
+        tokenizer_json = tokenizer_file(ckpt_dir, Path(ckpt_dir) / state["tokenizer"])
+        payload["tokenizer_identity"] = saved_tokenizer_identity(tokenizer_json)
     layout = quant_layout(model)
     if layout:
         payload["quant_config"] = {**payload.get("quant_config", {}), "layers": layout}
@@ -164,3 +220,62 @@ def load_tokenizer(model_path, tokenizer_path=None):
     except (ValueError, AttributeError):
         raise ValueError(f"{json_path}: not a tokenizer file (expected JSON from bpe.py or Hugging Face)") from None
     return Tokenizer.load(json_path) if is_ours else Tokenizer.from_hf(json_path)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 of everything that decides a text's ids: every id's bytes, the special tokens and the pre-split
+    pattern. Two tokenizers with equal identities encode every text to the same ids; equal vocabulary sizes
+    prove nothing (a 300-id tokenizer trained on other text gives other ids)."""
+    digest = hashlib.sha256(tokenizer.pattern.encode())
+    for text, i in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1]):
+        digest.update(f"\0special {i} ".encode() + text.encode())
+    for token, i in sorted(tokenizer.ranks.items(), key=lambda item: item[1]):
+        digest.update(f"\0{i} ".encode() + token)
+    return digest.hexdigest()
+
+
+_identities = {}  # (path, size, mtime) -> identity: a training run saves the same tokenizer at every checkpoint
+
+
+def saved_tokenizer_identity(json_path) -> str | None:
+    """The identity of the tokenizer file json_path (see load_tokenizer), None where there is none."""
+    path = Path(json_path)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _identities:
+        try:
+            _identities[key] = tokenizer_identity(load_tokenizer(path.parent, path))
+        except (ValueError, OSError, KeyError):  # not a tokenizer we read: nothing to compare against
+            _identities[key] = None
+    return _identities[key]
+
+
+def check_tokenizer(model_path, tokenizer, tokenizer_path=None) -> None:
+    """Refuse `tokenizer` for the model at model_path unless it is the one the model was trained with.
+
+    The reference is the identity save_checkpoint recorded in ckpt.pt, else the tokenizer saved beside
+    the model (a Hugging Face directory's tokenizer.json); with neither there is nothing to check
+    against. Ids beyond the model's vocabulary are refused too; a model vocabulary padded above the
+    tokenizer's (50,304 rows for GPT-2's 50,257 ids) is fine."""
+    path = Path(model_path)
+    directory = path if path.is_dir() else path.parent
+    ckpt_file = path / CHECKPOINT_FILE if path.is_dir() else path
+    given = f"tokenizer {tokenizer_path}" if tokenizer_path else "the tokenizer"
+    expected, vocab_size = None, None
+    if ckpt_file.is_file() and ckpt_file.suffix == ".pt":
+        ckpt = torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False)  # mmap: no weights read
+        vocab_size = ckpt.get("model_config", {}).get("vocab_size")
+        expected = ckpt.get("tokenizer_identity")
+    elif (directory / "config.json").exists():
+        vocab_size = json.loads((directory / "config.json").read_text()).get("vocab_size")
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{given} has {tokenizer.vocab_size} ids, the model {model_path} only {vocab_size}: "
+                         "they do not belong together")
+    if expected is None and (path.is_dir() or path.suffix == ".pt"):  # (a .gguf file carries its own tokenizer)
+        expected = saved_tokenizer_identity(tokenizer_file(model_path))
+    if expected is not None and tokenizer_identity(tokenizer) != expected:
+        raise ValueError(f"{given} is not the tokenizer the model {model_path} was trained with (its ids mean "
+                         f"other text); use the one saved with the checkpoint (leave out --tokenizer)")
+

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import (ChatDataError, chat_token_ids, IM_END, PAD, load_chat_files, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
-from common import atomic_write, check_trainable, load_model, load_tokenizer, peak_memory_mb, resolve_device, tokenizer_file
+from common import (atomic_write, check_trainable, exit_on_error, load_model, load_tokenizer, peak_memory_mb,
+                    resolve_device, tokenizer_file)
 from evaluate import check_same_tokenizer, evaluate, held_out_loss, token_byte_lengths
 from model import Transformer
 from sample import generate
@@ -459,6 +460,7 @@ def distill(config: DistillConfig) -> dict:
     sampler_state = (lambda: sampler.generator.get_state()) if shards else sampler.state
     if run.resuming:
         ckpt = run.checkpoint
+        run.check_model(student.config)
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -689,10 +691,12 @@ def generate_main(argv) -> None:
                         "(left-out answers go to OUT.rejected.jsonl, which resume also reads)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         generate_dataset(args)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 def cache_main(argv) -> None:
@@ -713,12 +717,14 @@ def cache_main(argv) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     config = DistillConfig(data=args.data, seq_len=args.seq_len, truncate=args.truncate, think_weight=args.think_weight)
     try:
         build_cache(args.teacher, args.data, args.out_dir, args.seq_len, args.top_k, args.temperature, args.batch_size,
                     args.device, config, args.samples, args.seed)
     except (ValueError, FileNotFoundError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 def main(argv=None):
@@ -732,7 +738,7 @@ def main(argv=None):
     try:
         distill(config)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

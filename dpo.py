@@ -27,7 +27,6 @@ from __future__ import annotations  # the losses come first, the config they rea
 import copy
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,10 +36,10 @@ import torch.nn.functional as F
 
 from chat import (PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
                   pad_batch, parse_placeholders, prompt_ids, read_records)
-from common import check_trainable, load_model, load_tokenizer, peak_memory_mb, resolve_device
+from common import check_trainable, exit_on_error, load_model, load_tokenizer, peak_memory_mb, resolve_device
 from lora import ALL_LINEAR, apply_lora, disable_adapters
 from training import (RunConfig, RunDir, TrainingError, check_finite, format_seconds, make_optimizer, opt,
-                      parse_config, progress_line, rng_state, set_lr)
+                      parse_config, progress_line, rng_state, seed_everything, set_lr)
 
 LN2 = math.log(2)
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
@@ -417,6 +416,7 @@ def train(config: DPOConfig, log=print) -> dict:
     run = RunDir(config, "dpo")
     if run.finished:
         return run.finished
+    seed_everything(config.seed)  # before the LoRA adapters' random init
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(config.init)
     pad_id = chat_token_ids(tokenizer)[PAD]
@@ -450,9 +450,7 @@ def train(config: DPOConfig, log=print) -> dict:
         run.load_weights(policy, lora=bool(config.lora_rank))
         optimizer.load_state_dict(ckpt["optimizer"])
         position, cache = ckpt["position"], ckpt.get("ref_cache")
-    else:
-        torch.manual_seed(config.seed)
-    step = run.start(log)
+    step = run.start(log)  # after the models are built: a resumed run's RNG state is restored last
     if kind == "cache" and cache is None:  # before any update the policy is the reference
         t0 = time.time()
         cache = {"train": precompute_reference(policy, train_seqs, pad_id, config.batch_size, device),
@@ -462,6 +460,9 @@ def train(config: DPOConfig, log=print) -> dict:
         reference = Reference(kind, load_model(config.init, device=device).float())
     else:
         reference = Reference(kind, policy, cache)
+    # last: building the models above draws from the generators, as it did before the first step; a resumed
+    # run's RNG state comes back here
+    step, elapsed = run.start(log)
     tokenizer.save(run.path / "tokenizer")
 
     n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -561,7 +562,7 @@ def main(argv=None):
     try:
         train(config)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

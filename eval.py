@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import atomic_write
+from common import atomic_write, exit_on_error
 from evaluate import evaluate_checkpoint, markdown_table
 
 
@@ -61,6 +61,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.shots < 0 or args.arithmetic < 0 or args.tang < 0:
         parser.error("--arithmetic, --shots and --tang must be >= 0")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if not any([args.data, args.text, args.mc, args.arithmetic, args.gen, args.tang]):
         parser.error("nothing to evaluate: give --data, --text, --mc, --arithmetic, --gen or --tang")
     tasks = dict(data=args.data, split=args.split, text=args.text, txt_docs=args.txt_docs, mc=args.mc,
@@ -73,7 +75,7 @@ def main(argv=None):
             print(f"evaluating {path}", file=sys.stderr)
             results[path] = evaluate_checkpoint(path, args.device, args.tokenizer, **tasks)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
     print(markdown_table(results))
     if args.out:
         atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, ensure_ascii=False)))

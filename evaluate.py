@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from chat import ChatDataError, pad_batch, prompt_ids
-from common import load_model, load_tokenizer, resolve_device
+from common import check_tokenizer, load_model, load_tokenizer, resolve_device
 from sample import generate
 from tasks import arithmetic_problems, check, sft_conversations
 from training import TrainingError, load_split, mixed_precision, read_meta
@@ -54,7 +54,9 @@ def load_for_eval(path, device="cpu", tokenizer_path=None):
     path = Path(path)
     if not path.exists():
         raise EvalError(f"{path}: no such checkpoint")
-    return load_model(path, device=device).eval(), load_tokenizer(path, tokenizer_path)
+    tokenizer = load_tokenizer(path, tokenizer_path)
+    check_tokenizer(path, tokenizer, tokenizer_path)
+    return load_model(path, device=device).eval(), tokenizer
 
 
 def model_device(model) -> str:

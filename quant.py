@@ -15,8 +15,9 @@ is chosen, so the stored model is exactly the evaluated one).
       H += percdamp * mean(diag H) * I;  U = cholesky(H^-1, upper)
       for each column i:  q_i = quant(w_i);  e_i = (w_i - q_i) / U_ii;  W[:, i:] -= e_i U[i, i:]
   (lazy updates in blocks of 128 columns, optional act-order, group grids found when a group's first column
-  is reached), layer after layer in the order their inputs are computed, each calibrated on inputs that
-  went through the already quantized layers.
+  is reached, from W as it stands then: the earlier lazy blocks' updates are in it, the current block's not
+  yet, as in the reference code IST-DASLab/gptq), layer after layer in the order their inputs are computed,
+  each calibrated on inputs that went through the already quantized layers.
 - NF4 (Dettmers et al. 2023, QLoRA): the 16 NormalFloat values, a per-group absmax scale.
 The --out-dir directory is an ordinary checkpoint (common.load_model reads it) with the tokenizer and a
 summary.json; QLoRA trains LoRA adapters on the frozen QuantLinear layers (lora.py), then merges them into a
@@ -26,7 +27,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (CHECKPOINT_FILE, atomic_write, load_model, load_tokenizer, read_checkpoint, resolve_device,
-                    save_checkpoint)
+from common import (CHECKPOINT_FILE, UsageError, atomic_write, exit_on_error, load_model, load_tokenizer,
+                    read_checkpoint, resolve_device, save_checkpoint)
 from evaluate import evaluate_model
 from model import MoE, Transformer
 from quant_linear import NF4_VALUES, QuantError, QuantLinear, dequantize_codes, set_module
@@ -47,6 +47,10 @@ METHODS = ("rtn", "gptq", "nf4")
 # GPTQ's "true sequential" order inside a block: layers that read the same input are done together
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+class GroupSizeError(QuantError, UsageError):
+    """A group size that does not divide a layer's width: the user's flag to change (exit status 2)."""
 
 
 def sequential_groups(block: nn.Module) -> list[tuple[str, ...]]:
@@ -89,8 +93,9 @@ class QuantSpec:
         if self.group_size == 0:
             return in_features
         if in_features % self.group_size:
-            raise QuantError(f"{name}: group size {self.group_size} does not divide in_features {in_features} "
-                             f"(choose a divisor, or 0 for per-channel)")
+            largest = max(d for d in range(1, min(self.group_size, in_features) + 1) if in_features % d == 0)
+            raise GroupSizeError(f"--group-size {self.group_size} does not divide the {in_features} input columns of "
+                             f"{name}: give a divisor (the largest up to {self.group_size} is {largest}) or 0 (per channel)")
         return self.group_size
 
     def label(self) -> str:
@@ -228,17 +233,18 @@ class GPTQ:
         group_size = spec.groups_of(in_features, self.name)
         grid = Grid(spec)
         H = self.H.clone()
-        dead = torch.diag(H) == 0                                          # inputs that are always 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-
         n_groups = in_features // group_size
         scales = torch.zeros(out_features, n_groups, device=W.device)
         zeros = torch.zeros(out_features, n_groups, device=W.device)
-        upfront = spec.static_groups or n_groups == 1  # per channel: one grid per row from the whole row
-        if upfront:  # every group's grid from the unpermuted, not yet updated weights (GPTQ's reference code)
+        if n_groups == 1:  # per channel: one grid per row from the whole row, before dead columns are zeroed
+            scales[:], zeros[:] = grid.params(W)
+        dead = torch.diag(H) == 0                                          # inputs that are always 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        if spec.static_groups and n_groups > 1:  # every group's grid from the unpermuted, not yet updated weights
             for g in range(n_groups):
                 scales[:, g:g + 1], zeros[:, g:g + 1] = grid.params(W[:, g * group_size:(g + 1) * group_size])
+        upfront = spec.static_groups or n_groups == 1
 
         perm = torch.arange(in_features, device=W.device)
         if spec.act_order:  # the columns with the largest input energy first, while there is slack left
@@ -246,8 +252,7 @@ class GPTQ:
             W, H = W[:, perm], H[perm][:, perm]
         U = self.inverse_hessian_cholesky(H, spec.percdamp)                # (in, in) upper triangular
 
-        # a group must not straddle two lazy blocks: its grid is found from the block's updated columns
-        block = group_size * max(1, spec.block_size // group_size) if group_size < in_features else spec.block_size
+        block = spec.block_size
         Q = torch.zeros_like(W)                                            # codes, permuted order
         column_group = torch.zeros(in_features, dtype=torch.long, device=W.device)  # permuted order
         losses = torch.zeros_like(W)
@@ -262,8 +267,10 @@ class GPTQ:
                     g = perm[col].item() // group_size
                 else:
                     g = col // group_size
-                    if col % group_size == 0:  # a new group: its grid from the columns as updated so far
-                        scales[:, g:g + 1], zeros[:, g:g + 1] = grid.params(W1[:, i:i + group_size])
+                    if col % group_size == 0:
+                        # a new group's grid from W, which holds the earlier blocks' updates but not this
+                        # block's (W1's): the reference code's choice, kept so results match it bit for bit
+                        scales[:, g:g + 1], zeros[:, g:g + 1] = grid.params(W[:, col:col + group_size])
                 column_group[col] = g
                 w, d = W1[:, i], U1[i, i]
                 q = grid.codes(w[:, None], scales[:, g:g + 1], zeros[:, g:g + 1])[:, 0]
@@ -398,12 +405,12 @@ def save_quantized(model: Transformer, out_dir, spec: QuantSpec, source_dir=None
     config, quant_config = the spec and the quantized layers); the tokenizer files beside the source
     checkpoint are copied along."""
     out_dir = Path(out_dir)
-    path = save_checkpoint(out_dir, model, quant_config=asdict(spec), **(extra or {}))
-    if source_dir is not None:
+    if source_dir is not None:  # first: save_checkpoint records the identity of the tokenizer beside it
+        out_dir.mkdir(parents=True, exist_ok=True)
         for f in Path(source_dir).iterdir():
             if f.name.startswith("tokenizer"):
                 shutil.copy(f, out_dir / f.name)
-    return path
+    return save_checkpoint(out_dir, model, quant_config=asdict(spec), **(extra or {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,6 +530,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_out(ckpt, out) -> None:
+    """Refuse an --out that would overwrite the model being quantized, or another full-precision
+    checkpoint (a training run's), before anything is computed or written."""
+    if not out:
+        return
+    source, target = Path(ckpt).resolve(), Path(out).resolve()
+    source_dir = source if source.is_dir() else source.parent
+    if source_dir in (target, target.parent if target.name == CHECKPOINT_FILE else None):
+        raise UsageError(f"--out-dir {out} is --ckpt's directory: the quantized checkpoint would replace the model it "
+                         f"is made from; give another --out-dir")
+    existing = target / CHECKPOINT_FILE
+    if existing.is_file() and "quant_config" not in torch.load(existing, map_location="cpu", mmap=True,
+                                                                weights_only=False):
+        raise UsageError(f"--out-dir {out} holds a full-precision checkpoint ({existing}), which would be replaced; "
+                         f"give another --out-dir")
+
+
 def model_fp16_bytes(model: Transformer) -> int:
     """Bytes of the model's weights in fp16 (a quantized layer counted as its full matrix, a tied one once)."""
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
@@ -543,6 +567,7 @@ def error_stats(report: list[dict]) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_out(args.ckpt, args.out_dir)
         t0 = time.time()
         args.device = resolve_device(args.device)
         needs_data = args.method == "gptq" or not args.no_eval or args.qlora_steps
@@ -590,7 +615,7 @@ def main(argv=None):
             atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
             print(f"summary in {summary_path}")
     except (QuantError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, prompt_ids)
-from common import check_trainable, load_model, load_tokenizer, peak_memory_mb, read_checkpoint, resolve_device
+from common import (check_tokenizer, check_trainable, exit_on_error, load_model, load_tokenizer, peak_memory_mb,
+                    read_checkpoint, resolve_device)
 from evaluate import arithmetic_accuracy
 from lora import apply_lora, disable_adapters
 from model import ModelConfig, Transformer
@@ -453,6 +454,7 @@ CONFIGS = {"reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 
 def load_tokenizer_for(config):
     tokenizer = load_tokenizer(config.init, config.tokenizer or None)
+    check_tokenizer(config.init, tokenizer, config.tokenizer or None)
     chat_token_ids(tokenizer)  # a clear error now if the chat special tokens are missing
     return tokenizer
 
@@ -573,6 +575,7 @@ def train_reward_model(config: RewardConfig) -> dict:
 
     if run.resuming:
         ckpt = run.checkpoint
+        run.check_model(model.config)
         model.load_state_dict(ckpt["train_state"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         order.set_state(ckpt["order"])
@@ -808,7 +811,7 @@ def main(argv=None):
         else:
             reinforce(config, command)
     except (TrainingError, ChatDataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,25 @@ batched and streaming generation, and a chat REPL.
 
 How it works: the prompts, left-padded to a common length (the padding masked out), go through the
 model once to fill the KV cache ("prefill"); then each step feeds one token per row and attends to
-the cached keys and values instead of recomputing the prefix ("decode"). The next token comes from
-the last position's logits, transformed in this order:
+the cached keys and values instead of recomputing the prefix ("decode"). Three small functions do
+this for every strategy: prefill (prompt -> cache, next logits), decode_step (one token per row ->
+next logits) and sample_next (logits -> next token). The next token comes from the last position's
+logits, transformed in this order (transformers' generate uses the same):
 
-    penalties -> temperature -> top-k -> top-p -> min-p -> sample (argmax when temperature == 0)
+    logit bias -> penalties -> no-repeat n-grams -> banned tokens -> min_new_tokens
+    -> temperature -> top-k -> top-p -> min-p -> typical-p -> sample (argmax when temperature == 0)
 
+- logit bias: a fixed number added to chosen tokens' logits; banned tokens get -inf.
 - repetition penalty (Keskar et al. 2019, CTRL): a seen token's logit l becomes l / r if l > 0 else l * r.
 - frequency / presence penalties (the OpenAI API's): l - frequency * count - presence * [count > 0].
 - temperature: sample from softmax(l / T); T = 0 is greedy decoding.
 - top-k (Fan et al. 2018): keep the k most probable tokens.
 - top-p, nucleus (Holtzman et al. 2020): keep the fewest most probable tokens whose mass reaches p.
 - min-p (Nguyen et al. 2024): keep tokens whose probability is at least min_p times the top one's.
+- typical-p (Meister et al. 2023): keep the tokens whose -log p is closest to the entropy, up to mass p.
+  The four filters keep at least min_tokens_to_keep tokens.
+- no_repeat_ngram_size n: a token that would complete an n-gram already in the sequence gets -inf.
+- min_new_tokens: the stop tokens get -inf until that many tokens are out.
 - beam search: keep the `beam_width` most probable prefixes; finished hypotheses are ranked by
   log P / length^alpha (the length penalty of Wu et al. 2016).
 - speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model proposes k
@@ -37,13 +45,13 @@ import math
 import sys
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from chat import END_OF_TEXT, IM_END, IM_START, prompt_ids
-from common import load_model, load_tokenizer, resolve_device
+from common import check_tokenizer, load_model, load_tokenizer, resolve_device
 from model import Transformer
 
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
@@ -69,36 +77,72 @@ def apply_penalties(logits, seen, counts, repetition_penalty=1.0, frequency_pena
     return logits
 
 
-def top_k_filter(logits, k: int):
+def top_k_filter(logits, k: int, min_tokens_to_keep: int = 1):
     """Keep each row's k largest logits, and any tied with the k-th (no arbitrary choice among equals)."""
+    k = max(k, min_tokens_to_keep)
     if k >= logits.size(-1):
         return logits
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]   # (B, 1)
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
-def top_p_filter(logits, p: float):
+def top_p_filter(logits, p: float, min_tokens_to_keep: int = 1):
     """Nucleus: keep token i iff the probability mass of the tokens strictly more probable than i is < p.
 
-    That is the smallest set of most probable tokens whose mass reaches p. The most probable token is
-    always kept (no mass lies above it), and tokens of equal probability are kept or dropped together.
+    That is the smallest set of most probable tokens whose mass reaches p (and at least
+    min_tokens_to_keep). The most probable token is always kept (no mass lies above it), and tokens of
+    equal probability are kept or dropped together.
     """
     if p >= 1.0:
         return logits
     probs = logits.softmax(-1)
     sorted_probs = probs.sort(dim=-1, descending=True).values                      # (B, V)
     mass_before = torch.cat([torch.zeros_like(sorted_probs[..., :1]), sorted_probs.cumsum(-1)[..., :-1]], -1)
-    n_keep = (mass_before < p).sum(-1, keepdim=True)                               # >= 1: mass_before[0] = 0
+    n_keep = (mass_before < p).sum(-1, keepdim=True).clamp(min=min_tokens_to_keep)  # >= 1: mass_before[0] = 0
     smallest_kept = sorted_probs.gather(-1, n_keep - 1)                            # (B, 1)
     return logits.masked_fill(probs < smallest_kept, float("-inf"))
 
 
-def min_p_filter(logits, min_p: float):
-    """Keep tokens with probability >= min_p * max probability, i.e. logit >= max logit + ln(min_p)."""
+def min_p_filter(logits, min_p: float, min_tokens_to_keep: int = 1):
+    """Keep tokens with probability >= min_p * max probability, i.e. logit >= max logit + ln(min_p)
+    (and the min_tokens_to_keep most probable ones)."""
     if min_p <= 0.0:
         return logits
     threshold = logits.max(-1, keepdim=True).values + math.log(min_p)
+    if min_tokens_to_keep > 1:
+        kth_largest = torch.topk(logits, min(min_tokens_to_keep, logits.size(-1)), dim=-1).values[..., -1:]
+        threshold = torch.minimum(threshold, kth_largest)
     return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def typical_filter(logits, mass: float, min_tokens_to_keep: int = 1):
+    """Locally typical sampling (Meister et al. 2023): keep the tokens whose information -log p_i is
+    closest to the distribution's entropy H, the fewest whose probability mass reaches `mass` (and at
+    least min_tokens_to_keep)."""
+    if mass >= 1.0:
+        return logits
+    logprobs = logits.log_softmax(-1)                                              # (B, V)
+    entropy = -(logprobs.exp() * logprobs).nansum(-1, keepdim=True)                # (B, 1); 0 log 0 = 0
+    surprise_gap = (-logprobs - entropy).abs()                                     # (B, V)
+    sorted_gap, order = surprise_gap.sort(dim=-1)                                  # most typical first
+    mass_up_to = logprobs.exp().gather(-1, order).cumsum(-1)
+    last = (mass_up_to < mass).sum(-1, keepdim=True).clamp(max=logits.size(-1) - 1)   # the token reaching mass
+    last = last.clamp(min=min_tokens_to_keep - 1)
+    return logits.masked_fill(surprise_gap > sorted_gap.gather(-1, last), float("-inf"))
+
+
+def no_repeat_ngram_mask(history, n: int, vocab_size: int, device=None) -> torch.Tensor:
+    """(B, V) bool: the tokens that would complete an n-gram already present in each row's history
+    (a list of token lists, prompt included), as in fairseq and transformers' no_repeat_ngram_size."""
+    banned = torch.zeros(len(history), vocab_size, dtype=torch.bool, device=device)
+    for row, tokens in enumerate(history):
+        if len(tokens) + 1 < n:
+            continue
+        prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+        for start in range(len(tokens) - n + 1):
+            if tuple(tokens[start:start + n - 1]) == prefix:
+                banned[row, tokens[start + n - 1]] = True
+    return banned
 
 
 @dataclass
@@ -111,6 +155,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    typical_p: float | None = None
+    min_tokens_to_keep: int = 1         # top-k, top-p, min-p and typical-p never keep fewer
+    no_repeat_ngram_size: int = 0       # n > 0: never repeat an n-gram of the prompt or output
+    logit_bias: dict | None = None      # {token id: added to its logit}, before everything else
+    banned_tokens: tuple = ()           # token ids never generated
+    min_new_tokens: int = 0             # the stop tokens are banned until this many tokens are out
 
     def __post_init__(self):
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -121,8 +171,23 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.typical_p is not None and not 0.0 < self.typical_p <= 1.0:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("min_tokens_to_keep",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("no_repeat_ngram_size", "min_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The token ids the options name must be the model's."""
+        for name, ids in (("logit_bias", self.logit_bias or ()), ("banned_tokens", self.banned_tokens)):
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token {bad[0]} is not in the model's vocabulary (ids 0..{vocab_size - 1})")
 
     @property
     def greedy(self) -> bool:
@@ -132,28 +197,106 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
+    @property
+    def needs_history(self) -> bool:
+        """Whether the logits' processing depends on the tokens so far (not only on the logits)."""
+        return self.has_penalties or self.no_repeat_ngram_size > 0 or self.min_new_tokens > 0
+
+    def bias(self, logits):
+        """The logit bias and the banned tokens: the processing that needs no history."""
+        if self.logit_bias:
+            ids = torch.tensor(list(self.logit_bias), device=logits.device)
+            values = torch.tensor(list(self.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.index_add(-1, ids, values.expand(*logits.shape[:-1], -1))
+        if self.banned_tokens:
+            logits = logits.index_fill(-1, torch.tensor(list(self.banned_tokens), device=logits.device),
+                                       float("-inf"))
+        return logits
+
     def filter(self, logits):
-        """Temperature, top-k, top-p, min-p on fp32 logits (B, V) (penalties come before, separately)."""
+        """Temperature, top-k, top-p, min-p, typical-p on fp32 logits (B, V) (the history-dependent
+        processing comes before, in DecodeState.process)."""
         logits = logits / self.temperature
+        keep = self.min_tokens_to_keep
         if self.top_k is not None:
-            logits = top_k_filter(logits, self.top_k)
+            logits = top_k_filter(logits, self.top_k, keep)
         if self.top_p is not None:
-            logits = top_p_filter(logits, self.top_p)
+            logits = top_p_filter(logits, self.top_p, keep)
         if self.min_p is not None:
-            logits = min_p_filter(logits, self.min_p)
+            logits = min_p_filter(logits, self.min_p, keep)
+        if self.typical_p is not None:
+            logits = typical_filter(logits, self.typical_p, keep)
         return logits
 
     def probs(self, logits):
-        """The distribution the next token is drawn from, (B, V): one-hot on the argmax when greedy."""
+        """The distribution the next token is drawn from, (B, V): one-hot on the argmax when greedy.
+        Only the processing without history (bias, then filters): see DecodeState for the rest."""
+        logits = self.bias(logits.float())
         if self.greedy:
             return F.one_hot(logits.argmax(-1), logits.size(-1)).to(torch.float32)
-        return self.filter(logits.float()).softmax(-1)
+        return self.filter(logits).softmax(-1)
 
     def choose(self, logits, generator=None):
-        """Next token ids (B,) from (already penalised) logits (B, V)."""
+        """Next token ids (B,) from logits (B, V) already through DecodeState.process."""
         if self.greedy:
             return logits.argmax(-1)
         return sample_from(self.filter(logits.float()).softmax(-1), generator)
+
+
+class DecodeState:
+    """What the history-dependent processing knows of each row: which tokens were seen, how often each was
+    generated, the whole sequence (for no_repeat_ngram_size) and how many tokens came out.
+
+    Order, as transformers' generate: logit bias -> repetition / frequency / presence penalties ->
+    no-repeat n-grams -> banned tokens -> min_new_tokens (stop tokens banned) -> then SamplingParams.filter.
+    """
+
+    def __init__(self, params: SamplingParams, prompts: list[list[int]], vocab_size: int, stop_tokens=(),
+                 device=None):
+        self.params, self.vocab_size, self.device = params, vocab_size, device
+        self.stop_tokens = sorted(set(stop_tokens))
+        self.n_new = 0
+        B = len(prompts)
+        self.history = [list(p) for p in prompts] if params.no_repeat_ngram_size else None
+        if params.has_penalties:
+            self.seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+            for row, p in enumerate(prompts):
+                self.seen[row, list(p)] = True
+            self.counts = torch.zeros(B, vocab_size, device=device)
+
+    def process(self, logits):
+        """fp32 logits (B, V) -> logits with every history-dependent rule applied."""
+        p = self.params
+        logits = p.bias(logits.float())
+        if p.has_penalties:
+            logits = apply_penalties(logits, self.seen, self.counts, p.repetition_penalty, p.frequency_penalty,
+                                     p.presence_penalty)
+        if p.no_repeat_ngram_size:
+            banned = no_repeat_ngram_mask(self.history, p.no_repeat_ngram_size, logits.size(-1), logits.device)
+            logits = logits.masked_fill(banned, float("-inf"))
+        if self.n_new < p.min_new_tokens and self.stop_tokens:
+            logits = logits.index_fill(-1, torch.tensor(self.stop_tokens, device=logits.device), float("-inf"))
+        return logits
+
+    def update(self, next_ids):
+        """Record the chosen tokens (B,) (rows already done too: their output is discarded)."""
+        self.n_new += 1
+        if self.params.has_penalties:
+            self.counts.scatter_add_(1, next_ids[:, None], torch.ones_like(self.counts[:, :1]))
+            self.seen.scatter_(1, next_ids[:, None], True)
+        if self.history is not None:
+            for row, token in enumerate(next_ids.tolist()):
+                self.history[row].append(token)
+
+
+def sample_next(logits, params: SamplingParams, state: DecodeState | None = None, generator=None):
+    """The next token of each row, (B,), from the model's logits (B, V): the history-dependent processing
+    (when state is given), the filters, then argmax or a draw; state then records the choice."""
+    logits = state.process(logits) if state is not None else params.bias(logits.float())
+    next_ids = params.choose(logits, generator)
+    if state is not None:
+        state.update(next_ids)
+    return next_ids
 
 
 def sample_from(probs, generator=None):
@@ -254,6 +397,17 @@ def compiled(model: Transformer):
     return _compiled_models[model]
 
 
+def prefill(model: Transformer, ids: torch.Tensor, cache, start_pos: int = 0) -> torch.Tensor:
+    """Feed ids (B, T) from position start_pos, writing their keys and values into cache; return the
+    logits (B, V) at the last position, those of the next token."""
+    return model(ids, start_pos=start_pos, kv_cache=cache)[0][:, -1]
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, cache) -> torch.Tensor:
+    """One token per row, tokens (B,), at position start_pos on the cache; return the next logits (B, V)."""
+    return model(tokens[:, None], start_pos=start_pos, kv_cache=cache)[0][:, -1]
+
+
 def check_prompt_length(T: int, max_seq_len: int) -> None:
     if T >= max_seq_len:
         raise ValueError(f"prompt of {T} tokens leaves no room to generate in the model's context of "
@@ -264,6 +418,8 @@ def check_prompt_length(T: int, max_seq_len: int) -> None:
 def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+             typical_p: float | None = None, min_tokens_to_keep: int = 1, no_repeat_ngram_size: int = 0,
+             logit_bias: dict | None = None, banned_tokens=(), min_new_tokens: int = 0,
              seed: int | None = None, stop_tokens=(), stop_strings=(), tokenizer=None, on_text=None,
              use_cache: bool = True, compile: bool = False) -> list[torch.Tensor]:
     """Continue each prompt by up to max_new_tokens tokens; return each row's new tokens (1-D, on the CPU).
@@ -272,11 +428,14 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: f
     included in its output), or after the token that completes one of stop_strings (kept), or when
     the model's context is full. tokenizer (anything with decode_bytes(ids) -> bytes) is needed for
     stop_strings and on_text: on_text(row, text) receives each row's text as soon as it is final.
-    seed makes sampling reproducible. use_cache=False recomputes the whole sequence at every step
-    (the reference the cache is tested and benchmarked against); compile=True decodes with
-    `compiled(model)`.
+    The sampling options are SamplingParams' fields. seed makes sampling reproducible.
+    use_cache=False recomputes the whole sequence at every step (the reference the cache is tested and
+    benchmarked against); compile=True decodes with `compiled(model)`.
     """
-    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty)
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty,
+                            typical_p, min_tokens_to_keep, no_repeat_ngram_size, logit_bias, tuple(banned_tokens),
+                            min_new_tokens)
+    params.check_vocab(model.config.vocab_size)
     if (stop_strings or on_text) and tokenizer is None:
         raise ValueError("stop_strings and on_text need a tokenizer to turn tokens into text")
     if max_new_tokens < 0:
@@ -289,31 +448,26 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: f
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop_ids = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     streams = [TextStream(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
+    state = None
+    if params.needs_history:
+        starts = pad_lens.tolist() if pad_lens is not None else [0] * B
+        state = DecodeState(params, [ids[b, starts[b]:].tolist() for b in range(B)], model.config.vocab_size,
+                            stop_tokens, device)
 
     out = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     lengths = [max_new_tokens] * B                        # where each row's output ends
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    if params.has_penalties:
-        real = (torch.arange(T, device=device)[None] >= (pad_lens[:, None] if pad_lens is not None else 0)).expand(B, T)
-        seen = torch.zeros(B, model.config.vocab_size, device=device).scatter_add_(1, ids, real.float()) > 0
-        counts = torch.zeros(B, model.config.vocab_size, device=device)
 
     def full_forward(seq):  # no cache: the whole sequence every step (a fresh cache only to mask the padding)
         cache = model.new_kv_cache(B, seq.size(1), pad_lens) if pad_lens is not None else None
-        return model(seq, kv_cache=cache)[0][:, -1]
+        return prefill(model, seq, cache)
 
     step = compiled(model) if compile else model
     cache = model.new_kv_cache(B, T + max_new_tokens, pad_lens) if use_cache else None
-    logits = model(ids, kv_cache=cache)[0][:, -1] if use_cache else full_forward(ids)   # (B, V)
+    logits = prefill(model, ids, cache) if use_cache else full_forward(ids)             # (B, V)
     for i in range(max_new_tokens):
-        logits = logits.float()
-        if params.has_penalties:
-            logits = apply_penalties(logits, seen, counts, repetition_penalty, frequency_penalty, presence_penalty)
-        next_ids = params.choose(logits, generator)                                        # (B,)
+        next_ids = sample_next(logits, params, state, generator)                       # (B,)
         out[:, i] = next_ids
-        if params.has_penalties:  # (rows already done update too: their output is discarded)
-            counts.scatter_add_(1, next_ids[:, None], torch.ones_like(counts[:, :1]))
-            seen.scatter_(1, next_ids[:, None], True)
         if stop_ids.numel() or streams is not None:  # (skipped otherwise: each check costs a little per step)
             finished = ~done & torch.isin(next_ids, stop_ids)
             for b in finished.nonzero().flatten().tolist():
@@ -331,7 +485,7 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature: f
         if i == max_new_tokens - 1:
             break
         if use_cache:
-            logits = step(next_ids[:, None], start_pos=T + i, kv_cache=cache)[0][:, -1]
+            logits = decode_step(step, next_ids, T + i, cache)
         else:
             logits = full_forward(torch.cat([ids, out[:, :i + 1]], dim=1))
     if streams is not None:
@@ -354,78 +508,88 @@ def reorder_cache(cache, rows: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, prompt, max_new_tokens: int, beam_width: int = 4, length_penalty: float = 1.0,
-                early_stopping: bool = True, stop_tokens=()) -> list[tuple[torch.Tensor, float]]:
-    """The beam_width best continuations of one prompt, best first, as (new tokens, score).
+def beam_search(model: Transformer, prompts, max_new_tokens: int, beam_width: int = 4, length_penalty: float = 1.0,
+                early_stopping: bool = True, stop_tokens=()):
+    """The beam_width best continuations of each prompt, best first, as (new tokens, score).
 
-    Every step extends each live beam by every token and keeps the beam_width highest sums of log
-    probabilities (the beams are the rows of one batch; the KV cache rows follow their beams). A beam
-    that emits a stop token becomes a finished hypothesis (the stop token counted, not returned) scored
-    sum log p / length^length_penalty: 0 ranks by raw probability, > 0 favours longer outputs.
-    Search ends after max_new_tokens, or with early_stopping as soon as beam_width hypotheses are
-    finished; without it, once no live beam can still beat the worst of them (as in Hugging Face).
-    Unfinished beams are scored the same way when the search ends.
+    prompts: one prompt (a list of ints or a 1-D tensor), which returns its list of (tokens, score), or
+    several (see left_pad), which return one such list per prompt. Each prompt's W = beam_width beams are
+    rows of one batch (the KV cache rows follow their beams). Every step, as transformers'
+    generate(num_beams=W) and fairseq do:
+      - the 2W best continuations (beam + token) by sum of log probabilities are taken, best first;
+      - a continuation ending in a stop token becomes a finished hypothesis only if it ranks among the
+        first W (the other W exist only so that W live beams remain); it is scored
+        sum log p / length^length_penalty, the stop token counted in both and not returned;
+      - the W best continuations without a stop token are the next step's beams;
+      - at the last step (max_new_tokens, or the context full) the W best continuations are finished.
+    Only the W best finished hypotheses are kept. A prompt is done, and its hypotheses final, with
+    early_stopping as soon as W are finished; without it, once the best live beam, scored at its
+    current length, cannot beat the worst of them (transformers' heuristic for early_stopping=False).
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    single = (torch.is_tensor(prompts) and prompts.dim() == 1) or (len(prompts) and isinstance(prompts[0], int))
     device = model.embed_tokens.weight.device
-    ids, _ = left_pad(torch.as_tensor(prompt).flatten(), device)
-    T = ids.size(1)
+    ids, pad_lens = left_pad(prompts, device)
+    B, T = ids.shape
     check_prompt_length(T, model.config.max_seq_len)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - T)
     stop = set(stop_tokens)
     W = beam_width
+    finished = [[] for _ in range(B)]          # per prompt: (score, tokens) of up to W hypotheses, best first
+    done = [max_new_tokens == 0] * B
 
     def score(sum_logprob: float, length: int) -> float:
         return sum_logprob / length ** length_penalty
 
-    cache = model.new_kv_cache(1, T + max_new_tokens)
-    logits = model(ids, kv_cache=cache)[0][:, -1]
-    reorder_cache(cache, torch.zeros(W, dtype=torch.long, device=device))   # W copies of the prompt
-    # all W beams start as the same prefix: only the first may expand, or the step would pick duplicates
-    beam_scores = torch.full((W,), float("-inf"), device=device)
-    beam_scores[0] = 0.0
-    beam_tokens = torch.zeros((W, 0), dtype=torch.long, device=device)
-    finished: list[tuple[float, torch.Tensor]] = []
+    cache = model.new_kv_cache(B, T + max_new_tokens, pad_lens)
+    logits = prefill(model, ids, cache)                                   # (B, V)
+    rows = torch.arange(B, device=device).repeat_interleave(W)            # W copies of each prompt
+    reorder_cache(cache, rows)
+    logits = logits[rows]                                                 # (B * W, V)
+    # a prompt's W beams start as the same prefix: only the first may expand, or a step would pick duplicates
+    beam_scores = torch.full((B, W), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0
+    beam_tokens = [[] for _ in range(B * W)]                             # row b * W + j: beam j of prompt b
     for i in range(max_new_tokens):
-        logprobs = F.log_softmax(logits.float(), dim=-1)                     # (W, V)
+        if all(done):
+            break
+        last = i == max_new_tokens - 1
+        logprobs = F.log_softmax(logits.float(), dim=-1)                  # (B * W, V)
         V = logprobs.size(-1)
-        candidates = (beam_scores[:, None] + logprobs).view(-1)               # (W * V,)
-        # 2W candidates: even if W of them end with a stop token, W remain to continue
-        top_scores, top_index = candidates.topk(min(2 * W, candidates.numel()))
-        keep_rows, keep_tokens, keep_scores = [], [], []
-        for s, index in zip(top_scores.tolist(), top_index.tolist()):
-            if s == float("-inf") or len(keep_rows) == W:
-                break
-            row, token = divmod(index, V)
-            if token in stop:
-                finished.append((score(s, i + 1), beam_tokens[row].clone()))
-            else:
-                keep_rows.append(row)
-                keep_tokens.append(token)
-                keep_scores.append(s)
-        finished = sorted(finished, key=lambda h: h[0], reverse=True)[:W]
-        if not keep_rows:
+        candidates = (beam_scores[..., None] + logprobs.view(B, W, V)).view(B, W * V)
+        top_scores, top_index = candidates.topk(min(2 * W, W * V), dim=-1)   # (B, 2W), best first
+        next_rows, next_tokens, next_scores = [], [], []
+        for b in range(B):
+            live = []
+            for rank, (s, index) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
+                if s == float("-inf"):
+                    break
+                beam, token = divmod(index, V)
+                if token in stop or last:
+                    if rank < W and not done[b]:
+                        tokens = beam_tokens[b * W + beam] + ([] if token in stop else [token])
+                        finished[b].append((score(s, i + 1), tokens))
+                elif len(live) < W:
+                    live.append((b * W + beam, token, s))
+            finished[b] = sorted(finished[b], key=lambda h: h[0], reverse=True)[:W]
+            if len(finished[b]) == W and (early_stopping or not live or score(live[0][2], i + 1) <= finished[b][-1][0]):
+                done[b] = True
+            live += [(live[0][0] if live else b * W, 0, float("-inf"))] * (W - len(live))   # dead rows pad the batch
+            for row, token, s in live:
+                next_rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(s)
+        if last or all(done):
             break
-        n_live = len(keep_rows)
-        rows = torch.tensor(keep_rows + [keep_rows[0]] * (W - n_live), device=device)   # dead rows pad the batch
-        new_tokens = torch.tensor(keep_tokens + [keep_tokens[0]] * (W - n_live), device=device)
-        beam_scores = torch.tensor(keep_scores + [float("-inf")] * (W - n_live), device=device)
-        beam_tokens = torch.cat([beam_tokens[rows], new_tokens[:, None]], dim=1)
-        if len(finished) == W:
-            best_live = score(keep_scores[0], i + 1)
-            if early_stopping or finished[-1][0] >= best_live:
-                break
-        if i == max_new_tokens - 1:
-            break
+        rows = torch.tensor(next_rows, device=device)
+        new_tokens = torch.tensor(next_tokens, device=device)
+        beam_scores = torch.tensor(next_scores, device=device).view(B, W)
+        beam_tokens = [beam_tokens[row] + [token] for row, token in zip(next_rows, next_tokens)]
         reorder_cache(cache, rows)
-        logits = model(new_tokens[:, None], start_pos=T + i, kv_cache=cache)[0][:, -1]
-    if beam_tokens.size(1):
-        for s, tokens in zip(beam_scores.tolist(), beam_tokens):
-            if s > float("-inf"):
-                finished.append((score(s, tokens.numel()), tokens.clone()))
-    finished = sorted(finished, key=lambda h: h[0], reverse=True)[:W]
-    return [(tokens.cpu(), s) for s, tokens in finished]
+        logits = decode_step(model, new_tokens, T + i, cache)
+    results = [[(torch.tensor(tokens, dtype=torch.long), s) for s, tokens in hyps] for hyps in finished]
+    return results[0] if single else results
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,8 +598,9 @@ def beam_search(model: Transformer, prompt, max_new_tokens: int, beam_width: int
 @torch.inference_mode()
 def speculative_generate(target: Transformer, draft: Transformer, prompt, max_new_tokens: int, n_draft: int = 4, *,
                          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                         min_p: float | None = None, seed: int | None = None, stop_tokens=(), stop_strings=(),
-                         tokenizer=None, on_text=None) -> tuple[torch.Tensor, dict]:
+                         min_p: float | None = None, typical_p: float | None = None, min_tokens_to_keep: int = 1,
+                         logit_bias: dict | None = None, banned_tokens=(), seed: int | None = None, stop_tokens=(),
+                         stop_strings=(), tokenizer=None, on_text=None) -> tuple[torch.Tensor, dict]:
     """Sample from `target` with `draft` proposing n_draft tokens per round; returns (new tokens, stats).
 
     Each round keeps the invariant: the target's cache holds every token but the last, the draft's
@@ -444,11 +609,22 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt, max_ne
     probability min(1, p_i(x_i) / q_i(x_i)); the first rejected x_i is replaced by a sample of
     norm(max(0, p_i - q_i)); if all pass, x_{k+1} ~ p_{k+1}. Positions past the accepted tokens are
     simply overwritten next round. p and q are the distributions after temperature / top-k / top-p /
-    min-p, so the output follows exactly what `generate` with the same settings samples from the
-    target; with temperature 0 both are one-hot and this returns the target's greedy output.
-    stats: drafted, accepted, acceptance_rate (accepted / drafted), target_calls. One prompt.
+    min-p / typical-p (and logit bias, banned tokens), so the output follows exactly what `generate`
+    with the same settings samples from the target; with temperature 0 both are one-hot and this returns
+    the target's greedy output. Options that depend on the tokens so far (penalties, no-repeat n-grams,
+    min_new_tokens) would change p and q per drafted token and are not taken.
+    stats: drafted, accepted, acceptance_rate (accepted / drafted), target_calls. One prompt: a batch
+    is refused (rows accept different numbers of tokens, so they would fall out of step).
     """
-    params = SamplingParams(temperature, top_k, top_p, min_p)
+    params = SamplingParams(temperature, top_k, top_p, min_p, typical_p=typical_p,
+                            min_tokens_to_keep=min_tokens_to_keep, logit_bias=logit_bias,
+                            banned_tokens=tuple(banned_tokens))
+    n_rows = prompt.size(0) if torch.is_tensor(prompt) and prompt.dim() == 2 else \
+        len(prompt) if not torch.is_tensor(prompt) and len(prompt) and hasattr(prompt[0], "__len__") else 1
+    if n_rows > 1:
+        raise ValueError(f"speculative decoding takes one prompt, got a batch of {n_rows}: call it once per "
+                         f"prompt (or use generate, which batches)")
+    params.check_vocab(target.config.vocab_size)
     if n_draft < 1:
         raise ValueError(f"n_draft must be >= 1, got {n_draft}")
     if target.config.vocab_size != draft.config.vocab_size:
@@ -476,7 +652,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt, max_ne
 
     target_cache, draft_cache = target.new_kv_cache(1, end), draft.new_kv_cache(1, end)
     if L0 > 1:
-        target(ids(tokens[:-1]), kv_cache=target_cache)
+        prefill(target, ids(tokens[:-1]), target_cache)
     draft_len = 0                         # tokens whose keys/values are in the draft's cache
     stats = {"drafted": 0, "accepted": 0, "target_calls": 0}
     stopped = False
@@ -485,13 +661,14 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt, max_ne
         k = min(n_draft, end - L - 1)     # this round adds up to k + 1 tokens
         drafted, q = [], []
         if k > 0:
-            logits = draft(ids(tokens[draft_len:]), start_pos=draft_len, kv_cache=draft_cache)[0][:, -1]
+            logits = prefill(draft, ids(tokens[draft_len:]), draft_cache, start_pos=draft_len)
             for j in range(k):
                 q.append(params.probs(logits)[0])                                # (V,)
                 drafted.append(pick(q[-1]))
                 if j < k - 1:
-                    logits = draft(ids(drafted[-1:]), start_pos=L + j, kv_cache=draft_cache)[0][:, -1]
+                    logits = decode_step(draft, ids(drafted[-1:])[0], L + j, draft_cache)
             draft_len = L + k - 1
+        # the one forward that needs every position's logits: p_1..p_{k+1} for the k drafted tokens
         p = params.probs(target(ids(tokens[-1:] + drafted), start_pos=L - 1, kv_cache=target_cache)[0][0])  # (k+1, V)
         n_accepted = 0
         for j, x in enumerate(drafted):
@@ -544,6 +721,18 @@ def build_parser():
     parser.add_argument("--top-k", type=int, help="keep the k most probable tokens")
     parser.add_argument("--top-p", type=float, help="nucleus: keep the most probable tokens up to mass p, in (0, 1]")
     parser.add_argument("--min-p", type=float, help="keep tokens with probability >= min_p * the top one's")
+    parser.add_argument("--typical-p", type=float, help="locally typical sampling: keep the most typical tokens up to "
+                                                        "mass p, in (0, 1]")
+    parser.add_argument("--min-tokens-to-keep", type=int, default=1,
+                        help="top-k, top-p, min-p and typical-p keep at least this many tokens (default: 1)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="never generate an n-gram already in the prompt or output (default: 0 = off)")
+    parser.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                        help="add BIAS to token ID's logit, repeatable (-100 all but bans it)")
+    parser.add_argument("--banned-token", action="append", type=int, default=[], metavar="ID",
+                        help="never generate token ID, repeatable")
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="no end of text before this many new tokens (default: 0)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract this x count (default: 0)")
     parser.add_argument("--presence-penalty", type=float, default=0.0, help="subtract this once seen (default: 0)")
@@ -583,19 +772,38 @@ def check_args(parser, args):
         parser.error("--ckpt is required (a checkpoint directory)")
     if args.strategy == "speculative" and not args.draft_ckpt:
         parser.error("--strategy speculative needs --draft-ckpt (a small model with the same tokenizer)")
-    if args.strategy == "speculative" and (args.repetition_penalty != 1.0 or args.frequency_penalty or args.presence_penalty):
-        parser.error("--strategy speculative does not take penalties (they change p per drafted token)")
+    params = sampling_params(args)
+    if args.strategy == "speculative" and params.needs_history:
+        parser.error("--strategy speculative takes no penalties, --no-repeat-ngram-size or --min-new-tokens "
+                     "(they change p per drafted token)")
+    if args.strategy == "beam" and (params.needs_history or params.logit_bias or params.banned_tokens):
+        parser.error("--strategy beam ranks by the model's own log-probabilities: it takes no penalties, "
+                     "--no-repeat-ngram-size, --min-new-tokens, --logit-bias or --banned-token")
     if args.strategy == "beam" and args.num_samples > args.beam_width:
         parser.error(f"--num-samples {args.num_samples} exceeds --beam-width {args.beam_width}")
 
 
+def parse_logit_bias(pairs) -> dict:
+    """["42=-5", "7=2.5"] (the --logit-bias flags) -> {42: -5.0, 7: 2.5}."""
+    bias = {}
+    for pair in pairs:
+        token, sep, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias {pair!r}: expected ID=BIAS, e.g. 42=-5") from None
+    return bias
+
+
 def sampling_params(args) -> SamplingParams:
     return SamplingParams(0.0 if args.strategy == "greedy" else args.temperature, args.top_k, args.top_p, args.min_p,
-                          args.repetition_penalty, args.frequency_penalty, args.presence_penalty)
+                          args.repetition_penalty, args.frequency_penalty, args.presence_penalty, args.typical_p,
+                          args.min_tokens_to_keep, args.no_repeat_ngram_size, parse_logit_bias(args.logit_bias),
+                          tuple(args.banned_token), args.min_new_tokens)
 
 
 def respond(args, model, draft, tokenizer, ids, stop_tokens, on_text=None):
-    """Run the chosen strategy on one prompt; returns (texts, generated token count, extra report)."""
+    """Run the chosen strategy on one prompt; returns (texts, each text's token count, extra report)."""
     n = args.num_samples
     texts = [[] for _ in range(n)]
 
@@ -610,24 +818,35 @@ def respond(args, model, draft, tokenizer, ids, stop_tokens, on_text=None):
         for tokens, score in beams:
             stream = TextStream(tokenizer, args.stop)
             outputs.append("".join(stream.push(t) for t in tokens.tolist()) + stream.finish())
-        return outputs, sum(t.numel() for t, _ in beams), "scores " + ", ".join(f"{s:.3f}" for _, s in beams)
+        return outputs, [t.numel() for t, _ in beams], "scores " + ", ".join(f"{s:.3f}" for _, s in beams)
     if args.strategy == "speculative":
-        count, stats = 0, {"drafted": 0, "accepted": 0}
+        counts, stats = [], {"drafted": 0, "accepted": 0}
+        p = sampling_params(args)
         for row in range(n):
             tokens, run = speculative_generate(
-                model, draft, ids, args.max_new_tokens, args.n_draft, temperature=sampling_params(args).temperature,
-                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                model, draft, ids, args.max_new_tokens, args.n_draft, temperature=p.temperature, top_k=p.top_k,
+                top_p=p.top_p, min_p=p.min_p, typical_p=p.typical_p, min_tokens_to_keep=p.min_tokens_to_keep,
+                logit_bias=p.logit_bias, banned_tokens=p.banned_tokens,
                 seed=None if args.seed is None else args.seed + row, stop_tokens=stop_tokens,
                 stop_strings=args.stop, tokenizer=tokenizer, on_text=lambda _, text, row=row: collect(row, text))
-            count += tokens.numel()
+            counts.append(tokens.numel())
             stats = {key: stats[key] + run[key] for key in stats}
-        return ["".join(t) for t in texts], count, f"acceptance {stats['accepted'] / max(stats['drafted'], 1):.2f}"
+        return ["".join(t) for t in texts], counts, f"acceptance {stats['accepted'] / max(stats['drafted'], 1):.2f}"
     p = sampling_params(args)
-    outs = generate(model, [ids] * n, args.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                    min_p=p.min_p, repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
-                    presence_penalty=p.presence_penalty, seed=args.seed, stop_tokens=stop_tokens,
+    outs = generate(model, [ids] * n, args.max_new_tokens, **asdict(p), seed=args.seed, stop_tokens=stop_tokens,
                     stop_strings=args.stop, tokenizer=tokenizer, on_text=collect, compile=args.compile)
-    return ["".join(t) for t in texts], sum(o.numel() for o in outs), ""
+    return ["".join(t) for t in texts], [o.numel() for o in outs], ""
+
+
+def context_note(prompt_len: int, counts, context: int, max_new_tokens: int) -> str:
+    """A line saying that a generation was cut short by the model's context, or '' if none was."""
+    room = context - prompt_len
+    cut = sum(n >= room for n in counts) if max_new_tokens > room else 0
+    if not cut:
+        return ""
+    which = "the generation" if len(counts) == 1 else f"{cut} of {len(counts)} generations"
+    return (f"[{which} stopped at the model's context of {context} tokens ({prompt_len} prompt + {room} new), "
+            f"before --max-new-tokens {max_new_tokens}]")
 
 
 def fit_prompt(ids, context: int, max_new_tokens: int, truncate: str):
@@ -656,9 +875,10 @@ def complete(args, model, draft, tokenizer):
     if streaming:
         print(args.prompt, end="", flush=True)
     started = time.perf_counter()
-    texts, n_tokens, extra = respond(args, model, draft, tokenizer, ids, [eot] if eot is not None else [],
-                                     (lambda _, text: print(text, end="", flush=True)) if streaming else None)
+    texts, counts, extra = respond(args, model, draft, tokenizer, ids, [eot] if eot is not None else [],
+                                   (lambda _, text: print(text, end="", flush=True)) if streaming else None)
     elapsed = time.perf_counter() - started
+    n_tokens = sum(counts)
     if streaming:
         print(flush=True)
     else:
@@ -667,6 +887,9 @@ def complete(args, model, draft, tokenizer):
     notes = [extra] * bool(extra) + ["the first run includes compiling"] * args.compile
     print(f"[{n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:.1f} tokens/s{''.join('; ' + n for n in notes)}]",
           file=sys.stderr)
+    note = context_note(len(ids), counts, context, args.max_new_tokens)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def chat(args, model, draft, tokenizer):
@@ -714,12 +937,16 @@ def chat(args, model, draft, tokenizer):
             continue
         print("assistant> ", end="", flush=True)
         started = time.perf_counter()
-        texts, n_tokens, extra = respond(args, model, draft, tokenizer, ids, stop_tokens,
-                                         None if args.strategy == "beam" else lambda _, text: print(text, end="", flush=True))
+        texts, counts, extra = respond(args, model, draft, tokenizer, ids, stop_tokens,
+                                       None if args.strategy == "beam" else lambda _, text: print(text, end="", flush=True))
         elapsed = time.perf_counter() - started
+        n_tokens = counts[0]
         print(texts[0] if args.strategy == "beam" else "", flush=True)
         history.append({"role": "assistant", "content": texts[0]})
         print(f"[{n_tokens} tokens, {n_tokens / elapsed:.1f} tokens/s{'; ' + extra if extra else ''}]", file=sys.stderr)
+        note = context_note(len(ids), counts[:1], context, args.max_new_tokens)
+        if note:
+            print(note, file=sys.stderr)
 
 
 def main(argv=None):
@@ -736,9 +963,8 @@ def main(argv=None):
             for m in filter(None, (model, draft)):
                 m.decode_layout()
         tokenizer = load_tokenizer(args.ckpt, args.tokenizer)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only {model.config.vocab_size}: "
-                             "they do not belong together")
+        for path in filter(None, (args.ckpt, draft and args.draft_ckpt)):
+            check_tokenizer(path, tokenizer, args.tokenizer)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         (chat if args.interactive else complete)(args, model, draft, tokenizer)

@@ -19,7 +19,6 @@ Outputs in --out-dir: ckpt.pt (the full model, adapters merged: every stage load
 --lora-rank, the tokenizer, sft_config.json, metrics.jsonl, loss.png, summary.json.
 """
 import random
-import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_chat_files, pad_batch, parse_placeholders,
                   prompt_ids, tokenize_conversations)
-from common import check_trainable, load_model, load_tokenizer, peak_memory_mb, resolve_device
+from common import (check_tokenizer, check_trainable, exit_on_error, load_model, load_tokenizer, peak_memory_mb,
+                    resolve_device)
 from evaluate import held_out_loss
 from lora import apply_lora
 from sample import generate
@@ -175,6 +175,7 @@ def finetune(config: SFTConfig) -> dict:
     seed_everything(config.seed)
 
     tokenizer = load_tokenizer(config.init, config.tokenizer or None)
+    check_tokenizer(config.init, tokenizer, config.tokenizer or None)
     pad_id = chat_token_ids(tokenizer)[PAD]
     placeholders = parse_placeholders(config.set)
     conversations = load_chat_files(config.data, placeholders, config.skip_bad_records)
@@ -303,7 +304,7 @@ def main(argv=None):
     try:
         finetune(config)
     except (TrainingError, ChatDataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Outputs in --out-dir: ckpt.pt, train_config.json, metrics.jsonl, loss.png, summa
 """
 import os
 import shutil
-import sys
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from bpe import Tokenizer
-from common import peak_memory_mb, resolve_device
+from common import exit_on_error, peak_memory_mb, resolve_device
 from evaluate import evaluate, token_byte_lengths
 from model import moe_stats, plot_expert_shares, reset_moe_stats
 from sample import generate
@@ -84,6 +83,7 @@ def train(config: TrainConfig) -> dict:
 
     if run.resuming:
         ckpt = run.checkpoint
+        run.check_model(model.config)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
@@ -215,8 +215,8 @@ def main(argv=None):
     config = parse_config(TrainConfig, TRAIN_PRESETS, __doc__.split("\n\n")[0], argv)
     try:
         train(config)
-    except TrainingError as e:
-        sys.exit(f"error: {e}")
+    except (TrainingError, ValueError) as e:
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

@@ -38,13 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import CHECKPOINT_FILE, atomic_write, read_checkpoint, save_checkpoint
+from common import CHECKPOINT_FILE, UsageError, atomic_write, check_writable_dir, read_checkpoint, save_checkpoint
 from lora import lora_state_dict, merged_state_dict, save_adapter
 from model import PRESETS, ModelConfig, Transformer
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (bad data, NaN loss, a run directory in the way): reported without a traceback."""
+    """A run that cannot go on (bad data, NaN loss): reported without a traceback. A flag the user can fix
+    (a run directory in the way, --resume with nothing or another model to resume) is a common.UsageError."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,6 +103,7 @@ def check_finite(loss: float, step: int, ckpt_path: Path, hint: str = "try a low
 # Randomness: one seed for everything, and its state in every checkpoint
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (every one a run may draw from)."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -225,14 +227,16 @@ class RunDir:
         self.timer, self.elapsed_before, self.t_start = None, 0.0, time.time()
         if config.resume:
             if not self.ckpt_path.exists():
-                raise TrainingError(f"--resume: {self.path} holds no checkpoint ({CHECKPOINT_FILE}), so there is "
-                                    f"nothing to resume; leave out --resume to start a run there")
+                raise UsageError(f"--resume: {self.path} holds no checkpoint ({CHECKPOINT_FILE}), so there is "
+                                 f"nothing to resume; leave out --resume to start a run there")
             self.checkpoint = read_checkpoint(self.path)
             self.saved_step = self.checkpoint["step"]
             self.finished = self._finished_summary()
         elif (self.ckpt_path.exists() or (self.path / "summary.json").exists()) and not config.overwrite:
-            raise TrainingError(f"{self.path} holds a run already: --resume continues it, --overwrite starts over "
-                                f"there, or give another --out-dir")
+            raise UsageError(f"{self.path} holds a run already: --resume continues it, --overwrite starts over "
+                             f"there, or give another --out-dir")
+        if master:  # a file in the way, a read-only disk: said now, not at the first checkpoint
+            check_writable_dir(self.path)
         if master and self.path.is_dir():  # temporary files of checkpoint writes killed half-way
             for stale in self.path.glob(f".{CHECKPOINT_FILE}.*.tmp"):
                 stale.unlink()
@@ -243,6 +247,15 @@ class RunDir:
     @property
     def resuming(self) -> bool:
         return self.checkpoint is not None
+
+    def check_model(self, model_config) -> None:
+        """--resume must continue the same model: a UsageError naming every config field that differs."""
+        saved, current = self.checkpoint["model_config"], asdict(model_config)
+        differ = [f"{k} {saved.get(k)} -> {current[k]}" for k in current if k in saved and saved[k] != current[k]
+                  and k not in ("dropout", "attn_backend")]  # not part of the weights' shape
+        if differ:
+            raise UsageError(f"--resume: {self.ckpt_path} holds another model ({', '.join(differ)}); resume with "
+                             f"the flags it was trained with, or start over in a new --out-dir")
 
     def _finished_summary(self) -> dict | None:
         """The summary, when it was written at the checkpoint's step and this config would stop there too."""
@@ -348,6 +361,7 @@ class RunDir:
 
     def load_weights(self, model, lora: bool = False) -> None:
         """The checkpoint's weights into `model`: with LoRA its adapters alone (the base is --init's), else all."""
+        self.check_model(model.config)
         if lora:
             model.load_state_dict(self.checkpoint["lora"], strict=False)
         else:
@@ -530,7 +544,22 @@ def parse_config(config_class, presets: dict, description: str, argv=None):
             parser.error(f"--config {config_file}: unknown keys {unknown}")
         values.update(from_file)
     values.update(args)
-    return config_class(**values)
+    config = config_class(**values)
+    try:
+        check_positive(config)
+    except UsageError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # one line: train.py's usage block is 30 lines long
+    return config
+
+
+def check_positive(config, names=("batch_size", "grad_accum", "seq_len", "max_len", "eval_interval",
+                                  "log_interval", "minibatches", "ppo_epochs", "prompts_per_step",
+                                  "samples_per_prompt", "eval_new_tokens")) -> None:
+    """Counts that must be >= 1 (a batch of 0 sequences): a UsageError naming the flag."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,14 +14,13 @@ Every other flag is dpo.py's (python -m bench.dpo --help).
 """
 import json
 import os
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from chat import IM_END, PAD, chat_token_ids, prompt_ids
-from common import load_model, load_tokenizer, resolve_device
+from common import exit_on_error, load_model, load_tokenizer, resolve_device
 from dpo import DPO_PRESETS, DPOConfig, precompute_reference, tokenize_items, train
 from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs, question_text, split_of
@@ -168,7 +167,7 @@ def main(argv=None):
     try:
         bench(config)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

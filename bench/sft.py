@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from chat import ChatDataError, load_conversations
-from common import load_model, load_tokenizer, read_checkpoint, save_checkpoint
+from common import exit_on_error, load_model, load_tokenizer, read_checkpoint, save_checkpoint
 from model import ModelConfig, Transformer
 from sft import SFT_PRESETS, SFTConfig, answer, finetune
 from training import TrainingError, opt, parse_config
@@ -149,7 +149,7 @@ def main(argv=None):
     try:
         bench(config)
     except (TrainingError, ChatDataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        exit_on_error(e)
 
 
 if __name__ == "__main__":

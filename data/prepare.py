@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bpe import Tokenizer  # noqa: E402
+from bpe import DEFAULT_SPECIAL_TOKENS, Tokenizer  # noqa: E402
 from data.corpus import EOT, CorpusError, fetch, files_of, infer_format, read_documents, tokenize  # noqa: E402
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -158,6 +158,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    smallest = 256 + len(DEFAULT_SPECIAL_TOKENS)
+    if not args.tokenizer and args.vocab_size < smallest:
+        parser.error(f"--vocab-size must be at least the 256 byte tokens + {len(DEFAULT_SPECIAL_TOKENS)} special "
+                     f"tokens = {smallest}, got {args.vocab_size}")
     try:
         prepare(args)
     except (PrepareError, CorpusError) as e:

@@ -268,3 +268,27 @@ def test_demo_data_sets_load(data_dir):
     assert len(unpaired) == 600 and sum(item["label"] for item in unpaired) == 300
     with pytest.raises(ValueError, match="needs chosen/rejected pairs"):
         load_items(str(data_dir / "preference" / "kto_en_demo.json"), DPOConfig(loss="sigmoid"))
+
+
+def test_seeded_generators_and_resume_restore_the_uninterrupted_runs_rng_state(init_dir, pairs_file, tmp_path):
+    """Every generator seeded (Python, numpy, torch: not only torch), so what came before in the process does
+    not matter; on resume the RNG state is restored after the models are built (building the reference
+    draws from torch's generator), so the saved state equals an uninterrupted run's."""
+    import random
+    import numpy as np
+    states = []
+    for noise in (1, 2):
+        random.seed(noise)
+        np.random.seed(noise)
+        torch.manual_seed(noise)
+        run(init_dir, pairs_file, tmp_path / f"seeded{noise}", max_steps=2, lora_rank=4)
+        states.append(torch.load(tmp_path / f"seeded{noise}" / "ckpt.pt", weights_only=False))
+    assert states[0]["rng"]["python"] == states[1]["rng"]["python"]
+    assert all(np.array_equal(a, b) for a, b in zip(states[0]["rng"]["numpy"][1:2], states[1]["rng"]["numpy"][1:2]))
+    assert all(torch.equal(states[0]["lora"][k], states[1]["lora"][k]) for k in states[0]["lora"])  # adapters' init
+
+    run(init_dir, pairs_file, tmp_path / "whole", max_steps=4, eval_interval=2)
+    run(init_dir, pairs_file, tmp_path / "resumed", max_steps=2, eval_interval=2)
+    run(init_dir, pairs_file, tmp_path / "resumed", max_steps=4, eval_interval=2, resume=True)
+    whole, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["rng"] for d in ("whole", "resumed"))
+    assert torch.equal(whole["torch"], resumed["torch"]) and whole["python"] == resumed["python"]

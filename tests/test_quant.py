@@ -74,6 +74,70 @@ def test_rtn_within_half_a_step(bits, group_size, sym):
         assert ((w - moved).abs() >= err - 1e-6)[on_grid].all()
 
 
+def reference_gptq(W, H, bits, group_size, act_order=False, static_groups=False, blocksize=128, percdamp=0.01):
+    """The column loop of the GPTQ paper's reference code (IST-DASLab/gptq, gptq.py, fasterquant), restated
+    as the oracle: dequantized weights (out, in). Its Quantizer is quant.grid_params (the same min/max grid,
+    with nanollm's scale stored in fp16); everything else follows the reference line for line, notably
+    that a group's grid comes from W (earlier blocks' updates only), not from the block copy W1."""
+    W, H = W.clone().float(), H.clone()
+    columns = W.shape[1]
+
+    def find_params(x):
+        return quant.grid_params(x, bits, False)
+
+    def fake_quantize(x, scale, zero):
+        return scale * (torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1) - zero)
+
+    scale, zero = find_params(W)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if static_groups:
+        groups = [find_params(W[:, i:i + group_size]) for i in range(0, columns, group_size)]
+    perm = torch.arange(columns)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(columns)
+    H[diag, diag] += damp
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            if group_size:
+                if not static_groups:
+                    if (i1 + i) % group_size == 0:
+                        scale, zero = find_params(W[:, i1 + i:i1 + i + group_size])
+                else:
+                    scale, zero = groups[perm[i1 + i] // group_size]
+            q = fake_quantize(w.unsqueeze(1), scale, zero).flatten()
+            Q[:, i1 + i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return Q[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("bits,group_size,act_order,static_groups",
+                         [(4, 64, False, False), (4, 64, True, False), (3, 32, False, False), (4, 96, False, False),
+                          (4, 192, True, False), (4, 0, False, False), (4, 0, True, False), (4, 64, True, True)])
+def test_gptq_is_bit_identical_to_the_reference_algorithm(bits, group_size, act_order, static_groups):
+    g = torch.Generator().manual_seed(bits + group_size)
+    W = torch.randn(48, 384, generator=g) * torch.rand(48, 1, generator=g)
+    X = correlated_inputs(1024, 384, seed=group_size) * torch.linspace(0.5, 3.0, 384)
+    X[:, 7] = 0                                                    # a dead input column
+    gptq = GPTQ(384)
+    gptq.add_batch(X)
+    q, _ = gptq.quantize(W, QuantSpec("gptq", bits, group_size, act_order=act_order, static_groups=static_groups))
+    expected = reference_gptq(W, gptq.H, bits, group_size, act_order, static_groups)
+    assert torch.equal(q.dequantize(), expected)
+
+
 def test_gptq_equals_rtn_when_hessian_is_identity():
     """H = I: no correlation between inputs to exploit, U^-1 is diagonal and no error is propagated."""
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
@@ -156,7 +220,8 @@ def test_bad_specs_are_named():
     with pytest.raises(QuantError, match="bits must be one of"):
         QuantSpec("rtn", 5)
     model = tiny_model()
-    with pytest.raises(QuantError, match=r"layers\.0\.self_attn\.q_proj: group size 48 does not divide in_features 64"):
+    with pytest.raises(QuantError, match=r"--group-size 48 does not divide the 64 input columns of "
+                                         r"layers\.0\.self_attn\.q_proj: give a divisor \(the largest up to 48 is 32\)"):
         quantize_model(model, QuantSpec("rtn", 4, 48), log=None)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # checked before any layer changed
 

@@ -12,7 +12,7 @@ from common import save_checkpoint
 from model import ModelConfig, Transformer
 from chat import prompt_ids, render_chatml
 from sample import (SamplingParams, TextStream, apply_penalties, beam_search, generate, left_pad,
-                    min_p_filter, speculative_generate, top_k_filter, top_p_filter)
+                    min_p_filter, speculative_generate, top_k_filter, top_p_filter, typical_filter)
 
 INF = float("inf")
 
@@ -233,6 +233,95 @@ def test_left_pad():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The sampling options against transformers' logits processors, on random logits
+
+@pytest.mark.parametrize("keep", [1, 4])
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_filters_match_transformers_warpers_with_min_tokens_to_keep(keep, scale):
+    tr = pytest.importorskip("transformers")
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(int(scale) + keep)) * scale
+    ids = torch.zeros(16, 1, dtype=torch.long)
+    cases = [(lambda x: top_k_filter(x, 2, keep), tr.TopKLogitsWarper(top_k=2, min_tokens_to_keep=keep))]
+    for p in (0.05, 0.5, 0.95):
+        cases.append((lambda x, p=p: top_p_filter(x, p, keep), tr.TopPLogitsWarper(top_p=p, min_tokens_to_keep=keep)))
+        cases.append((lambda x, p=p: min_p_filter(x, p, keep), tr.MinPLogitsWarper(min_p=p, min_tokens_to_keep=keep)))
+        cases.append((lambda x, p=p: typical_filter(x, p, keep),
+                      tr.TypicalLogitsWarper(mass=p, min_tokens_to_keep=keep)))
+    for ours, theirs in cases:
+        mine, reference = ours(logits.clone()), theirs(ids, logits.clone())
+        assert torch.equal(mine == -INF, reference == -INF), theirs
+        assert torch.equal(mine[mine > -INF], logits[mine > -INF])
+        assert ((mine > -INF).sum(-1) >= keep).all()
+
+
+def test_history_processors_match_transformers():
+    """Logit bias, repetition penalty, no-repeat n-grams, banned tokens and min_new_tokens, each against
+    its transformers processor, on random histories over a small vocabulary (so n-grams do repeat)."""
+    tr = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    V, B, T_prompt, n_new = 12, 6, 5, 20
+    sequences = torch.randint(V, (B, T_prompt + n_new), generator=g)
+    logits = torch.randn(B, V, generator=g) * 2
+    stop = 3
+    for n in (1, 2, 3):
+        expected = tr.NoRepeatNGramLogitsProcessor(n)(sequences, logits.clone())
+        banned = sample.no_repeat_ngram_mask(sequences.tolist(), n, V)
+        assert torch.equal(banned, expected == -INF) and banned.any()
+    params = SamplingParams(repetition_penalty=1.7, no_repeat_ngram_size=2, logit_bias={1: 2.5, 7: -1.25},
+                            banned_tokens=(4, 9), min_new_tokens=n_new + 1)
+    reference = tr.LogitsProcessorList([
+        tr.SequenceBiasLogitsProcessor(sequence_bias=[[[1], 2.5], [[7], -1.25]]),
+        tr.RepetitionPenaltyLogitsProcessor(1.7), tr.NoRepeatNGramLogitsProcessor(2),
+        tr.SuppressTokensLogitsProcessor([4, 9]),
+        tr.MinNewTokensLengthLogitsProcessor(T_prompt, n_new + 1, eos_token_id=stop)])
+    state = sample.DecodeState(params, sequences[:, :T_prompt].tolist(), V, stop_tokens=[stop])
+    for token in sequences[:, T_prompt:].T:
+        state.update(token)
+    assert torch.equal(state.process(logits.clone()), reference(sequences, logits.clone()))
+    min_new = sample.DecodeState(SamplingParams(min_new_tokens=2), [[1]] * B, V, stop_tokens=[stop])
+    for _ in range(2):
+        assert (min_new.process(logits)[:, stop] == -INF).all()
+        min_new.update(torch.zeros(B, dtype=torch.long))
+    assert torch.equal(min_new.process(logits), logits)                 # two tokens out: the stop token is back
+
+
+def test_generate_with_every_option_equals_transformers_greedy_generate():
+    tr = pytest.importorskip("transformers")
+    from tests.reference import hf_llama_like
+    model = make_model(std=0.15, vocab_size=24)
+    prompts = [[5, 9, 2, 13], [7, 1, 7]]
+    options = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=4)
+    free = generate(model, prompts, 12, temperature=0, logit_bias={6: 1.5}, banned_tokens=[11], **options)
+    stop = free[0][6].item()                # a token it generates after min_new_tokens: the stop token ends it
+    ours = generate(model, prompts, 12, temperature=0, logit_bias={6: 1.5}, banned_tokens=[11], stop_tokens=[stop],
+                    **options)
+    hf = hf_llama_like(model, "eager").eval()
+    for prompt, tokens in zip(prompts, ours):
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=12, eos_token_id=stop, pad_token_id=stop,
+                          sequence_bias=[[[6], 1.5]], suppress_tokens=[11], **options)[0, len(prompt):].tolist()
+        assert tokens.tolist() == (out[:out.index(stop)] if stop in out else out)
+    assert any(len(t) < 12 for t in ours)                            # the stop token did end a row
+
+
+def test_speculative_and_beam_refuse_what_they_cannot_do(capsys):
+    target = make_model()
+    with pytest.raises(ValueError, match=r"banned_tokens: token 64 is not in the model's vocabulary \(ids 0..63\)"):
+        generate(target, [1, 2], 4, banned_tokens=[3, 64])
+    with pytest.raises(ValueError, match="logit_bias: token -1"):
+        speculative_generate(target, target, [1, 2], 4, logit_bias={-1: 2.0})
+    with pytest.raises(ValueError, match="speculative decoding takes one prompt, got a batch of 2"):
+        speculative_generate(target, target, [[1, 2], [3, 4, 5]], 4)
+    with pytest.raises(ValueError, match="batch of 2"):
+        speculative_generate(target, target, torch.tensor([[1, 2], [3, 4]]), 4)
+    for argv in (["--strategy", "speculative", "--draft-ckpt", "d", "--no-repeat-ngram-size", "2"],
+                 ["--strategy", "beam", "--logit-bias", "3=1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(["--ckpt", "somewhere"] + argv)
+        assert exit_info.value.code == 2 and "takes no" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Beam search
 
 def test_beam_width_one_equals_greedy():
@@ -286,6 +375,51 @@ def test_beam_length_penalty_scores_finished_hypotheses():
             ended = len(tokens) < 6
             full = tokens + [stop] if ended else tokens
             assert score == pytest.approx(sequence_logprob(model, prompt, full) / len(full) ** alpha, abs=1e-4)
+
+
+def hf_beam_search(model, prompts, n, W, stop, length_penalty, early_stopping):
+    """transformers' generate(num_beams=W) on the same weights: per prompt, W (tokens, score), the stop
+    token and the padding after it cut off."""
+    from tests.reference import hf_llama_like
+    hf = hf_llama_like(model, "eager").eval()
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[stop] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, num_beams=W, num_return_sequences=W, max_new_tokens=n,
+                      early_stopping=early_stopping, length_penalty=length_penalty, eos_token_id=stop,
+                      pad_token_id=stop, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    results = []
+    for b in range(len(prompts)):
+        hyps = []
+        for j in range(W):
+            tokens = out.sequences[b * W + j, T:].tolist()
+            hyps.append((tokens[:tokens.index(stop)] if stop in tokens else tokens,
+                         out.sequences_scores[b * W + j].item()))
+        results.append(hyps)
+    return results
+
+
+@pytest.mark.parametrize("seed,W,length_penalty,early_stopping", [(0, 3, 1.0, True), (1, 4, 1.0, True),
+                                                                  (2, 2, 0.0, True), (3, 4, 2.0, True),
+                                                                  (4, 3, 1.0, False), (5, 4, 0.5, False)])
+def test_beam_search_matches_transformers_on_every_beam_and_score(seed, W, length_penalty, early_stopping):
+    """Against generate(num_beams=W, early_stopping=...): finished hypotheses only once W are done (never
+    a live, unfinished beam beside them), stop tokens finalized only from the top W, over a batch of
+    prompts of different lengths."""
+    pytest.importorskip("transformers")
+    model = make_model(seed=seed, std=0.15, vocab_size=24)
+    prompts = [[5, 9, 2, 13], [7, 1], [3, 3, 8]]
+    n = 10
+    stop = greedy_reference(model, prompts[0], n)[1 + seed % 3]
+    expected = hf_beam_search(model, prompts, n, W, stop, length_penalty, early_stopping)
+    beams = beam_search(model, prompts, n, beam_width=W, length_penalty=length_penalty,
+                        early_stopping=early_stopping, stop_tokens=[stop])
+    for got, want in zip(beams, expected):
+        assert [t.tolist() for t, _ in got] == [t for t, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-4)
+    alone = beam_search(model, prompts[1], n, beam_width=W, length_penalty=length_penalty,
+                        early_stopping=early_stopping, stop_tokens=[stop])
+    assert [t.tolist() for t, _ in alone] == [t.tolist() for t, _ in beams[1]]
 
 
 # ----------------------------------------------------------------------------------------------------------
