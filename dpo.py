@@ -450,7 +450,6 @@ def train(config: DPOConfig, log=print) -> dict:
         run.load_weights(policy, lora=bool(config.lora_rank))
         optimizer.load_state_dict(ckpt["optimizer"])
         position, cache = ckpt["position"], ckpt.get("ref_cache")
-    step = run.start(log)  # after the models are built: a resumed run's RNG state is restored last
     if kind == "cache" and cache is None:  # before any update the policy is the reference
         t0 = time.time()
         cache = {"train": precompute_reference(policy, train_seqs, pad_id, config.batch_size, device),
@@ -462,7 +461,7 @@ def train(config: DPOConfig, log=print) -> dict:
         reference = Reference(kind, policy, cache)
     # last: building the models above draws from the generators, as it did before the first step; a resumed
     # run's RNG state comes back here
-    step, elapsed = run.start(log)
+    step = run.start(log)
     tokenizer.save(run.path / "tokenizer")
 
     n_trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
