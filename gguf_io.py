@@ -771,6 +771,8 @@ def main(argv=None):
             name = args.name or Path(args.ckpt).resolve().with_suffix("").name
             save_gguf(model, tokenizer, out, args.type, name, log=lambda msg: print(msg, file=sys.stderr))
             print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    except BrokenPipeError:  # `info FILE | head`: the reader left, nothing is wrong
+        sys.stderr.close()
     except (GGUFError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
