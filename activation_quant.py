@@ -58,7 +58,7 @@ from quant_linear import QuantError, W8A8Linear, dequantize_codes, set_module
 ALPHA_GRID = 20        # AWQ: alpha in {0, 1/20, ..., 1}
 CLIP_GRID = 20         # AWQ clipping: r in {1, 1 - 1/20, ...} down to 1 - CLIP_MAX_SHRINK (exclusive)
 CLIP_MAX_SHRINK = 0.5
-CLIP_TOKENS = 512      # tokens the clipping search measures its error on (the reference's n_sample_token)
+CLIP_TOKENS = 512      # at most this many of the search's tokens measure the clipping error (the reference's n_sample_token)
 QK_NAMES = ("self_attn.q_proj", "self_attn.k_proj")
 
 
@@ -210,7 +210,7 @@ def awq_apply(model: Transformer, spec: QuantSpec, calib: torch.Tensor, alpha: f
                 log(f"  layers.{i}.{prev} -> {', '.join(r.split('.')[-1] for r in readers)}: alpha {best:.2f} | "
                     f"output MSE {min(losses):.3e} (RTN {losses[0]:.3e})")
         if clip:
-            sample = torch.randperm(n_tokens, generator=g)[:CLIP_TOKENS]
+            sample = search[:CLIP_TOKENS]                     # the clipping search on (part of) the same sample
             for _, readers in pairs:
                 x = inputs[readers[0]][sample.to(hidden[0].device)]
                 for n in readers:
@@ -236,7 +236,7 @@ def awq_quantize(model: Transformer, spec: QuantSpec, calib: torch.Tensor, alpha
                      log=log)
     rounding = QuantSpec("gptq" if gptq else "rtn", spec.bits, spec.group_size, spec.sym, spec.act_order,
                          spec.static_groups, spec.percdamp, spec.block_size)
-    report = quantize_model(model, rounding, calib, batch_size=batch_size, log=log)
+    report = quantize_model(model, rounding, calib if gptq else None, batch_size=batch_size, log=log)
     return [{**row, **info.get(row["layer"], {})} for row in report]
 
 

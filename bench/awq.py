@@ -19,7 +19,6 @@ transformers.
 import argparse
 import copy
 import json
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,6 +31,9 @@ from common import load_model
 from quant import QuantSpec, calibration_tokens, linear_bytes, quantize_model, target_names
 from quant_linear import int8_backend
 from train import evaluate
+
+METHODS = ("fp32", "rtn", "gptq", "awq", "awq-gptq", "w8a8", "smoothquant")
+LABELS = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq-gptq": "AWQ+GPTQ"}
 
 
 def text_tokens(path: Path, tokenizer_dir: str) -> np.ndarray:
@@ -75,10 +77,15 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's alpha")
     p.add_argument("--search-tokens", type=int, default=4096, help="calibration tokens AWQ's alpha search measures on")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--out-dir", help="write rows.json and the outlier plot here")
     args = p.parse_args(argv)
     if bool(args.data) == bool(args.calib_text and args.eval_text):
         p.error("give either --data or both --calib-text and --eval-text")
+    methods = args.methods.split(",")
+    if set(methods) - set(METHODS):
+        p.error(f"--methods: unknown {sorted(set(methods) - set(METHODS))} (choose from {','.join(METHODS)})")
     torch.manual_seed(0)
 
     base = load_model(args.ckpt)
@@ -94,9 +101,9 @@ def main(argv=None):
     names = target_names(base, False)
     fp_bytes = sum(base.get_submodule(n).weight.numel() * 4 for n in names)
     g = args.group_size
-    int4 = [(f"{method} int4 {label}", method, group)
+    int4 = [(f"{LABELS[method]} int4 {label}", method, group)
             for group, label in ((0, "pc"), (g, f"g{g}"))
-            for method in ("RTN", "GPTQ", "AWQ", "AWQ+GPTQ")]
+            for method in ("rtn", "awq", "gptq", "awq-gptq") if method in methods]
     rows = []
 
     def add(label, model, seconds):
@@ -105,42 +112,47 @@ def main(argv=None):
         rows.append({"method": label, "ppl": ppl, "linear_mb": stored / 1e6, "quant_time_s": seconds})
         print(f"{label:26s} ppl {ppl:9.3f} | linear layers {stored / 1e6:7.2f} MB | {seconds:6.1f} s", flush=True)
 
-    add("fp32", base, 0.0)
+    if "fp32" in methods:
+        add("fp32", base, 0.0)
+    if "w8a8" in methods:
+        naive = copy.deepcopy(base)
+        t0 = time.time()
+        quantize_w8a8(naive, log=None)
+        add("W8A8 (not smoothed)", naive, time.time() - t0)
+    if "smoothquant" in methods:
+        smoothed = copy.deepcopy(base)
+        t0 = time.time()
+        smooth_rows = smooth(smoothed, calib, args.alpha, log=None)
+        float_smoothed = copy.deepcopy(smoothed)
+        quantize_w8a8(smoothed, log=None)
+        add(f"SmoothQuant W8A8 a{args.alpha}", smoothed, time.time() - t0)
     for label, method, group in int4:
         model = copy.deepcopy(base)
         t0 = time.time()
-        if method in ("RTN", "GPTQ"):
-            spec = QuantSpec(method.lower(), 4, group)
-            quantize_model(model, spec, calib if method == "GPTQ" else None, log=None)
+        if method in ("rtn", "gptq"):
+            quantize_model(model, QuantSpec(method, 4, group), calib if method == "gptq" else None, log=None)
         else:
-            awq_quantize(model, QuantSpec("awq", 4, group), calib, gptq=method == "AWQ+GPTQ",
+            awq_quantize(model, QuantSpec("awq", 4, group), calib, gptq=method == "awq-gptq",
                          search_tokens=args.search_tokens, log=None)
         add(label, model, time.time() - t0)
 
-    naive = copy.deepcopy(base)
-    t0 = time.time()
-    quantize_w8a8(naive, log=None)
-    add("W8A8 (not smoothed)", naive, time.time() - t0)
-    smoothed = copy.deepcopy(base)
-    t0 = time.time()
-    smooth_rows = smooth(smoothed, calib, args.alpha, log=None)
-    float_smoothed = copy.deepcopy(smoothed)
-    quantize_w8a8(smoothed, log=None)
-    add(f"SmoothQuant W8A8 a{args.alpha}", smoothed, time.time() - t0)
-
-    fp = rows[0]["ppl"]
     by = {r["method"]: r["ppl"] for r in rows}
+    fp = by.get("fp32", float("nan"))
     print(f"\n| method | ppl | vs fp32 | block linears (MB) | quantization time (s) |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['ppl']:.3f} | {(r['ppl'] / fp - 1) * 100:+.2f}% | {r['linear_mb']:.2f} | "
               f"{r['quant_time_s']:.1f} |")
     for label in ("pc", f"g{g}"):
+        if f"AWQ int4 {label}" not in by or f"RTN int4 {label}" not in by:
+            continue
         print(f"AWQ int4 {label} vs RTN int4 {label}: {by[f'AWQ int4 {label}'] - fp:+.3f} vs {by[f'RTN int4 {label}'] - fp:+.3f}"
               f" perplexity ({'better' if by[f'AWQ int4 {label}'] < by[f'RTN int4 {label}'] else 'NOT better'})")
     k, n = base.config.dim, base.config.hidden_dim
     print(f"W8A8 matmul: {int8_backend(torch.device('cpu'), args.eval_seq_len * 8, k, n)} on "
           f"{next(base.parameters()).device} ({8 * seq_len} rows per call)")
 
+    if "smoothquant" not in methods:
+        return write_rows(args, rows, None, None)
     # the outliers: per-channel activation maxima of every smoothed linear input, before and after
     readers = [f"layers.{i}.{readers[0]}" for i, block in enumerate(base.layers) for _, readers in scaling_pairs(block)]
     before = input_absmax(base, calib, readers)
@@ -157,11 +169,9 @@ def main(argv=None):
     print("max/median per smoothed input (largest 5): " + ", ".join(
         f"{n} {r:.0f}x" for n, r in sorted(ratio.items(), key=lambda kv: -kv[1])[:5]))
 
+    write_rows(args, rows, smooth_rows, worst)
     if args.out_dir:
         out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rows.json").write_text(json.dumps({"args": vars(args), "rows": rows, "smoothing": smooth_rows,
-                                                   "outlier_layer": worst}, indent=2))
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -175,7 +185,16 @@ def main(argv=None):
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "channel_maxima.png", dpi=120)
-        print(f"wrote {out / 'rows.json'} and {out / 'channel_maxima.png'}")
+        print(f"wrote {out / 'channel_maxima.png'}")
+
+
+def write_rows(args, rows, smooth_rows, worst) -> None:
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rows.json").write_text(json.dumps({"args": vars(args), "rows": rows, "smoothing": smooth_rows,
+                                                   "outlier_layer": worst}, indent=2))
+        print(f"wrote {out / 'rows.json'}")
 
 
 if __name__ == "__main__":
