@@ -672,6 +672,9 @@ def main(argv=None):
         data_dir = data_dir_of(args.ckpt, args.data) if needs_data else None
         if args.bench:
             return bench(args, data_dir)
+        if args.method in ACTIVATION_METHODS and (args.quantize_head or args.qlora_steps):
+            raise QuantError(f"--method {args.method} quantizes the block linears only: --quantize-head and "
+                             f"--qlora-steps are for rtn, gptq and nf4")
         if args.method in CALIBRATED_METHODS and args.calib_samples < 1:
             raise QuantError(f"--method {args.method} needs calibration data: --calib-samples must be at least 1, "
                              f"got {args.calib_samples}")
