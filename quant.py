@@ -1,8 +1,11 @@
-"""Weight-only quantization of a trained model: round-to-nearest, GPTQ and NF4, packed storage, QLoRA.
+"""Quantization of a trained model: round-to-nearest, GPTQ and NF4 weights, packed storage, QLoRA; AWQ and
+SmoothQuant W8A8 through activation_quant.py.
 
     python quant.py --ckpt out/shakespeare --method gptq --bits 4 --group-size 128 --out-dir out/shakespeare-gptq4
     python quant.py --ckpt out/shakespeare --method rtn --bits 8 --group-size 0 --out-dir out/shakespeare-int8
     python quant.py --ckpt out/shakespeare --method nf4 --group-size 64 --qlora-steps 200 --out-dir DIR   # QLoRA
+    python quant.py --ckpt out/shakespeare --method awq --bits 4 --group-size 128 --out-dir DIR   # activation_quant.py
+    python quant.py --ckpt out/shakespeare --method smoothquant --alpha 0.5 --out-dir DIR         # W8A8
 
 The blocks' linear layers (in a mixture-of-experts block those of every expert; routers stay in full
 precision) become QuantLinear (quant_linear.py): b-bit codes q, and per output row and group
@@ -39,17 +42,26 @@ from common import (CHECKPOINT_FILE, UsageError, atomic_write, exit_on_error, lo
                     read_checkpoint, resolve_device, save_checkpoint)
 from evaluate import evaluate_model
 from model import MoE, Transformer
-from quant_linear import NF4_VALUES, QuantError, QuantLinear, dequantize_codes, set_module
+from quant_linear import NF4_VALUES, QuantError, QuantLinear, W8A8Linear, dequantize_codes, set_module
 from training import BatchSampler, load_split, read_meta
 
 BITS = (2, 3, 4, 8)
-METHODS = ("rtn", "gptq", "nf4")
+METHODS = ("rtn", "gptq", "nf4", "awq", "awq-gptq", "smoothquant", "w8a8")
+ACTIVATION_METHODS = ("awq", "awq-gptq", "smoothquant", "w8a8")  # activation_quant.py
+W8A8_METHODS = ("smoothquant", "w8a8")                        # int8 weights and int8 activations
+CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "smoothquant")
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # GPTQ's "true sequential" order inside a block: layers that read the same input are done together
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
-class GroupSizeError(QuantError, UsageError):
+class FlagError(QuantError, UsageError):
+    """A flag value the user can fix (exit status 2)."""
+
+
+class GroupSizeError(FlagError):
     """A group size that does not divide a layer's width: the user's flag to change (exit status 2)."""
 
 
@@ -67,7 +79,7 @@ def sequential_groups(block: nn.Module) -> list[tuple[str, ...]]:
 
 @dataclass
 class QuantSpec:
-    method: str = "gptq"         # rtn | gptq | nf4
+    method: str = "gptq"         # rtn | gptq | nf4 | awq | awq-gptq | smoothquant | w8a8
     bits: int = 4
     group_size: int = 128        # input columns sharing one scale and zero; 0: one group per row
     sym: bool = False
@@ -75,16 +87,21 @@ class QuantSpec:
     static_groups: bool = False
     percdamp: float = 0.01
     block_size: int = 128        # GPTQ's lazy-update block
+    alpha: float | None = None   # AWQ: fixed instead of searched; SmoothQuant: migration strength (None: 0.5)
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise QuantError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise FlagError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.bits not in BITS:
-            raise QuantError(f"bits must be one of {BITS}, got {self.bits}")
+            raise FlagError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.method in W8A8_METHODS and self.bits != 8:
+            raise FlagError(f"{self.method} is W8A8: bits must be 8, got {self.bits}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise FlagError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.method == "nf4" and self.bits != 4:
-            raise QuantError(f"nf4 is a 4-bit data type, got bits={self.bits}")
+            raise FlagError(f"nf4 is a 4-bit data type, got bits={self.bits}")
         if self.group_size < 0:
-            raise QuantError(f"group size must be 0 (per channel) or positive, got {self.group_size}")
+            raise FlagError(f"group size must be 0 (per channel) or positive, got {self.group_size}")
         if not 0 < self.percdamp < 1:
             raise QuantError(f"percdamp must be in (0, 1), got {self.percdamp}")
 
@@ -99,6 +116,9 @@ class QuantSpec:
         return self.group_size
 
     def label(self) -> str:
+        if self.method in W8A8_METHODS:
+            return "SmoothQuant W8A8" + (f" alpha {self.alpha}" if self.alpha is not None else "") \
+                if self.method == "smoothquant" else "W8A8 (not smoothed)"
         group = "pc" if self.group_size == 0 else f"g{self.group_size}"
         kind = "nf" if self.method == "nf4" else "int"
         extra = (" sym" if self.sym else "") + (" act-order" if self.act_order else "") + \
@@ -388,7 +408,7 @@ def linear_bytes(model: nn.Module, names: list[str]) -> tuple[int, int]:
     stored, fp16 = 0, 0
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, QuantLinear):
+        if isinstance(layer, (QuantLinear, W8A8Linear)):
             stored += layer.storage_bytes()
             fp16 += layer.in_features * layer.out_features * 2
         else:
@@ -472,9 +492,14 @@ def data_dir_of(ckpt_dir, given: str | None) -> Path:
 def run_one(args, spec: QuantSpec, data_dir: Path, log=print) -> tuple[Transformer, dict]:
     model = load_model(args.ckpt, device=args.device)
     seq_len = args.calib_seq_len or min(512, model.config.max_seq_len)
-    calib = calibration_tokens(data_dir, args.calib_samples, seq_len, args.seed) if spec.method == "gptq" else None
+    calib = calibration_tokens(Path(args.calib_data) if args.calib_data else data_dir, args.calib_samples, seq_len,
+                               args.seed) if spec.method in CALIBRATED_METHODS else None
     t0 = time.time()
-    report = quantize_model(model, spec, calib, args.quantize_head, log=log)
+    if spec.method in ACTIVATION_METHODS:
+        from activation_quant import activation_quantize  # it imports this module: imported when used
+        report = activation_quantize(model, spec, calib, log=log)
+    else:
+        report = quantize_model(model, spec, calib, args.quantize_head, log=log)
     elapsed = time.time() - t0
     names = target_names(model, args.quantize_head)
     stored, fp16 = linear_bytes(model, names)
@@ -509,13 +534,16 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="trained model: a nanollm checkpoint directory or a Hugging Face directory")
     p.add_argument("--out-dir", "--out", dest="out_dir", help="where to write the quantized checkpoint (omit: evaluate only)")
     p.add_argument("--method", default="gptq", choices=METHODS)
-    p.add_argument("--bits", type=int, default=4, help=f"bits per weight, one of {BITS}")
+    p.add_argument("--bits", type=int, help=f"bits per weight, one of {BITS} (default: 8 for smoothquant and w8a8, else 4)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero (0: per output channel)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (zero fixed at the middle)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="GPTQ act-order: group grids fixed before reordering")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, a fraction of the mean Hessian diagonal")
-    p.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration sequences")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (GPTQ, AWQ, SmoothQuant)")
+    p.add_argument("--calib-data", help="prepared data directory whose train split calibrates (default: --data)")
+    p.add_argument("--alpha", type=float, help="SmoothQuant's migration strength in [0, 1] (default 0.5); "
+                                               "AWQ: use this alpha instead of searching [0, 1]")
     p.add_argument("--calib-seq-len", type=int, default=0, help="tokens per calibration sequence (0: min(512, model context))")
     p.add_argument("--data", help="prepared data directory: train split for calibration, val split for perplexity "
                                   "(default: the one the checkpoint was trained on)")
@@ -549,7 +577,7 @@ def check_out(ckpt, out) -> None:
 
 def model_fp16_bytes(model: Transformer) -> int:
     """Bytes of the model's weights in fp16 (a quantized layer counted as its full matrix, a tied one once)."""
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (QuantLinear, W8A8Linear)))
     return 2 * (sum(p.numel() for p in model.parameters()) + quantized)
 
 
@@ -570,10 +598,18 @@ def main(argv=None):
         check_out(args.ckpt, args.out_dir)
         t0 = time.time()
         args.device = resolve_device(args.device)
-        needs_data = args.method == "gptq" or not args.no_eval or args.qlora_steps
+        needs_data = (args.method in CALIBRATED_METHODS and not args.calib_data) or not args.no_eval \
+            or args.qlora_steps
         data_dir = data_dir_of(args.ckpt, args.data) if needs_data else None
-        spec = QuantSpec(args.method, args.bits, args.group_size, args.sym, args.act_order, args.static_groups,
-                         args.percdamp)
+        if args.method in ACTIVATION_METHODS and (args.quantize_head or args.qlora_steps):
+            raise FlagError(f"--method {args.method} quantizes the block linears only: --quantize-head and "
+                             f"--qlora-steps are for rtn, gptq and nf4")
+        if args.method in CALIBRATED_METHODS and args.calib_samples < 1:
+            raise FlagError(f"--method {args.method} needs calibration data: --calib-samples must be at least 1, "
+                             f"got {args.calib_samples}")
+        bits = args.bits if args.bits is not None else (8 if args.method in W8A8_METHODS else 4)
+        spec = QuantSpec(args.method, bits, args.group_size, args.sym, args.act_order, args.static_groups,
+                         args.percdamp, alpha=args.alpha)
         print(f"{spec.label()}: quantizing {args.ckpt}")
         model, info = run_one(args, spec, data_dir)
         linear_ratio = info["linear_bytes"] / info["linear_fp16_bytes"]

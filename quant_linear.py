@@ -14,6 +14,12 @@ loaded.
 
 On CUDA a 4-bit QuantLinear runs through kernels/quant_matmul.py (dequantization in registers);
 elsewhere it dequantizes the whole weight and calls F.linear.
+
+W8A8Linear (SmoothQuant's W8A8, activation_quant.py) quantizes activations too: int8 weights with an fp16
+scale per output row, and each token's input rounded to int8 with its own scale at run time,
+    y_t = d_x[t] d_w * (x_q[t] @ w_q^T),   d_x[t] = max_j |x_tj| / 127,   d_w[i] = max_j |w_ij| / 127,
+the product of two int8 matrices accumulated in int32 by torch._int_mm where torch has it for the device
+and shape (int8_backend says which), else simulated with the same integers in fp32.
 """
 import torch
 import torch.nn as nn
@@ -77,7 +83,20 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # The layer
 
-class QuantLinear(nn.Module):
+class _Fp16Scales(nn.Module):
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) moves the layer but keeps its scales and zeros in fp16: a cast to bf16 would
+        round them (fewer mantissa bits), changing the stored model, and the Triton kernel reads fp16."""
+        kept = {name: self._buffers[name] for name in ("scales", "zeros") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != original.dtype:
+                self._buffers[name] = original.to(moved.device)
+        return self
+
+
+class QuantLinear(_Fp16Scales):
     """A linear layer whose weight is stored as packed b-bit codes with fp16 scales and zeros per group.
 
     Buffers: qweight (out, in * bits / 8) uint8, scales and zeros (out, n_groups) fp16, g_idx (in,) int32
@@ -114,17 +133,6 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(bias.detach())
         return layer
 
-    def _apply(self, fn, recurse=True):
-        """model.to(dtype) moves the layer but keeps its scales and zeros in fp16: a cast to bf16 would
-        round them (fewer mantissa bits), changing the stored model, and the Triton kernel reads fp16."""
-        kept = {name: self._buffers[name] for name in ("scales", "zeros")}
-        super()._apply(fn, recurse)
-        for name, original in kept.items():
-            moved = self._buffers[name]
-            if moved.dtype != original.dtype:
-                self._buffers[name] = original.to(moved.device)
-        return self
-
     def group_index(self) -> torch.Tensor:
         if self.g_idx is not None:
             return self.g_idx.long()
@@ -158,6 +166,76 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, g_idx={self.g_idx is not None}")
 
 
+def int8_backend(device: torch.device, rows: int, in_features: int, out_features: int) -> str:
+    """Which int8 matmul W8A8Linear runs for this device and shape: torch._int_mm (int32 accumulation) on the
+    CPU, and on CUDA for more than 16 rows with both widths multiples of 8 (its kernel's limits); else the
+    same integer product simulated in fp32 (exact while every |accumulator| < 2^24)."""
+    if not hasattr(torch, "_int_mm"):
+        return "simulated"
+    if device.type == "cpu":
+        return "torch._int_mm"
+    if device.type == "cuda" and rows > 16 and in_features % 8 == 0 and out_features % 8 == 0:
+        return "torch._int_mm"
+    return "simulated"
+
+
+def int8_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """x_q (M, K) int8 @ w_q (N, K)^T int8 -> (M, N): int32 from torch._int_mm, or the same values in fp32."""
+    if int8_backend(x_q.device, x_q.shape[0], x_q.shape[1], w_q.shape[0]) == "torch._int_mm":
+        return torch._int_mm(x_q, w_q.t())
+    return x_q.float() @ w_q.float().t()
+
+
+def quantize_per_row_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: x (rows, n) -> codes (rows, n) int8 in [-127, 127], scale (rows, 1) fp32."""
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float16).tiny)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+class W8A8Linear(_Fp16Scales):
+    """SmoothQuant's W8A8 linear layer: int8 weight (out, in) with an fp16 scale per output row; the input is
+    quantized per token at run time (dynamic), the matmul is int8 x int8 (int8_matmul).
+
+    Buffers: qweight (out, in) int8, scales (out,) fp16, bias as the original."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> "W8A8Linear":
+        """Per output row: d_w = max|w| / 127 (rounded to fp16 first, so the stored scale is the one used)."""
+        w = layer.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).half().float().clamp(min=torch.finfo(torch.float16).tiny)
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, device=w.device)
+        new.qweight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        new.scales.copy_(scale)
+        if layer.bias is not None:
+            new.bias.data.copy_(layer.bias.detach())
+        return new
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) fp32: the weight the int8 codes stand for."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features).float()                          # (tokens, in)
+        x_q, x_scale = quantize_per_row_int8(x2)                                  # per token: (tokens, 1)
+        y = int8_matmul(x_q, self.qweight).float() * x_scale * self.scales.float()  # (tokens, out)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
+
+
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     """root's submodule `name` (dotted) becomes `module`."""
     parent, _, child = name.rpartition(".")
@@ -168,10 +246,15 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 # A quantized model: which layers are QuantLinear, saved beside the state dict and rebuilt before loading it
 
 def quant_layout(model: nn.Module) -> dict:
-    """{layer name: its QuantLinear's shape arguments} for every QuantLinear in the model ({} if none)."""
-    return {name: {"bits": m.bits, "group_size": m.group_size, "nf4": m.nf4, "g_idx": m.g_idx is not None,
-                   "bias": m.bias is not None}
-            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """{layer name: its shape arguments} for every QuantLinear and W8A8Linear in the model ({} if none)."""
+    layout = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            layout[name] = {"bits": m.bits, "group_size": m.group_size, "nf4": m.nf4, "g_idx": m.g_idx is not None,
+                            "bias": m.bias is not None}
+        elif isinstance(m, W8A8Linear):
+            layout[name] = {"w8a8": True, "bias": m.bias is not None}
+    return layout
 
 
 def replace_with_quant_layers(model: nn.Module, layout: dict) -> nn.Module:
@@ -179,6 +262,9 @@ def replace_with_quant_layers(model: nn.Module, layout: dict) -> nn.Module:
     for load_state_dict."""
     for name, c in layout.items():
         layer = model.get_submodule(name)
+        if c.get("w8a8"):
+            set_module(model, name, W8A8Linear(layer.in_features, layer.out_features, c["bias"]))
+            continue
         set_module(model, name, QuantLinear(layer.in_features, layer.out_features, c["bits"], c["group_size"],
                                             c["bias"], c["g_idx"], c["nf4"]))
     return model

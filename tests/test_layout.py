@@ -10,11 +10,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 # Scripts run as a stage of the pipeline; none may be imported by any other module of the implementation.
-# (bpe.py, chat.py and sample.py have a CLI too, but they are also the libraries of the tokenizer, the chat
-# template and generation, which every stage uses; data/curate.py's curate() is what data/prepare.py --curate
-# runs.)
-STAGE_SCRIPTS = {"train", "sft", "dpo", "rlhf", "distill", "eval", "quant", "pipeline", "data.prepare"}
-BENCHMARKS = ["model", "kernels", "tokenizer", "sft", "dpo", "decode", "quant", "curate"]
+# (bpe.py, chat.py, sample.py and quant.py have a CLI too, but they are also the libraries of the tokenizer,
+# the chat template, generation and weight quantization (activation_quant.py rounds with quant.py's grids and
+# GPTQ); data/curate.py's curate() is what data/prepare.py --curate runs.)
+STAGE_SCRIPTS = {"train", "sft", "dpo", "rlhf", "distill", "eval", "pipeline", "data.prepare"}
+BENCHMARKS = ["model", "kernels", "tokenizer", "sft", "dpo", "decode", "quant", "curate", "gguf", "moe", "awq"]
 
 
 def implementation_files():
