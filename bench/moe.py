@@ -114,7 +114,7 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
               f"| {r['load']} |")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="prepared Tiny Shakespeare (data/prepare.py)")
     parser.add_argument("--tang", help="prepared Tang poems (data/prepare.py --vocab-size 8192); optional")
@@ -123,7 +123,7 @@ def main():
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of the equal-time comparison")
     parser.add_argument("--only", choices=["dispatch", "steps", "time"], help="run one table only")
     parser.add_argument("--reps", type=int, default=20, help="timing repetitions of the dispatch table")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.only != "dispatch" and not args.data:
         parser.error("--data (a directory written by data/prepare.py) is needed for the training tables")
     for flag in ("data", "tang"):
