@@ -1,11 +1,11 @@
 """The whole chain in one command: text -> tokenizer -> pretrained model -> chat model (SFT, RL, DPO) ->
 distilled student -> quantized model, every stage evaluated, and a report card (report.md).
 
-    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out runs/tiny            # < 20 min, 2-core CPU
-    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out runs/tiny-zh --lang zh
-    python pipeline.py --preset ci --data-dir ../shared/data --out /tmp/ci                    # a few minutes, tiny sizes
-    python pipeline.py --preset gpu --data-dir ../shared/data --out runs/gpu --device cuda
-    python pipeline.py --preset cpu-tiny --out runs/tiny                                      # downloads the data first
+    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out-dir runs/tiny            # < 20 min, 2-core CPU
+    python pipeline.py --preset cpu-tiny --data-dir ../shared/data --out-dir runs/tiny-zh --lang zh
+    python pipeline.py --preset ci --data-dir ../shared/data --out-dir /tmp/ci                  # a few minutes, tiny sizes
+    python pipeline.py --preset gpu --data-dir ../shared/data --out-dir runs/gpu --device cuda
+    python pipeline.py --preset cpu-tiny --out-dir runs/tiny                                      # downloads the data first
 
 Data: --data-dir is a folder laid out like ../shared/data. Without it, the files the preset and language
 read are downloaded once from their public URLs (DATA_URLS: LLaMA-Factory's demo data, the chinese-poetry
@@ -35,7 +35,9 @@ Stages, each a subprocess of the project's own scripts with its log in OUT/logs/
 
 A stage is done when its output directory holds summary.json (the scripts write it last; for the
 ones that write none, this file writes it after they succeed), so a rerun skips finished stages and
-training stages continue from their checkpoint (--resume). A failing stage stops the run with one line
+training stages continue from their checkpoint (--resume). OUT/run.json records the preset and language;
+a rerun with other ones refuses, and so does a --data-dir that lacks a file the preset reads, before any
+stage starts. A failing stage stops the run with one line
 naming the stage and its log. report.md (OUT/report.md) has one table of every stage's metrics, the
 loss curves, sample generations, the machine, the commit and each stage's wall time.
 
@@ -51,6 +53,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -233,6 +236,38 @@ def download_data(files: list[str], dest: Path, base_url: str = "") -> None:
             fetch(url, dest / Path(name).parent)
         except PrepareError as e:
             raise PipelineError(f"{e} (pipeline.py: or pass --data-dir with a local copy of the data)") from None
+
+
+def missing_data(preset: str, lang: str, data_dir: Path) -> list[str]:
+    """The files of the --data-dir layout that the preset and language read and data_dir lacks."""
+    return [f for f in data_files(preset, lang) if not (Path(data_dir) / f).is_file()]
+
+
+RUN_FILE = "run.json"  # the run directory's choices: a rerun with other ones would mix two runs' stages
+
+
+def recorded_choices(run_dir: Path) -> dict:
+    """The choices a run directory was made with: run.json, or for a run older than run.json the first
+    line of its report.md ("# nanollm report: preset `P`, lang `L`")."""
+    recorded = read_json(Path(run_dir) / RUN_FILE)
+    report = Path(run_dir) / "report.md"
+    if not recorded and report.exists():
+        match = re.match(r"# nanollm report: preset `([^`]*)`, lang `([^`]*)`", report.read_text().split("\n", 1)[0])
+        recorded = {"preset": match[1], "lang": match[2]} if match else {}
+    return recorded
+
+
+def check_run_dir(run_dir: Path, choices: dict) -> dict:
+    """The choices (preset, language, base model) to record in run_dir/run.json, checked against the ones
+    recorded there: stages are skipped when their summary.json exists, so a rerun with other choices
+    would label the first run's outputs as its own. Raises PipelineError, one line, on a mismatch."""
+    recorded = recorded_choices(run_dir)
+    changed = [k for k, v in choices.items() if k in recorded and recorded[k] != v]
+    if changed:
+        was = " ".join(f"--{k} {recorded[k]}" for k in changed)
+        now = " ".join(f"--{k} {choices[k]}" for k in changed)
+        raise PipelineError(f"{run_dir} holds a run made with {was}, not {now}: give another --out-dir")
+    return {**recorded, **choices}
 
 
 def rl_policy(summaries: dict) -> str:
@@ -627,6 +662,12 @@ def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict
 
 # ----------------------------------------------------------------------------------------------------------
 
+def usage_error(message: str):
+    """A choice the run cannot go on with: one line on stderr, exit 2 (before any stage runs)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:
@@ -649,22 +690,32 @@ def main(argv=None):
                         "preset reads are downloaded once from their public URLs into OUT/downloads")
     parser.add_argument("--data-url", default="", help="without --data-dir: download from this mirror of the "
                         "layout (http://, https:// or file:// + the same relative paths) instead")
-    parser.add_argument("--out", required=True, help="run directory: every stage's outputs, logs/, report.md")
+    parser.add_argument("--out-dir", "--out", dest="out_dir", required=True,
+                        help="run directory: every stage's outputs, logs/, report.md (--out: the same)")
     parser.add_argument("--lang", choices=["en", "zh"], default="en", help="en, or zh: Tang poems, alpaca_zh, dpo_zh")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps, passed to every stage")
     parser.add_argument("--only", help="comma-separated stage names to run (the others are not touched)")
     args = parser.parse_args(argv)
-    run_dir = Path(args.out).resolve()
+    run_dir = Path(args.out_dir).resolve()
+    try:
+        choices = check_run_dir(run_dir, {"preset": args.preset, "lang": args.lang})
+    except PipelineError as e:
+        usage_error(str(e))
     if args.data_dir:
         data_dir = Path(args.data_dir).resolve()
         if not data_dir.is_dir():
             sys.exit(f"error: --data-dir {data_dir}: no such directory")
+        missing = missing_data(args.preset, args.lang, data_dir)
+        if missing:
+            usage_error(f"--data-dir {data_dir} lacks {len(missing)} file(s) the {args.preset} preset "
+                     f"({args.lang}) reads: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     else:
         data_dir = run_dir / "downloads"
         try:
             download_data(data_files(args.preset, args.lang), data_dir, args.data_url)
         except PipelineError as e:
             sys.exit(f"error: {e}")
+    write_json(run_dir / RUN_FILE, choices)
     stages = build_stages(args.preset, args.lang, data_dir, run_dir, args.device)
     only = set(args.only.split(",")) if args.only else None
     unknown = (only or set()) - {s.name for s in stages}
