@@ -51,6 +51,7 @@ budgets of the CPU presets (PRESETS) are small enough that quality numbers are o
 """
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -60,6 +61,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
+
+from verdicts import Measure, in_words, stage_verdict, steps_text, tally
 
 REPO = Path(__file__).resolve().parent
 IDENTITY_NAME, IDENTITY_AUTHOR = "nanollm", "the nanollm authors"
@@ -179,6 +182,8 @@ DATA_URLS = {
     **{f"tang_poems/poet.tang.{i}.json": CHINESE_POETRY + quote(f"全唐诗/poet.tang.{i}.json") for i in range(0, 58000, 1000)},
     "tang_poems/tangshisanbaishou.json": CHINESE_POETRY + quote("蒙学/tangshisanbaishou.json"),
 }
+# A quantized model "regressed" when its val bpb is more than this much above the final model's
+QUANT_BPB_TOLERANCE = 0.05
 # DPO continues from PPO's policy instead of GRPO's only when PPO's held-out arithmetic accuracy is higher by this much
 PPO_CLEARLY_BETTER = 0.05
 
@@ -573,7 +578,7 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
         tok_s = g("tokens_per_s") or (g("tokens_seen") / g("wall_time_s") if g("tokens_seen") and g("wall_time_s") else None)
         text = f"val bpb {fmt(g('val_bpb'))}, train {fmt(tok_s, 0)} tok/s, {fmt(g('step'))} steps"
         if name == "distill" and "val_bpb" in summaries.get("distill_ce", {}) and "val_bpb" in s:
-            text += f"; **KD gain {summaries['distill_ce']['val_bpb'] - s['val_bpb']:+.4f} bpb** vs hard labels"
+            text += f"; KD gain {summaries['distill_ce']['val_bpb'] - s['val_bpb']:+.4f} bpb vs hard labels"
         return text
     if name in ("sft", "sft_lora", "distill_sft"):
         return (f"val loss {fmt(g('initial_val_loss'))} -> {fmt(g('val_loss'))}, stop rate "
@@ -597,6 +602,82 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
         return (f"ckpt {fmt(g('ckpt_mb'))} MB on disk, linear layers {fmt(g('linear_vs_fp16'), 3)}x of fp16, "
                 f"quantized in {fmt(g('quant_time_s'), 1)} s")
     return ""
+
+
+def flag_value(stage: Stage, flag: str):
+    """The value a stage's command gives a flag (its last occurrence), or None."""
+    if callable(stage.commands):
+        return None
+    values = [argv[i + 1] for argv in stage.commands for i, arg in enumerate(argv[:-1]) if arg == flag]
+    return values[-1] if values else None
+
+
+def uniform_bpb(summaries: dict) -> float | None:
+    """Bits per byte of a model that guesses every token uniformly: log2(vocab) bits per token over the
+    prepared validation split's bytes per token. What pretraining starts from (about: a random init)."""
+    prep = summaries.get("prepare", {})
+    if not all(prep.get(k) for k in ("vocab_size", "val_tokens", "val_bytes")):
+        return None
+    return math.log2(prep["vocab_size"]) * prep["val_tokens"] / prep["val_bytes"]
+
+
+def judge(stage: Stage, summaries: dict, evals: dict) -> tuple[str, list[Measure]]:
+    """What a stage is expected to do (a few words) and its measures before -> after, from the stages'
+    summary.json and the eval stage's results. Stages that train nothing get no measures."""
+    s, e, name = summaries.get(stage.name, {}), evals.get(stage.name, {}), stage.name
+    final = evals.get("dpo", {})
+    if name in ("pretrain", "distill_ce"):
+        return "val bpb well below a uniform guess", [
+            Measure("val bpb", uniform_bpb(summaries), e.get("val_bpb", s.get("val_bpb")), higher_is_better=False)]
+    if name == "distill":
+        return "val bpb below the same student on hard labels (distill_ce)", [
+            Measure("val bpb vs distill_ce", summaries.get("distill_ce", {}).get("val_bpb"), s.get("val_bpb"),
+                    higher_is_better=False)]
+    if name in ("sft", "sft_lora", "distill_sft"):
+        n = int(flag_value(stage, "--eval-prompts") or 16)
+        return "answers end with <|im_end|>; held-out loss down", [
+            Measure("stop rate", s.get("initial_stop_rate"), s.get("stop_rate"), n=n, before_n=n),
+            Measure("held-out loss", s.get("initial_val_loss"), s.get("val_loss"), higher_is_better=False)]
+    if name == "reward":
+        n = s.get("eval_pairs", 0)
+        return "held-out pair accuracy up", [Measure("pair accuracy", s.get("initial_accuracy"), s.get("accuracy"),
+                                                     n=n, before_n=n)]
+    if name in ("grpo", "ppo"):
+        n = s.get("eval_problems", 0)
+        return "held-out arithmetic accuracy up", [
+            Measure("accuracy", s.get("initial_accuracy"), s.get("final_accuracy"), n=n, before_n=n)]
+    if name == "dpo":
+        return "held-out preference accuracy above chance (0.5)", [
+            Measure("preference accuracy", 0.5 if s else None, s.get("val/rewards/accuracy"), n=s.get("val_items", 0))]
+    if name.startswith("quant"):
+        measures = [Measure("weights MB", final.get("weights_mb"), e.get("weights_mb"), higher_is_better=False),
+                    Measure("val bpb", final.get("val_bpb"), e.get("val_bpb"), higher_is_better=False,
+                            tolerance=QUANT_BPB_TOLERANCE, goal=False)]
+        return f"smaller, val bpb within {QUANT_BPB_TOLERANCE:.0%} of the final model's", measures
+    return "", []
+
+
+def report_card(stages: list[Stage], summaries: dict, evals: dict) -> tuple[list[str], str]:
+    """The report card's table rows and words, and the run's last line (how many stages worked)."""
+    rows = ["| stage | expected | measured (before -> after) | steps | verdict |", "|---|---|---|---|---|"]
+    words, verdicts = [], {}
+    for stage in stages:
+        s = summaries.get(stage.name, {})
+        expected, measures = judge(stage, summaries, evals)
+        planned = flag_value(stage, "--max-steps")
+        planned = int(planned) if planned else None
+        done = s.get("step")
+        steps = steps_text(done, planned, s.get("stop_reason"))
+        verdict = ("not run" if not s else
+                   stage_verdict(done, planned, s.get("stop_reason"), measures) if measures else "not measured")
+        verdicts[stage.name] = verdict
+        if not measures:
+            continue
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in [
+            f"`{stage.name}`", expected, "; ".join(m.text() for m in measures), steps, f"**{verdict}**"]) + " |")
+        if verdict != "not run":
+            words.append(in_words(stage.name, verdict, measures, steps))
+    return rows + [""] + [w for w in words if w], tally(verdicts)
 
 
 def machine_info() -> str:
@@ -656,7 +737,13 @@ def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict
     sample_text = summaries.get("sample", {}).get("text")
     if sample_text:
         lines += ["", "Final chat model, sampled (`sample.py`):", "", "```", sample_text.strip(), "```"]
-    lines.append("")
+    card, last_line = report_card(stages, summaries, evals)
+    lines += ["", "## Report card", "",
+              "Each stage that trains or compresses a model, judged from its numbers (verdicts.py): a rate gets "
+              "its 95% Wilson interval and moved only when the intervals before and after do not overlap; bits "
+              "per byte and losses moved when they changed by more than 1%. A stage the clock stopped before a "
+              "quarter of its planned steps, without a metric that moved, is starved.", "", *card,
+              "", f"**{last_line}**", ""]
     return "\n".join(lines)
 
 
@@ -729,6 +816,7 @@ def main(argv=None):
     except PipelineError as e:
         sys.exit(f"error: {e}")
     print(f"done in {time.time() - t0:.0f} s: {run_dir / 'report.md'}")
+    print((run_dir / "report.md").read_text().rstrip().splitlines()[-1].strip("*"))  # how many stages worked
 
 
 if __name__ == "__main__":
