@@ -47,7 +47,16 @@ from data.corpus import read_documents
 PATTERNS = {
     "r50k": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
     "cl100k": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    # Qwen2: cl100k with every digit alone
+    "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    # SmolLM: every digit alone first, then GPT-2's regex on the text between digits, as one regex: a digit
+    # ends a piece, so trailing whitespace may stop before a digit as it would at the end of the text
+    "smollm": r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
 }
+# What becomes of a byte that the vocabulary has no token for (SmolLM2 lacks 21 of the 256), as the two
+# reference tokenizers do it: both drop it from the output, llama.cpp after merging (the byte sits between
+# its neighbours, which cannot merge across it), Hugging Face's BPE before (its neighbours may merge).
+MISSING_BYTES = ("separate", "skip")
 CL100K_SPECIAL_TOKENS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                          "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
 # Specials appended after the merges of a trained vocabulary, in this order (pad has its own id).
@@ -194,17 +203,24 @@ def learn_merges(chunk_counts, n_new_tokens, verbose=False):
 
 class Tokenizer:
     """Byte-level BPE over `ranks` ({token bytes: id}, the 256 single bytes included), a pre-split
-    `pattern` (a name in PATTERNS or a regex) and `special_tokens` ({text: id})."""
+    `pattern` (a name in PATTERNS or a regex) and `special_tokens` ({text: id}).
 
-    def __init__(self, ranks, pattern="cl100k", special_tokens=None, name="bpe"):
+    A published vocabulary may lack some single bytes; `missing_bytes` (one of MISSING_BYTES) then says
+    how encoding drops them, as llama.cpp ("separate") or Hugging Face ("skip") does."""
+
+    def __init__(self, ranks, pattern="cl100k", special_tokens=None, name="bpe", missing_bytes=None):
         self.name = name
         self.pattern = PATTERNS.get(pattern, pattern)
         self.ranks = dict(ranks)
         self.special_tokens = dict(special_tokens or {})
         missing = [b for b in range(256) if bytes([b]) not in self.ranks]
-        if missing:
+        if missing and missing_bytes is None:
             raise ValueError(f"vocabulary lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]}); "
-                             "a byte-level BPE needs all 256")
+                             "a byte-level BPE needs all 256 (or missing_bytes='separate' / 'skip')")
+        if missing_bytes is not None and missing_bytes not in MISSING_BYTES:
+            raise ValueError(f"missing_bytes must be one of {MISSING_BYTES}, got {missing_bytes!r}")
+        self.missing_bytes = missing_bytes if missing else None
+        self._missing = bytes(missing)
         self._bytes_of = {i: token for token, i in self.ranks.items()}
         if len(self._bytes_of) != len(self.ranks):
             raise ValueError("two tokens share an id in the vocabulary")
@@ -232,7 +248,7 @@ class Tokenizer:
 
     def __getstate__(self):  # pickled for encode_batch's workers: the inputs only, caches are rebuilt
         return {"ranks": self.ranks, "pattern": self.pattern, "special_tokens": self.special_tokens,
-                "name": self.name}
+                "name": self.name, "missing_bytes": self.missing_bytes}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -296,8 +312,11 @@ class Tokenizer:
 
     def _bpe(self, piece):
         """tiktoken's rule for one chunk: merge the adjacent pair whose concatenation has the lowest
-        rank (leftmost on ties) until none is in the vocabulary."""
+        rank (leftmost on ties) until none is in the vocabulary. A byte with no token of its own (see
+        missing_bytes) is dropped: before merging ("skip") or after ("separate": no pair holds it)."""
         ranks = self.ranks
+        if self.missing_bytes == "skip":
+            piece = piece.translate(None, self._missing)
         rank = ranks.get(piece)
         if rank is not None:
             return (rank,)
@@ -315,6 +334,8 @@ class Tokenizer:
                 pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], never)
             if i < len(parts) - 1:
                 pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], never)
+        if self.missing_bytes:
+            return tuple(ranks[part] for part in parts if part in ranks)
         return tuple(map(ranks.__getitem__, parts))
 
     def _encode_chunks(self, text):
@@ -420,6 +441,8 @@ class Tokenizer:
                 f.write(base64.b64encode(token) + b" %d\n" % rank)
         meta = {"format": "nanollm-bpe", "version": 1, "name": self.name, "pattern": self.pattern,
                 "special_tokens": self.special_tokens, "ranks_file": ranks_path.name}
+        if self.missing_bytes:
+            meta["missing_bytes"] = self.missing_bytes
         meta_path.write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         return meta_path
 
@@ -438,7 +461,8 @@ class Tokenizer:
             if not isinstance(meta.get(field), kind):
                 raise ValueError(f"{meta_path}: field {field!r} missing or not a {kind.__name__}")
         ranks = read_tiktoken_ranks(meta_path.parent / meta["ranks_file"])
-        return cls(ranks, meta["pattern"], meta["special_tokens"], name=meta.get("name", "bpe"))
+        return cls(ranks, meta["pattern"], meta["special_tokens"], name=meta.get("name", "bpe"),
+                   missing_bytes=meta.get("missing_bytes"))
 
     @classmethod
     def from_tiktoken(cls, path, pattern="cl100k", special_tokens=None, name=None):
@@ -461,29 +485,47 @@ class Tokenizer:
             raise ValueError(f"{path}: not a BPE tokenizer.json (needs model.type 'BPE' and a model.vocab object)")
         pattern = _hf_pattern(spec.get("pre_tokenizer"), path)
         specials = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        vocab = {text: i for text, i in model["vocab"].items() if text not in specials}
+        try:
+            return cls.from_byte_level(vocab, model.get("merges") or [], specials, pattern, path.stem, "skip")
+        except ValueError as e:
+            raise ValueError(f"{path}: model.vocab/merges: {e}") from None
+
+    @classmethod
+    def from_byte_level(cls, vocab, merges, special_tokens, pattern, name="bpe", missing_bytes=None):
+        """From a GPT-2-style vocabulary ({token in the byte-to-unicode alphabet: id}, as tokenizer.json and
+        GGUF store it) and its merges ("left right" in merge order), which must create ids in increasing
+        order: tiktoken's rule then merges exactly as the merge list does, with the ids as ranks."""
         byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
         ranks = {}
-        for text, i in model["vocab"].items():
-            if text in specials:
-                continue
+        for text, i in vocab.items():
             try:
                 ranks[bytes(byte_of[ch] for ch in text)] = i
             except KeyError:
-                raise ValueError(f"{path}: model.vocab entry {text!r} is not in the byte-level alphabet") from None
+                raise ValueError(f"vocabulary entry {text!r} is not in the byte-level alphabet") from None
         merged_ids = []
-        for merge in model.get("merges") or []:
+        for merge in merges:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
-            merged_ids.append(model["vocab"].get(left + right))
+            merged_ids.append(vocab.get(left + right))
         if any(i is None for i in merged_ids) or merged_ids != sorted(merged_ids):
-            raise ValueError(f"{path}: merges do not produce ids in increasing order, so the ids cannot "
-                             "serve as tiktoken merge ranks")
-        return cls(ranks, pattern, specials, name=path.stem)
+            raise ValueError("merges do not produce ids in increasing order, so the ids cannot serve as "
+                             "tiktoken merge ranks")
+        return cls(ranks, pattern, special_tokens, name=name, missing_bytes=missing_bytes)
 
     def to_tiktoken(self):
-        """A `tiktoken.Encoding` over the same ranks, pattern and special tokens (the fast path)."""
+        """A `tiktoken.Encoding` over the same ranks, pattern and special tokens (the fast path).
+
+        tiktoken needs all 256 bytes: a byte the vocabulary lacks gets a placeholder id from vocab_size
+        up, which merges with nothing (llama.cpp's "separate") and must be dropped from its output
+        (`ids[ids < vocab_size]`). Hugging Face's "skip" merges across it, which tiktoken cannot do."""
+        if self.missing_bytes == "skip":
+            raise ValueError(f"tokenizer {self.name!r}: tiktoken cannot skip the {len(self._missing)} bytes the "
+                             "vocabulary lacks before merging (Hugging Face's rule); use encode()")
         if self._tiktoken is None:
             import tiktoken
-            self._tiktoken = tiktoken.Encoding(self.name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+            placeholders = {bytes([b]): self.vocab_size + k for k, b in enumerate(self._missing)}
+            self._tiktoken = tiktoken.Encoding(self.name, pat_str=self.pattern,
+                                               mergeable_ranks={**self.ranks, **placeholders},
                                                special_tokens=self.special_tokens)
         return self._tiktoken
 
@@ -544,9 +586,9 @@ def _bytes_to_unicode():
 
 
 def _hf_pattern(pre_tokenizer, path):
-    """The pre-split regex of a byte-level tokenizer.json: ByteLevel alone (GPT-2's pattern), or a
-    Split regex before a regex-free ByteLevel (Llama 3 style). Other steps (e.g. Digits) change the
-    splitting in ways one regex cannot express, so they are refused rather than approximated."""
+    """The pre-split regex of a byte-level tokenizer.json: ByteLevel alone (GPT-2's pattern), single
+    Digits before it (SmolLM's), or a Split regex before a regex-free ByteLevel (Llama 3 style). Other
+    steps change the splitting in ways one regex may not express, so they are refused, not approximated."""
     steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if isinstance(pre_tokenizer, dict) else []
     kinds = [step.get("type") for step in steps]
     byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
@@ -556,13 +598,17 @@ def _hf_pattern(pre_tokenizer, path):
         raise ValueError(f"{path}: ByteLevel add_prefix_space=true is not supported")
     if kinds == ["ByteLevel"] and byte_level[0].get("use_regex", True):
         return PATTERNS["r50k"]
+    if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
+            and byte_level[0].get("use_regex", True)):
+        return PATTERNS["smollm"]
     split = steps[0]
     if (kinds == ["Split", "ByteLevel"] and not byte_level[0].get("use_regex", True)
             and "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated"
             and not split.get("invert")):
         return split["pattern"]["Regex"]
     raise ValueError(f"{path}: unsupported pre_tokenizer steps {kinds}: bpe.py supports ByteLevel alone "
-                     "or an isolating Split regex followed by ByteLevel(use_regex=false)")
+                     "Digits(individual_digits=true) then ByteLevel, or an isolating Split regex followed by "
+                     "ByteLevel(use_regex=false)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ and `model_config` (ModelConfig as a dict); training scripts add optimizer, step
 state, and save the tokenizer they used into the same directory. A model with quantized layers
 (quant.py) is saved the same way plus a `quant_config` entry naming its QuantLinear layers
 (quant_linear.py), which load_model puts back before loading the weights. A Hugging Face directory
-(`config.json` + safetensors) is accepted wherever a checkpoint is.
+(`config.json` + safetensors) and a GGUF file (gguf_io.py: weights, tokenizer and chat template in one file)
+are accepted wherever a checkpoint is.
 """
 import argparse
 import json
@@ -112,9 +113,12 @@ def append_jsonl(path, row: dict) -> None:
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None, attn_backend: str | None = None) -> Transformer:
     """A model from a nanollm checkpoint directory (or ckpt.pt file), a quantized one (quant.py: its
-    QuantLinear layers in place) or a Hugging Face directory. dtype casts the float weights; a quantized
-    layer keeps its packed codes and fp16 scales."""
+    QuantLinear layers in place), a Hugging Face directory or a .gguf file (dequantized to float). dtype
+    casts the float weights; a quantized layer keeps its packed codes and fp16 scales."""
     path = Path(path)
+    if path.suffix == ".gguf":
+        from gguf_io import load_gguf
+        return load_gguf(path, dtype=dtype, device=device, attn_backend=attn_backend or "sdpa").eval()
     if (path / "config.json").exists() and not (path / CHECKPOINT_FILE).exists():
         return load_hf(path, dtype=dtype, device=device, attn_backend=attn_backend or "sdpa").eval()
     ckpt = read_checkpoint(path)
@@ -139,12 +143,14 @@ def check_trainable(model, path, lora_rank: int,
 
 
 def tokenizer_file(model_path, tokenizer_path=None) -> Path:
-    """The tokenizer .json to use with a model directory (what load_tokenizer reads).
+    """The tokenizer .json to use with a model directory (what load_tokenizer reads), or a .gguf file.
 
-    tokenizer_path, if given: a bpe.py tokenizer (the prefix given to save(), or its .json) or a
-    Hugging Face tokenizer.json. Otherwise the one train.py saves beside ckpt.pt (named by the
+    tokenizer_path, if given: a bpe.py tokenizer (the prefix given to save(), or its .json), a Hugging
+    Face tokenizer.json or a .gguf. Otherwise a .gguf model is its own tokenizer, else the one train.py saves beside ckpt.pt (named by the
     checkpoint's "tokenizer" entry), else the directory's tokenizer.json (a Hugging Face model).
     """
+    if tokenizer_path is None and Path(model_path).suffix == ".gguf":
+        return Path(model_path)
     if tokenizer_path is None:
         model_path = Path(model_path)
         directory = model_path if model_path.is_dir() else model_path.parent
@@ -154,15 +160,19 @@ def tokenizer_file(model_path, tokenizer_path=None) -> Path:
             name = torch.load(ckpt_file, map_location="cpu", mmap=True, weights_only=False).get("tokenizer")
         tokenizer_path = directory / (name or "tokenizer.json")
     path = Path(tokenizer_path)
-    return path if path.suffix == ".json" else path.with_name(path.name + ".json")
+    return path if path.suffix in (".json", ".gguf") else path.with_name(path.name + ".json")
 
 
 def load_tokenizer(model_path, tokenizer_path=None):
-    """The tokenizer of a model directory, or tokenizer_path (see tokenizer_file): bpe.py's or Hugging Face's."""
+    """The tokenizer of a model directory or .gguf, or tokenizer_path (see tokenizer_file): bpe.py's, Hugging
+    Face's or a GGUF file's."""
     from bpe import Tokenizer
     json_path = tokenizer_file(model_path, tokenizer_path)
     if not json_path.exists():
         raise FileNotFoundError(f"{json_path}: no tokenizer there (give one with --tokenizer)")
+    if json_path.suffix == ".gguf":
+        from gguf_io import load_gguf_tokenizer
+        return load_gguf_tokenizer(json_path)
     try:
         is_ours = json.loads(json_path.read_text(encoding="utf-8")).get("format") == "nanollm-bpe"
     except (ValueError, AttributeError):

