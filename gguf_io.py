@@ -428,3 +428,206 @@ def load_gguf_tokenizer(path):
         setattr(tokenizer, attr, gguf.field(f"tokenizer.ggml.{key}", required=False))
     tokenizer.chat_template = gguf.field("tokenizer.chat_template", required=False)
     return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+def _typed(key: str, value):
+    """A metadata value's GGUF type: ints are u32 as llama.cpp reads them, int arrays i32 (token types)."""
+    if isinstance(value, bool):
+        return 7
+    if isinstance(value, int):
+        return 4 if value >= 0 else 5
+    if isinstance(value, float):
+        return 6
+    if isinstance(value, str):
+        return STRING
+    if isinstance(value, (list, tuple)):
+        return ARRAY
+    raise TypeError(f"metadata {key}: cannot store a {type(value).__name__}")
+
+
+def _pack_value(key: str, value, value_type: int) -> bytes:
+    if value_type == STRING:
+        raw = value.encode("utf-8")
+        return struct.pack("<Q", len(raw)) + raw
+    if value_type == ARRAY:
+        item_type = STRING if value and isinstance(value[0], str) else 6 if value and isinstance(value[0], float) else 5
+        if item_type == STRING:
+            items = b"".join(_pack_value(key, v, STRING) for v in value)
+        else:
+            items = np.asarray(value, dtype=np.float32 if item_type == 6 else np.int32).tobytes()
+        return struct.pack("<IQ", item_type, len(value)) + items
+    return struct.pack(VALUE_FORMATS[value_type], value)
+
+
+def write_gguf(path, metadata: dict, tensors: list) -> None:
+    """Write a GGUF v3 file atomically. tensors: (name, ggml type name, torch shape, bytes as a uint8 array)."""
+    from common import atomic_write
+    header = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata))]
+    for key, value in metadata.items():
+        value_type = _typed(key, value)
+        header += [_pack_value(key, key, STRING), struct.pack("<I", value_type), _pack_value(key, value, value_type)]
+    offset = 0
+    for name, type_name, shape, data in tensors:
+        header += [_pack_value(name, name, STRING), struct.pack("<I", len(shape)),
+                   struct.pack(f"<{len(shape)}Q", *reversed(shape)), struct.pack("<IQ", GGML_TYPES[type_name][0], offset)]
+        offset += -(-data.nbytes // ALIGNMENT) * ALIGNMENT
+    head = b"".join(header)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(head + bytes(-len(head) % ALIGNMENT))
+            for _, _, _, data in tensors:
+                f.write(data.tobytes())
+                f.write(bytes(-data.nbytes % ALIGNMENT))
+    atomic_write(path, write)
+
+
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # general.file_type (llama.cpp's LLAMA_FTYPE)
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
+    """tokenizer.* metadata of a bpe.py tokenizer: every id up to the model's vocab_size as a token in GPT-2's
+    byte-to-unicode alphabet (special tokens as their text, unused ids as [PAD<id>]), and the merges
+    recovered from the ranks (each token's last merge: BPE on its bytes with the tokens ranked below it)."""
+    from bpe import _bytes_to_unicode
+    pre = {pattern: name for name, pattern in PRE_TOKENIZERS.items()}
+    import bpe
+    names = {bpe.PATTERNS[p]: n for p, n in pre.items()}
+    if tokenizer.pattern not in names:
+        raise GGUFError(f"tokenizer {tokenizer.name!r}: its pre-split pattern has no llama.cpp name "
+                        f"(supported: {', '.join(f'{p} -> {n}' for p, n in pre.items())})")
+    to_unicode = _bytes_to_unicode()
+    spell = lambda token: "".join(to_unicode[b] for b in token)  # noqa: E731
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [TOKEN_UNUSED] * vocab_size
+    for token, i in tokenizer.ranks.items():
+        tokens[i], types[i] = spell(token), TOKEN_NORMAL
+    for text, i in tokenizer.special_tokens.items():
+        tokens[i], types[i] = text, TOKEN_CONTROL
+    merges = []
+    for token, rank in sorted(tokenizer.ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:  # tiktoken's rule, limited to the tokens made before this one
+            pair_ranks = [tokenizer.ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = pair_ranks.index(min(pair_ranks))
+            if pair_ranks[i] >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise GGUFError(f"tokenizer {tokenizer.name!r}: token {token!r} is not the merge of two earlier tokens")
+        merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    specials = tokenizer.special_tokens
+    by_name = lambda *names: next((specials[n] for n in names if n in specials), None)  # noqa: E731
+    ids = {"bos_token_id": getattr(tokenizer, "bos_id", None) or by_name("<|endoftext|>", "<s>"),
+           "eos_token_id": getattr(tokenizer, "eos_id", None) or by_name("<|endoftext|>", "</s>"),
+           "padding_token_id": getattr(tokenizer, "pad_id", None) or by_name("<|pad|>")}
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": names[tokenizer.pattern],
+                "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+                **{f"tokenizer.ggml.{key}": i for key, i in ids.items() if i is not None},
+                "tokenizer.ggml.add_bos_token": False}
+    template = getattr(tokenizer, "chat_template", None) or (CHATML_TEMPLATE if "<|im_start|>" in specials else None)
+    if template:
+        metadata["tokenizer.chat_template"] = template
+    return metadata
+
+
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def model_metadata(config, name: str, qtype: str) -> tuple[str, dict]:
+    """(architecture, general.* and {arch}.* metadata) of a ModelConfig: qwen2 when only q/k/v have biases."""
+    arch = "qwen2" if config.attention_bias and not config.attention_out_bias else "llama"
+    metadata = {"general.architecture": arch, "general.name": name, "general.file_type": FILE_TYPES[qtype],
+                "general.quantization_version": 2,
+                f"{arch}.vocab_size": config.vocab_size, f"{arch}.context_length": config.max_seq_len,
+                f"{arch}.embedding_length": config.dim, f"{arch}.block_count": config.n_layers,
+                f"{arch}.feed_forward_length": config.hidden_dim, f"{arch}.attention.head_count": config.n_heads,
+                f"{arch}.attention.head_count_kv": config.n_kv_heads, f"{arch}.rope.freq_base": float(config.rope_theta),
+                f"{arch}.attention.layer_norm_rms_epsilon": float(config.norm_eps),
+                f"{arch}.rope.dimension_count": config.head_dim,
+                f"{arch}.attention.key_length": config.head_dim, f"{arch}.attention.value_length": config.head_dim}
+    scaling = config.rope_scaling
+    if scaling:
+        if scaling["rope_type"] not in ("linear", "yarn"):
+            raise GGUFError(f"rope_scaling {scaling['rope_type']!r} cannot be written (GGUF metadata has linear and yarn)")
+        metadata[f"{arch}.rope.scaling.type"] = scaling["rope_type"]
+        metadata[f"{arch}.rope.scaling.factor"] = float(scaling["factor"])
+        if scaling["rope_type"] == "yarn":
+            metadata[f"{arch}.rope.scaling.original_context_length"] = int(
+                scaling.get("original_max_position_embeddings") or config.max_seq_len)
+    return arch, metadata
+
+
+def _exact_blocks(layer, type_name: str):
+    """A QuantLinear's codes as GGUF blocks without re-quantizing, or None with the reason: symmetric int4
+    in groups of 32 is Q4_0 (d = s, q - 8 = codes - z), symmetric int8 is Q8_0, asymmetric int4 is Q4_1
+    (d = s, m = -s z) when every -s z is an fp16 number."""
+    from quant_linear import unpack
+    if layer.nf4 or layer.g_idx is not None or layer.group_size != 32:
+        return None, "NF4, act-order or a group size other than 32"
+    codes = unpack(layer.qweight, layer.bits).view(layer.out_features, -1, 32).numpy().astype(np.int16)
+    scales, zeros = layer.scales.numpy()[..., None], layer.zeros.numpy().astype(np.float32)[..., None]
+    d = scales.reshape(-1, 1).view(np.uint8).reshape(-1, 2)
+    if type_name == "Q4_0" and layer.bits == 4 and (zeros == 8).all():
+        q = codes.reshape(-1, 32).astype(np.uint8)
+        return np.concatenate((d, _pack_nibbles(q)), axis=1), None
+    if type_name == "Q8_0" and layer.bits == 8 and (zeros == 128).all():
+        q = (codes - 128).astype(np.int8).reshape(-1, 32).view(np.uint8)
+        return np.concatenate((d, q), axis=1), None
+    if type_name == "Q4_1" and layer.bits == 4:
+        m = -scales.astype(np.float32) * zeros
+        if (m.astype(np.float16).astype(np.float32) == m).all():
+            m16 = m.astype(np.float16).reshape(-1, 1).view(np.uint8).reshape(-1, 2)
+            return np.concatenate((d, m16, _pack_nibbles(codes.reshape(-1, 32).astype(np.uint8))), axis=1), None
+        return None, "an offset -s z that fp16 cannot hold exactly"
+    return None, f"int{layer.bits} with zeros {'8/128 (symmetric)' if (zeros == 2 ** (layer.bits - 1)).all() else 'per group'}"
+
+
+def save_gguf(model, tokenizer, path, qtype: str = "q8_0", name: str = "nanollm", log=print) -> Path:
+    """Write a nanollm Transformer and its bpe.py tokenizer as a GGUF file llama.cpp runs. Matrices are
+    stored as `qtype` (rows not a multiple of 32 as F16), norms and biases as F32. A quant.py layer on a grid
+    that a GGUF block represents exactly keeps its codes; any other is re-quantized from its dequantized
+    weights, and `log` says so."""
+    from quant_linear import QuantLinear
+    if qtype not in WRITE_TYPES:
+        raise GGUFError(f"--type {qtype!r} is not supported (supported: {', '.join(WRITE_TYPES)})")
+    config = model.config
+    arch, metadata = model_metadata(config, name, qtype)
+    metadata.update(tokenizer_metadata(tokenizer, config.vocab_size))
+    quantized = {f"{key}.weight": module for key, module in model.named_modules() if isinstance(module, QuantLinear)}
+    tensors = []
+    for key, tensor in model.state_dict().items():
+        layer = quantized.get(key.replace(".qweight", ".weight"))
+        if key.endswith((".scales", ".zeros", ".g_idx")) or (key == "lm_head.weight" and config.tie_embeddings):
+            continue
+        key = key.replace(".qweight", ".weight")
+        type_name = qtype.upper() if tensor.dim() == 2 or layer is not None else "F32"
+        weight = layer.dequantize() if layer is not None else tensor.detach().float().cpu()
+        n_rows = config.n_heads if ".q_proj." in key else config.n_kv_heads if ".k_proj." in key else 0
+        blocks = None
+        if layer is not None and type_name in QUANTIZE:
+            blocks, reason = _exact_blocks(layer.cpu(), type_name)
+            if blocks is None:
+                log(f"{key}: {reason} is not a GGUF {type_name} block; re-quantized from its dequantized weights")
+        if type_name in QUANTIZE and weight.shape[-1] % 32:
+            log(f"{key}: rows of {weight.shape[-1]} are not a multiple of 32; stored as F16")
+            type_name = "F16"
+        if blocks is not None and arch in PERMUTED_ARCHITECTURES and n_rows:  # whole rows move: blocks stay intact
+            per_row = weight.shape[1] // 32
+            blocks = permute_rope_rows(torch.from_numpy(blocks.reshape(weight.shape[0], per_row, -1)), n_rows).numpy()
+        if blocks is None:
+            if arch in PERMUTED_ARCHITECTURES and n_rows:
+                weight = permute_rope_rows(weight, n_rows)
+            data = quantize(weight.numpy(), type_name)
+        else:
+            data = np.ascontiguousarray(blocks).reshape(-1)
+        tensors.append((gguf_name(key), type_name, tuple(weight.shape), data))
+    path = Path(path)
+    write_gguf(path, metadata, tensors)
+    return path
