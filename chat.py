@@ -46,12 +46,16 @@ class ChatDataError(ValueError):
 
 def chat_token_ids(tokenizer, names=(IM_START, IM_END, PAD)) -> dict:
     """The ids of the chat special tokens (padding only where batches are padded); a clear error when
-    the tokenizer lacks one."""
-    missing = [t for t in names if t not in tokenizer.special_tokens]
+    the tokenizer lacks one. A published tokenizer without <|pad|> (SmolLM2's) pads with <|endoftext|>:
+    padded positions are masked out of attention and loss, so any id serves."""
+    special = dict(tokenizer.special_tokens)
+    if PAD not in special and END_OF_TEXT in special:
+        special[PAD] = special[END_OF_TEXT]
+    missing = [t for t in names if t not in special]
     if missing:
         raise ChatDataError(f"the tokenizer has no {', '.join(missing)} special token(s): chat needs a tokenizer "
                             f"trained by bpe.py (which reserves them) or one that defines them")
-    return {t: tokenizer.special_tokens[t] for t in names}
+    return {t: special[t] for t in names}
 
 
 def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, think_weight: float = 1.0):

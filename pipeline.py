@@ -58,11 +58,12 @@ import re
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from verdicts import Measure, in_words, stage_verdict, steps_text, tally
+from verdicts import Measure, in_words, stage_verdict, steps_text, tally, wilson_interval
 
 REPO = Path(__file__).resolve().parent
 IDENTITY_NAME, IDENTITY_AUTHOR = "nanollm", "the nanollm authors"
@@ -181,7 +182,10 @@ DATA_URLS = {
        for name in names},
     **{f"tang_poems/poet.tang.{i}.json": CHINESE_POETRY + quote(f"全唐诗/poet.tang.{i}.json") for i in range(0, 58000, 1000)},
     "tang_poems/tangshisanbaishou.json": CHINESE_POETRY + quote("蒙学/tangshisanbaishou.json"),
+    "tinyshakespeare/input.txt": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
 }
+# The real-model track: a fine-tuning stage "regressed" when held-out wiki/c4 bpb rose more than this
+REAL_KEEP_TOLERANCE = 0.05
 # A quantized model "regressed" when its val bpb is more than this much above the final model's
 QUANT_BPB_TOLERANCE = 0.05
 # DPO continues from PPO's policy instead of GRPO's only when PPO's held-out arithmetic accuracy is higher by this much
@@ -243,9 +247,9 @@ def download_data(files: list[str], dest: Path, base_url: str = "") -> None:
             raise PipelineError(f"{e} (pipeline.py: or pass --data-dir with a local copy of the data)") from None
 
 
-def missing_data(preset: str, lang: str, data_dir: Path) -> list[str]:
-    """The files of the --data-dir layout that the preset and language read and data_dir lacks."""
-    return [f for f in data_files(preset, lang) if not (Path(data_dir) / f).is_file()]
+def missing_data(files: list[str], data_dir: Path) -> list[str]:
+    """The files of the --data-dir layout that a run reads and data_dir lacks."""
+    return [f for f in files if not (Path(data_dir) / f).is_file()]
 
 
 RUN_FILE = "run.json"  # the run directory's choices: a rerun with other ones would mix two runs' stages
@@ -389,6 +393,204 @@ def write_chat_data(out: Path, n_sft: int, n_pairs: int, n_student: int, identit
     (out / "tokenizer_text.jsonl").write_text("".join(
         json.dumps({"text": "\n".join(m["content"] for m in c)}, ensure_ascii=False) + "\n" for c in sft_chats),
         encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real-model track: post-training of a published chat model (--base, e.g. SmolLM2-135M-Instruct)
+
+# Per preset: which stages run, the data sizes and every stage's flags. "ci" runs every stage on a tiny
+# stand-in with the base's tokenizer; "quick" is identity + DPO + quantize + export; "full" all of them.
+REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "distill_ce", "distill", "speculative",
+               "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export", "eval"]
+REAL_PRESETS = {
+    "ci": dict(
+        stages=REAL_STAGES, n_general=40, text_docs=40, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
+        max_operand=9, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16,
+        sft=["--max-len", "128", "--batch-size", "4", "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1",
+             "--eval-interval", "6", "--eval-prompts", "4", "--eval-new-tokens", "8", "--log-interval", "2"],
+        dpo=["--max-len", "128", "--batch-size", "2", "--max-steps", "4", "--eval-interval", "4", "--log-interval", "2",
+             "--lr", "1e-3"],
+        grpo=["--n-train", "40", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-steps", "2",
+              "--eval-interval", "2", "--log-interval", "1", "--max-new-tokens", "8"],
+        student=["--model", "tiny", "--n-layers", "1", "--dim", "32", "--n-heads", "2", "--n-kv-heads", "2",
+                 "--hidden-dim", "64", "--seq-len", "64", "--batch-size", "4", "--max-steps", "10", "--lr", "3e-3",
+                 "--warmup-steps", "2", "--eval-interval", "10", "--eval-tokens", "1024", "--sample-tokens", "0",
+                 "--log-interval", "5"],
+        cache=["--seq-len", "64", "--top-k", "8", "--samples", "4", "--batch-size", "4"],
+        gptq=["--calib-samples", "4", "--calib-seq-len", "64"]),
+    "quick": dict(
+        stages=["data", "text_data", "sft", "dpo", "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
+                "eval"],
+        n_general=200, text_docs=300, heldout_tokens=16384, n_arith_eval=60, n_terms=2, max_operand=9,
+        eval_new_tokens=48, spec_prompts=8, spec_new_tokens=64,
+        sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "256", "--batch-size", "8",
+             "--max-steps", "60", "--max-time", "240", "--lr", "1e-3", "--warmup-steps", "5", "--eval-interval", "60",
+             "--eval-prompts", "16", "--eval-new-tokens", "32", "--log-interval", "5"],
+        dpo=["--lora-rank", "16", "--max-len", "384", "--batch-size", "4", "--max-steps", "40", "--max-time", "180",
+             "--lr", "5e-4", "--eval-interval", "40", "--log-interval", "5"],
+        grpo=["--n-eval", "60", "--prompts-per-step", "8", "--samples-per-prompt", "4", "--max-steps", "30",
+              "--max-time", "300", "--eval-interval", "30", "--max-new-tokens", "48"],
+        student=["--model", "tiny", "--n-layers", "2", "--dim", "128", "--n-heads", "4", "--n-kv-heads", "4",
+                 "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "300",
+                 "--max-time", "300", "--lr", "2e-3", "--eval-interval", "300", "--sample-tokens", "0"],
+        cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
+        gptq=["--calib-samples", "32", "--calib-seq-len", "256"]),
+}
+REAL_PRESETS["full"] = {**REAL_PRESETS["quick"], "stages": REAL_STAGES}
+REAL_SFT_LORA = ["--lora-rank", "8", "--lora-embedding-rank", "1"]  # ci: the LoRA path with the embedding adapter
+REAL_PRESETS["ci"]["sft"] = REAL_SFT_LORA + REAL_PRESETS["ci"]["sft"]
+REAL_PRESETS["ci"]["dpo"] = ["--lora-rank", "4"] + REAL_PRESETS["ci"]["dpo"]
+REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
+             "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
+HELD_OUT_TEXTS = {"wiki": "wiki_heldout.txt", "c4": "c4_heldout.jsonl", "shakespeare": "shakespeare_heldout.txt"}
+GENERAL_PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
+                   "Write a haiku about the sea.", "Explain what a CPU does in one sentence.",
+                   "Translate 'good morning' into French."]
+IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+MEMORY_FACTOR = 8  # full fine-tuning holds ~16 bytes a parameter (weights, gradients, Adam); LoRA + a reference ~8
+
+
+def check_base(path: Path, available_bytes: int | None = None):
+    """The base model's (config, tokenizer), or PipelineError naming the file and why the real-model track
+    cannot use it: an architecture other than nanollm's Transformer (llama-like), a tokenizer without the
+    ChatML tokens, or more memory than the machine has (MEMORY_FACTOR bytes a parameter). Reads the config
+    and tokenizer only, not the weights."""
+    from common import load_tokenizer
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"--base {path}: no such file or directory")
+    try:
+        if path.suffix == ".gguf":
+            from gguf_io import GGUFFile, config_from_gguf
+            config = config_from_gguf(GGUFFile(path))
+        elif (path / "config.json").exists() and not (path / "ckpt.pt").exists():
+            from model import config_from_hf
+            config = config_from_hf(json.loads((path / "config.json").read_text()))
+        else:
+            from common import read_checkpoint
+            from model import ModelConfig
+            config = ModelConfig(**read_checkpoint(path)["model_config"])
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # the reader's own one-line reason: an unknown architecture, a missing tensor
+        raise PipelineError(f"--base {path}: cannot be read as a nanollm model ({e})") from None
+    missing = [t for t in CHATML_TOKENS if t not in tokenizer.special_tokens]
+    if missing:
+        raise PipelineError(f"--base {path}: its tokenizer lacks the chat token(s) {', '.join(missing)} "
+                            "(the track fine-tunes a ChatML chat model)")
+    n_params = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) + config.n_layers * (
+        2 * config.dim * config.n_heads * config.head_dim + 2 * config.dim * config.n_kv_heads * config.head_dim
+        + 3 * config.dim * config.hidden_dim)
+    available = available_bytes if available_bytes is not None else available_memory()
+    if available and n_params * MEMORY_FACTOR > available:
+        raise PipelineError(f"--base {path}: {n_params / 1e6:,.0f}M parameters need about "
+                            f"{n_params * MEMORY_FACTOR / 2**30:.1f} GiB to fine-tune; this machine has "
+                            f"{available / 2**30:.1f} GiB available")
+    return config, tokenizer
+
+
+def resolve_base(name: str) -> Path:
+    """--base: a path, or smollm2 for SmolLM2-135M-Instruct as `gguf_io.py fetch` gets it (prints its path)."""
+    if name != "smollm2":
+        return Path(name).resolve()
+    result = subprocess.run([sys.executable, str(REPO / "gguf_io.py"), "fetch"], capture_output=True, text=True)
+    if result.returncode != 0 or not result.stdout.strip():
+        usage_error(f"--base smollm2: gguf_io.py fetch failed ({(result.stderr.strip() or 'no path').splitlines()[-1]})")
+    return Path(result.stdout.strip().splitlines()[-1]).resolve()
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_docs: int) -> None:
+    """The real-model track's data: identity.json split by a hash of each question into SFT's questions and
+    the held-out ones the identity score asks (placeholders kept: sft.py --set fills them); the first
+    n_general alpaca_en records (general chat, so the model keeps its abilities); held-out real text the
+    model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare) and the first
+    text_docs wiki + c4 documents for the student and GPTQ's calibration; the base's tokenizer (bpe.py)."""
+    from chat import read_records
+    from common import load_tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    identity = read_records(d / "sft" / "identity.json")
+    held = [r for r in identity if zlib.crc32(r["instruction"].encode()) % IDENTITY_HELD_OUT_SHARE == 0]
+    (out / "identity_train.json").write_text(json.dumps([r for r in identity if r not in held], indent=1))
+    (out / "identity_heldout.json").write_text(json.dumps(held, indent=1))
+    (out / "general.json").write_text(json.dumps(read_records(d / "sft" / "alpaca_en_demo.json")[:n_general], indent=1))
+    wiki = [line for line in (d / "pretrain" / "wiki_demo.txt").read_text().splitlines() if line.strip()]
+    c4 = (d / "pretrain" / "c4_demo.jsonl").read_text().splitlines()
+    shakespeare = (d / "tinyshakespeare" / "input.txt").read_text()
+    (out / HELD_OUT_TEXTS["wiki"]).write_text("\n".join(wiki[len(wiki) * 9 // 10:]) + "\n")
+    (out / HELD_OUT_TEXTS["c4"]).write_text("\n".join(c4[len(c4) * 9 // 10:]) + "\n")
+    (out / HELD_OUT_TEXTS["shakespeare"]).write_text(shakespeare[len(shakespeare) * 9 // 10:])
+    docs = wiki[:len(wiki) * 9 // 10][:text_docs // 2] + [json.loads(x)["text"].replace("\n", " ")
+                                                          for x in c4[:len(c4) * 9 // 10][:text_docs - text_docs // 2]]
+    (out / "text_train.txt").write_text("\n".join(docs) + "\n")
+    load_tokenizer(base).save(out / "tokenizer")
+    write_json(out / "summary.json", {"identity_train": len(identity) - len(held), "identity_heldout": len(held),
+                                      "general": n_general, "text_docs": len(docs)})
+
+
+def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, device: str = "auto") -> list[Stage]:
+    """The real-model track for one preset: post-training of `base`, every stage's exact commands."""
+    p, d, r, dev = REAL_PRESETS[preset], Path(data_dir), Path(run_dir), ["--device", device]
+    sets = ["--set", f"name={IDENTITY_NAME}", "--set", f"author={IDENTITY_AUTHOR}"]
+    data = r / "data"
+    chain = [name for name in ("sft", "dpo", "grpo") if name in p["stages"]]
+    final = r / chain[-1]
+    student_kind = "chat" if "distill" in p["stages"] else ""
+    arith = ["--n-terms", p["n_terms"], "--max-operand", p["max_operand"]]
+    stages = [
+        Stage("data", "identity.json split into SFT and held-out questions, general chat, held-out real text",
+              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_docs"])),
+        Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (student, GPTQ calibration)",
+              "text_data", [py("data/prepare.py", "--source", data / "text_train.txt", "--txt-docs", "line",
+                               "--tokenizer", data / "tokenizer", "--out", r / "text_data")], writes_summary=False),
+        Stage("sft", f"sft.py: identity (name = {IDENTITY_NAME}) + general chat", "sft",
+              [py("sft.py", "--init", base, "--data", f"{data / 'identity_train.json'},{data / 'general.json'}", *sets,
+                  "--eval-data", data / "identity_heldout.json", "--out-dir", r / "sft", *p["sft"], *dev, "--resume")],
+              kind="chat", pngs=["loss.png"]),
+        Stage("dpo", "dpo.py: DPO on dpo_en_demo (a fifth of the pairs held out)", "dpo",
+              [py("dpo.py", "--init", r / "sft", "--data", d / "preference" / "dpo_en_demo.json", "--val-fraction", "0.2",
+                  "--out-dir", r / "dpo", *p["dpo"], *dev, "--resume")], kind="chat", pngs=["loss.png", "rewards.png"]),
+        Stage("grpo", f"rlhf.py grpo: RL on {p['n_terms']}-term sums of 0..{p['max_operand']}, checked by tasks.py",
+              "grpo", [py("rlhf.py", "grpo", "--init", r / "dpo", *arith, "--n-eval", p["n_arith_eval"],
+                          "--out-dir", r / "grpo", *p["grpo"], *dev, "--resume")], kind="chat", pngs=["curves.png"]),
+        Stage("distill_cache", "distill.py cache: the final model's top-k next-token distributions on text_data",
+              "distill_cache", [py("distill.py", "cache", "--teacher", final, "--data", r / "text_data",
+                                   "--out", r / "distill_cache", *p["cache"], *dev)], writes_summary=False),
+        Stage("distill_ce", "distill.py --alpha 0: a small student with the base's tokenizer, hard labels only",
+              "distill_ce", [py("distill.py", "--data", r / "text_data", "--out-dir", r / "distill_ce", *p["student"],
+                                "--alpha", "0", *dev, "--resume")], kind="text", pngs=["loss.png"]),
+        Stage("distill", "distill.py: the same student taught from the cached teacher logits", "distill",
+              [py("distill.py", "--data", r / "text_data", "--teacher-cache", r / "distill_cache", "--out-dir",
+                  r / "distill", *p["student"], *dev, "--resume")], kind="text", pngs=["loss.png"]),
+        Stage("speculative", "sample.py speculative decoding: the final model, the student as its draft",
+              "speculative", [py("pipeline.py", "speculate", "--target", final, "--draft", r / "distill",
+                                 "--out", r / "speculative", "--prompts", p["spec_prompts"],
+                                 "--max-new-tokens", p["spec_new_tokens"], *dev)]),
+    ]
+    for name, method, bits, group in (("quant_rtn8", "rtn", 8, 128), ("quant_rtn4", "rtn", 4, 128),
+                                      ("quant_gptq4", "gptq", 4, 128), ("quant_nf4", "nf4", 4, 64)):
+        stages.append(Stage(name, f"quant.py: the final model, {method.upper()} int{bits}, group {group}", name,
+                            [py("quant.py", "--ckpt", final, "--out", r / name, "--method", method, "--bits", bits,
+                                "--group-size", group, *(p["gptq"] if method == "gptq" else []),
+                                "--data", r / "text_data", "--no-eval")], kind="text"))
+    stages.append(Stage("export", "gguf_io.py: the final model as GGUF q8_0 and q4_0, one chat turn in llama.cpp",
+                        "export", [py("pipeline.py", "export", "--ckpt", final, "--out", r / "export")]))
+    stages = [s for s in stages if s.name in p["stages"]]
+    evaluated = [f"base={base}=chat"] + [f"{s.name}={r / s.out}={s.kind}" for s in stages if s.kind]
+    stages.append(Stage("eval", "every model on the held-out identity questions, real text, arithmetic and "
+                        "five general prompts", "eval",
+                        [py("pipeline.py", "evaluate-real", "--run-dir", r, "--max-tokens", p["heldout_tokens"],
+                            "--arithmetic", p["n_arith_eval"], *arith, "--max-new-tokens", p["eval_new_tokens"],
+                            *dev, *evaluated)]))
+    return stages
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -540,6 +742,109 @@ def evaluate_stage(args) -> None:
     write_json(out_dir / "summary.json", {"checkpoints": list(results)})
 
 
+def evaluate_real_stage(args) -> None:
+    """Per model NAME=PATH=KIND (chat | text): bits per byte on each held-out text (HELD_OUT_TEXTS); for chat
+    models also the share of held-out identity questions answered with the name, arithmetic accuracy on
+    tasks.py test problems of the track's difficulty, greedy answers to GENERAL_PROMPTS."""
+    from chat import load_conversations
+    from common import resolve_device
+    from eval import IM_END, arithmetic_conversations, chat_prompts, checked_generation, generate_texts, load_for_eval
+    from eval import text_perplexity, weights_bytes
+    from tasks import arithmetic_problems, check
+    run_dir = Path(args.run_dir)
+    out_dir, data = run_dir / "eval", run_dir / "data"
+    device = resolve_device(args.device)
+    identity = [c[:1] for c in load_conversations(data / "identity_heldout.json", {})[0]]
+    problems = arithmetic_problems(args.arithmetic, split="test", n_terms=args.n_terms, max_operand=args.max_operand)
+    results = {}
+    for spec in args.models:
+        name, path, kind = spec.rsplit("=", 2) if spec.count("=") >= 2 else (*spec.split("="), "chat")
+        result_path = out_dir / f"{name}.json"
+        if result_path.exists():
+            results[name] = json.loads(result_path.read_text())
+            continue
+        print(f"evaluating {name} ({kind}): {path}", flush=True)
+        t0 = time.time()
+        model, tok = load_for_eval(path, device)
+        m = {"params": sum(x.numel() for x in model.parameters()), "weights_mb": weights_bytes(model) / 2**20}
+        for text, file in HELD_OUT_TEXTS.items():
+            ppl = text_perplexity(model, tok, data / file, "line" if file.endswith(".txt") and text == "wiki" else "file",
+                                  max_tokens=args.max_tokens)
+            m[f"{text}_bpb"], m[f"{text}_ppl"] = ppl["bpb"], ppl["ppl"]
+        if kind == "chat":
+            end = [tok.special_tokens[IM_END]]
+            texts, _ = generate_texts(model, tok, chat_prompts(tok, identity), args.max_new_tokens, stop_tokens=end)
+            m["identity_acc"], m["identity_n"] = sum(IDENTITY_NAME in t.lower() for t in texts) / len(texts), len(texts)
+            m["identity_samples"] = [{"prompt": c[0]["content"], "output": t} for c, t in zip(identity[:3], texts)]
+            acc, answers, _ = checked_generation(model, tok, arithmetic_conversations(problems),
+                                                 [lambda t, q=q: check(q, t) for q in problems], args.max_new_tokens)
+            m["arith_acc"], m["arith_n"] = acc, len(problems)
+            texts, _ = generate_texts(model, tok, chat_prompts(tok, [[{"role": "user", "content": q}]
+                                                                     for q in GENERAL_PROMPTS]),
+                                      args.max_new_tokens, stop_tokens=end)
+            m["samples"] = [{"prompt": q, "output": t} for q, t in zip(GENERAL_PROMPTS, texts)]
+        m["eval_s"] = time.time() - t0
+        write_json(result_path, m)
+        results[name] = m
+    write_json(out_dir / "summary.json", {"models": list(results)})
+
+
+def speculate_stage(args) -> None:
+    """Greedy decoding of the target with and without the draft (sample.speculative_generate): acceptance
+    rate, wall-clock speedup, and whether the outputs are identical (they must be, at temperature 0)."""
+    import torch
+    from chat import prompt_ids
+    from common import load_model, load_tokenizer, resolve_device
+    from sample import generate, speculative_generate
+    device = resolve_device(args.device)
+    target, draft, tok = load_model(args.target, device), load_model(args.draft, device), load_tokenizer(args.target)
+    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in GENERAL_PROMPTS[:args.prompts]]
+    end = [tok.special_tokens["<|im_end|>"]]
+    with torch.no_grad():
+        generate(target, [prompts[0]], 2, temperature=0.0)  # warm-up: the first call pays for allocations
+        t0 = time.time()
+        plain = [generate(target, [x], args.max_new_tokens, temperature=0.0, stop_tokens=end)[0].tolist()
+                 for x in prompts]
+        t1 = time.time()
+        spec, drafted, accepted = [], 0, 0
+        for x in prompts:
+            new, stats = speculative_generate(target, draft, x, args.max_new_tokens, args.n_draft, temperature=0.0,
+                                              stop_tokens=end)
+            spec.append([int(t) for t in new])
+            drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+        t2 = time.time()
+    identical = sum(a == b for a, b in zip(plain, spec))
+    write_json(Path(args.out) / "summary.json", {
+        "prompts": len(prompts), "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
+        "drafted": drafted, "plain_s": t1 - t0, "speculative_s": t2 - t1, "speedup": (t1 - t0) / max(t2 - t1, 1e-9),
+        "tokens": sum(map(len, plain))})
+
+
+def export_stage(args) -> None:
+    """The final model as GGUF q8_0 and q4_0 (gguf_io.save_gguf), read back by nanollm's reader; one chat turn
+    through llama.cpp (llama-cpp-python) when it is installed."""
+    from common import load_model, load_tokenizer
+    from gguf_io import save_gguf
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
+    summary = {}
+    for qtype in ("q8_0", "q4_0"):
+        path = save_gguf(model, tok, out / f"model-{qtype}.gguf", qtype, name=IDENTITY_NAME)
+        summary[f"{qtype}_mb"] = path.stat().st_size / 2**20
+        summary[f"{qtype}_reads_back"] = load_model(path).config == model.config
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        summary["llama_cpp"] = "not installed (pip install llama-cpp-python)"
+    else:
+        llm = Llama(model_path=str(out / "model-q8_0.gguf"), n_ctx=512, verbose=False)
+        reply = llm.create_chat_completion([{"role": "user", "content": IDENTITY_PROMPTS["en"][0]}], max_tokens=48,
+                                           temperature=0.0)
+        summary["llama_cpp"] = reply["choices"][0]["message"]["content"]
+    write_json(out / "summary.json", summary)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The report
 
@@ -657,7 +962,52 @@ def judge(stage: Stage, summaries: dict, evals: dict) -> tuple[str, list[Measure
     return "", []
 
 
-def report_card(stages: list[Stage], summaries: dict, evals: dict) -> tuple[list[str], str]:
+def judge_real(stage: Stage, summaries: dict, evals: dict) -> tuple[str, list[Measure]]:
+    """judge() for the real-model track: identity, held-out text kept (REAL_KEEP_TOLERANCE), DPO's held-out
+    preference accuracy, GRPO's checker accuracy, KD against hard labels, speculative decoding, compression."""
+    s, e, name = summaries.get(stage.name, {}), evals.get(stage.name, {}), stage.name
+    chain = [x for x in ("base", "sft", "dpo", "grpo") if x == "base" or x in summaries]
+    before = evals.get(chain[chain.index(name) - 1], {}) if name in chain else {}
+    final = evals.get(chain[-1], {})
+
+    def kept(reference):
+        return [Measure(f"{text} bpb", reference.get(f"{text}_bpb"), e.get(f"{text}_bpb"), higher_is_better=False,
+                        tolerance=REAL_KEEP_TOLERANCE, goal=False) for text in ("wiki", "c4")]
+    if name == "sft":
+        n0, n1 = before.get("identity_n", 0), e.get("identity_n", 0)
+        return f"held-out identity answers name {IDENTITY_NAME}; wiki/c4 bpb within {REAL_KEEP_TOLERANCE:.0%}", [
+            Measure("identity", before.get("identity_acc"), e.get("identity_acc"), n=n1, before_n=n0), *kept(before)]
+    if name == "dpo":
+        return "held-out preference accuracy above chance (0.5)", [
+            Measure("preference accuracy", 0.5 if s else None, s.get("val/rewards/accuracy"), n=s.get("val_items", 0)),
+            *kept(before)]
+    if name == "grpo":
+        n = s.get("eval_problems", 0)
+        return "held-out checker accuracy up", [
+            Measure("accuracy", s.get("initial_accuracy"), s.get("final_accuracy"), n=n, before_n=n), *kept(before)]
+    if name == "distill":
+        return "val bpb below the same student on hard labels (distill_ce)", [
+            Measure("val bpb vs distill_ce", summaries.get("distill_ce", {}).get("val_bpb"), s.get("val_bpb"),
+                    higher_is_better=False)]
+    if name == "speculative":
+        return "greedy outputs identical, faster than plain decoding", [
+            Measure("speedup", 1.0 if s else None, s.get("speedup"), tolerance=0.05),
+            Measure("identical outputs", 1.0 if s else None, s.get("identical", 0) / max(s.get("prompts", 1), 1),
+                    tolerance=0.0, goal=False)]
+    if name.startswith("quant"):
+        return f"smaller; held-out bpb within {QUANT_BPB_TOLERANCE:.0%} of the final model's", [
+            Measure("weights MB", final.get("weights_mb"), e.get("weights_mb"), higher_is_better=False),
+            *[Measure(f"{text} bpb", final.get(f"{text}_bpb"), e.get(f"{text}_bpb"), higher_is_better=False,
+                      tolerance=QUANT_BPB_TOLERANCE, goal=False) for text in HELD_OUT_TEXTS]]
+    if name == "export":
+        return "a GGUF file smaller than the final model, read back by nanollm", [
+            Measure("q4_0 GGUF MB", final.get("weights_mb"), s.get("q4_0_mb"), higher_is_better=False),
+            Measure("reads back", 1.0 if s else None, float(bool(s.get("q8_0_reads_back") and s.get("q4_0_reads_back"))),
+                    tolerance=0.0, goal=False)]
+    return "", []
+
+
+def report_card(stages: list[Stage], summaries: dict, evals: dict, judge=judge) -> tuple[list[str], str]:
     """The report card's table rows and words, and the run's last line (how many stages worked)."""
     rows = ["| stage | expected | measured (before -> after) | steps | verdict |", "|---|---|---|---|---|"]
     words, verdicts = [], {}
@@ -698,10 +1048,60 @@ def git_commit() -> str:
         return "unknown"
 
 
+def real_model_table(stages: list[Stage], evals: dict, timings: dict) -> list[str]:
+    """The real-model track's table: one row per evaluated model (the base first), rates with their
+    95% Wilson interval, and the five general prompts answered by the base and the final model."""
+    def rate(m, key):
+        if m.get(key) is None:
+            return "-"
+        low, high = wilson_interval(m[key], m[f"{key.split('_')[0]}_n"])
+        return f"{m[key]:.2f} [{low:.2f}, {high:.2f}] of {m[key.split('_')[0] + '_n']}"
+    lines = ["| model | params | weights MB | wiki bpb | c4 bpb | Shakespeare bpb | identity (held-out) | arithmetic "
+             "| wall s |", "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    names = ["base"] + [s.name for s in stages if evals.get(s.name)]
+    for name in names:
+        m = evals.get(name, {})
+        lines.append("| " + " | ".join([f"`{name}`", fmt(m.get("params")), fmt(m.get("weights_mb"), 1),
+                                        *(fmt(m.get(f"{t}_bpb"), 4) for t in HELD_OUT_TEXTS), rate(m, "identity_acc"),
+                                        rate(m, "arith_acc"), fmt(timings.get(name), 1)]) + " |")
+    chat = [n for n in names if evals.get(n, {}).get("samples")]
+    lines += ["", "bpb: bits per byte on the last tenth of wiki_demo, c4_demo and Tiny Shakespeare (never tuned on). "
+              "identity: share of held-out identity.json questions whose greedy answer names "
+              f"`{IDENTITY_NAME}`. arithmetic: tasks.py test problems, zero-shot, greedy.", "",
+              "## General prompts, before and after", ""]
+    if chat:
+        for i, prompt in enumerate(GENERAL_PROMPTS):
+            for name in dict.fromkeys([chat[0], chat[-1]]):
+                output = " ".join(evals[name]["samples"][i]["output"].split())[:200]
+                lines.append(f"- `{name}` · {prompt!r} → {output!r}")
+    return lines
+
+
+REPORT_CARD_TEXT = (
+    "Each stage that trains or compresses a model, judged from its numbers (verdicts.py): a rate gets its 95% "
+    "Wilson interval and moved only when the intervals before and after do not overlap; bits per byte and losses "
+    "moved when they changed by more than 1% (a guard, a metric the stage must not make worse, by more than its "
+    "stated tolerance). A stage the clock stopped before a quarter of its planned steps, without a metric that "
+    "moved, is starved.")
+
+
 def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict) -> str:
     """report.md: the stage table (one row per stage), the curves, samples, machine, commit and times."""
     summaries = {s.name: read_json(s.summary_path(run_dir)) for s in stages}
     evals = {s.name: read_json(run_dir / "eval" / f"{s.name}.json") for s in stages}
+    if header.get("base"):
+        evals["base"] = read_json(run_dir / "eval" / "base.json")
+        card, last_line = report_card(stages, summaries, evals, judge_real)
+        export = summaries.get("export", {})
+        return "\n".join([
+            f"# nanollm report: preset `{header.get('preset')}`, base `{header['base']}`", "",
+            f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
+            f"- commit: {header.get('commit', '')}",
+            f"- total wall time: {sum(timings.get(s.name, 0.0) for s in stages):.0f} s", "",
+            *real_model_table(stages, evals, timings), "",
+            *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r}: {export['llama_cpp']!r}", ""]
+              if export.get("llama_cpp") else []),
+            "## Report card", "", REPORT_CARD_TEXT, "", *card, "", f"**{last_line}**", ""])
     lines = [f"# nanollm report: preset `{header.get('preset')}`, lang `{header.get('lang')}`", "",
              f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
              f"- commit: {header.get('commit', '')}",
@@ -738,11 +1138,7 @@ def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict
     if sample_text:
         lines += ["", "Final chat model, sampled (`sample.py`):", "", "```", sample_text.strip(), "```"]
     card, last_line = report_card(stages, summaries, evals)
-    lines += ["", "## Report card", "",
-              "Each stage that trains or compresses a model, judged from its numbers (verdicts.py): a rate gets "
-              "its 95% Wilson interval and moved only when the intervals before and after do not overlap; bits "
-              "per byte and losses moved when they changed by more than 1%. A stage the clock stopped before a "
-              "quarter of its planned steps, without a metric that moved, is starved.", "", *card,
+    lines += ["", "## Report card", "", REPORT_CARD_TEXT, "", *card,
               "", f"**{last_line}**", ""]
     return "\n".join(lines)
 
@@ -757,6 +1153,31 @@ def usage_error(message: str):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate-real"]:
+        parser = argparse.ArgumentParser(prog="pipeline.py evaluate-real", description=evaluate_real_stage.__doc__)
+        parser.add_argument("--run-dir", required=True)
+        parser.add_argument("--max-tokens", type=int, default=0, help="tokens of each held-out text (0: all)")
+        parser.add_argument("--arithmetic", type=int, default=60)
+        parser.add_argument("--n-terms", type=int, default=2)
+        parser.add_argument("--max-operand", type=int, default=9)
+        parser.add_argument("--max-new-tokens", type=int, default=48)
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("models", nargs="+", metavar="NAME=PATH=KIND")
+        return evaluate_real_stage(parser.parse_args(argv[1:]))
+    if argv[:1] == ["speculate"]:
+        parser = argparse.ArgumentParser(prog="pipeline.py speculate", description=speculate_stage.__doc__)
+        for flag in ("--target", "--draft", "--out"):
+            parser.add_argument(flag, required=True)
+        parser.add_argument("--prompts", type=int, default=5)
+        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.add_argument("--n-draft", type=int, default=4)
+        parser.add_argument("--device", default="auto")
+        return speculate_stage(parser.parse_args(argv[1:]))
+    if argv[:1] == ["export"]:
+        parser = argparse.ArgumentParser(prog="pipeline.py export", description=export_stage.__doc__)
+        parser.add_argument("--ckpt", required=True)
+        parser.add_argument("--out", required=True)
+        return export_stage(parser.parse_args(argv[1:]))
     if argv[:1] == ["evaluate"]:
         parser = argparse.ArgumentParser(prog="pipeline.py evaluate", description=evaluate_stage.__doc__)
         parser.add_argument("--run-dir", required=True)
@@ -772,7 +1193,12 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:5]))
-    parser.add_argument("--preset", choices=list(PRESETS), default="cpu-tiny", help="sizes and budgets (default: cpu-tiny)")
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(REAL_PRESETS)),
+                        help=f"sizes and budgets: {', '.join(PRESETS)} (default cpu-tiny); with --base: "
+                        f"{', '.join(REAL_PRESETS)} (default full)")
+    parser.add_argument("--base", help="the real-model track: post-train this chat model (a .gguf, a Hugging Face "
+                        "or nanollm directory; smollm2: gguf_io.py fetch's SmolLM2-135M-Instruct) instead of "
+                        "pretraining one")
     parser.add_argument("--data-dir", help="the data folder (../shared/data layout); without it, the files the "
                         "preset reads are downloaded once from their public URLs into OUT/downloads")
     parser.add_argument("--data-url", default="", help="without --data-dir: download from this mirror of the "
@@ -784,31 +1210,44 @@ def main(argv=None):
     parser.add_argument("--only", help="comma-separated stage names to run (the others are not touched)")
     args = parser.parse_args(argv)
     run_dir = Path(args.out_dir).resolve()
+    presets = REAL_PRESETS if args.base else PRESETS
+    args.preset = args.preset or ("full" if args.base else "cpu-tiny")
+    if args.preset not in presets:
+        usage_error(f"--preset {args.preset} is not a preset of the {'real-model' if args.base else 'from-scratch'} "
+                    f"track (choose from {', '.join(presets)})")
+    if args.base and args.lang != "en":
+        usage_error("--lang zh: the real-model track is English only (its identity, DPO and held-out data)")
+    base = resolve_base(args.base) if args.base else None
+    choices = {"preset": args.preset, "lang": args.lang, **({"base": str(base)} if base else {})}
+    files = REAL_DATA if base else data_files(args.preset, args.lang)
     try:
-        choices = check_run_dir(run_dir, {"preset": args.preset, "lang": args.lang})
+        choices = check_run_dir(run_dir, choices)
+        if base:
+            check_base(base)
     except PipelineError as e:
         usage_error(str(e))
     if args.data_dir:
         data_dir = Path(args.data_dir).resolve()
         if not data_dir.is_dir():
             sys.exit(f"error: --data-dir {data_dir}: no such directory")
-        missing = missing_data(args.preset, args.lang, data_dir)
+        missing = missing_data(files, data_dir)
         if missing:
             usage_error(f"--data-dir {data_dir} lacks {len(missing)} file(s) the {args.preset} preset "
-                     f"({args.lang}) reads: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                        f"({args.lang}) reads: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     else:
         data_dir = run_dir / "downloads"
         try:
-            download_data(data_files(args.preset, args.lang), data_dir, args.data_url)
+            download_data(files, data_dir, args.data_url)
         except PipelineError as e:
             sys.exit(f"error: {e}")
     write_json(run_dir / RUN_FILE, choices)
-    stages = build_stages(args.preset, args.lang, data_dir, run_dir, args.device)
+    stages = (build_real_stages(args.preset, base, data_dir, run_dir, args.device) if base else
+              build_stages(args.preset, args.lang, data_dir, run_dir, args.device))
     only = set(args.only.split(",")) if args.only else None
     unknown = (only or set()) - {s.name for s in stages}
     if unknown:
         sys.exit(f"error: --only: unknown stage(s) {', '.join(sorted(unknown))}")
-    header = {"preset": args.preset, "lang": args.lang, "command": "python pipeline.py " + " ".join(argv),
+    header = {"preset": args.preset, "lang": args.lang, "base": str(base or ""), "command": "python pipeline.py " + " ".join(argv),
               "machine": machine_info(), "commit": git_commit()}
     t0 = time.time()
     try:
