@@ -6,6 +6,7 @@ distilled student -> quantized model, every stage evaluated, and a report card (
     python pipeline.py --preset ci --data-dir ../shared/data --out-dir /tmp/ci                  # a few minutes, tiny sizes
     python pipeline.py --preset gpu --data-dir ../shared/data --out-dir runs/gpu --device cuda
     python pipeline.py --preset cpu-tiny --out-dir runs/tiny                                      # downloads the data first
+    python pipeline.py --base smollm2 --preset quick --data-dir ../shared/data --out-dir runs/smol  # the real-model track
 
 Data: --data-dir is a folder laid out like ../shared/data. Without it, the files the preset and language
 read are downloaded once from their public URLs (DATA_URLS: LLaMA-Factory's demo data, the chinese-poetry
@@ -33,13 +34,34 @@ Stages, each a subprocess of the project's own scripts with its log in OUT/logs/
   eval         every checkpoint: val bpb, chat stop rate, identity and arithmetic accuracy, samples, tok/s
   sample       sample.py: answers of the final chat model
 
+The real-model track (--base MODEL: a .gguf, a Hugging Face or nanollm directory; smollm2 is
+SmolLM2-135M-Instruct as `gguf_io.py fetch` gets it) post-trains a published chat model instead of
+pretraining one; REAL_PRESETS: ci (every stage on a tiny stand-in), quick (identity + DPO + quantize + export),
+full. Before the first stage, check_base refuses a model it cannot use (architecture, a tokenizer without
+ChatML, too large for the memory), naming the file and the reason. Its stages:
+
+  data         identity.json split by question hash into SFT and held-out questions, alpaca_en general chat,
+               held-out real text (the last tenth of wiki_demo, c4_demo, Tiny Shakespeare), the base's tokenizer
+  text_data    data/prepare.py: wiki + c4 documents in the base's tokens (the student's data, GPTQ calibration)
+  sft          sft.py --lora-rank + the embedding adapter: identity (name = nanollm) mixed with general chat
+  dpo          dpo.py: DPO on dpo_en_demo, a fifth of the pairs held out
+  grpo         rlhf.py grpo: two-term sums (tasks.py, numbers 0..30: the base answers some of them right)
+  distill_*    distill.py cache (the final model's top-k logits, once), a small student with the same
+               tokenizer on hard labels (distill_ce) and on the cached logits (distill)
+  speculative  the final model decoded greedily with the student as draft: acceptance, speedup, same output
+  quant_*      quant.py: RTN int8, RTN int4, GPTQ int4 (group 128), NF4 of the final model
+  export       gguf_io.py: GGUF q8_0 and q4_0, read back; one chat turn in llama.cpp when installed
+  eval         every model on held-out identity questions, the held-out texts, arithmetic, five prompts
+
 A stage is done when its output directory holds summary.json (the scripts write it last; for the
 ones that write none, this file writes it after they succeed), so a rerun skips finished stages and
-training stages continue from their checkpoint (--resume). OUT/run.json records the preset and language;
-a rerun with other ones refuses, and so does a --data-dir that lacks a file the preset reads, before any
-stage starts. A failing stage stops the run with one line
-naming the stage and its log. report.md (OUT/report.md) has one table of every stage's metrics, the
-loss curves, sample generations, the machine, the commit and each stage's wall time.
+training stages continue from their checkpoint (--resume). OUT/run.json records the preset, language and
+base model; a rerun with other ones refuses, and so does a --data-dir that lacks a file the run reads, before
+any stage starts. A failing stage stops the run with one line naming the stage and its log. report.md
+(OUT/report.md) has one table of every stage's metrics, the loss curves, sample generations, the machine,
+the commit and each stage's wall time, and the report card: each stage judged from its numbers (verdicts.py:
+worked / no effect / regressed / starved, rates with 95% intervals); its last line, also the run's last
+line, says how many stages worked.
 
 Simplified against a production recipe: both RL stages start from the SFT model and train on the
 arithmetic task alone (PPO's reward model is learned from arithmetic right/wrong pairs, not from human
@@ -47,7 +69,7 @@ preferences on open prompts); the chat student is distilled in two steps, white-
 on the pretraining corpus, then black-box on the final chat model's greedy answers to a few hundred
 arithmetic and identity prompts (no alpaca or preference data, no on-policy distillation); the sizes and
 budgets of the CPU presets (PRESETS) are small enough that quality numbers are only indicative.
-`python pipeline.py evaluate ...` is the eval stage's worker (see evaluate_stage).
+`python pipeline.py evaluate | evaluate-real | speculate | export ...` are stages' workers (see *_stage).
 """
 import argparse
 import json
@@ -405,7 +427,7 @@ REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "dist
 REAL_PRESETS = {
     "ci": dict(
         stages=REAL_STAGES, n_general=40, text_docs=40, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
-        max_operand=9, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16,
+        max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16,
         sft=["--max-len", "128", "--batch-size", "4", "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1",
              "--eval-interval", "6", "--eval-prompts", "4", "--eval-new-tokens", "8", "--log-interval", "2"],
         dpo=["--max-len", "128", "--batch-size", "2", "--max-steps", "4", "--eval-interval", "4", "--log-interval", "2",
@@ -421,7 +443,7 @@ REAL_PRESETS = {
     "quick": dict(
         stages=["data", "text_data", "sft", "dpo", "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
                 "eval"],
-        n_general=200, text_docs=300, heldout_tokens=16384, n_arith_eval=60, n_terms=2, max_operand=9,
+        n_general=200, text_docs=300, heldout_tokens=16384, n_arith_eval=60, n_terms=2, max_operand=30,
         eval_new_tokens=48, spec_prompts=8, spec_new_tokens=64,
         sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "256", "--batch-size", "8",
              "--max-steps", "60", "--max-time", "240", "--lr", "1e-3", "--warmup-steps", "5", "--eval-interval", "60",
@@ -1192,7 +1214,7 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:5]))
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:7]))
     parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(REAL_PRESETS)),
                         help=f"sizes and budgets: {', '.join(PRESETS)} (default cpu-tiny); with --base: "
                         f"{', '.join(REAL_PRESETS)} (default full)")
