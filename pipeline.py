@@ -209,6 +209,8 @@ DATA_URLS = {
 }
 # The real-model track: a fine-tuning stage "regressed" when held-out wiki/c4 bpb rose more than this
 REAL_KEEP_TOLERANCE = 0.05
+# The q8_0 GGUF read back "regressed" when its next-token argmax differs from the model's at more positions
+EXPORT_TOP1_TOLERANCE = 0.1
 # A quantized model "regressed" when its val bpb is more than this much above the final model's
 QUANT_BPB_TOLERANCE = 0.05
 # DPO continues from PPO's policy instead of GRPO's only when PPO's held-out arithmetic accuracy is higher by this much
@@ -850,18 +852,27 @@ def speculate_stage(args) -> None:
 
 
 def export_stage(args) -> None:
-    """The final model as GGUF q8_0 and q4_0 (gguf_io.save_gguf), read back by nanollm's reader; one chat turn
-    through llama.cpp (llama-cpp-python) when it is installed."""
+    """The final model as GGUF q8_0 and q4_0 (gguf_io.save_gguf), read back by nanollm's reader: the same
+    config, and the share of positions of a chat prompt where the file's next-token argmax is the model's;
+    one chat turn through llama.cpp (llama-cpp-python) when it is installed."""
+    import torch
+    from chat import prompt_ids
     from common import load_model, load_tokenizer
     from gguf_io import save_gguf
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
+    ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": GENERAL_PROMPTS[0]}])])
+    with torch.no_grad():
+        top1 = model(ids)[0].argmax(-1)
     summary = {}
     for qtype in ("q8_0", "q4_0"):
         path = save_gguf(model, tok, out / f"model-{qtype}.gguf", qtype, name=IDENTITY_NAME)
         summary[f"{qtype}_mb"] = path.stat().st_size / 2**20
-        summary[f"{qtype}_reads_back"] = load_model(path).config == model.config
+        read = load_model(path)
+        with torch.no_grad():
+            summary[f"{qtype}_top1_agreement"] = (read(ids)[0].argmax(-1) == top1).float().mean().item()
+        summary[f"{qtype}_reads_back"] = read.config == model.config
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -1029,10 +1040,12 @@ def judge_real(stage: Stage, summaries: dict, evals: dict) -> tuple[str, list[Me
             *[Measure(f"{text} bpb", final.get(f"{text}_bpb"), e.get(f"{text}_bpb"), higher_is_better=False,
                       tolerance=QUANT_BPB_TOLERANCE, goal=False) for text in HELD_OUT_TEXTS]]
     if name == "export":
-        return "a GGUF file smaller than the final model, read back by nanollm", [
+        return "a GGUF file smaller than the final model, read back with the same next-token argmax", [
             Measure("q4_0 GGUF MB", final.get("weights_mb"), s.get("q4_0_mb"), higher_is_better=False),
             Measure("reads back", 1.0 if s else None, float(bool(s.get("q8_0_reads_back") and s.get("q4_0_reads_back"))),
-                    tolerance=0.0, goal=False)]
+                    tolerance=0.0, goal=False),
+            Measure("q8_0 top-1 agreement", 1.0 if s else None, s.get("q8_0_top1_agreement"),
+                    tolerance=EXPORT_TOP1_TOLERANCE, goal=False)]
     return "", []
 
 
