@@ -298,8 +298,8 @@ def check_run_dir(run_dir: Path, choices: dict) -> dict:
     recorded = recorded_choices(run_dir)
     changed = [k for k, v in choices.items() if k in recorded and recorded[k] != v]
     if changed:
-        was = " ".join(f"--{k} {recorded[k]}" for k in changed)
-        now = " ".join(f"--{k} {choices[k]}" for k in changed)
+        was = " ".join(f"--{k} {recorded[k] or '(none)'}" for k in changed)
+        now = " ".join(f"--{k} {choices[k] or '(none)'}" for k in changed)
         raise PipelineError(f"{run_dir} holds a run made with {was}, not {now}: give another --out-dir")
     return {**recorded, **choices}
 
@@ -1260,7 +1260,7 @@ def main(argv=None):
     if args.base and args.lang != "en":
         usage_error("--lang zh: the real-model track is English only (its identity, DPO and held-out data)")
     base = resolve_base(args.base) if args.base else None
-    choices = {"preset": args.preset, "lang": args.lang, **({"base": str(base)} if base else {})}
+    choices = {"preset": args.preset, "lang": args.lang, "base": str(base or "")}  # "": the from-scratch track
     files = REAL_DATA if base else data_files(args.preset, args.lang)
     try:
         choices = check_run_dir(run_dir, choices)

@@ -189,7 +189,7 @@ def test_ci_preset_end_to_end(tmp_path, data_dir):
 
 def test_a_rerun_with_another_preset_or_language_refuses(tmp_path, data_dir, capsys):
     main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--only", "chat_data"])
-    assert json.loads((tmp_path / "run.json").read_text()) == {"preset": "ci", "lang": "en"}
+    assert json.loads((tmp_path / "run.json").read_text()) == {"preset": "ci", "lang": "en", "base": ""}
     for argv, said in ((["--preset", "ci", "--lang", "zh"], "--lang en, not --lang zh"),
                        (["--preset", "cpu-tiny"], "--preset ci, not --preset cpu-tiny")):
         with pytest.raises(SystemExit) as info:
@@ -198,7 +198,7 @@ def test_a_rerun_with_another_preset_or_language_refuses(tmp_path, data_dir, cap
         err = capsys.readouterr().err
         assert said in err and str(tmp_path) in err and err.count("\n") == 1
     assert not (tmp_path / "tokenizer").exists()  # nothing ran
-    assert json.loads((tmp_path / "run.json").read_text()) == {"preset": "ci", "lang": "en"}
+    assert json.loads((tmp_path / "run.json").read_text()) == {"preset": "ci", "lang": "en", "base": ""}
     # the same choices go on
     main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--only", "chat_data"])
 

@@ -78,6 +78,11 @@ def test_the_cli_refuses_a_bad_base_before_any_stage(tmp_path, data_dir, capsys)
     with pytest.raises(SystemExit):
         main(["--base", str(bad), "--preset", "cpu-tiny", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)])
     assert "not a preset of the real-model track" in capsys.readouterr().err
+    # a from-scratch run over a real-model run's directory (both presets are called ci) refuses too
+    write_json(tmp_path / "real" / "run.json", {"preset": "ci", "lang": "en", "base": str(bad)})
+    with pytest.raises(SystemExit):
+        main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "real")])
+    assert f"--base {bad}, not --base (none)" in capsys.readouterr().err
 
 
 def test_the_real_track_data_has_public_urls_and_is_in_the_shared_layout(data_dir):
