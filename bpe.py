@@ -208,8 +208,10 @@ class Tokenizer:
     A published vocabulary may lack some single bytes; `missing_bytes` (one of MISSING_BYTES) then says
     how encoding drops them, as llama.cpp ("separate") or Hugging Face ("skip") does."""
 
-    def __init__(self, ranks, pattern="cl100k", special_tokens=None, name="bpe", missing_bytes=None):
+    def __init__(self, ranks, pattern="cl100k", special_tokens=None, name="bpe", missing_bytes=None,
+                 chat_template=None):
         self.name = name
+        self.chat_template = chat_template  # a model's own Jinja chat template (a GGUF file's), kept by save()
         self.pattern = PATTERNS.get(pattern, pattern)
         self.ranks = dict(ranks)
         self.special_tokens = dict(special_tokens or {})
@@ -441,8 +443,9 @@ class Tokenizer:
                 f.write(base64.b64encode(token) + b" %d\n" % rank)
         meta = {"format": "nanollm-bpe", "version": 1, "name": self.name, "pattern": self.pattern,
                 "special_tokens": self.special_tokens, "ranks_file": ranks_path.name}
-        if self.missing_bytes:
-            meta["missing_bytes"] = self.missing_bytes
+        for field in ("missing_bytes", "chat_template"):
+            if getattr(self, field):
+                meta[field] = getattr(self, field)
         meta_path.write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         return meta_path
 
@@ -462,7 +465,7 @@ class Tokenizer:
                 raise ValueError(f"{meta_path}: field {field!r} missing or not a {kind.__name__}")
         ranks = read_tiktoken_ranks(meta_path.parent / meta["ranks_file"])
         return cls(ranks, meta["pattern"], meta["special_tokens"], name=meta.get("name", "bpe"),
-                   missing_bytes=meta.get("missing_bytes"))
+                   missing_bytes=meta.get("missing_bytes"), chat_template=meta.get("chat_template"))
 
     @classmethod
     def from_tiktoken(cls, path, pattern="cl100k", special_tokens=None, name=None):

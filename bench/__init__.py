@@ -1,0 +1,1 @@
+"""Benchmarks: python -m bench.NAME, each printing tables with the reference in the same run."""
