@@ -431,10 +431,11 @@ REAL_PRESETS = {
     "ci": dict(
         stages=REAL_STAGES, n_general=40, text_chars=20_000, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
         max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16,
-        sft=["--max-len", "128", "--batch-size", "4", "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1",
-             "--eval-interval", "6", "--eval-prompts", "4", "--eval-new-tokens", "8", "--log-interval", "2"],
-        dpo=["--max-len", "128", "--batch-size", "2", "--max-steps", "4", "--eval-interval", "4", "--log-interval", "2",
-             "--lr", "1e-3"],
+        sft=["--lora-rank", "8", "--lora-embedding-rank", "1", "--max-len", "128", "--batch-size", "4",
+             "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1", "--eval-interval", "6", "--eval-prompts", "4",
+             "--eval-new-tokens", "8", "--log-interval", "2"],
+        dpo=["--lora-rank", "4", "--max-len", "128", "--batch-size", "2", "--max-steps", "4", "--eval-interval", "4",
+             "--log-interval", "2", "--lr", "1e-3"],
         grpo=["--n-train", "40", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-steps", "2",
               "--eval-interval", "2", "--log-interval", "1", "--max-new-tokens", "8"],
         student=["--model", "tiny", "--n-layers", "1", "--dim", "32", "--n-heads", "2", "--n-kv-heads", "2",
@@ -443,7 +444,8 @@ REAL_PRESETS = {
                  "--log-interval", "5"],
         cache=["--seq-len", "64", "--top-k", "8", "--samples", "4", "--batch-size", "4"], group_size=32,
         gptq=["--calib-samples", "4", "--calib-seq-len", "64"]),
-    # budgets for an idle 2-core CPU (a 135M model: about 0.8 GFLOP a trained token): 15 minutes with evaluation
+    # meant for 15 minutes on an idle 2-core CPU with evaluation, sized from FLOP counts (a 135M model trains at
+    # about 0.8 GFLOP a token); not yet timed on such a machine (docs/pipeline_real_model.md)
     "quick": dict(
         stages=["data", "text_data", "sft", "dpo", "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
                 "eval"],
@@ -463,10 +465,7 @@ REAL_PRESETS = {
         group_size=64,  # SmolLM2's rows are 576 and 1536 long: 128 does not divide 576
         gptq=["--calib-samples", "32", "--calib-seq-len", "256"]),
 }
-REAL_PRESETS["full"] = {**REAL_PRESETS["quick"], "stages": REAL_STAGES}
-REAL_SFT_LORA = ["--lora-rank", "8", "--lora-embedding-rank", "1"]  # ci: the LoRA path with the embedding adapter
-REAL_PRESETS["ci"]["sft"] = REAL_SFT_LORA + REAL_PRESETS["ci"]["sft"]
-REAL_PRESETS["ci"]["dpo"] = ["--lora-rank", "4"] + REAL_PRESETS["ci"]["dpo"]
+REAL_PRESETS["full"] = {**REAL_PRESETS["quick"], "stages": REAL_STAGES}  # meant for 45 minutes; not yet timed
 REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
              "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
 HELD_OUT_TEXTS = {"wiki": "wiki_heldout.txt", "c4": "c4_heldout.jsonl", "shakespeare": "shakespeare_heldout.txt"}
