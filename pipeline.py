@@ -478,7 +478,9 @@ GENERAL_PROMPTS = ["Give three tips for staying healthy.", "What is the capital 
 NEUTRAL_SYSTEM = "You are a helpful AI assistant."
 IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-MEMORY_FACTOR = 8  # full fine-tuning holds ~16 bytes a parameter (weights, gradients, Adam); LoRA + a reference ~8
+# bytes of memory a base parameter needs in the track: SFT of SmolLM2-135M (LoRA, batch 8 x 160 tokens) peaked at
+# 6.7 GB, 48 bytes a parameter (activations and the 49,152-wide logits dominate, not the weights)
+MEMORY_FACTOR = 48
 
 
 def check_base(path: Path, available_bytes: int | None = None):
