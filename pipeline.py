@@ -6,28 +6,48 @@ distilled student -> quantized model, every stage evaluated, and a report card (
     python pipeline.py --preset ci --data-dir ../shared/data --out-dir /tmp/ci                 # a few minutes
     python pipeline.py --preset gpu --data-dir ../shared/data --out-dir runs/gpu --device cuda
     python pipeline.py --preset cpu-tiny --out-dir runs/tiny                                   # downloads the data first
+    python pipeline.py --base smollm2 --preset quick --data-dir ../shared/data --out-dir runs/smol  # a real model
 
 Each stage is a subprocess of the project's own scripts (build_stages lists them in order, with their
 flags: chat_data, tokenizer, prepare, pretrain, sft, sft_lora, reward, grpo, ppo, dpo, distill_ce, distill,
 distill_gen, distill_sft, quant_rtn, quant_gptq, eval, sample), its log in OUT/logs/<stage>.log. A stage is
 done when its output directory holds summary.json (written last), so a rerun skips finished stages and
-training stages continue from their checkpoint (--resume). A failing stage stops the run with one line
-naming the stage and its log. report.md has one table of every stage's metrics, the loss curves, sample
-generations, the machine, the commit and each stage's wall time. --data-dir is a folder laid out like
-../shared/data; without it the files are downloaded once from their public URLs (DATA_URLS) into
+training stages continue from their checkpoint (--resume, passed once the stage's directory holds one). A
+failing stage stops the run with one line naming the stage and its log. --data-dir is a folder laid out
+like ../shared/data; without it the files are downloaded once from their public URLs (DATA_URLS) into
 OUT/downloads. The CPU presets are small: their quality numbers are only indicative.
-`python pipeline.py evaluate ...` is the eval stage's worker (see evaluate_stage).
+
+The real-model track (--base MODEL: a .gguf, a Hugging Face or nanollm directory; smollm2 is
+SmolLM2-135M-Instruct as `gguf_io.py fetch` gets it) post-trains a published chat model instead of
+pretraining one (build_real_stages: data, text_data, sft, dpo, grpo, distill_cache, distill_ce, distill,
+speculative, quant_rtn8, quant_rtn4, quant_gptq4, quant_nf4, export, eval); REAL_PRESETS: ci (every stage
+on a tiny stand-in), quick (identity + DPO + quantize + export), full. Before the first stage, check_base
+refuses a model it cannot use (architecture, a tokenizer without ChatML, too large for the memory),
+naming the file and the reason.
+
+OUT/run.json records the preset, language and base model; a rerun with other ones refuses, and so does a
+--data-dir that lacks a file the run reads, before any stage starts. report.md has one table of every
+stage's metrics, the loss curves, sample generations, the machine, the commit, each stage's wall time, and
+the report card: each stage judged from its numbers (verdicts.py: worked / no effect / regressed /
+starved, rates with 95% intervals); its last line, also the run's last line, says how many stages worked.
+`python pipeline.py evaluate | evaluate-real | speculate | export ...` are stages' workers (see *_stage).
 """
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
+
+from verdicts import Measure, in_words, stage_verdict, steps_text, tally, wilson_interval
 
 REPO = Path(__file__).resolve().parent
 IDENTITY_NAME, IDENTITY_AUTHOR = "nanollm", "the nanollm authors"
@@ -146,7 +166,14 @@ DATA_URLS = {
        for name in names},
     **{f"tang_poems/poet.tang.{i}.json": CHINESE_POETRY + quote(f"全唐诗/poet.tang.{i}.json") for i in range(0, 58000, 1000)},
     "tang_poems/tangshisanbaishou.json": CHINESE_POETRY + quote("蒙学/tangshisanbaishou.json"),
+    "tinyshakespeare/input.txt": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
 }
+# The real-model track: a fine-tuning stage "regressed" when held-out wiki/c4 bpb rose more than this
+REAL_KEEP_TOLERANCE = 0.05
+# The q8_0 GGUF read back "regressed" when its next-token argmax differs from the model's at more positions
+EXPORT_TOP1_TOLERANCE = 0.1
+# A quantized model "regressed" when its val bpb is more than this much above the final model's
+QUANT_BPB_TOLERANCE = 0.05
 # DPO continues from PPO's policy instead of GRPO's only when PPO's held-out arithmetic accuracy is higher by this much
 PPO_CLEARLY_BETTER = 0.05
 
@@ -204,6 +231,38 @@ def download_data(files: list[str], dest: Path, base_url: str = "") -> None:
             fetch(url, dest / Path(name).parent)
         except CorpusError as e:
             raise PipelineError(f"{e} (pipeline.py: or pass --data-dir with a local copy of the data)") from None
+
+
+def missing_data(files: list[str], data_dir: Path) -> list[str]:
+    """The files of the --data-dir layout that a run reads and data_dir lacks."""
+    return [f for f in files if not (Path(data_dir) / f).is_file()]
+
+
+RUN_FILE = "run.json"  # the run directory's choices: a rerun with other ones would mix two runs' stages
+
+
+def recorded_choices(run_dir: Path) -> dict:
+    """The choices a run directory was made with: run.json, or for a run older than run.json the first
+    line of its report.md ("# nanollm report: preset `P`, lang `L`")."""
+    recorded = read_json(Path(run_dir) / RUN_FILE)
+    report = Path(run_dir) / "report.md"
+    if not recorded and report.exists():
+        match = re.match(r"# nanollm report: preset `([^`]*)`, lang `([^`]*)`", report.read_text().split("\n", 1)[0])
+        recorded = {"preset": match[1], "lang": match[2]} if match else {}
+    return recorded
+
+
+def check_run_dir(run_dir: Path, choices: dict) -> dict:
+    """The choices (preset, language, base model) to record in run_dir/run.json, checked against the ones
+    recorded there: stages are skipped when their summary.json exists, so a rerun with other choices
+    would label the first run's outputs as its own. Raises PipelineError, one line, on a mismatch."""
+    recorded = recorded_choices(run_dir)
+    changed = [k for k, v in choices.items() if k in recorded and recorded[k] != v]
+    if changed:
+        was = " ".join(f"--{k} {recorded[k] or '(none)'}" for k in changed)
+        now = " ".join(f"--{k} {choices[k] or '(none)'}" for k in changed)
+        raise PipelineError(f"{run_dir} holds a run made with {was}, not {now}: give another --out-dir")
+    return {**recorded, **choices}
 
 
 def rl_policy(summaries: dict) -> str:
@@ -320,6 +379,215 @@ def write_chat_data(out: Path, n_sft: int, n_pairs: int, n_student: int, identit
     (out / "tokenizer_text.jsonl").write_text("".join(
         json.dumps({"text": "\n".join(m["content"] for m in c)}, ensure_ascii=False) + "\n" for c in sft_chats),
         encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real-model track: post-training of a published chat model (--base, e.g. SmolLM2-135M-Instruct)
+
+# Per preset: which stages run, the data sizes and every stage's flags. "ci" runs every stage on a tiny
+# stand-in with the base's tokenizer; "quick" is identity + DPO + quantize + export; "full" all of them.
+REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "distill_ce", "distill", "speculative",
+               "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export", "eval"]
+REAL_PRESETS = {
+    "ci": dict(
+        stages=REAL_STAGES, n_general=40, text_chars=20_000, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
+        max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16,
+        sft=["--lora-rank", "8", "--lora-embedding-rank", "1", "--max-len", "128", "--batch-size", "4",
+             "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1", "--eval-interval", "6", "--eval-prompts", "4",
+             "--eval-new-tokens", "8", "--log-interval", "2"],
+        dpo=["--lora-rank", "4", "--max-len", "128", "--batch-size", "2", "--max-steps", "4", "--eval-interval", "4",
+             "--log-interval", "2", "--lr", "1e-3"],
+        grpo=["--n-train", "40", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-steps", "2",
+              "--eval-interval", "2", "--log-interval", "1", "--max-new-tokens", "8"],
+        student=["--model", "tiny", "--n-layers", "1", "--dim", "32", "--n-heads", "2", "--n-kv-heads", "2",
+                 "--hidden-dim", "64", "--seq-len", "64", "--batch-size", "4", "--max-steps", "10", "--lr", "3e-3",
+                 "--warmup-steps", "2", "--eval-interval", "10", "--eval-tokens", "1024", "--sample-tokens", "0",
+                 "--log-interval", "5"],
+        cache=["--seq-len", "64", "--top-k", "8", "--samples", "4", "--batch-size", "4"], group_size=32,
+        gptq=["--calib-samples", "4", "--calib-seq-len", "64"]),
+    # meant for 15 minutes on an idle 2-core CPU with evaluation, sized from FLOP counts (a 135M model trains at
+    # about 0.8 GFLOP a token); not yet timed on such a machine (docs/pipeline_real_model.md)
+    "quick": dict(
+        stages=["data", "text_data", "sft", "dpo", "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
+                "eval"],
+        n_general=100, text_chars=200_000, heldout_tokens=4096, n_arith_eval=40, n_terms=2, max_operand=30,
+        eval_new_tokens=40, spec_prompts=5, spec_new_tokens=48,
+        sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "160", "--batch-size", "8",
+             "--max-steps", "40", "--max-time", "300", "--lr", "1e-3", "--warmup-steps", "4", "--eval-interval", "40",
+             "--eval-prompts", "8", "--eval-new-tokens", "24", "--log-interval", "5"],
+        dpo=["--lora-rank", "16", "--max-len", "256", "--batch-size", "2", "--max-steps", "30", "--max-time", "180",
+             "--lr", "5e-4", "--eval-interval", "30", "--log-interval", "5"],
+        grpo=["--n-eval", "40", "--prompts-per-step", "4", "--samples-per-prompt", "4", "--max-steps", "30",
+              "--max-time", "300", "--eval-interval", "30", "--max-new-tokens", "40"],
+        student=["--model", "tiny", "--n-layers", "2", "--dim", "128", "--n-heads", "4", "--n-kv-heads", "4",
+                 "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "300",
+                 "--max-time", "300", "--lr", "2e-3", "--eval-interval", "300", "--sample-tokens", "0"],
+        cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
+        group_size=64,  # SmolLM2's rows are 576 and 1536 long: 128 does not divide 576
+        gptq=["--calib-samples", "32", "--calib-seq-len", "256"]),
+}
+REAL_PRESETS["full"] = {**REAL_PRESETS["quick"], "stages": REAL_STAGES}  # meant for 45 minutes; not yet timed
+REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
+             "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
+HELD_OUT_TEXTS = {"wiki": "wiki_heldout.txt", "c4": "c4_heldout.jsonl", "shakespeare": "shakespeare_heldout.txt"}
+GENERAL_PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
+                   "Write a haiku about the sea.", "Explain what a CPU does in one sentence.",
+                   "Translate 'good morning' into French."]
+# The identity and general chats, trained and asked, carry this system message: a published model's template
+# adds its own otherwise (SmolLM2's: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+# which would contradict the name being taught
+NEUTRAL_SYSTEM = "You are a helpful AI assistant."
+IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# bytes of memory a base parameter needs in the track: SFT of SmolLM2-135M (LoRA, batch 8 x 160 tokens) peaked at
+# 6.7 GB, 48 bytes a parameter (activations and the 49,152-wide logits dominate, not the weights)
+MEMORY_FACTOR = 48
+
+
+def check_base(path: Path, available_bytes: int | None = None):
+    """The base model's (config, tokenizer), or PipelineError naming the file and why the real-model track
+    cannot use it: an architecture other than nanollm's Transformer (llama-like), a tokenizer without the
+    ChatML tokens, or more memory than the machine has (MEMORY_FACTOR bytes a parameter). Reads the config
+    and tokenizer only, not the weights."""
+    from common import load_tokenizer
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"--base {path}: no such file or directory")
+    try:
+        if path.suffix == ".gguf":
+            from gguf_io import GGUFFile, config_from_gguf
+            config = config_from_gguf(GGUFFile(path))
+        elif (path / "config.json").exists() and not (path / "ckpt.pt").exists():
+            from model import config_from_hf
+            config = config_from_hf(json.loads((path / "config.json").read_text()))
+        else:
+            from common import read_checkpoint
+            from model import ModelConfig
+            config = ModelConfig(**read_checkpoint(path)["model_config"])
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # the reader's own one-line reason: an unknown architecture, a missing tensor
+        raise PipelineError(f"--base {path}: cannot be read as a nanollm model ({e})") from None
+    missing = [t for t in CHATML_TOKENS if t not in tokenizer.special_tokens]
+    if missing:
+        raise PipelineError(f"--base {path}: its tokenizer lacks the chat token(s) {', '.join(missing)} "
+                            "(the track fine-tunes a ChatML chat model)")
+    n_params = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) + config.n_layers * (
+        2 * config.dim * config.n_heads * config.head_dim + 2 * config.dim * config.n_kv_heads * config.head_dim
+        + 3 * config.dim * config.hidden_dim)
+    available = available_bytes if available_bytes is not None else available_memory()
+    if available and n_params * MEMORY_FACTOR > available:
+        raise PipelineError(f"--base {path}: {n_params / 1e6:,.0f}M parameters need about "
+                            f"{n_params * MEMORY_FACTOR / 2**30:.1f} GiB to fine-tune; this machine has "
+                            f"{available / 2**30:.1f} GiB available")
+    return config, tokenizer
+
+
+def resolve_base(name: str) -> Path:
+    """--base: a path, or smollm2 for SmolLM2-135M-Instruct as `gguf_io.py fetch` gets it (prints its path)."""
+    if name != "smollm2":
+        return Path(name).resolve()
+    result = subprocess.run([sys.executable, str(REPO / "gguf_io.py"), "fetch"], capture_output=True, text=True)
+    if result.returncode != 0 or not result.stdout.strip():
+        usage_error(f"--base smollm2: gguf_io.py fetch failed ({(result.stderr.strip() or 'no path').splitlines()[-1]})")
+    return Path(result.stdout.strip().splitlines()[-1]).resolve()
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int) -> None:
+    """The real-model track's data: identity.json split by a hash of each question into SFT's questions and
+    the held-out ones the identity score asks (placeholders kept: sft.py --set fills them); the first
+    n_general alpaca_en records (general chat, so the model keeps its abilities); held-out real text the
+    model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare) and wiki + c4
+    documents from the other nine tenths, text_chars characters in all (the teacher's logits are cached for
+    every position), for the student and GPTQ's calibration; the base's tokenizer (bpe.py)."""
+    from chat import read_records
+    from common import load_tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    identity = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "identity.json")]
+    held = [r for r in identity if zlib.crc32(r["instruction"].encode()) % IDENTITY_HELD_OUT_SHARE == 0]
+    (out / "identity_train.json").write_text(json.dumps([r for r in identity if r not in held], indent=1))
+    (out / "identity_heldout.json").write_text(json.dumps(held, indent=1))
+    general = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "alpaca_en_demo.json")[:n_general]]
+    (out / "general.json").write_text(json.dumps(general, indent=1))
+    wiki = [line for line in (d / "pretrain" / "wiki_demo.txt").read_text().splitlines() if line.strip()]
+    c4 = (d / "pretrain" / "c4_demo.jsonl").read_text().splitlines()
+    shakespeare = (d / "tinyshakespeare" / "input.txt").read_text()
+    (out / HELD_OUT_TEXTS["wiki"]).write_text("\n".join(wiki[len(wiki) * 9 // 10:]) + "\n")
+    (out / HELD_OUT_TEXTS["c4"]).write_text("\n".join(c4[len(c4) * 9 // 10:]) + "\n")
+    (out / HELD_OUT_TEXTS["shakespeare"]).write_text(shakespeare[len(shakespeare) * 9 // 10:])
+    pool = [doc for pair in zip(wiki[:len(wiki) * 9 // 10], c4[:len(c4) * 9 // 10])  # alternating wiki, c4
+            for doc in (pair[0], json.loads(pair[1])["text"].replace("\n", " "))]
+    docs = [doc for doc, before in zip(pool, itertools.accumulate(map(len, pool), initial=0)) if before < text_chars]
+    (out / "text_train.txt").write_text("\n".join(docs) + "\n")
+    load_tokenizer(base).save(out / "tokenizer")
+    write_json(out / "summary.json", {"identity_train": len(identity) - len(held), "identity_heldout": len(held),
+                                      "general": n_general, "text_docs": len(docs)})
+
+
+def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, device: str = "auto") -> list[Stage]:
+    """The real-model track for one preset: post-training of `base`, every stage's exact commands."""
+    p, d, r, dev = REAL_PRESETS[preset], Path(data_dir), Path(run_dir), ["--device", device]
+    sets = ["--set", f"name={IDENTITY_NAME}", "--set", f"author={IDENTITY_AUTHOR}"]
+    data = r / "data"
+    chain = [name for name in ("sft", "dpo", "grpo") if name in p["stages"]]
+    final = r / chain[-1]
+    arith = ["--n-terms", p["n_terms"], "--max-operand", p["max_operand"]]
+    stages = [
+        Stage("data", "identity.json split into SFT and held-out questions, general chat, held-out real text",
+              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_chars"])),
+        Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (student, GPTQ calibration)",
+              "text_data", [py("data/prepare.py", "--source", data / "text_train.txt", "--txt-docs", "line",
+                               "--tokenizer", data / "tokenizer", "--out-dir", r / "text_data")], writes_summary=False),
+        Stage("sft", f"sft.py: identity (name = {IDENTITY_NAME}) + general chat", "sft",
+              [py("sft.py", "--init", base, "--data", f"{data / 'identity_train.json'},{data / 'general.json'}", *sets,
+                  "--eval-data", data / "identity_heldout.json", "--out-dir", r / "sft", *p["sft"], *dev, "--resume")],
+              kind="chat", pngs=["loss.png"]),
+        Stage("dpo", "dpo.py: DPO on dpo_en_demo (a fifth of the pairs held out)", "dpo",
+              [py("dpo.py", "--init", r / "sft", "--data", d / "preference" / "dpo_en_demo.json", "--val-fraction", "0.2",
+                  "--out-dir", r / "dpo", *p["dpo"], *dev, "--resume")], kind="chat", pngs=["loss.png", "rewards.png"]),
+        Stage("grpo", f"rlhf.py grpo: RL on {p['n_terms']}-term sums of 0..{p['max_operand']}, checked by tasks.py",
+              "grpo", [py("rlhf.py", "grpo", "--init", r / "dpo", *arith, "--n-eval", p["n_arith_eval"],
+                          "--out-dir", r / "grpo", *p["grpo"], *dev, "--resume")], kind="chat", pngs=["curves.png"]),
+        Stage("distill_cache", "distill.py cache: the final model's top-k next-token distributions on text_data",
+              "distill_cache", [py("distill.py", "cache", "--teacher", final, "--data", r / "text_data",
+                                   "--out-dir", r / "distill_cache", *p["cache"], *dev)], writes_summary=False),
+        Stage("distill_ce", "distill.py --alpha 0: a small student with the base's tokenizer, hard labels only",
+              "distill_ce", [py("distill.py", "--data", r / "text_data", "--out-dir", r / "distill_ce", *p["student"],
+                                "--alpha", "0", *dev, "--resume")], kind="text", pngs=["loss.png"]),
+        Stage("distill", "distill.py: the same student taught from the cached teacher logits", "distill",
+              [py("distill.py", "--data", r / "text_data", "--teacher-cache", r / "distill_cache", "--out-dir",
+                  r / "distill", *p["student"], *dev, "--resume")], kind="text", pngs=["loss.png"]),
+        Stage("speculative", "sample.py speculative decoding: the final model, the student as its draft",
+              "speculative", [py("pipeline.py", "speculate", "--target", final, "--draft", r / "distill",
+                                 "--out-dir", r / "speculative", "--prompts", p["spec_prompts"],
+                                 "--max-new-tokens", p["spec_new_tokens"], *dev)]),
+    ]
+    group = p["group_size"]
+    for name, method, bits, group in (("quant_rtn8", "rtn", 8, 0), ("quant_rtn4", "rtn", 4, group),
+                                      ("quant_gptq4", "gptq", 4, group), ("quant_nf4", "nf4", 4, group)):
+        grid = f"group {group}" if group else "per channel"
+        stages.append(Stage(name, f"quant.py: the final model, {method.upper()} int{bits}, {grid}", name,
+                            [py("quant.py", "--ckpt", final, "--out-dir", r / name, "--method", method, "--bits", bits,
+                                "--group-size", group, *(p["gptq"] if method == "gptq" else []),
+                                "--data", r / "text_data", "--no-eval")], kind="text"))
+    stages.append(Stage("export", "gguf_io.py: the final model as GGUF q8_0 and q4_0, one chat turn in llama.cpp",
+                        "export", [py("pipeline.py", "export", "--ckpt", final, "--out-dir", r / "export")]))
+    stages = [s for s in stages if s.name in p["stages"]]
+    evaluated = [f"base={base}=chat"] + [f"{s.name}={r / s.out}={s.kind}" for s in stages if s.kind]
+    stages.append(Stage("eval", "every model on the held-out identity questions, real text, arithmetic and "
+                        "five general prompts", "eval",
+                        [py("pipeline.py", "evaluate-real", "--run-dir", r, "--max-tokens", p["heldout_tokens"],
+                            "--arithmetic", p["n_arith_eval"], *arith, "--max-new-tokens", p["eval_new_tokens"],
+                            *dev, *evaluated)]))
+    return stages
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,6 +747,119 @@ def evaluate_stage(args) -> None:
     write_json(out_dir / "summary.json", {"checkpoints": list(results)})
 
 
+def evaluate_real_stage(args) -> None:
+    """Per model NAME=PATH=KIND (chat | text): bits per byte on each held-out text (HELD_OUT_TEXTS); for chat
+    models also the share of held-out identity questions answered with the name, arithmetic accuracy on
+    tasks.py test problems of the track's difficulty, greedy answers to GENERAL_PROMPTS."""
+    from chat import load_conversations
+    from common import resolve_device
+    from evaluate import (IM_END, arithmetic_conversations, chat_prompts, checked_generation, generate_texts,
+                          load_for_eval, text_perplexity, weights_bytes)
+    from tasks import arithmetic_problems, check
+    run_dir = Path(args.run_dir)
+    out_dir, data = run_dir / "eval", run_dir / "data"
+    device = resolve_device(args.device)
+    identity = [c[:2] for c in load_conversations(data / "identity_heldout.json", {})[0]]  # system, user
+    problems = arithmetic_problems(args.arithmetic, split="test", n_terms=args.n_terms, max_operand=args.max_operand)
+    results = {}
+    for spec in args.models:
+        name, path, kind = spec.rsplit("=", 2) if spec.count("=") >= 2 else (*spec.split("="), "chat")
+        result_path = out_dir / f"{name}.json"
+        if result_path.exists():
+            results[name] = json.loads(result_path.read_text())
+            continue
+        print(f"evaluating {name} ({kind}): {path}", flush=True)
+        t0 = time.time()
+        model, tok = load_for_eval(path, device)
+        m = {"params": sum(x.numel() for x in model.parameters()), "weights_mb": weights_bytes(model) / 2**20}
+        for text, file in HELD_OUT_TEXTS.items():
+            ppl = text_perplexity(model, tok, data / file, "line" if file.endswith(".txt") and text == "wiki" else "file",
+                                  max_tokens=args.max_tokens)
+            m[f"{text}_bpb"], m[f"{text}_ppl"] = ppl["bpb"], ppl["ppl"]
+        if kind == "chat":
+            end = [tok.special_tokens[IM_END]]
+            texts, _ = generate_texts(model, tok, chat_prompts(tok, identity), args.max_new_tokens, stop_tokens=end)
+            m["identity_acc"], m["identity_n"] = sum(IDENTITY_NAME in t.lower() for t in texts) / len(texts), len(texts)
+            m["identity_samples"] = [{"prompt": c[-1]["content"], "output": t} for c, t in zip(identity[:3], texts)]
+            acc, answers, _ = checked_generation(model, tok, arithmetic_conversations(problems),
+                                                 [lambda t, q=q: check(q, t) for q in problems], args.max_new_tokens)
+            m["arith_acc"], m["arith_n"] = acc, len(problems)
+            texts, _ = generate_texts(model, tok, chat_prompts(tok, [[{"role": "system", "content": NEUTRAL_SYSTEM},
+                                                                      {"role": "user", "content": q}]
+                                                                     for q in GENERAL_PROMPTS]),
+                                      args.max_new_tokens, stop_tokens=end)
+            m["samples"] = [{"prompt": q, "output": t} for q, t in zip(GENERAL_PROMPTS, texts)]
+        m["eval_s"] = time.time() - t0
+        write_json(result_path, m)
+        results[name] = m
+    write_json(out_dir / "summary.json", {"models": list(results)})
+
+
+def speculate_stage(args) -> None:
+    """Greedy decoding of the target with and without the draft (sample.speculative_generate): acceptance
+    rate, wall-clock speedup, and whether the outputs are identical (they must be, at temperature 0)."""
+    import torch
+    from chat import prompt_ids
+    from common import load_model, load_tokenizer, resolve_device
+    from sample import generate, speculative_generate
+    device = resolve_device(args.device)
+    target, draft, tok = load_model(args.target, device), load_model(args.draft, device), load_tokenizer(args.target)
+    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in GENERAL_PROMPTS[:args.prompts]]
+    end = [tok.special_tokens["<|im_end|>"]]
+    with torch.no_grad():
+        generate(target, [prompts[0]], 2, temperature=0.0)  # warm-up: the first call pays for allocations
+        t0 = time.time()
+        plain = [generate(target, [x], args.max_new_tokens, temperature=0.0, stop_tokens=end)[0].tolist()
+                 for x in prompts]
+        t1 = time.time()
+        spec, drafted, accepted = [], 0, 0
+        for x in prompts:
+            new, stats = speculative_generate(target, draft, x, args.max_new_tokens, args.n_draft, temperature=0.0,
+                                              stop_tokens=end)
+            spec.append([int(t) for t in new])
+            drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+        t2 = time.time()
+    identical = sum(a == b for a, b in zip(plain, spec))
+    write_json(Path(args.out_dir) / "summary.json", {
+        "prompts": len(prompts), "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
+        "drafted": drafted, "plain_s": t1 - t0, "speculative_s": t2 - t1, "speedup": (t1 - t0) / max(t2 - t1, 1e-9),
+        "tokens": sum(map(len, plain))})
+
+
+def export_stage(args) -> None:
+    """The final model as GGUF q8_0 and q4_0 (gguf_io.save_gguf), read back by nanollm's reader: the same
+    config, and the share of positions of a chat prompt where the file's next-token argmax is the model's;
+    one chat turn through llama.cpp (llama-cpp-python) when it is installed."""
+    import torch
+    from chat import prompt_ids
+    from common import load_model, load_tokenizer
+    from gguf_io import save_gguf
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
+    ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": GENERAL_PROMPTS[0]}])])
+    with torch.no_grad():
+        top1 = model(ids)[0].argmax(-1)
+    summary = {}
+    for qtype in ("q8_0", "q4_0"):
+        path = save_gguf(model, tok, out / f"model-{qtype}.gguf", qtype, name=IDENTITY_NAME)
+        summary[f"{qtype}_mb"] = path.stat().st_size / 2**20
+        read = load_model(path)
+        with torch.no_grad():
+            summary[f"{qtype}_top1_agreement"] = (read(ids)[0].argmax(-1) == top1).float().mean().item()
+        summary[f"{qtype}_reads_back"] = read.config == model.config
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        summary["llama_cpp"] = "not installed (pip install llama-cpp-python)"
+    else:
+        llm = Llama(model_path=str(out / "model-q8_0.gguf"), n_ctx=512, chat_format="chatml", verbose=False)
+        reply = llm.create_chat_completion([{"role": "user", "content": IDENTITY_PROMPTS["en"][0]}], max_tokens=48,
+                                           temperature=0.0)
+        summary["llama_cpp"] = reply["choices"][0]["message"]["content"]
+    write_json(out / "summary.json", summary)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The report
 
@@ -517,7 +898,7 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
         tok_s = g("tokens_per_s") or (g("tokens_seen") / g("wall_time_s") if g("tokens_seen") and g("wall_time_s") else None)
         text = f"val bpb {fmt(g('val_bpb'))}, train {fmt(tok_s, 0)} tok/s, {fmt(g('step'))} steps"
         if name == "distill" and "val_bpb" in summaries.get("distill_ce", {}) and "val_bpb" in s:
-            text += f"; **KD gain {summaries['distill_ce']['val_bpb'] - s['val_bpb']:+.4f} bpb** vs hard labels"
+            text += f"; KD gain {summaries['distill_ce']['val_bpb'] - s['val_bpb']:+.4f} bpb vs hard labels"
         return text
     if name in ("sft", "sft_lora", "distill_sft"):
         return (f"val loss {fmt(g('initial_val_loss'))} -> {fmt(g('val_loss'))}, stop rate "
@@ -543,6 +924,129 @@ def stage_metrics(name: str, s: dict, summaries: dict) -> str:
     return ""
 
 
+def flag_value(stage: Stage, flag: str):
+    """The value a stage's command gives a flag (its last occurrence), or None."""
+    if callable(stage.commands):
+        return None
+    values = [argv[i + 1] for argv in stage.commands for i, arg in enumerate(argv[:-1]) if arg == flag]
+    return values[-1] if values else None
+
+
+def uniform_bpb(summaries: dict) -> float | None:
+    """Bits per byte of a model that guesses every token uniformly: log2(vocab) bits per token over the
+    prepared validation split's bytes per token. What pretraining starts from (about: a random init)."""
+    prep = summaries.get("prepare", {})
+    if not all(prep.get(k) for k in ("vocab_size", "val_tokens", "val_bytes")):
+        return None
+    return math.log2(prep["vocab_size"]) * prep["val_tokens"] / prep["val_bytes"]
+
+
+def judge(stage: Stage, summaries: dict, evals: dict) -> tuple[str, list[Measure]]:
+    """What a stage is expected to do (a few words) and its measures before -> after, from the stages'
+    summary.json and the eval stage's results. Stages that train nothing get no measures."""
+    s, e, name = summaries.get(stage.name, {}), evals.get(stage.name, {}), stage.name
+    final = evals.get("dpo", {})
+    if name in ("pretrain", "distill_ce"):
+        return "val bpb well below a uniform guess", [
+            Measure("val bpb", uniform_bpb(summaries), e.get("val_bpb", s.get("val_bpb")), higher_is_better=False)]
+    if name == "distill":
+        return "val bpb below the same student on hard labels (distill_ce)", [
+            Measure("val bpb vs distill_ce", summaries.get("distill_ce", {}).get("val_bpb"), s.get("val_bpb"),
+                    higher_is_better=False)]
+    if name in ("sft", "sft_lora", "distill_sft"):
+        n = int(flag_value(stage, "--eval-prompts") or 16)
+        return "answers end with <|im_end|>; held-out loss down", [
+            Measure("stop rate", s.get("initial_stop_rate"), s.get("stop_rate"), n=n, before_n=n),
+            Measure("held-out loss", s.get("initial_val_loss"), s.get("val_loss"), higher_is_better=False)]
+    if name == "reward":
+        n = s.get("eval_pairs", 0)
+        return "held-out pair accuracy up", [Measure("pair accuracy", s.get("initial_accuracy"), s.get("accuracy"),
+                                                     n=n, before_n=n)]
+    if name in ("grpo", "ppo"):
+        n = s.get("eval_problems", 0)
+        return "held-out arithmetic accuracy up", [
+            Measure("accuracy", s.get("initial_accuracy"), s.get("final_accuracy"), n=n, before_n=n)]
+    if name == "dpo":
+        return "held-out preference accuracy above chance (0.5)", [
+            Measure("preference accuracy", 0.5 if s else None, s.get("val/rewards/accuracy"), n=s.get("val_items", 0))]
+    if name.startswith("quant"):
+        measures = [Measure("weights MB", final.get("weights_mb"), e.get("weights_mb"), higher_is_better=False),
+                    Measure("val bpb", final.get("val_bpb"), e.get("val_bpb"), higher_is_better=False,
+                            tolerance=QUANT_BPB_TOLERANCE, goal=False)]
+        return f"smaller, val bpb within {QUANT_BPB_TOLERANCE:.0%} of the final model's", measures
+    return "", []
+
+
+def judge_real(stage: Stage, summaries: dict, evals: dict) -> tuple[str, list[Measure]]:
+    """judge() for the real-model track: identity, held-out text kept (REAL_KEEP_TOLERANCE), DPO's held-out
+    preference accuracy, GRPO's checker accuracy, KD against hard labels, speculative decoding, compression."""
+    s, e, name = summaries.get(stage.name, {}), evals.get(stage.name, {}), stage.name
+    chain = [x for x in ("base", "sft", "dpo", "grpo") if x == "base" or x in summaries]
+    before = evals.get(chain[chain.index(name) - 1], {}) if name in chain else {}
+    final = evals.get(chain[-1], {})
+
+    def kept(reference):
+        return [Measure(f"{text} bpb", reference.get(f"{text}_bpb"), e.get(f"{text}_bpb"), higher_is_better=False,
+                        tolerance=REAL_KEEP_TOLERANCE, goal=False) for text in ("wiki", "c4")]
+    if name == "sft":
+        n0, n1 = before.get("identity_n", 0), e.get("identity_n", 0)
+        return f"held-out identity answers name {IDENTITY_NAME}; wiki/c4 bpb within {REAL_KEEP_TOLERANCE:.0%}", [
+            Measure("identity", before.get("identity_acc"), e.get("identity_acc"), n=n1, before_n=n0), *kept(before)]
+    if name == "dpo":
+        return "held-out preference accuracy above chance (0.5)", [
+            Measure("preference accuracy", 0.5 if s else None, s.get("val/rewards/accuracy"), n=s.get("val_items", 0)),
+            *kept(before)]
+    if name == "grpo":
+        n = s.get("eval_problems", 0)
+        return "held-out checker accuracy up", [
+            Measure("accuracy", s.get("initial_accuracy"), s.get("final_accuracy"), n=n, before_n=n), *kept(before)]
+    if name == "distill":
+        return "val bpb below the same student on hard labels (distill_ce)", [
+            Measure("val bpb vs distill_ce", summaries.get("distill_ce", {}).get("val_bpb"), s.get("val_bpb"),
+                    higher_is_better=False)]
+    if name == "speculative":
+        return "greedy outputs identical, faster than plain decoding", [
+            Measure("speedup", 1.0 if s else None, s.get("speedup"), tolerance=0.05),
+            Measure("identical outputs", 1.0 if s else None, s.get("identical", 0) / max(s.get("prompts", 1), 1),
+                    tolerance=0.0, goal=False)]
+    if name.startswith("quant"):
+        return f"smaller; held-out bpb within {QUANT_BPB_TOLERANCE:.0%} of the final model's", [
+            Measure("weights MB", final.get("weights_mb"), e.get("weights_mb"), higher_is_better=False),
+            *[Measure(f"{text} bpb", final.get(f"{text}_bpb"), e.get(f"{text}_bpb"), higher_is_better=False,
+                      tolerance=QUANT_BPB_TOLERANCE, goal=False) for text in HELD_OUT_TEXTS]]
+    if name == "export":
+        return "a GGUF file smaller than the final model, read back with the same next-token argmax", [
+            Measure("q4_0 GGUF MB", final.get("weights_mb"), s.get("q4_0_mb"), higher_is_better=False),
+            Measure("reads back", 1.0 if s else None, float(bool(s.get("q8_0_reads_back") and s.get("q4_0_reads_back"))),
+                    tolerance=0.0, goal=False),
+            Measure("q8_0 top-1 agreement", 1.0 if s else None, s.get("q8_0_top1_agreement"),
+                    tolerance=EXPORT_TOP1_TOLERANCE, goal=False)]
+    return "", []
+
+
+def report_card(stages: list[Stage], summaries: dict, evals: dict, judge=judge) -> tuple[list[str], str]:
+    """The report card's table rows and words, and the run's last line (how many stages worked)."""
+    rows = ["| stage | expected | measured (before -> after) | steps | verdict |", "|---|---|---|---|---|"]
+    words, verdicts = [], {}
+    for stage in stages:
+        s = summaries.get(stage.name, {})
+        expected, measures = judge(stage, summaries, evals)
+        planned = flag_value(stage, "--max-steps")
+        planned = int(planned) if planned else None
+        done = s.get("step")
+        steps = steps_text(done, planned, s.get("stop_reason"))
+        verdict = ("not run" if not s else
+                   stage_verdict(done, planned, s.get("stop_reason"), measures) if measures else "not measured")
+        verdicts[stage.name] = verdict
+        if not measures:
+            continue
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in [
+            f"`{stage.name}`", expected, "; ".join(m.text() for m in measures), steps, f"**{verdict}**"]) + " |")
+        if verdict != "not run":
+            words.append(in_words(stage.name, verdict, measures, steps))
+    return rows + [""] + [w for w in words if w], tally(verdicts)
+
+
 def machine_info() -> str:
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -561,10 +1065,60 @@ def git_commit() -> str:
         return "unknown"
 
 
+def real_model_table(stages: list[Stage], evals: dict, timings: dict) -> list[str]:
+    """The real-model track's table: one row per evaluated model (the base first), rates with their
+    95% Wilson interval, and the five general prompts answered by the base and the final model."""
+    def rate(m, key):
+        if m.get(key) is None:
+            return "-"
+        low, high = wilson_interval(m[key], m[f"{key.split('_')[0]}_n"])
+        return f"{m[key]:.2f} [{low:.2f}, {high:.2f}] of {m[key.split('_')[0] + '_n']}"
+    lines = ["| model | params | weights MB | wiki bpb | c4 bpb | Shakespeare bpb | identity (held-out) | arithmetic "
+             "| wall s |", "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    names = ["base"] + [s.name for s in stages if evals.get(s.name)]
+    for name in names:
+        m = evals.get(name, {})
+        lines.append("| " + " | ".join([f"`{name}`", fmt(m.get("params")), fmt(m.get("weights_mb"), 1),
+                                        *(fmt(m.get(f"{t}_bpb"), 4) for t in HELD_OUT_TEXTS), rate(m, "identity_acc"),
+                                        rate(m, "arith_acc"), fmt(timings.get(name), 1)]) + " |")
+    chat = [n for n in names if evals.get(n, {}).get("samples")]
+    lines += ["", "bpb: bits per byte on the last tenth of wiki_demo, c4_demo and Tiny Shakespeare (never tuned on). "
+              "identity: share of held-out identity.json questions whose greedy answer names "
+              f"`{IDENTITY_NAME}`. arithmetic: tasks.py test problems, zero-shot, greedy.", "",
+              "## General prompts, before and after", ""]
+    if chat:
+        for i, prompt in enumerate(GENERAL_PROMPTS):
+            for name in dict.fromkeys([chat[0], chat[-1]]):
+                output = " ".join(evals[name]["samples"][i]["output"].split())[:200]
+                lines.append(f"- `{name}` · {prompt!r} → {output!r}")
+    return lines
+
+
+REPORT_CARD_TEXT = (
+    "Each stage that trains or compresses a model, judged from its numbers (verdicts.py): a rate gets its 95% "
+    "Wilson interval and moved only when the intervals before and after do not overlap; bits per byte and losses "
+    "moved when they changed by more than 1% (a guard, a metric the stage must not make worse, by more than its "
+    "stated tolerance). A stage the clock stopped before a quarter of its planned steps, without a metric that "
+    "moved, is starved.")
+
+
 def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict) -> str:
     """report.md: the stage table (one row per stage), the curves, samples, machine, commit and times."""
     summaries = {s.name: read_json(s.summary_path(run_dir)) for s in stages}
     evals = {s.name: read_json(run_dir / "eval" / f"{s.name}.json") for s in stages}
+    if header.get("base"):
+        evals["base"] = read_json(run_dir / "eval" / "base.json")
+        card, last_line = report_card(stages, summaries, evals, judge_real)
+        export = summaries.get("export", {})
+        return "\n".join([
+            f"# nanollm report: preset `{header.get('preset')}`, base `{header['base']}`", "",
+            f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
+            f"- commit: {header.get('commit', '')}",
+            f"- total wall time: {sum(timings.get(s.name, 0.0) for s in stages):.0f} s", "",
+            *real_model_table(stages, evals, timings), "",
+            *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r}: {export['llama_cpp']!r}", ""]
+              if export.get("llama_cpp") else []),
+            "## Report card", "", REPORT_CARD_TEXT, "", *card, "", f"**{last_line}**", ""])
     lines = [f"# nanollm report: preset `{header.get('preset')}`, lang `{header.get('lang')}`", "",
              f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
              f"- commit: {header.get('commit', '')}",
@@ -600,14 +1154,48 @@ def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict
     sample_text = summaries.get("sample", {}).get("text")
     if sample_text:
         lines += ["", "Final chat model, sampled (`sample.py`):", "", "```", sample_text.strip(), "```"]
-    lines.append("")
+    card, last_line = report_card(stages, summaries, evals)
+    lines += ["", "## Report card", "", REPORT_CARD_TEXT, "", *card,
+              "", f"**{last_line}**", ""]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
 
+def usage_error(message: str):
+    """A choice the run cannot go on with: one line on stderr, exit 2 (before any stage runs)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate-real"]:
+        parser = argparse.ArgumentParser(prog="pipeline.py evaluate-real", description=evaluate_real_stage.__doc__)
+        parser.add_argument("--run-dir", required=True)
+        parser.add_argument("--max-tokens", type=int, default=0, help="tokens of each held-out text (0: all)")
+        parser.add_argument("--arithmetic", type=int, default=60)
+        parser.add_argument("--n-terms", type=int, default=2)
+        parser.add_argument("--max-operand", type=int, default=9)
+        parser.add_argument("--max-new-tokens", type=int, default=48)
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("models", nargs="+", metavar="NAME=PATH=KIND")
+        return evaluate_real_stage(parser.parse_args(argv[1:]))
+    if argv[:1] == ["speculate"]:
+        parser = argparse.ArgumentParser(prog="pipeline.py speculate", description=speculate_stage.__doc__)
+        for flag in ("--target", "--draft"):
+            parser.add_argument(flag, required=True)
+        parser.add_argument("--out-dir", "--out", dest="out_dir", required=True)
+        parser.add_argument("--prompts", type=int, default=5)
+        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.add_argument("--n-draft", type=int, default=4)
+        parser.add_argument("--device", default="auto")
+        return speculate_stage(parser.parse_args(argv[1:]))
+    if argv[:1] == ["export"]:
+        parser = argparse.ArgumentParser(prog="pipeline.py export", description=export_stage.__doc__)
+        parser.add_argument("--ckpt", required=True)
+        parser.add_argument("--out-dir", "--out", dest="out_dir", required=True)
+        return export_stage(parser.parse_args(argv[1:]))
     if argv[:1] == ["evaluate"]:
         parser = argparse.ArgumentParser(prog="pipeline.py evaluate", description=evaluate_stage.__doc__)
         parser.add_argument("--run-dir", required=True)
@@ -622,35 +1210,62 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:5]))
-    parser.add_argument("--preset", choices=list(PRESETS), default="cpu-tiny", help="sizes and budgets (default: cpu-tiny)")
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(REAL_PRESETS)),
+                        help=f"sizes and budgets: {', '.join(PRESETS)} (default cpu-tiny); with --base: "
+                        f"{', '.join(REAL_PRESETS)} (default full)")
+    parser.add_argument("--base", help="the real-model track: post-train this chat model (a .gguf, a Hugging Face "
+                        "or nanollm directory; smollm2: gguf_io.py fetch's SmolLM2-135M-Instruct) instead of "
+                        "pretraining one")
     parser.add_argument("--data-dir", help="the data folder (../shared/data layout); without it, the files the "
                         "preset reads are downloaded once from their public URLs into OUT/downloads")
     parser.add_argument("--data-url", default="", help="without --data-dir: download from this mirror of the "
                         "layout (http://, https:// or file:// + the same relative paths) instead")
     parser.add_argument("--out-dir", "--out", dest="out_dir", required=True,
-                        help="run directory: every stage's outputs, logs/, report.md")
+                        help="run directory: every stage's outputs, logs/, report.md (--out: the same)")
     parser.add_argument("--lang", choices=["en", "zh"], default="en", help="en, or zh: Tang poems, alpaca_zh, dpo_zh")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps, passed to every stage")
     parser.add_argument("--only", help="comma-separated stage names to run (the others are not touched)")
     args = parser.parse_args(argv)
     run_dir = Path(args.out_dir).resolve()
+    presets = REAL_PRESETS if args.base else PRESETS
+    args.preset = args.preset or ("full" if args.base else "cpu-tiny")
+    if args.preset not in presets:
+        usage_error(f"--preset {args.preset} is not a preset of the {'real-model' if args.base else 'from-scratch'} "
+                    f"track (choose from {', '.join(presets)})")
+    if args.base and args.lang != "en":
+        usage_error("--lang zh: the real-model track is English only (its identity, DPO and held-out data)")
+    base = resolve_base(args.base) if args.base else None
+    choices = {"preset": args.preset, "lang": args.lang, "base": str(base or "")}  # "": the from-scratch track
+    files = REAL_DATA if base else data_files(args.preset, args.lang)
+    try:
+        choices = check_run_dir(run_dir, choices)
+        if base:
+            check_base(base)
+    except PipelineError as e:
+        usage_error(str(e))
     if args.data_dir:
         data_dir = Path(args.data_dir).resolve()
         if not data_dir.is_dir():
             sys.exit(f"error: --data-dir {data_dir}: no such directory")
+        missing = missing_data(files, data_dir)
+        if missing:
+            usage_error(f"--data-dir {data_dir} lacks {len(missing)} file(s) the {args.preset} preset "
+                        f"({args.lang}) reads: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     else:
         data_dir = run_dir / "downloads"
         try:
-            download_data(data_files(args.preset, args.lang), data_dir, args.data_url)
+            download_data(files, data_dir, args.data_url)
         except PipelineError as e:
             sys.exit(f"error: {e}")
-    stages = build_stages(args.preset, args.lang, data_dir, run_dir, args.device)
+    write_json(run_dir / RUN_FILE, choices)
+    stages = (build_real_stages(args.preset, base, data_dir, run_dir, args.device) if base else
+              build_stages(args.preset, args.lang, data_dir, run_dir, args.device))
     only = set(args.only.split(",")) if args.only else None
     unknown = (only or set()) - {s.name for s in stages}
     if unknown:
         sys.exit(f"error: --only: unknown stage(s) {', '.join(sorted(unknown))}")
-    header = {"preset": args.preset, "lang": args.lang, "command": "python pipeline.py " + " ".join(argv),
+    header = {"preset": args.preset, "lang": args.lang, "base": str(base or ""), "command": "python pipeline.py " + " ".join(argv),
               "machine": machine_info(), "commit": git_commit()}
     t0 = time.time()
     try:
@@ -658,6 +1273,7 @@ def main(argv=None):
     except PipelineError as e:
         sys.exit(f"error: {e}")
     print(f"done in {time.time() - t0:.0f} s: {run_dir / 'report.md'}")
+    print((run_dir / "report.md").read_text().rstrip().splitlines()[-1].strip("*"))  # how many stages worked
 
 
 if __name__ == "__main__":

@@ -141,3 +141,16 @@ def test_not_json(tmp_path):
     path.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
     with pytest.raises(ChatDataError, match="line 2 is not valid JSON"):
         load_conversations(path)
+
+
+def test_a_tokenizer_without_pad_pads_with_endoftext(byte_tokenizer):
+    import copy
+    from chat import END_OF_TEXT, IM_END, PAD, chat_token_ids
+    assert chat_token_ids(byte_tokenizer)[PAD] == byte_tokenizer.special_tokens[PAD]  # its own, when it has one
+    smollm_like = copy.copy(byte_tokenizer)  # SmolLM2's vocabulary has <|endoftext|> and ChatML, no <|pad|>
+    smollm_like.special_tokens = {k: v for k, v in byte_tokenizer.special_tokens.items() if k != PAD}
+    ids = chat_token_ids(smollm_like)
+    assert ids[PAD] == byte_tokenizer.special_tokens[END_OF_TEXT] and ids[IM_END] == byte_tokenizer.special_tokens[IM_END]
+    del smollm_like.special_tokens[END_OF_TEXT]
+    with pytest.raises(ChatDataError, match="no <\\|pad\\|> special token"):
+        chat_token_ids(smollm_like)

