@@ -108,6 +108,8 @@ def is_starved(done: int | None, planned: int | None, stop_reason: str | None) -
 def stage_verdict(done: int | None, planned: int | None, stop_reason: str | None, measures: list[Measure]) -> str:
     """'worked' | 'no effect' | 'regressed' | 'starved' | 'not measured' for a stage from its step count
     and its measures (see the module docstring)."""
+    if done == 0 and planned:  # no update was made: a difference in its metrics is the measurement's, not the stage's
+        return "starved" if is_starved(done, planned, stop_reason) else "no effect"
     results = [(m, compare(m)) for m in measures]
     if any(r == "regressed" for _, r in results):
         return "regressed"

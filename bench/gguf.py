@@ -175,7 +175,12 @@ def decode_table(path, model, tokenizer, n_tokens, repeats):
     def run_nanollm():
         generate(fast, torch.tensor(prompt), n_tokens, temperature=0)
 
+    def run_nanollm_compiled():
+        generate(fast, torch.tensor(prompt), n_tokens, temperature=0, compile=True)
+
+    run_nanollm_compiled()  # compiles the decode step once, outside the timed runs (as gpt-fast times)
     cases = {"nanollm fp32 (dequantized on load), KV cache": run_nanollm,
+             "nanollm fp32, KV cache, torch.compile'd decode step": run_nanollm_compiled,
              "transformers fp32 (its GGUF loader), generate": run_hf,
              "llama.cpp, the Q4_1 file as stored": run_llama}
     best = {name: float("inf") for name in cases}
@@ -190,7 +195,7 @@ def decode_table(path, model, tokenizer, n_tokens, repeats):
     fp32_bytes = 4 * (linear + c.vocab_size * c.dim)          # every matrix and the (tied) head, once per token
     gguf_file = gguf_io.GGUFFile(path)
     file_bytes = sum(size for name, (_, _, _, size) in gguf_file.tensors.items())  # the Q8_0 table is the head
-    weight_bytes = dict(zip(cases, (fp32_bytes, fp32_bytes, file_bytes)))
+    weight_bytes = dict(zip(cases, (fp32_bytes, fp32_bytes, fp32_bytes, file_bytes)))
     tps = {name: n_tokens / seconds for name, seconds in best.items()}
     hf_tps = tps["transformers fp32 (its GGUF loader), generate"]
     print(f"\n### Decode speed: {n_tokens} greedy tokens after a {len(prompt)}-token prompt, batch 1, 2 threads, "
@@ -212,6 +217,7 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens to decode in the speed table (default: 64)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved decode runs, best kept (default: 3)")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode-speed table")
     args = parser.parse_args(argv)
     try:
         import llama_cpp  # noqa: F401
@@ -226,6 +232,10 @@ def main(argv=None):
     print(f"`python -m bench.gguf`: {path.name}; llama-cpp-python {llama_cpp.__version__}, transformers "
           f"{transformers.__version__}, torch {torch.__version__}; {os.cpu_count()} CPU cores shared with other jobs, "
           f"load average {load1[0]:.1f} at the start")
+    if args.decode_only:
+        decode_table(path, model, tokenizer, args.tokens, args.repeats)
+        print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+        return
     tokenizer_table(tokenizer, llama_cpp_model(path, 256, logits_all=False), data_dir)
 
     lines = (data_dir / "pretrain/wiki_demo.txt").read_text(encoding="utf-8").splitlines()

@@ -71,3 +71,12 @@ def test_tally_counts_judged_stages():
                 "tokenizer": "not measured", "ppo": "not run", "quant_rtn": "regressed"}
     assert tally(verdicts) == "2 of 5 judged stages worked (1 no effect, 1 regressed, 1 starved)"
     assert tally({"a": "worked"}) == "1 of 1 judged stages worked"
+
+
+def test_a_stage_that_took_no_step_is_starved_not_regressed():
+    """dpo on SmolLM2 stopped by the clock before its first step: its held-out accuracy read 0.5 (the chance
+    prior) -> 0.00 (every margin exactly 0 against the identical reference), which is no regression."""
+    accuracy = Measure("preference accuracy", 0.5, 0.0, n=60)
+    assert stage_verdict(0, 30, "max_time", [accuracy]) == "starved"
+    assert stage_verdict(0, 30, "max_steps", [accuracy]) == "no effect"
+    assert stage_verdict(1, 30, "max_time", [accuracy]) == "regressed"  # one real update: the drop counts
