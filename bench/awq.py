@@ -38,8 +38,8 @@ LABELS = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq-gptq": "AWQ+GPTQ"}
 
 def text_tokens(path: Path, tokenizer_dir: str) -> np.ndarray:
     """A text file's documents as one token stream, each document followed by the end-of-text token."""
-    from transformers import AutoTokenizer  # benchmark only: see the module docstring
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from tests.reference import hf_tokenizer  # benchmark only: see the module docstring
+    tokenizer = hf_tokenizer(tokenizer_dir)
     lines = path.read_text(encoding="utf-8").splitlines()
     docs = [json.loads(line)["text"] for line in lines if line.strip()] if path.suffix == ".jsonl" \
         else [line for line in lines if line.strip()]

@@ -28,6 +28,7 @@ from bpe import Tokenizer
 from common import load_model, load_tokenizer
 from model import ModelConfig, Transformer
 from sample import generate
+from tests.reference import TRANSFORMERS_VERSION, hf_gguf_model  # the transformers side of the comparison
 
 STRINGS = ["Hello world", "  123 4567 89", "The year 2024, 3.14159 and 1,000,000!", "   leading\tand\t\ttabs  \n\n  ",
            "中文字符和日本語のテキスト", "emoji 😀🎉👍🏽 family 👨‍👩‍👧", "def f(x):\n    return x**2  # square\n",
@@ -154,11 +155,10 @@ def copy_bandwidth_gbs() -> float:
 
 
 def decode_table(path, model, tokenizer, n_tokens, repeats):
-    import transformers
     torch.set_num_threads(2)
     prompt = tokenizer.encode("Once upon a time, in a small village by the sea, there lived")
     fast = model.decode_layout()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    hf = hf_gguf_model(path)
     llm = llama_cpp_model(path, 512, logits_all=False)
 
     def run_llama():
@@ -221,7 +221,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         import llama_cpp  # noqa: F401
-        import transformers
     except ImportError as e:
         sys.exit(f"error: this benchmark needs llama-cpp-python and transformers ({e})")
     torch.set_num_threads(2)
@@ -230,7 +229,7 @@ def main(argv=None):
     load1 = os.getloadavg()
     model, tokenizer = load_model(path), load_tokenizer(path)
     print(f"`python -m bench.gguf`: {path.name}; llama-cpp-python {llama_cpp.__version__}, transformers "
-          f"{transformers.__version__}, torch {torch.__version__}; {os.cpu_count()} CPU cores shared with other jobs, "
+          f"{TRANSFORMERS_VERSION}, torch {torch.__version__}; {os.cpu_count()} CPU cores shared with other jobs, "
           f"load average {load1[0]:.1f} at the start")
     if args.decode_only:
         decode_table(path, model, tokenizer, args.tokens, args.repeats)
@@ -241,7 +240,7 @@ def main(argv=None):
     lines = (data_dir / "pretrain/wiki_demo.txt").read_text(encoding="utf-8").splitlines()
     heldout = "\n".join(lines[-200:])
     wins = windows_of(tokenizer.encode(heldout), args.windows, args.window)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    hf = hf_gguf_model(path)
     llm = llama_cpp_model(path, args.window)
 
     def hf_logits(ids):

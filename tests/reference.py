@@ -27,3 +27,19 @@ def hf_copy(model: Transformer) -> torch.nn.Module:
     with tempfile.TemporaryDirectory() as hf_dir:
         save_hf(model, hf_dir)
         return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def hf_gguf_model(path) -> torch.nn.Module:
+    """transformers' own GGUF loader on `path` (fp32, eval mode): bench.gguf's reference."""
+    from pathlib import Path
+    path = Path(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+def hf_tokenizer(directory):
+    """The Hugging Face tokenizer of a model directory: bench.awq's token ids for a Hugging Face checkpoint."""
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+TRANSFORMERS_VERSION = transformers.__version__
