@@ -1,20 +1,22 @@
 """AWQ and SmoothQuant against RTN, GPTQ and fp32: perplexity, size and calibration time, in one run.
 
-    python -m bench.awq --ckpt out/q-shakespeare --data data/shakespeare            # a nanollm model: its val split
-    python -m bench.awq --ckpt /tmp/smol/hf --calib-text ../shared/data/pretrain/c4_demo.jsonl \\
-        --eval-text ../shared/data/pretrain/wiki_demo.txt --group-size 64         # SmolLM2-135M-Instruct
+    python -m bench.awq --model out/q-shakespeare --data data/shakespeare            # a nanollm model: its val split
+    python -m bench.awq --model smollm2 --calib-text ../shared/data/pretrain/c4_demo.jsonl \\
+        --eval-text ../shared/data/pretrain/wiki_demo.txt --group-size 64          # SmolLM2-135M-Instruct
+
+--model: a nanollm checkpoint, a Hugging Face directory or a .gguf file (common.load_model), or smollm2 for
+SmolLM2-135M-Instruct's Q4_1 GGUF as `python gguf_io.py fetch` gets it (dequantized to float here).
 
 Rows: fp32; RTN, GPTQ, AWQ and AWQ+GPTQ at int4 per channel and with groups of --group-size; W8A8 not
-smoothed and SmoothQuant W8A8 (alpha 0.5). Columns: perplexity on the held-out tokens (the same tokens for
-every row), its change against fp32, the block linears' storage, and the quantization time (calibration
-forward passes and searches included). Then the activation outliers that W8A8 meets: for the linear input
-with the largest max/median ratio of per-channel activation maxima, the top channels before and after
-smoothing, and a plot of all its channels (--out-dir).
+smoothed and SmoothQuant W8A8 (--alpha, 0.5 by default). Columns: perplexity on the held-out tokens (the
+same tokens for every row), its change against fp32 (measured in every run, a row or not), the block
+linears' storage, and the quantization time (calibration forward passes and searches included). Then the
+activation outliers that W8A8 meets: for the linear input with the largest max/median ratio of per-channel
+activation maxima, the top channels before and after smoothing, and a plot of all its channels (--out-dir).
 
 With --calib-text / --eval-text (raw text: .txt one document a line, or .jsonl with a "text" field) the
-token ids come from the checkpoint directory's Hugging Face tokenizer through transformers.AutoTokenizer:
-this benchmark only, while bpe.py cannot yet read SmolLM2's tokenizer. The implementation never imports
-transformers.
+token ids come from the model's own tokenizer (common.load_tokenizer: bpe.py's reading of the .gguf, the
+Hugging Face tokenizer.json or the checkpoint's tokenizer), each document followed by the end-of-text id.
 """
 import argparse
 import copy
@@ -27,25 +29,34 @@ import numpy as np
 import torch
 
 from activation_quant import awq_quantize, input_absmax, quantize_w8a8, scaling_pairs, smooth
-from common import load_model
+from common import load_model, load_tokenizer
+from gguf_io import fetch_smollm2
 from quant import QuantSpec, calibration_tokens, linear_bytes, quantize_model, target_names
-from quant_linear import int8_backend
+from quant_linear import QuantError, int8_backend
 from train import evaluate
 
 METHODS = ("fp32", "rtn", "gptq", "awq", "awq-gptq", "w8a8", "smoothquant")
 LABELS = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq-gptq": "AWQ+GPTQ"}
 
 
-def text_tokens(path: Path, tokenizer_dir: str) -> np.ndarray:
-    """A text file's documents as one token stream, each document followed by the end-of-text token."""
-    from tests.reference import hf_tokenizer  # benchmark only: see the module docstring
-    tokenizer = hf_tokenizer(tokenizer_dir)
+def end_of_text_id(tokenizer, model_path: Path) -> int:
+    """The id that ends a document: a GGUF tokenizer's eos, a Hugging Face directory's config.json
+    eos_token_id, else bpe.py's <|endoftext|>."""
+    eos = getattr(tokenizer, "eos_id", None)
+    config = model_path / "config.json"
+    if eos is None and config.is_file():
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+    return tokenizer.special_tokens["<|endoftext|>"] if eos is None else eos
+
+
+def text_tokens(path: Path, tokenizer, eos: int) -> np.ndarray:
+    """A text file's documents as one token stream, each document followed by eos."""
     lines = path.read_text(encoding="utf-8").splitlines()
     docs = [json.loads(line)["text"] for line in lines if line.strip()] if path.suffix == ".jsonl" \
         else [line for line in lines if line.strip()]
     ids = []
     for doc in docs:
-        ids += tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]
+        ids += tokenizer.encode_ordinary(doc) + [eos]
     return np.array(ids, dtype=np.int64)
 
 
@@ -65,16 +76,17 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, max_tokens: int) -> floa
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="nanollm checkpoint or Hugging Face directory")
+    p.add_argument("--model", required=True,
+                   help="a nanollm checkpoint, Hugging Face directory or .gguf; smollm2: `gguf_io.py fetch`'s SmolLM2-135M-Instruct")
     p.add_argument("--data", help="prepared data directory: calibration from train, perplexity on val")
-    p.add_argument("--calib-text", help="raw text for calibration (tokenized with the checkpoint's HF tokenizer)")
+    p.add_argument("--calib-text", help="raw text for calibration (.txt or .jsonl, tokenized with the model's tokenizer)")
     p.add_argument("--eval-text", help="raw held-out text for perplexity (same tokenizer)")
     p.add_argument("--group-size", type=int, default=128, help="the grouped int4 rows (must divide every layer's width)")
-    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (0: all)")
     p.add_argument("--eval-seq-len", type=int, default=512)
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's alpha")
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength in [0, 1]")
     p.add_argument("--search-tokens", type=int, default=4096, help="calibration tokens AWQ's alpha search measures on")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--methods", default=",".join(METHODS),
@@ -86,9 +98,19 @@ def main(argv=None):
     methods = args.methods.split(",")
     if set(methods) - set(METHODS):
         p.error(f"--methods: unknown {sorted(set(methods) - set(METHODS))} (choose from {','.join(METHODS)})")
+    if not 0 <= args.alpha <= 1:
+        p.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.calib_samples < 1:
+        p.error(f"--calib-samples must be at least 1, got {args.calib_samples}")
+    for flag, value in (("--data", args.data), ("--calib-text", args.calib_text), ("--eval-text", args.eval_text)):
+        if value and not Path(value).exists():
+            p.error(f"{flag} {value}: no such file or directory")
+    model_path = fetch_smollm2() if args.model == "smollm2" else Path(args.model)
+    if not model_path.exists():
+        p.error(f"--model {args.model}: no such file or directory")
     torch.manual_seed(0)
 
-    base = load_model(args.ckpt)
+    base = load_model(model_path)
     seq_len = min(args.eval_seq_len, base.config.max_seq_len)
     calib_len = min(args.calib_seq_len, base.config.max_seq_len)
     if args.data:
@@ -96,24 +118,34 @@ def main(argv=None):
         held_out = load_split(Path(args.data), "val", read_meta(Path(args.data))).astype(np.int64)
         calib = calibration_tokens(args.data, args.calib_samples, calib_len, args.seed)
     else:
-        held_out = text_tokens(Path(args.eval_text), args.ckpt)
-        calib = random_windows(text_tokens(Path(args.calib_text), args.ckpt), args.calib_samples, calib_len, args.seed)
+        tokenizer = load_tokenizer(model_path)
+        eos = end_of_text_id(tokenizer, model_path)
+        held_out = text_tokens(Path(args.eval_text), tokenizer, eos)
+        calib = random_windows(text_tokens(Path(args.calib_text), tokenizer, eos), args.calib_samples, calib_len,
+                               args.seed)
     names = target_names(base, False)
     fp_bytes = sum(base.get_submodule(n).weight.numel() * 4 for n in names)
     g = args.group_size
     int4 = [(f"{LABELS[method]} int4 {label}", method, group)
             for group, label in ((0, "pc"), (g, f"g{g}"))
             for method in ("rtn", "awq", "gptq", "awq-gptq") if method in methods]
+    try:  # a group size that does not divide a layer fails here, not after the first rows' work
+        for name in names if int4 else []:
+            QuantSpec("rtn", 4, g).groups_of(base.get_submodule(name).in_features, name)
+    except QuantError as e:
+        p.error(str(e))
     rows = []
 
     def add(label, model, seconds):
         ppl = perplexity(model, held_out, seq_len, args.eval_tokens)
-        stored = fp_bytes if label == "fp32" else linear_bytes(model, names)[0]
+        stored = linear_bytes(model, names)[0]
         rows.append({"method": label, "ppl": ppl, "linear_mb": stored / 1e6, "quant_time_s": seconds})
         print(f"{label:26s} ppl {ppl:9.3f} | linear layers {stored / 1e6:7.2f} MB | {seconds:6.1f} s", flush=True)
 
+    fp = perplexity(base, held_out, seq_len, args.eval_tokens)  # every row's reference, a row or not
     if "fp32" in methods:
-        add("fp32", base, 0.0)
+        rows.append({"method": "fp32", "ppl": fp, "linear_mb": fp_bytes / 1e6, "quant_time_s": 0.0})
+    print(f"{'fp32':26s} ppl {fp:9.3f} | linear layers {fp_bytes / 1e6:7.2f} MB |", flush=True)
     if "w8a8" in methods:
         naive = copy.deepcopy(base)
         t0 = time.time()
@@ -137,8 +169,8 @@ def main(argv=None):
         add(label, model, time.time() - t0)
 
     by = {r["method"]: r["ppl"] for r in rows}
-    fp = by.get("fp32", float("nan"))
-    print(f"\n| method | ppl | vs fp32 | block linears (MB) | quantization time (s) |\n|---|---|---|---|---|")
+    print(f"\nfp32 perplexity {fp:.3f} (the reference of the vs fp32 column)")
+    print("| method | ppl | vs fp32 | block linears (MB) | quantization time (s) |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['ppl']:.3f} | {(r['ppl'] / fp - 1) * 100:+.2f}% | {r['linear_mb']:.2f} | "
               f"{r['quant_time_s']:.1f} |")
@@ -148,8 +180,9 @@ def main(argv=None):
         print(f"AWQ int4 {label} vs RTN int4 {label}: {by[f'AWQ int4 {label}'] - fp:+.3f} vs {by[f'RTN int4 {label}'] - fp:+.3f}"
               f" perplexity ({'better' if by[f'AWQ int4 {label}'] < by[f'RTN int4 {label}'] else 'NOT better'})")
     k, n = base.config.dim, base.config.hidden_dim
-    print(f"W8A8 matmul: {int8_backend(torch.device('cpu'), args.eval_seq_len * 8, k, n)} on "
-          f"{next(base.parameters()).device} ({8 * seq_len} rows per call)")
+    windows = min(8, (len(held_out) - 1) // seq_len, max(1, args.eval_tokens // seq_len) if args.eval_tokens else 8)
+    device = next(base.parameters()).device
+    print(f"W8A8 matmul: {int8_backend(device, windows * seq_len, k, n)} on {device} ({windows * seq_len} rows per call)")
 
     if "smoothquant" not in methods:
         return write_rows(args, rows, None, None)
@@ -181,7 +214,7 @@ def main(argv=None):
         ax.set_yscale("log")
         ax.set_xlabel("input channel")
         ax.set_ylabel("max |activation| (calibration)")
-        ax.set_title(f"{Path(args.ckpt).name}: input of {worst}")
+        ax.set_title(f"{model_path.name}: input of {worst}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "channel_maxima.png", dpi=120)
