@@ -37,9 +37,4 @@ def hf_gguf_model(path) -> torch.nn.Module:
                                                              dtype=torch.float32).eval()
 
 
-def hf_tokenizer(directory):
-    """The Hugging Face tokenizer of a model directory: bench.awq's token ids for a Hugging Face checkpoint."""
-    return transformers.AutoTokenizer.from_pretrained(directory)
-
-
 TRANSFORMERS_VERSION = transformers.__version__

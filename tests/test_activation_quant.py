@@ -234,3 +234,25 @@ def test_cli_writes_a_checkpoint_every_script_loads(prepared, tmp_path, method, 
     fp = load_model(ckpt)(idx)[0]
     err = ((loaded(idx)[0] - fp) ** 2).mean() / (fp ** 2).mean()
     assert 0 < err < (0.05 if method == "awq" else 1e-3)
+
+
+def test_bench_measures_fp32_even_when_not_a_row(prepared, tmp_path, capsys):
+    """bench.awq's "vs fp32" column compares with the float model's perplexity on the same tokens, measured
+    whether or not fp32 is one of --methods (never nan); a bad --alpha is one line naming the flag."""
+    from bench import awq as bench_awq
+    from train import load_split, read_meta
+    ckpt, data = prepared
+    bench_awq.main(["--model", str(ckpt), "--data", str(data), "--methods", "rtn,w8a8", "--group-size", "32",
+                    "--calib-samples", "4", "--calib-seq-len", "32", "--eval-tokens", "256", "--eval-seq-len", "32",
+                    "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["W8A8 (not smoothed)", "RTN int4 pc", "RTN int4 g32"]
+    held_out = load_split(data, "val", read_meta(data)).astype(np.int64)
+    fp = bench_awq.perplexity(load_model(ckpt), held_out, 32, 256)
+    for r in rows:
+        assert f"| {r['method']} | {r['ppl']:.3f} | {(r['ppl'] / fp - 1) * 100:+.2f}% |" in out
+    with pytest.raises(SystemExit) as exit_info:
+        bench_awq.main(["--model", str(ckpt), "--data", str(data), "--alpha", "1.5"])
+    assert exit_info.value.code == 2 and "--alpha must be in [0, 1], got 1.5" in capsys.readouterr().err
