@@ -482,10 +482,12 @@ def data_dir_of(ckpt_dir, given: str | None) -> Path:
     """--data, else the data directory the checkpoint was trained on (train.py records it)."""
     if given:
         return Path(given)
-    ckpt = read_checkpoint(ckpt_dir)
-    data = (ckpt.get("train_config") or {}).get("data")
+    path = Path(ckpt_dir)
+    trained_here = (path / CHECKPOINT_FILE).is_file() if path.is_dir() else path.suffix == ".pt"  # not a .gguf or HF dir
+    data = (read_checkpoint(ckpt_dir).get("train_config") or {}).get("data") if trained_here else None
     if not data:
-        raise QuantError(f"{ckpt_dir}: the checkpoint does not name its training data; give --data")
+        raise FlagError(f"{ckpt_dir}: the model does not name its training data; give --data (calibration and "
+                        f"perplexity) or --calib-data with --no-eval (calibration only)")
     return Path(data)
 
 
@@ -601,6 +603,9 @@ def main(argv=None):
         needs_data = (args.method in CALIBRATED_METHODS and not args.calib_data) or not args.no_eval \
             or args.qlora_steps
         data_dir = data_dir_of(args.ckpt, args.data) if needs_data else None
+        for flag, directory in (("--calib-data", args.calib_data), ("--data", data_dir)):
+            if directory and not (Path(directory) / "meta.json").is_file():
+                raise FlagError(f"{flag} {directory}: not a directory written by data/prepare.py (no meta.json)")
         if args.method in ACTIVATION_METHODS and (args.quantize_head or args.qlora_steps):
             raise FlagError(f"--method {args.method} quantizes the block linears only: --quantize-head and "
                              f"--qlora-steps are for rtn, gptq and nf4")

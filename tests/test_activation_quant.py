@@ -209,10 +209,14 @@ def prepared(tmp_path_factory):
 
 def test_cli_bad_flags_are_one_line(prepared, capsys):
     ckpt, data = prepared
-    common = ["--ckpt", str(ckpt), "--data", str(data), "--no-eval"]
-    for flags, message in [(["--method", "smoothquant", "--alpha", "2"], r"error: --alpha must be in [0, 1], got 2.0"),
-                           (["--method", "awq", "--calib-samples", "0"],
-                            "error: --method awq needs calibration data: --calib-samples")]:
+    common = ["--ckpt", str(ckpt), "--no-eval"]
+    for flags, message in [(["--data", str(data), "--method", "smoothquant", "--alpha", "2"],
+                            r"error: --alpha must be in [0, 1], got 2.0"),
+                           (["--data", str(data), "--method", "awq", "--calib-samples", "0"],
+                            "error: --method awq needs calibration data: --calib-samples"),
+                           (["--method", "awq"], "does not name its training data; give --data"),  # no calibration data
+                           (["--method", "smoothquant", "--calib-data", str(data / "absent")],
+                            f"error: --calib-data {data / 'absent'}: not a directory written by data/prepare.py")]:
         with pytest.raises(SystemExit) as exit_info:
             quant.main(common + flags)
         assert exit_info.value.code == 2  # a usage error, as argparse's own
