@@ -603,9 +603,6 @@ def main(argv=None):
         needs_data = (args.method in CALIBRATED_METHODS and not args.calib_data) or not args.no_eval \
             or args.qlora_steps
         data_dir = data_dir_of(args.ckpt, args.data) if needs_data else None
-        for flag, directory in (("--calib-data", args.calib_data), ("--data", data_dir)):
-            if directory and not (Path(directory) / "meta.json").is_file():
-                raise FlagError(f"{flag} {directory}: not a directory written by data/prepare.py (no meta.json)")
         if args.method in ACTIVATION_METHODS and (args.quantize_head or args.qlora_steps):
             raise FlagError(f"--method {args.method} quantizes the block linears only: --quantize-head and "
                              f"--qlora-steps are for rtn, gptq and nf4")
@@ -615,6 +612,9 @@ def main(argv=None):
         bits = args.bits if args.bits is not None else (8 if args.method in W8A8_METHODS else 4)
         spec = QuantSpec(args.method, bits, args.group_size, args.sym, args.act_order, args.static_groups,
                          args.percdamp, alpha=args.alpha)
+        for flag, directory in (("--calib-data", args.calib_data), ("--data", data_dir)):
+            if directory and not (Path(directory) / "meta.json").is_file():
+                raise FlagError(f"{flag} {directory}: not a directory written by data/prepare.py (no meta.json)")
         print(f"{spec.label()}: quantizing {args.ckpt}")
         model, info = run_one(args, spec, data_dir)
         linear_ratio = info["linear_bytes"] / info["linear_fp16_bytes"]
