@@ -53,7 +53,7 @@ import torch.nn as nn
 
 from model import RMSNorm, Transformer
 from quant import QuantSpec, grid_params, quantize_codes, quantize_model, target_names
-from quant_linear import QuantError, W8A8Linear, dequantize_codes, set_module
+from quant_linear import QuantError, W8A8Linear, dequantize_codes, int8_backend, set_module
 
 ALPHA_GRID = 20        # AWQ: alpha in {0, 1/20, ..., 1}
 CLIP_GRID = 20         # AWQ clipping: r in {1, 1 - 1/20, ...} down to 1 - CLIP_MAX_SHRINK (exclusive)
@@ -289,8 +289,10 @@ def quantize_w8a8(model: Transformer, log=print) -> list[dict]:
         report.append({"layer": name, "weight_rel_err": ((w - new.dequantize()).norm() / w.norm()).item()})
         set_module(model, name, new)
     if log:
+        device, k, n = layer.weight.device, layer.in_features, layer.out_features
         log(f"  {len(report)} linear layers -> W8A8Linear, weight rel err mean "
-            f"{sum(r['weight_rel_err'] for r in report) / len(report):.5f}")
+            f"{sum(r['weight_rel_err'] for r in report) / len(report):.5f}; int8 matmul on {device.type}: "
+            f"{int8_backend(device, 64, k, n)} for 64 tokens, {int8_backend(device, 1, k, n)} for one (decode)")
     return report
 
 
