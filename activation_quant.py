@@ -25,11 +25,13 @@ relative rounding error (the group's grid step barely moves), and the activation
 pair, from the calibration inputs X (n_tokens, in) of the linears it feeds (section 3.2 of the paper):
     s_x[j] = mean_t |X[t, j]|                          the average magnitude of input channel j
     s = s_x^alpha / sqrt(max s * min s)                centred on 1 (as the reference code)
-    alpha* = argmin over alpha in {0, 1/20, ..., 1} of || Q(W diag(s)) (diag(s)^-1 X)^T - W X^T ||^2
-with Q the round-to-nearest quantizer of the target grid and W the readers' weights stacked. alpha = 0
-is plain RTN, so the search never does worse than RTN on the calibration tokens. (The reference code
-measures the error at the output of the whole attention / MLP module; here it is the linear layers'
-outputs, the paper's equation 4.) Then the weight clipping search (the reference's auto_clip): per
+    alpha* = argmin over alpha in {0, 1/20, ..., 1} of || f(Q(W diag(s)) diag(s)^-1; X) - f(W; X) ||^2
+with Q the round-to-nearest quantizer of the target grid and f the output of the block the readers sit
+in, computed with their weights replaced (as the reference code's module2inspect): the whole attention
+for q/k/v, the whole MLP for gate/up, the linear itself for o_proj and down_proj (f(W; X) = W X^T, the
+paper's equation 4). The attention's softmax and the MLP's gate pass the rounding error on unevenly, so
+the block's output, not each linear's, is what the model feels. alpha = 0 is plain RTN, so the search
+never does worse than RTN on the calibration sequences. Then the weight clipping search (the reference's auto_clip): per
 output row and group, the clipping range r max|w| with r in {1, 0.95, ..., 0.55} that minimises that
 group's share of the output error ||(Q(clamp(w, -r max|w|, r max|w|)) - w) x||^2 on a sample of tokens;
 not for q_proj and k_proj (as the reference: their errors pass through the attention scores). The
@@ -142,19 +144,36 @@ def awq_scale_of(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @torch.no_grad()
 def awq_search_scale(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec, alpha: float | None = None,
-                     n_grid: int = ALPHA_GRID) -> tuple[torch.Tensor, float, list[float]]:
-    """x (n_tokens, in): the input the weights (each (out_i, in)) share. Returns s (in,), the alpha chosen and
-    the mean squared output error at every alpha tried (alpha given: only that one)."""
+                     n_grid: int = ALPHA_GRID, output=None) -> tuple[torch.Tensor, float, list[float]]:
+    """x (n_tokens, in): the input the weights (each (out_i, in)) share. output(ws): the output whose error is
+    measured when the readers hold the weights ws (default: their own outputs x @ w.T, the paper's equation 4).
+    Returns s (in,), the alpha chosen and the mean squared output error at every alpha tried (alpha given:
+    only that one)."""
     x_mean = x.abs().mean(0).clamp(min=1e-4)                  # (in,)
-    w = torch.cat([weight.float() for weight in weights])    # (sum out_i, in): one error over all readers
-    reference = x @ w.T                                       # (n_tokens, sum out_i)
+    w = [weight.float() for weight in weights]
+    output = output or (lambda ws: x @ torch.cat(ws).T)       # (n_tokens, sum out_i): one error over all readers
+    reference = output(w)
     alphas = [alpha] if alpha is not None else [i / n_grid for i in range(n_grid + 1)]
     losses = []
     for a in alphas:
-        s = awq_scale_of(x_mean, a)
-        losses.append((((x / s) @ fake_quant(w * s, spec).T - reference) ** 2).mean().item())
+        s = awq_scale_of(x_mean, a)                           # Q(W diag(s)) diag(s)^-1 x = Q(W diag(s)) (x / s)
+        losses.append(((output([fake_quant(wi * s, spec) / s for wi in w]) - reference) ** 2).mean().item())
     best = alphas[min(range(len(alphas)), key=losses.__getitem__)]
     return awq_scale_of(x_mean, best), best, losses
+
+
+def block_output(module: nn.Module, readers: list[nn.Linear], x: torch.Tensor, run):
+    """output(ws) for awq_search_scale: run(module, x) with the readers' weights temporarily replaced by ws."""
+    def output(ws):
+        saved = [r.weight.data for r in readers]
+        try:
+            for r, w in zip(readers, ws):
+                r.weight.data = w.to(r.weight.dtype)
+            return run(module, x).float()
+        finally:
+            for r, w in zip(readers, saved):
+                r.weight.data = w
+    return output
 
 
 @torch.no_grad()
@@ -191,28 +210,36 @@ def awq_apply(model: Transformer, spec: QuantSpec, calib: torch.Tensor, alpha: f
     check_alpha(alpha)
     check_calibration(calib, "awq")
     hidden, cos, sin = calibration_hidden(model, calib, batch_size)
+    n_seqs, T = calib.shape
     g = torch.Generator().manual_seed(0)
+    search = torch.randperm(n_seqs, generator=g)[:max(1, search_tokens // T)]  # the grid search on whole sequences
+    clip_sample = torch.randperm(len(search) * T, generator=g)[:CLIP_TOKENS]   # and the clipping on some of their tokens
+    inspected = {"input_layernorm": ("self_attn", lambda m, x: m(x, cos, sin)),
+                 "post_attention_layernorm": ("mlp", lambda m, x: m(x))}
     info = {}
     for i, block in enumerate(model.layers):
         pairs = scaling_pairs(block)
         inputs = capture_inputs(block, [readers[0] for _, readers in pairs], hidden, cos, sin)
-        n_tokens = next(iter(inputs.values())).shape[0]
-        search = torch.randperm(n_tokens, generator=g)[:search_tokens]  # the grid search on a sample
         for prev, readers in pairs:
-            x = inputs[readers[0]]
-            weights = [block.get_submodule(n).weight for n in readers]
-            s, best, losses = awq_search_scale(x[search.to(x.device)], weights, spec, alpha)
+            x = inputs[readers[0]].view(n_seqs, T, -1)[search.to(hidden[0].device)]  # (n_search, T, in)
+            linears = [block.get_submodule(n) for n in readers]
+            output = None
+            if prev in inspected:                             # the error at the attention's / MLP's output
+                module, run = inspected[prev]
+                output = block_output(block.get_submodule(module), linears, x, run)
+            s, best, losses = awq_search_scale(x.flatten(0, 1), [m.weight for m in linears], spec, alpha,
+                                               output=output)
             fold_scales(block, prev, readers, s)
-            inputs[readers[0]] = x / s                        # what the readers receive from now on
+            inputs[readers[0]] = inputs[readers[0]] / s       # what the readers receive from now on
             for n in readers:
                 info[f"layers.{i}.{n}"] = {"awq_alpha": best, "awq_loss_rtn": losses[0], "awq_loss": min(losses)}
             if log:
                 log(f"  layers.{i}.{prev} -> {', '.join(r.split('.')[-1] for r in readers)}: alpha {best:.2f} | "
                     f"output MSE {min(losses):.3e} (RTN {losses[0]:.3e})")
         if clip:
-            sample = search[:CLIP_TOKENS]                     # the clipping search on (part of) the same sample
             for _, readers in pairs:
-                x = inputs[readers[0]][sample.to(hidden[0].device)]
+                x = inputs[readers[0]].view(n_seqs, T, -1)[search.to(hidden[0].device)].flatten(0, 1)
+                x = x[clip_sample.to(x.device)]
                 for n in readers:
                     if n in QK_NAMES:
                         continue

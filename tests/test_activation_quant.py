@@ -91,6 +91,32 @@ def test_awq_search_on_planted_outlier_channels():
     assert fixed == 0.5 and len(only) == 1
 
 
+def test_awq_search_measures_the_attention_output_with_the_readers_weights_replaced():
+    """For q/k/v the error is measured at the attention's output (as the reference's module2inspect): at
+    alpha = 0 it equals an attention whose q/k/v weights were rounded by RTN, computed here directly; the
+    search never does worse than that, and the attention's weights are restored afterwards."""
+    model = tiny_model()
+    block = model.layers[0]
+    attn, spec = block.self_attn, QuantSpec("awq", 4, 32)
+    cos, sin = model.rope(torch.arange(32), torch.float32, 32)
+    x = block.input_layernorm(model.embed_tokens(tokens(4, 1))).detach()           # (4, 32, 64)
+    readers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    before = [r.weight.detach().clone() for r in readers]
+    run = lambda m, h: m(h, cos, sin)                                              # noqa: E731
+    with torch.no_grad():
+        reference = attn(x, cos, sin)
+        rtn_attn = copy.deepcopy(attn)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer = getattr(rtn_attn, name)
+            layer.weight.copy_(rtn_quantize(layer.weight, spec).dequantize())
+        rtn_err = ((rtn_attn(x, cos, sin) - reference) ** 2).mean().item()
+    output = aq.block_output(attn, readers, x, run)
+    s, alpha, losses = aq.awq_search_scale(x.flatten(0, 1), [r.weight for r in readers], spec, output=output)
+    assert losses[0] == pytest.approx(rtn_err, rel=1e-4)
+    assert min(losses) <= losses[0] and alpha > 0                                  # the planted outliers matter
+    assert all(torch.equal(r.weight, w) for r, w in zip(readers, before))
+
+
 def test_awq_clip_search_never_increases_a_groups_error():
     g = torch.Generator().manual_seed(6)
     x, w = torch.randn(256, 64, generator=g), torch.randn(16, 64, generator=g)
