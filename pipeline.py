@@ -412,7 +412,8 @@ REAL_PRESETS = {
                 "eval"],
         n_general=100, text_chars=200_000, heldout_tokens=2048, n_arith_eval=40, n_terms=2, max_operand=30,
         eval_new_tokens=40, spec_prompts=5, spec_new_tokens=48,
-        sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "128", "--batch-size", "8",
+        # --max-len 160: every example but one (a Chinese identity answer of 225 tokens) fits whole
+        sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "160", "--batch-size", "8",
              "--max-steps", "40", "--max-time", "900", "--lr", "1e-3", "--warmup-steps", "4", "--eval-interval", "40",
              "--eval-prompts", "0", "--log-interval", "5"],
         # the held-out pairs' reference log-probs are computed once; evaluated at the start and the end only
@@ -439,8 +440,8 @@ GENERAL_PROMPTS = ["Give three tips for staying healthy.", "What is the capital 
 # which would contradict the name being taught
 NEUTRAL_SYSTEM = "You are a helpful AI assistant."
 # General chat records longer than this (instruction, input and answer) are left out: with the system message
-# and ChatML's tokens they fit SFT's --max-len 128 whole. Cut from the left, a long answer trains the model to
-# continue text whose question it no longer sees (the quick run's "capital of France" answer went to French)
+# and ChatML's tokens they fit SFT's --max-len whole. Cut from the left, a long answer trains the model to
+# continue text whose question it no longer sees
 GENERAL_MAX_TOKENS = 96
 IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
