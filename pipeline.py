@@ -880,7 +880,7 @@ def export_stage(args) -> None:
     config, and the share of positions of a chat prompt where the file's next-token argmax is the model's;
     one chat turn through llama.cpp (llama-cpp-python) when it is installed."""
     import torch
-    from chat import prompt_ids
+    from chat import default_system_prompt, prompt_ids
     from common import load_model, load_tokenizer
     from gguf_io import save_gguf
     out = Path(args.out_dir)
@@ -907,6 +907,7 @@ def export_stage(args) -> None:
         reply = llm.create_chat_completion([{"role": "user", "content": IDENTITY_PROMPTS["en"][0]}], max_tokens=48,
                                            temperature=0.0)
         summary["llama_cpp"] = reply["choices"][0]["message"]["content"]
+        summary["llama_cpp_system"] = default_system_prompt(load_tokenizer(out / "model-q8_0.gguf"))
     write_json(out / "summary.json", summary)
 
 
@@ -1173,8 +1174,9 @@ def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict
             f"- commit: {header.get('commit', '')}",
             f"- total wall time: {sum(timings.get(s.name, 0.0) for s in stages):.0f} s", "",
             *real_model_table(stages, evals, timings), "",
-            *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r} (the file's own chat template): "
-               f"{export['llama_cpp']!r}", ""] if export.get("llama_cpp") else []),
+            *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r} (the file's own chat template, "
+               f"system message {export.get('llama_cpp_system')!r}): {export['llama_cpp']!r}", ""]
+              if export.get("llama_cpp") else []),
             *curves(stages, run_dir),
             "## Report card", "", REPORT_CARD_TEXT, "", *card, "", f"**{last_line}**", ""])
     lines = [f"# nanollm report: preset `{header.get('preset')}`, lang `{header.get('lang')}`", "",

