@@ -410,8 +410,9 @@ REAL_PRESETS = {
     "quick": dict(
         stages=["data", "text_data", "sft", "dpo", "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
                 "eval"],
-        n_general=100, text_chars=200_000, heldout_tokens=2048, n_arith_eval=40, n_terms=2, max_operand=30,
-        eval_new_tokens=40, spec_prompts=5, spec_new_tokens=48,
+        # english_repeat 3: the quick run's SFT named itself in 16 of 19 held-out Chinese questions, 1 of 5 English
+        n_general=100, english_repeat=3, text_chars=200_000, heldout_tokens=2048, n_arith_eval=40, n_terms=2,
+        max_operand=30, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=48,
         # --max-len 160: every example but one (a Chinese identity answer of 225 tokens) fits whole
         sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "160", "--batch-size", "8",
              "--max-steps", "40", "--max-time", "900", "--lr", "1e-3", "--warmup-steps", "4", "--eval-interval", "40",
@@ -443,6 +444,7 @@ NEUTRAL_SYSTEM = "You are a helpful AI assistant."
 # and ChatML's tokens they fit SFT's --max-len whole. Cut from the left, a long answer trains the model to
 # continue text whose question it no longer sees
 GENERAL_MAX_TOKENS = 96
+CJK = re.compile(r"[\u3400-\u9fff]")  # a Chinese identity record (identity.json is three quarters Chinese)
 IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 # bytes of memory a base parameter needs in the track: SFT of SmolLM2-135M (LoRA, batch 8 x 160 tokens) peaked at
@@ -507,9 +509,10 @@ def available_memory() -> int | None:
         return None
 
 
-def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int) -> None:
+def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int, english_repeat: int = 1) -> None:
     """The real-model track's data: identity.json split by a hash of each question into SFT's questions and
-    the held-out ones the identity score asks (placeholders kept: sft.py --set fills them); the first
+    the held-out ones the identity score asks (placeholders kept: sft.py --set fills them; the English ones,
+    11 of 67 beside 56 Chinese, english_repeat times, so the English model learns its name in English); the first
     n_general alpaca_en records of at most GENERAL_MAX_TOKENS tokens (general chat, so the model keeps its
     abilities: short enough that SFT trains each one whole); held-out real text the
     model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare) and wiki + c4
@@ -520,7 +523,9 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     out.mkdir(parents=True, exist_ok=True)
     identity = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "identity.json")]
     held = [r for r in identity if zlib.crc32(r["instruction"].encode()) % IDENTITY_HELD_OUT_SHARE == 0]
-    (out / "identity_train.json").write_text(json.dumps([r for r in identity if r not in held], indent=1))
+    train = [r for r in identity if r not in held]
+    train += [r for r in train if not CJK.search(r["instruction"] + r["output"])] * (english_repeat - 1)
+    (out / "identity_train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
     (out / "identity_heldout.json").write_text(json.dumps(held, indent=1))
     tokenizer = load_tokenizer(base)
     general = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "alpaca_en_demo.json")
@@ -539,7 +544,7 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     (out / "text_train.txt").write_text("\n".join(docs) + "\n")
     tokenizer.chat_template = neutral_template(tokenizer)
     tokenizer.save(out / "tokenizer")
-    write_json(out / "summary.json", {"identity_train": len(identity) - len(held), "identity_heldout": len(held),
+    write_json(out / "summary.json", {"identity_train": len(train), "identity_heldout": len(held),
                                       "general": len(general), "text_docs": len(docs)})
 
 
@@ -568,7 +573,8 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
     arith = ["--n-terms", p["n_terms"], "--max-operand", p["max_operand"]]
     stages = [
         Stage("data", "identity.json split into SFT and held-out questions, general chat, held-out real text",
-              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_chars"])),
+              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_chars"],
+                                                             p.get("english_repeat", 1))),
         Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (student, GPTQ calibration)",
               "text_data", [py("data/prepare.py", "--source", data / "text_train.txt", "--txt-docs", "line",
                                "--tokenizer", data / "tokenizer", "--out-dir", r / "text_data")], writes_summary=False),

@@ -128,7 +128,12 @@ def test_the_data_stage_gives_the_fine_tuned_model_the_neutral_system_message(sm
     from common import load_tokenizer
     base = load_tokenizer(smollm2)
     assert "SmolLM" in default_system_prompt(base)
-    write_real_data(tmp_path, data_dir, smollm2, n_general=30, text_chars=1000)
+    write_real_data(tmp_path, data_dir, smollm2, n_general=30, text_chars=1000, english_repeat=3)
+    train = json.loads((tmp_path / "identity_train.json").read_text())
+    held = json.loads((tmp_path / "identity_heldout.json").read_text())
+    english = [r["instruction"] for r in train if r["instruction"].isascii()]
+    assert len(held) >= 20 and not {r["instruction"] for r in held} & {r["instruction"] for r in train}
+    assert len(english) == 3 * len(set(english)) > 0 and len(train) == 67 + 2 * len(set(english))
     tok = load_tokenizer(tmp_path / "tokenizer")
     assert default_system_prompt(tok) == NEUTRAL_SYSTEM
     assert tok.decode(prompt_ids(tok, [{"role": "user", "content": "Who are you?"}])) == (
