@@ -618,7 +618,8 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
     stages.append(Stage("eval", "every model on the held-out identity questions, real text, arithmetic and "
                         "five general prompts", "eval",
                         [py("pipeline.py", "evaluate-real", "--run-dir", r, "--max-tokens", p["heldout_tokens"],
-                            "--arithmetic", p["n_arith_eval"] if "grpo" in p["stages"] else 0, *arith, "--max-new-tokens", p["eval_new_tokens"],
+                            "--arithmetic", p["n_arith_eval"] if "grpo" in p["stages"] else 0, *arith,
+                            "--max-new-tokens", p["eval_new_tokens"],
                             *dev, *evaluated)]))
     return stages
 
