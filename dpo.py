@@ -191,7 +191,8 @@ def sequence_logps(model, inputs, targets, loss_mask) -> tuple[torch.Tensor, tor
 
 class Reference:
     """kind: "none" (reference-free loss), "copy" (a frozen copy), "lora" (the policy with its adapters
-    off) or "cache" (log-probs precomputed per item, (n_items, 2))."""
+    off) or "cache" (log-probs precomputed per item, (n_items, 2)). A split found in `cache` is read from
+    it whatever the kind: train() computes the held-out split's log-probs once, as they never change."""
 
     def __init__(self, kind: str, policy=None, cache: dict | None = None):
         self.kind, self.policy, self.cache = kind, policy, cache or {}
@@ -218,9 +219,16 @@ class Reference:
         """(2B,) reference log-probs in the batch's row order, or None when reference-free."""
         if self.kind == "none":
             return None
-        if self.kind == "cache":
+        if split in self.cache:
             return self.cache[split][batch["index"]].T.reshape(-1).to(batch["inputs"].device)
         return self.live_logps(batch)
+
+    def precompute(self, sequences, pad_id: int, batch_size: int, device) -> torch.Tensor:
+        """(n_items, 2) log-probs of every item's two sequences under the copy or the adapter-free policy."""
+        if self.kind == "copy":
+            return precompute_reference(self.model, sequences, pad_id, batch_size, device)
+        with disable_adapters(self.policy):
+            return precompute_reference(self.policy, sequences, pad_id, batch_size, device)
 
 
 @torch.no_grad()
@@ -238,10 +246,15 @@ def precompute_reference(model, sequences, pad_id: int, batch_size: int, device)
 # ----------------------------------------------------------------------------------------------------------
 # One batch: loss and metrics
 
-def batch_loss(policy, batch, reference: Reference, split: str, config: DPOConfig) -> tuple[torch.Tensor, dict]:
-    """(mean loss, metrics): each metric a (sum, count) so micro-batches and eval batches average exactly."""
-    logps, n_tokens = sequence_logps(policy, batch["inputs"], batch["targets"], batch["loss_mask"])  # (2B,)
+def batch_loss(policy, batch, reference: Reference, split: str, config: DPOConfig,
+               policy_is_reference: bool = False) -> tuple[torch.Tensor, dict]:
+    """(mean loss, metrics): each metric a (sum, count) so micro-batches and eval batches average exactly.
+    policy_is_reference (before the first update): the policy's log-probs are the reference's, no forward."""
     ref = reference.logps(batch, split)
+    if policy_is_reference and ref is not None:
+        logps, n_tokens = ref.clone(), batch["loss_mask"].sum(-1)
+    else:
+        logps, n_tokens = sequence_logps(policy, batch["inputs"], batch["targets"], batch["loss_mask"])  # (2B,)
     B = logps.numel() // 2
     first, second = logps[:B], logps[B:]
     stats = {}
@@ -299,12 +312,13 @@ def averaged(total: dict, prefix: str = "") -> dict:
 
 
 @torch.no_grad()
-def evaluate_pairs(policy, sequences, reference, labels, pad_id, config, device, split="val") -> dict:
+def evaluate_pairs(policy, sequences, reference, labels, pad_id, config, device, split="val",
+                   policy_is_reference: bool = False) -> dict:
     total = {}
     for start in range(0, len(sequences), config.batch_size):
         index = list(range(start, min(start + config.batch_size, len(sequences))))
         batch = make_batch(sequences, index, pad_id, device, labels)
-        accumulate(total, batch_loss(policy, batch, reference, split, config)[1])
+        accumulate(total, batch_loss(policy, batch, reference, split, config, policy_is_reference)[1])
     return averaged(total)
 
 
@@ -456,7 +470,7 @@ def train(config: DPOConfig, log=print) -> dict:
                  "val": precompute_reference(policy, val_seqs, pad_id, config.batch_size, device)}
         log(f"precomputed reference log-probs of {len(train_seqs) + len(val_seqs)} items in {time.time() - t0:.1f}s")
     if kind == "copy" and run.resuming:
-        reference = Reference(kind, load_model(config.init, device=device).float())
+        reference = Reference(kind, load_model(config.init, device=device).float(), cache)
     else:
         reference = Reference(kind, policy, cache)
     # last: building the models above draws from the generators, as it did before the first step; a resumed
@@ -471,6 +485,12 @@ def train(config: DPOConfig, log=print) -> dict:
     log(f"data: {len(train_seqs)} train / {len(val_seqs)} held-out {'examples' if labels else 'pairs'} | "
         f"{truncated + val_truncated} truncated to {max_len} tokens | {skipped} bad records skipped")
 
+    if kind in ("lora", "copy") and val_seqs and "val" not in reference.cache:
+        # the held-out pairs' reference log-probs never change: one forward pass, not one per evaluation
+        t0 = time.time()
+        cache = reference.cache = {"val": reference.precompute(val_seqs, pad_id, config.batch_size, device)}
+        log(f"reference log-probs of the {len(val_seqs)} held-out items in {time.time() - t0:.1f}s")
+
     def save():
         state = dict(optimizer=optimizer.state_dict(), rng=rng_state(), step=step, position=position,
                      elapsed=run.elapsed(), dpo_config=asdict(config), tokenizer="tokenizer")
@@ -482,8 +502,9 @@ def train(config: DPOConfig, log=print) -> dict:
     def run_eval():
         if not val_seqs:
             return {}
-        metrics = {"val/" + k: v for k, v in evaluate_pairs(policy, val_seqs, reference, val_labels, pad_id,
-                                                              config, device).items() if k not in INTERNAL}
+        metrics = {"val/" + k: v for k, v in evaluate_pairs(policy, val_seqs, reference, val_labels, pad_id, config,
+                                                              device, policy_is_reference=step == 0).items()
+                   if k not in INTERNAL}
         log(f"eval step {step}: held-out loss {metrics['val/loss']:.4f} | reward accuracy "
             f"{metrics['val/rewards/accuracy']:.3f} | margin {metrics['val/rewards/margin']:.3f}")
         run.record({"step": step, "val_loss": metrics["val/loss"], **metrics})

