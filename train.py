@@ -27,7 +27,7 @@ import torch.distributed as dist
 from bpe import Tokenizer
 from common import resolve_device
 from evaluate import evaluate, token_byte_lengths
-from model import moe_stats, plot_expert_shares, reset_moe_stats
+from moe import moe_stats, plot_expert_shares, reset_moe_stats
 from sample import generate
 from training import (TRAIN_PRESETS, BatchSampler, RunDir, TrainConfig, TrainingError, check_finite, load_split,
                       main_of, make_optimizer, mixed_precision, new_model, read_meta, rng_state, seed_everything,
