@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from model import ModelConfig, Transformer, load_hf
+from hf_io import load_hf
+from model import ModelConfig, Transformer
 from quant_linear import quant_layout, replace_with_quant_layers
 
 CHECKPOINT_FILE = "ckpt.pt"

@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import (ChatDataError, chat_token_ids, IM_END, PAD, load_chat_files, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
-from common import (atomic_write, check_trainable, exit_on_error, load_model, load_tokenizer, peak_memory_mb,
-                    resolve_device, tokenizer_file)
+from common import (atomic_write, check_trainable, exit_on_error, load_model, load_tokenizer, resolve_device,
+                    tokenizer_file)
 from evaluate import check_same_tokenizer, evaluate, held_out_loss, token_byte_lengths
 from model import Transformer
 from sample import generate
-from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, RunDir, TrainConfig, TrainingError,
-                      check_finite, format_seconds, load_split, make_optimizer, mixed_precision, new_model, opt,
-                      parse_config, progress_line, read_meta, rng_state, seed_everything, set_lr)
+from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, RunDir, TrainConfig, TrainingError, check_finite,
+                      format_seconds, load_split, main_of, make_optimizer, mixed_precision, new_model, opt, read_meta,
+                      rng_state, seed_everything, set_lr)
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 REST_LOGP = -1e4  # "log 0" that stays finite: exp() of it is 0 in float32, and no inf - inf makes a NaN
@@ -538,11 +538,11 @@ def distill(config: DistillConfig) -> dict:
         if run.log_due(step):
             step_time, window_s, eta = run.lap(step)
             teacher_share, teacher_s = teacher_s / window_s, 0.0
-            print(progress_line(step, config.max_steps, eta, f"loss {loss_value:.4f}", f"kd {kd_value:.4f}",
-                                f"ce {ce_value:.4f}", f"lr {lr:.2e}", f"{tokens_per_step / step_time:,.0f} tok/s",
-                                f"teacher {teacher_share:.0%}"), flush=True)
-            run.record({"step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "lr": lr,
-                    "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_step / step_time, "elapsed": run.elapsed()})
+            run.log_step(step, eta, [f"loss {loss_value:.4f}", f"kd {kd_value:.4f}", f"ce {ce_value:.4f}",
+                                     f"lr {lr:.2e}", f"{tokens_per_step / step_time:,.0f} tok/s",
+                                     f"teacher {teacher_share:.0%}"],
+                         {"loss": loss_value, "kd": kd_value, "ce": ce_value, "lr": lr, "grad_norm": grad_norm.item(),
+                          "tokens_per_s": tokens_per_step / step_time})
         if run.eval_due(step):
             run_eval(config.eval_tokens)
             save()
@@ -550,16 +550,13 @@ def distill(config: DistillConfig) -> dict:
     final = run_eval(0)
     save()
     elapsed = run.elapsed()
-    summary = {**final, "step": step, "stop_reason": stop_reason, "tokens_seen": step * tokens_per_step,
-               "wall_time_s": elapsed, "s_per_step": elapsed / max(step, 1), "params": student.num_params(),
+    summary = {**final, "tokens_seen": step * tokens_per_step, "wall_time_s": elapsed,
+               "s_per_step": elapsed / max(step, 1), "params": student.num_params(),
                "teacher_s_per_step": teacher_total_s / max(step - ckpt_step, 1),
                "teacher": config.teacher or config.teacher_cache or None, "loss": config.loss,
-               "temperature": config.temperature, "alpha": config.alpha,
-               "peak_memory_mb": peak_memory_mb(device)}
-    path = run.write_summary(summary)
-    print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | val loss {final['val_loss']:.4f}"
-          + (f" | val bpb {final['val_bpb']:.4f}" if "val_bpb" in final else "") + f" | summary in {path}")
-    return summary
+               "temperature": config.temperature, "alpha": config.alpha}
+    return run.finish(summary, step, stop_reason, device, f"val loss {final['val_loss']:.4f}"
+                      + (f" | val bpb {final['val_bpb']:.4f}" if "val_bpb" in final else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -733,12 +730,8 @@ def main(argv=None):
         return generate_main(argv[1:])
     if argv and argv[0] == "cache":
         return cache_main(argv[1:])
-    config = parse_config(DistillConfig, DISTILL_PRESETS, __doc__.split("\n\n")[0] + " Subcommands: `distill.py "
-                          "cache --help`, `distill.py generate --help`.", argv)
-    try:
-        distill(config)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        exit_on_error(e)
+    main_of(DistillConfig, DISTILL_PRESETS, __doc__.split("\n\n")[0] + " Subcommands: `distill.py cache --help`, "
+            "`distill.py generate --help`.", distill, argv)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 
 from chat import (PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
                   pad_batch, parse_placeholders, prompt_ids, read_records)
-from common import check_trainable, exit_on_error, load_model, load_tokenizer, peak_memory_mb, resolve_device
+from common import check_trainable, load_model, load_tokenizer, resolve_device
 from lora import ALL_LINEAR, apply_lora, disable_adapters
-from training import (RunConfig, RunDir, TrainingError, check_finite, format_seconds, make_optimizer, opt,
-                      parse_config, progress_line, rng_state, seed_everything, set_lr)
+from training import (RunConfig, RunDir, TrainingError, check_finite, main_of, make_optimizer, opt, rng_state,
+                      seed_everything, set_lr)
 
 LN2 = math.log(2)
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo", "kto")
@@ -545,44 +545,36 @@ def train(config: DPOConfig, log=print) -> dict:
         if stuck == config.stuck_steps and not warned:
             log(stuck_warning(stuck, lr, n_trainable, total, config))
             warned = True
+        row = {**{k: v for k, v in metrics.items() if k not in INTERNAL}, "lr": lr, "grad_norm": grad_norm.item()}
         if run.log_due(step):
             step_time, _, eta = run.lap(step)
             pairs_per_s = config.batch_size * config.grad_accum / step_time
             shown = {k: metrics.get("rewards/" + k, float("nan")) for k in ("accuracy", "margin", "chosen", "rejected")}
-            log(progress_line(step, config.max_steps, eta, f"loss {metrics['loss']:.4f}",
-                              f"accuracy {shown['accuracy']:.2f}", f"margin {shown['margin']:.3f}",
-                              f"chosen {shown['chosen']:.3f}", f"rejected {shown['rejected']:.3f}", f"lr {lr:.2e}",
-                              f"{pairs_per_s:.1f} {'examples' if labels else 'pairs'}/s"))
-        run.record({"step": step, **{k: v for k, v in metrics.items() if k not in INTERNAL},
-                    "lr": lr, "grad_norm": grad_norm.item(), "elapsed": run.elapsed()})
+            run.log_step(step, eta, [f"loss {metrics['loss']:.4f}", f"accuracy {shown['accuracy']:.2f}",
+                                     f"margin {shown['margin']:.3f}", f"chosen {shown['chosen']:.3f}",
+                                     f"rejected {shown['rejected']:.3f}", f"lr {lr:.2e}",
+                                     f"{pairs_per_s:.1f} {'examples' if labels else 'pairs'}/s"], row, log)
+        else:  # a row every step: the reward curves are noisy
+            run.record_step(step, row)
         if run.eval_due(step):
             run_eval()
             save()
 
     final = run_eval()
     save()
-    elapsed = run.elapsed()
     run.plot()
     run.plot("rewards.png", {"reward accuracy": ["rewards/accuracy", "val/rewards/accuracy"],
                              "reward margin": ["rewards/margin", "val/rewards/margin"]})
-    summary = {**{k: v for k, v in last.items() if k not in INTERNAL}, **final,
-               "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "loss_type": config.loss,
+    summary = {**{k: v for k, v in last.items() if k not in INTERNAL}, **final, "loss_type": config.loss,
                "reference": kind, "train_items": len(train_seqs), "val_items": len(val_seqs),
                "truncated": truncated + val_truncated, "skipped_records": skipped, "trainable_params": n_trainable,
-               "stuck_at_ln2_warning": warned, "peak_memory_mb": peak_memory_mb(device)}
-    path = run.write_summary(summary)
-    log(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason})" +
-        (f" | held-out reward accuracy {final['val/rewards/accuracy']:.3f}, margin {final['val/rewards/margin']:.3f}"
-         if final else "") + f" | summary in {path}")
-    return summary
+               "stuck_at_ln2_warning": warned}
+    return run.finish(summary, step, stop_reason, device, f"held-out reward accuracy {final['val/rewards/accuracy']:.3f}, "
+                      f"margin {final['val/rewards/margin']:.3f}" if final else "", log)
 
 
 def main(argv=None):
-    config = parse_config(DPOConfig, DPO_PRESETS, __doc__.split("\n\n")[0], argv)
-    try:
-        train(config)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        exit_on_error(e)
+    main_of(DPOConfig, DPO_PRESETS, __doc__.split("\n\n")[0], train, argv)
 
 
 if __name__ == "__main__":

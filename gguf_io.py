@@ -528,12 +528,12 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     """tokenizer.* metadata of a bpe.py tokenizer: every id up to the model's vocab_size as a token in GPT-2's
     byte-to-unicode alphabet (special tokens as their text, unused ids as [PAD<id>]), and the merges
     recovered from the ranks (each token's last merge: BPE on its bytes with the tokens ranked below it)."""
-    from bpe import PATTERNS, _bytes_to_unicode
+    from tokenizer_io import PATTERNS, bytes_to_unicode
     names = {PATTERNS[pattern]: name for name, pattern in PRE_TOKENIZERS.items()}  # regex -> llama.cpp's name
     if tokenizer.pattern not in names:
         raise GGUFError(f"tokenizer {tokenizer.name!r}: its pre-split pattern has no llama.cpp name (supported: "
                         f"{', '.join(f'{pattern} -> {name}' for name, pattern in PRE_TOKENIZERS.items())})")
-    to_unicode = _bytes_to_unicode()
+    to_unicode = bytes_to_unicode()
 
     def spell(token: bytes) -> str:
         return "".join(to_unicode[b] for b in token)

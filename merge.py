@@ -55,7 +55,8 @@ import torch
 
 from common import CHECKPOINT_FILE, atomic_write, load_tokenizer, peak_memory_mb, tokenizer_file
 from gguf_io import WRITE_TYPES
-from model import ModelConfig, Transformer, config_from_hf, save_hf
+from hf_io import config_from_hf, save_hf
+from model import ModelConfig, Transformer
 
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_ties", "dare_linear")
 # method -> (trim, sign consensus, normalize by default, rescale by default): mergekit's registry

@@ -11,11 +11,11 @@ The pieces and where they come from:
 - SwiGLU MLP (Shazeer 2020): down(silu(gate(x)) * up(x)).
 - Optionally a sparse mixture of SwiGLU experts in place of the MLP (Mixtral / Qwen-MoE): a router sends
   each token to its top-k experts, trained with Switch Transformer's load-balancing loss and ST-MoE's
-  router z-loss (the "Mixture of experts" section).
+  router z-loss (moe.py).
 - A preallocated KV cache for generation: prefill once, then one token per step, with left-padded
   batches of prompts of different lengths.
-- Hugging Face interop: `load_hf(dir)` reads Llama / Mistral / Qwen2 / SmolLM / Mixtral / Qwen2-MoE checkpoints,
-  `save_hf(model, dir)` writes one that `transformers` loads.
+- Module names that mirror Hugging Face's: hf_io.py reads Llama / Mistral / Qwen2 / SmolLM / Mixtral / Qwen2-MoE
+  checkpoints into this Transformer (load_hf) and writes ones that `transformers` loads (save_hf).
 
 Three attention backends compute the same thing: `naive` (explicit softmax, the readable reference),
 `sdpa` (torch's fused scaled_dot_product_attention) and `triton` (kernels/flash_attention.py).
@@ -26,13 +26,13 @@ Three attention backends compute the same thing: `naive` (explicit softmax, the 
 import argparse
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from moe import MoE, moe_layers
 
 ATTN_BACKENDS = ("naive", "sdpa", "triton")
 ROPE_TYPES = ("linear", "yarn", "llama3")
@@ -302,164 +302,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Mixture of experts (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2021; Mixtral, Jiang et al. 2024;
-# Qwen1.5-MoE). The MLP becomes E SwiGLU experts and a router; each token x goes to k of them:
-#
-#     p = softmax(W_g x)                          (E,) router probabilities, in fp32
-#     w, S = topk(p, k)                           the k largest and their experts
-#     w = w / sum(w)                              Mixtral (always); Qwen-MoE only with norm_topk_prob
-#     y = sum_{j<k} w_j expert_{S_j}(x)  [+ sigmoid(g . x) shared_expert(x)]   (Qwen-MoE's shared expert)
-#
-# A token costs k experts' FLOPs while the model holds E experts' parameters. Training adds two losses
-# over the N tokens of a batch, per layer, averaged over the layers:
-#   load balancing (Switch eq. 4-6, HF Mixtral's form):  aux = E * sum_i f_i P_i,
-#       f_i = (tokens whose top k includes i) / N  (sums to k),  P_i = mean_t p_t,i  (sums to 1).
-#       f is piecewise constant; the gradient flows through P, pushing probability off the busy experts.
-#       A uniform router gives aux = k; all tokens on k experts gives aux up to E.
-#   router z-loss (ST-MoE, Zoph et al. 2022):  z = mean_t logsumexp(W_g x_t)^2, keeps the logits small.
-
-def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """probs (N, E) router probabilities, experts (N, k) each token's chosen experts -> E sum_i f_i P_i."""
-    f = torch.bincount(experts.flatten(), minlength=n_experts).float() / experts.size(0)   # (E,)
-    return n_experts * (f * probs.float().mean(0)).sum()
-
-
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """logits (N, E) -> mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-
-
-class MoE(nn.Module):
-    """The sparse feed-forward: router `gate`, `experts` (SwiGLU MLPs), optional `shared_expert` with its
-    `shared_expert_gate`. Names follow Hugging Face's Qwen2-MoE, so its state-dict keys are the checkpoint's.
-
-    Each forward keeps the routing statistics: `aux_loss` and `z_loss` of the batch (with gradients, for
-    Transformer.forward to add in training) and running totals that `moe_stats()` reads and resets.
-    """
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.n_experts, self.top_k, self.norm_topk_prob = config.n_experts, config.n_experts_per_token, config.norm_topk_prob
-        self.gate = nn.Linear(config.dim, config.n_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_experts))
-        self.shared_expert = self.shared_expert_gate = None
-        if config.shared_expert_dim:
-            self.shared_expert = MLP(config, config.shared_expert_dim)
-            self.shared_expert_gate = nn.Linear(config.dim, 1, bias=False)
-        self.aux_loss = self.z_loss = None
-        self.reset_stats()
-
-    def reset_stats(self):
-        self.routed = self.prob_sum = None  # (E,) assignments and summed probabilities since the last reset
-        self.z_sum, self.n_tokens = 0.0, 0  # z_sum: a tensor once a batch is seen (no device sync per step)
-
-    def route(self, x):
-        """x (N, dim) -> router logits (N, E), probabilities (N, E) fp32, weights (N, k) in x's dtype, experts (N, k)."""
-        logits = self.gate(x)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, probs, weights.to(x.dtype), experts
-
-    def dispatch_loop(self, x, weights, experts):
-        """The reference: for each expert, gather the tokens that chose it, run it, add back w * output."""
-        out = torch.zeros_like(x)                                          # (N, dim)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(experts == e)                        # which tokens, in which of their k slots
-            if token.numel():
-                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return out
-
-    def dispatch_sorted(self, x, weights, experts):
-        """The same sum with the N k (token, expert) assignments sorted by expert (MegaBlocks' permute ->
-        grouped GEMM -> unpermute): one gather puts each expert's tokens in one contiguous segment, each
-        expert runs on its segment, one scatter-add returns the weighted outputs to their tokens."""
-        flat = experts.flatten()                                           # (N k,) expert of each assignment
-        order = flat.argsort(stable=True)                                  # assignments grouped by expert
-        token = order // self.top_k                                        # (N k,) their tokens
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()   # segment lengths
-        segments = x[token].split(counts)                                  # E tensors (count_e, dim)
-        # every expert runs, an unchosen one on 0 rows: all parameters stay in the autograd graph (DDP
-        # needs that without find_unused_parameters)
-        y = torch.cat([expert(s) for expert, s in zip(self.experts, segments)])
-        return torch.zeros_like(x).index_add_(0, token, y * weights.flatten()[order, None])
-
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                       # (N, dim), N = B T
-        logits, probs, weights, experts = self.route(x)
-        out = self.dispatch_sorted(x, weights, experts)                     # == dispatch_loop (tests)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        self.aux_loss = load_balancing_loss(probs, experts, self.n_experts)
-        self.z_loss = router_z_loss(logits)
-        with torch.no_grad():
-            routed = torch.bincount(experts.flatten(), minlength=self.n_experts).float()
-            self.routed = routed if self.routed is None else self.routed + routed
-            self.prob_sum = probs.sum(0) if self.prob_sum is None else self.prob_sum + probs.sum(0)
-            self.z_sum = self.z_sum + self.z_loss.detach() * len(x)
-            self.n_tokens += len(x)
-        return out.view(shape)
-
-
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def reset_moe_stats(model: nn.Module) -> None:
-    for m in moe_layers(model):
-        m.reset_stats()
-
-
-def moe_stats(model: nn.Module) -> dict:
-    """Routing since the last call, over every token the model saw (then the totals restart): per layer,
-    each expert's share of the assignments (sums to 1), the load-balancing and z losses of those tokens,
-    and the coefficient of variation of the shares (std / mean; 0 = perfectly balanced). {} for a dense model."""
-    layers = [m for m in moe_layers(model) if m.n_tokens]
-    if not layers:
-        return {}
-    shares, aux, z, cv = [], [], [], []
-    for m in layers:
-        f, P = m.routed / m.n_tokens, m.prob_sum / m.n_tokens
-        share = f / m.top_k
-        shares.append([round(s, 4) for s in share.tolist()])
-        aux.append((m.n_experts * (f * P).sum()).item())
-        z.append(float(m.z_sum) / m.n_tokens)
-        cv.append((share.std(unbiased=False) / share.mean()).item())
-        m.reset_stats()
-    n = len(layers)
-    return {"moe_expert_share": shares, "moe_aux_loss": sum(aux) / n, "moe_z_loss": sum(z) / n,
-            "moe_share_cv": sum(cv) / n}
-
-
-def plot_expert_shares(metrics_file: Path, out_png: Path) -> None:
-    """Expert utilisation over training from metrics.jsonl rows that carry moe_expert_share: one panel
-    per layer, one line per expert's share of the routed tokens."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [r for r in map(json.loads, Path(metrics_file).read_text().splitlines()) if "moe_expert_share" in r]
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    shares = torch.tensor([r["moe_expert_share"] for r in rows])          # (evals, layers, experts)
-    n_layers, n_experts = shares.shape[1:]
-    fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3), sharey=True, squeeze=False)
-    for layer, ax in enumerate(axes[0]):
-        for e in range(n_experts):
-            ax.plot(steps, shares[:, layer, e], label=f"expert {e}")
-        ax.axhline(1 / n_experts, color="gray", linestyle=":", linewidth=1)
-        ax.set_title(f"layer {layer}")
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("share of routed tokens")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -467,7 +309,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps, use_triton)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps, use_triton)
-        self.mlp = MoE(config) if config.n_experts else MLP(config)
+        self.mlp = MoE(config, MLP) if config.n_experts else MLP(config)
         self.residual_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, start_pos=0, kv_cache=None, doc_mask=None):
@@ -656,209 +498,6 @@ class Transformer(nn.Module):
         aux = torch.stack([m.aux_loss for m in layers]).mean()
         z = torch.stack([m.z_loss for m in layers]).mean()
         return self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Hugging Face checkpoints. Module names above mirror HF's, so a state dict key is HF's minus "model.".
-
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-                    "qwen2_moe": "Qwen2MoeForCausalLM"}
-# Mixtral's tensor names -> ours (Qwen2-MoE's): experts.{e}.w1 / w3 / w2 are gate / up / down
-MIXTRAL_NAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj."))
-
-
-def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """Map a Hugging Face config dict (classic top-level rope_theta/rope_scaling or transformers 5's
-    rope_parameters) to ModelConfig; raise on anything the model would silently compute differently."""
-    def need(key):
-        if key not in hf:
-            raise ValueError(f"{source}: missing field {key!r}")
-        return hf[key]
-
-    model_type = need("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(HF_MODEL_TYPES)})")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-    if hf.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
-    sliding = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen2_moe") and not hf.get("use_sliding_window", False):
-        sliding = None
-    if sliding is not None and sliding < need("max_position_embeddings"):
-        raise ValueError(f"{source}: sliding_window={sliding} is in use (< max_position_embeddings="
-                         f"{hf['max_position_embeddings']}); nanollm attends to the full context and would differ")
-
-    rope = dict(hf.get("rope_parameters") or {})
-    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    if not rope:
-        rope = dict(hf.get("rope_scaling") or {})
-    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    if rope.get("partial_rotary_factor", 1.0) != 1.0 or hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
-    rope.pop("partial_rotary_factor", None)
-    if rope_type == "default":
-        rope_scaling = None
-    elif rope_type in ROPE_TYPES:
-        rope_scaling = {"rope_type": rope_type, **rope}
-    else:
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (supported: default, {', '.join(ROPE_TYPES)})")
-
-    n_heads = need("num_attention_heads")
-    qkv_bias = {"qwen2": True, "qwen2_moe": hf.get("qkv_bias", True)}.get(model_type, hf.get("attention_bias", False))
-    out_bias = model_type in ("llama", "mistral") and bool(hf.get("attention_bias", False))
-    moe = {}
-    if model_type == "mixtral":
-        moe = dict(n_experts=need("num_local_experts"), n_experts_per_token=need("num_experts_per_tok"),
-                   norm_topk_prob=True, hidden_dim=need("intermediate_size"))
-    elif model_type == "qwen2_moe":
-        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-            raise ValueError(f"{source}: decoder_sparse_step={hf.get('decoder_sparse_step')} / mlp_only_layers="
-                             f"{hf.get('mlp_only_layers')}: dense layers between the sparse ones are not supported")
-        moe = dict(n_experts=need("num_experts"), n_experts_per_token=need("num_experts_per_tok"),
-                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)), hidden_dim=need("moe_intermediate_size"),
-                   shared_expert_dim=need("shared_expert_intermediate_size"))
-    if moe and "router_aux_loss_coef" in hf:
-        moe["router_aux_loss_coef"] = float(hf["router_aux_loss_coef"])
-    return ModelConfig(**{
-        "hidden_dim": need("intermediate_size") if not moe else None, **moe,
-        "vocab_size": need("vocab_size"), "dim": need("hidden_size"), "n_layers": need("num_hidden_layers"),
-        "n_heads": n_heads, "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
-        "max_seq_len": need("max_position_embeddings"),
-        "head_dim": hf.get("head_dim") or None, "rope_theta": float(rope_theta), "rope_scaling": rope_scaling,
-        "norm_eps": hf.get("rms_norm_eps", 1e-6), "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "attention_bias": bool(qkv_bias), "attention_out_bias": out_bias,
-        "dropout": float(hf.get("attention_dropout", 0.0) or 0.0),
-    })
-
-
-def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
-    """ModelConfig -> HF config dict: Qwen2 when only q/k/v have biases, Llama otherwise; with experts,
-    Qwen2-MoE when there is a shared expert (or q/k/v biases, or weights not renormalised), Mixtral otherwise."""
-    if config.attention_out_bias and not config.attention_bias:
-        raise ValueError("an output-projection bias without q/k/v biases has no Hugging Face equivalent")
-    model_type = "qwen2" if config.attention_bias and not config.attention_out_bias else "llama"
-    if config.n_experts:
-        model_type = "mixtral"
-        if config.shared_expert_dim or config.attention_bias or not config.norm_topk_prob:
-            model_type = "qwen2_moe"
-            if not config.shared_expert_dim or config.attention_out_bias:
-                raise ValueError("an MoE model with q/k/v biases or norm_topk_prob=False is saved as Qwen2-MoE, which "
-                                 "needs a shared expert (shared_expert_dim > 0) and no output-projection bias")
-    hf = {
-        "architectures": [HF_ARCHITECTURES[model_type]],
-        "model_type": model_type,
-        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "tie_word_embeddings": config.tie_embeddings, "attention_dropout": config.dropout,
-        # the classic layout that published checkpoints use, and transformers 5's rope_parameters
-        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
-        "rope_parameters": {"rope_theta": config.rope_theta, **(config.rope_scaling or {"rope_type": "default"})},
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if model_type == "llama":
-        hf.update(attention_bias=config.attention_bias, mlp_bias=False)
-    else:
-        hf.update(use_sliding_window=False, sliding_window=None)
-    if config.n_experts:
-        hf.update(num_experts_per_tok=config.n_experts_per_token, router_aux_loss_coef=config.router_aux_loss_coef)
-    if model_type == "mixtral":
-        hf.update(num_local_experts=config.n_experts, router_jitter_noise=0.0)
-    elif model_type == "qwen2_moe":
-        hf.update(num_experts=config.n_experts, moe_intermediate_size=config.hidden_dim, qkv_bias=config.attention_bias,
-                  shared_expert_intermediate_size=config.shared_expert_dim, norm_topk_prob=config.norm_topk_prob,
-                  decoder_sparse_step=1, mlp_only_layers=[])
-    return hf
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        shard_names = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                f"(only safetensors checkpoints are read)")
-    tensors = {}
-    for name in shard_names:
-        if not (path / name).exists():
-            raise FileNotFoundError(f"{path / name}: shard listed in {index.name} is missing")
-        tensors.update(load_file(path / name))
-    return tensors
-
-
-def load_hf(path, dtype: torch.dtype | None = None, device="cpu", attn_backend: str = "sdpa") -> Transformer:
-    """Load a Llama-family Hugging Face checkpoint directory (config.json + safetensors, single or sharded).
-
-    dtype None keeps the checkpoint's dtype. Missing or unexpected tensors raise, listing their names.
-    """
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint directory")
-    hf_config = json.loads(config_file.read_text())
-    config = config_from_hf(hf_config, str(config_file))
-    config.attn_backend = attn_backend
-
-    state = {}
-    for key, tensor in _read_safetensors(path).items():
-        if key.endswith("rotary_emb.inv_freq"):  # old checkpoints store the RoPE buffer; we recompute it
-            continue
-        if key == "lm_head.weight" and config.tie_embeddings:  # tied: the embedding is the head
-            continue
-        if hf_config["model_type"] == "mixtral":
-            for theirs, ours in MIXTRAL_NAMES:
-                key = key.replace(theirs, ours)
-        state[key.removeprefix("model.")] = tensor
-    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        model = Transformer(config)
-    shapes = {key: t.shape for key, t in model.state_dict().items()}
-    expected = set(shapes)
-    if config.tie_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the config. missing tensors: {missing or 'none'}; "
-                         f"unexpected tensors: {unexpected or 'none'}")
-    for key, tensor in state.items():
-        if tensor.shape != shapes[key]:
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config implies {tuple(shapes[key])}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.to(device=device, dtype=dtype)
-
-
-def save_hf(model: Transformer, path) -> None:
-    """Write config.json + model.safetensors that transformers.AutoModelForCausalLM.from_pretrained loads.
-
-    Each file is written under a temporary name and renamed, so an interrupted save never leaves a
-    half-written checkpoint behind.
-    """
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    dtype = model.embed_tokens.weight.dtype
-    hf_config = config_to_hf(model.config, dtype)
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        if hf_config["model_type"] == "mixtral":
-            for theirs, ours in MIXTRAL_NAMES:
-                key = key.replace(ours, theirs)
-        state[key if key == "lm_head.weight" else "model." + key] = tensor.detach().contiguous().cpu()
-    files = {"model.safetensors": lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
-             "config.json": lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2))}
-    for name, write in files.items():
-        tmp = path / f".{name}.tmp"
-        write(str(tmp))
-        os.replace(tmp, path / name)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -466,7 +466,7 @@ def check_base(path: Path, available_bytes: int | None = None):
             from gguf_io import GGUFFile, config_from_gguf
             config = config_from_gguf(GGUFFile(path))
         elif (path / "config.json").exists() and not (path / "ckpt.pt").exists():
-            from model import config_from_hf
+            from hf_io import config_from_hf
             config = config_from_hf(json.loads((path / "config.json").read_text()))
         else:
             from common import read_checkpoint

@@ -41,7 +41,8 @@ import torch.nn as nn
 from common import (CHECKPOINT_FILE, UsageError, atomic_write, exit_on_error, load_model, load_tokenizer,
                     read_checkpoint, resolve_device, save_checkpoint)
 from evaluate import evaluate_model
-from model import MoE, Transformer
+from model import Transformer
+from moe import MoE
 from quant_linear import NF4_VALUES, QuantError, QuantLinear, W8A8Linear, dequantize_codes, set_module
 from training import BatchSampler, load_split, read_meta
 

@@ -31,15 +31,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, prompt_ids)
-from common import (check_tokenizer, check_trainable, exit_on_error, load_model, load_tokenizer, peak_memory_mb,
-                    read_checkpoint, resolve_device)
+from common import (check_tokenizer, check_trainable, exit_on_error, load_model, load_tokenizer, read_checkpoint,
+                    resolve_device)
 from evaluate import arithmetic_accuracy
 from lora import apply_lora, disable_adapters
 from model import ModelConfig, Transformer
 from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs
-from training import (RunConfig, RunDir, TrainingError, check_finite, format_seconds, make_optimizer, opt,
-                      parse_config, progress_line, rng_state, set_lr)
+from training import (RunConfig, RunDir, TrainingError, check_finite, make_optimizer, opt, parse_config, rng_state,
+                      set_lr)
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
 
@@ -620,24 +620,19 @@ def train_reward_model(config: RewardConfig) -> dict:
         accuracy = (r_chosen > r_rejected).float().mean().item()
         if step % config.log_interval == 0:
             step_time, _, eta = run.lap(step)
-            print(progress_line(step, config.max_steps, eta, f"loss {loss.item():.4f}", f"batch accuracy {accuracy:.0%}",
-                                f"lr {lr:.2e}", f"grad norm {grad_norm:.3f}", f"{step_time * 1000:.0f} ms/step"))
-            run.record({"step": step, "loss": loss.item(), "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
-                        "elapsed": run.elapsed()})
+            run.log_step(step, eta, [f"loss {loss.item():.4f}", f"batch accuracy {accuracy:.0%}", f"lr {lr:.2e}",
+                                     f"grad norm {grad_norm:.3f}", f"{step_time * 1000:.0f} ms/step"],
+                         {"loss": loss.item(), "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm})
         if run.eval_due(step):
             run_eval()
             save()
 
     final = run_eval()
     save()
-    elapsed = run.elapsed()
-    summary = {**{f"initial_{k}": v for k, v in initial.items()}, **final, "step": step, "stop_reason": stop_reason,
-               "wall_time_s": elapsed, "train_pairs": len(encoded), "eval_pairs": len(eval_encoded),
-               "truncated": n_truncated, "peak_memory_mb": peak_memory_mb(device)}
-    path = run.write_summary(summary)
-    print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | held-out pairwise accuracy "
-          f"{initial['accuracy']:.1%} -> {final['accuracy']:.1%} on {len(eval_encoded)} pairs | summary in {path}")
-    return summary
+    summary = {**{f"initial_{k}": v for k, v in initial.items()}, **final, "train_pairs": len(encoded),
+               "eval_pairs": len(eval_encoded), "truncated": n_truncated}
+    return run.finish(summary, step, stop_reason, device, f"held-out pairwise accuracy {initial['accuracy']:.1%} -> "
+                      f"{final['accuracy']:.1%} on {len(eval_encoded)} pairs")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -739,46 +734,42 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
             stats["train_accuracy"] = sum(check(p, tokenizer.decode(a)) for p, a in zip(problems, answers)) / len(problems)
         check_finite(stats.get("loss", stats.get("pg_loss")), step, run.ckpt_path)
         step += 1
-        # log
-        run.record({"step": step, "lr": lr, "elapsed": run.elapsed(), **stats})
+        # log (a row every step: rewards and KL are noisy)
+        row = {"lr": lr, **stats}
         if step % config.log_interval == 0:
             step_time, _, eta = run.lap(step)
             main_stats = [f"reward {stats['reward']:.3f}"] if algorithm == "grpo" else \
                 [f"RM score {stats['score']:+.3f}", f"checker accuracy {stats['train_accuracy']:.0%}"]
-            print(progress_line(step, config.max_steps, eta, *main_stats, f"KL {stats['kl']:.4f}",
-                                f"entropy {stats['entropy']:.3f}", f"clipfrac {stats['clipfrac']:.3f}",
-                                f"answer {stats['answer_len']:.1f} tokens", f"{step_time:.2f} s/step"))
+            run.log_step(step, eta, [*main_stats, f"KL {stats['kl']:.4f}", f"entropy {stats['entropy']:.3f}",
+                                     f"clipfrac {stats['clipfrac']:.3f}", f"answer {stats['answer_len']:.1f} tokens",
+                                     f"{step_time:.2f} s/step"], row)
+        else:
+            run.record_step(step, row)
         if run.eval_due(step):
             run_eval()
             save()
 
     final = run_eval()
     save()
-    elapsed = run.elapsed()
-    rows = run.rows()
-    train_rows = [r for r in rows if "kl" in r]
+    train_rows = [r for r in run.rows() if "kl" in r]
     first, last = train_rows[:10], train_rows[-10:]
     key = "reward" if algorithm == "grpo" else "score"
 
     def mean(rs, k):
         return sum(r[k] for r in rs) / max(len(rs), 1)
     summary = {"initial_accuracy": initial["accuracy"], "final_accuracy": final["accuracy"],
-               "eval_problems": len(eval_problems), "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed,
-               "prompts_seen": step * config.prompts_per_step,
+               "eval_problems": len(eval_problems), "prompts_seen": step * config.prompts_per_step,
                "answers_sampled": step * config.prompts_per_step * config.samples_per_prompt,
                f"{key}_first10": mean(first, key), f"{key}_last10": mean(last, key),
                "kl_last10": mean(last, "kl"), "kl_max": max((r["kl"] for r in train_rows), default=0.0),
-               "final_stop_rate": final["stop_rate"], "trainable_params": counts["trainable"],
-               "peak_memory_mb": peak_memory_mb(device)}
+               "final_stop_rate": final["stop_rate"], "trainable_params": counts["trainable"]}
     if algorithm == "ppo":
         summary.update(train_accuracy_first10=mean(first, "train_accuracy"),
                        train_accuracy_last10=mean(last, "train_accuracy"), reward_norm=list(reward_norm))
-    path = run.write_summary(summary)
-    print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | held-out greedy accuracy "
-          f"{initial['accuracy']:.1%} -> {final['accuracy']:.1%} on {len(eval_problems)} problems | "
-          f"{key} {summary[f'{key}_first10']:+.3f} -> {summary[f'{key}_last10']:+.3f} (first/last 10 steps) | "
-          f"KL {summary['kl_last10']:.4f} | summary in {path}")
-    return summary
+    return run.finish(summary, step, stop_reason, device, f"held-out greedy accuracy {initial['accuracy']:.1%} -> "
+                      f"{final['accuracy']:.1%} on {len(eval_problems)} problems | {key} "
+                      f"{summary[f'{key}_first10']:+.3f} -> {summary[f'{key}_last10']:+.3f} (first/last 10 steps) | "
+                      f"KL {summary['kl_last10']:.4f}")
 
 
 @torch.no_grad()

@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 
 from bpe import Tokenizer
-from common import exit_on_error, peak_memory_mb, resolve_device
+from common import resolve_device
 from evaluate import evaluate, token_byte_lengths
-from model import moe_stats, plot_expert_shares, reset_moe_stats
+from moe import moe_stats, plot_expert_shares, reset_moe_stats
 from sample import generate
-from training import (TRAIN_PRESETS, BatchSampler, RunDir, TrainConfig, TrainingError, check_finite,
-                      format_seconds, load_split, make_optimizer, mixed_precision, new_model, parse_config,
-                      progress_line, read_meta, rng_state, seed_everything, set_lr)
+from training import (TRAIN_PRESETS, BatchSampler, RunDir, TrainConfig, TrainingError, check_finite, load_split,
+                      main_of, make_optimizer, mixed_precision, new_model, read_meta, rng_state, seed_everything,
+                      set_lr)
 
 
 # bf16 dense peak FLOP/s of devices we know, for MFU
@@ -172,10 +172,10 @@ def train(config: TrainConfig) -> dict:
             step_time, _, eta = run.lap(step)
             tokens_per_s = tokens_per_step / step_time
             mfu = [f"MFU {flops_per_step / step_time / (peak_flops * world_size):.1%}"] if peak_flops else []
-            log(progress_line(step, config.max_steps, eta, f"loss {loss_value:.4f}", f"lr {lr:.2e}",
-                              f"grad norm {grad_norm.item():.3f}", f"{tokens_per_s:,.0f} tok/s", *mfu))
-            run.record({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tokens_per_s, "elapsed": run.elapsed()})
+            run.log_step(step, eta, [f"loss {loss_value:.4f}", f"lr {lr:.2e}", f"grad norm {grad_norm.item():.3f}",
+                                     f"{tokens_per_s:,.0f} tok/s", *mfu],
+                         {"loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s},
+                         log)
         out_of_time = run.stop_reason(step) == "max_time"  # --max-time spent (evaluations included); Ctrl-C exits
         if ddp:  # every process stops at the same step
             flag = torch.tensor(float(out_of_time), device=device)
@@ -193,12 +193,10 @@ def train(config: TrainConfig) -> dict:
         final = run_eval(0)  # the whole validation split
         save()
         elapsed = run.elapsed()
-        summary = {**final, "step": step, "stop_reason": stop_reason, "tokens_seen": step * tokens_per_step,
-                   "tokens_per_s": (step * tokens_per_step) / max(elapsed, 1e-9), "wall_time_s": elapsed,
-                   "peak_memory_mb": peak_memory_mb(device), "params": raw_model.num_params()}
-        path = run.write_summary(summary)
-        log(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason}) | val loss {final['val_loss']:.4f} | "
-            f"val bpb {final['val_bpb']:.4f} | summary in {path}")
+        summary = {**final, "tokens_seen": step * tokens_per_step, "wall_time_s": elapsed,
+                   "tokens_per_s": (step * tokens_per_step) / max(elapsed, 1e-9), "params": raw_model.num_params()}
+        summary = run.finish(summary, step, stop_reason, device,
+                             f"val loss {final['val_loss']:.4f} | val bpb {final['val_bpb']:.4f}", log)
     if ddp:
         dist.destroy_process_group()
     return summary
@@ -212,11 +210,7 @@ def generate_sample(model, tokenizer, n_tokens: int) -> str:
 
 
 def main(argv=None):
-    config = parse_config(TrainConfig, TRAIN_PRESETS, __doc__.split("\n\n")[0], argv)
-    try:
-        train(config)
-    except (TrainingError, ValueError) as e:
-        exit_on_error(e)
+    main_of(TrainConfig, TRAIN_PRESETS, __doc__.split("\n\n")[0], train, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -38,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import CHECKPOINT_FILE, UsageError, atomic_write, check_writable_dir, read_checkpoint, save_checkpoint
+from common import (CHECKPOINT_FILE, UsageError, atomic_write, check_writable_dir, exit_on_error, peak_memory_mb,
+                    read_checkpoint, save_checkpoint)
 from lora import lora_state_dict, merged_state_dict, save_adapter
 from model import PRESETS, ModelConfig, Transformer
 
@@ -359,6 +361,26 @@ class RunDir:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
         return path
 
+    def log_step(self, step: int, eta: float, shown: list[str], row: dict, log=print) -> None:
+        """The progress line (step, the `shown` fields, ETA) and its metrics.jsonl row (step and elapsed added)."""
+        log(progress_line(step, self.config.max_steps, eta, *shown))
+        sys.stdout.flush()  # a progress line reaches a log file as it is printed
+        self.record_step(step, row)
+
+    def record_step(self, step: int, row: dict) -> None:
+        """A training step's metrics.jsonl row, with its step and the elapsed time."""
+        self.record({"step": step, **row, "elapsed": self.elapsed()})
+
+    def finish(self, summary: dict, step: int, stop_reason: str, device: str, result: str = "", log=print) -> dict:
+        """The end of a run: summary.json, the stage's numbers and what every run reports (step, stop_reason,
+        wall_time_s, peak_memory_mb), and the closing line `done: 40 steps in 1m05s (max_steps) | <result>`."""
+        summary = {**summary, "step": step, "stop_reason": stop_reason,
+                   "wall_time_s": summary.get("wall_time_s", self.elapsed()), "peak_memory_mb": peak_memory_mb(device)}
+        path = self.write_summary(summary)
+        log(" | ".join([f"done: {step} steps in {format_seconds(summary['wall_time_s'])} ({stop_reason})",
+                        *([result] if result else []), f"summary in {path}"]))
+        return summary
+
     def load_weights(self, model, lora: bool = False) -> None:
         """The checkpoint's weights into `model`: with LoRA its adapters alone (the base is --init's), else all."""
         self.check_model(model.config)
@@ -550,6 +572,16 @@ def parse_config(config_class, presets: dict, description: str, argv=None):
     except UsageError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")  # one line: train.py's usage block is 30 lines long
     return config
+
+
+def main_of(config_class, presets: dict, description: str, run, argv=None, errors: tuple = ()):
+    """A training script's main(): its config from the command line, then run(config); an expected error (a
+    TrainingError, a bad value or a missing file, and the script's own `errors`) ends in one line, not a traceback."""
+    config = parse_config(config_class, presets, description, argv)
+    try:
+        return run(config)
+    except (TrainingError, UsageError, ValueError, FileNotFoundError, *errors) as e:
+        exit_on_error(e)
 
 
 def check_positive(config, names=("batch_size", "grad_accum", "seq_len", "max_len", "eval_interval",

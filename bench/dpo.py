@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from chat import IM_END, PAD, chat_token_ids, prompt_ids
-from common import exit_on_error, load_model, load_tokenizer, resolve_device
+from common import load_model, load_tokenizer, resolve_device
 from dpo import DPO_PRESETS, DPOConfig, precompute_reference, tokenize_items, train
 from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs, question_text, split_of
-from training import TrainingError, format_seconds, opt, parse_config
+from training import format_seconds, main_of, opt
 
 
 @dataclass
@@ -163,11 +163,7 @@ def bench(config: DPOBenchConfig) -> None:
 
 
 def main(argv=None):
-    config = parse_config(DPOBenchConfig, DPO_PRESETS, __doc__.split("\n\n")[0], argv)
-    try:
-        bench(config)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        exit_on_error(e)
+    main_of(DPOBenchConfig, DPO_PRESETS, __doc__.split("\n\n")[0], bench, argv)
 
 
 if __name__ == "__main__":

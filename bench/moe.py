@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common import read_checkpoint  # noqa: E402
-from model import MLP, MoE, ModelConfig, Transformer  # noqa: E402
+from model import MLP, ModelConfig, Transformer  # noqa: E402
+from moe import MoE  # noqa: E402
 
 # name -> train.py flags on top of the preset: active FFN width per token 384 in every model
 MODELS = {
@@ -67,7 +68,7 @@ def bench_dispatch(reps: int) -> None:
         torch.manual_seed(0)
         config = ModelConfig.from_preset("tiny", dim=dim, n_heads=4, n_kv_heads=4, hidden_dim=hidden,
                                          n_experts=n_experts, n_experts_per_token=k)
-        moe, dense = MoE(config), MLP(config, k * hidden)
+        moe, dense = MoE(config, MLP), MLP(config, k * hidden)
         x = torch.randn(n_tokens, dim, requires_grad=True)
 
         def step(dispatch):

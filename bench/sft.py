@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from chat import ChatDataError, load_conversations
-from common import exit_on_error, load_model, load_tokenizer, read_checkpoint, save_checkpoint
+from chat import load_conversations
+from common import load_model, load_tokenizer, read_checkpoint, save_checkpoint
 from model import ModelConfig, Transformer
 from sft import SFT_PRESETS, SFTConfig, answer, finetune
-from training import TrainingError, opt, parse_config
+from training import TrainingError, main_of, opt
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,11 +145,7 @@ def bench(config: SFTBenchConfig) -> None:
 
 
 def main(argv=None):
-    config = parse_config(SFTBenchConfig, SFT_PRESETS, __doc__.split("\n\n")[0], argv)
-    try:
-        bench(config)
-    except (TrainingError, ChatDataError, FileNotFoundError, ValueError) as e:
-        exit_on_error(e)
+    main_of(SFTBenchConfig, SFT_PRESETS, __doc__.split("\n\n")[0], bench, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import tempfile
 import torch
 import transformers
 
-from model import Transformer, config_to_hf, save_hf
+from hf_io import config_to_hf, save_hf
+from model import Transformer
 
 
 def hf_llama_like(model: Transformer, attn_implementation: str = "sdpa") -> transformers.LlamaForCausalLM:

@@ -15,6 +15,7 @@ import tiktoken.load
 import tiktoken_ext.openai_public as openai_public
 
 import bpe
+import tokenizer_io
 from bpe import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -273,7 +274,7 @@ def test_smollm_pattern_splits_like_hugging_face_digits_then_byte_level():
     from tokenizers import pre_tokenizers
     steps = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    to_unicode = bpe._bytes_to_unicode()
+    to_unicode = tokenizer_io.bytes_to_unicode()
     split = regex.compile(bpe.PATTERNS["smollm"]).findall
     texts = ["  123 4567", "a  1  b   22\n\n 3", "x 1.5 , 2", *random_strings(2000, seed=3)]
     for text in texts:

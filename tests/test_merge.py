@@ -11,8 +11,9 @@ import torch
 import merge
 from bpe import Tokenizer
 from common import load_model, save_checkpoint
+from hf_io import save_hf
 from lora import apply_lora, merged_state_dict, save_adapter
-from model import ModelConfig, Transformer, save_hf
+from model import ModelConfig, Transformer
 from tests.conftest import REPO
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20

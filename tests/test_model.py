@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, ModelConfig, Transformer, attention_mask, load_hf, save_hf
+from hf_io import load_hf, save_hf
+from model import KVCache, ModelConfig, Transformer, attention_mask
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import quant
 from common import load_model, save_checkpoint
 from lora import apply_lora, merge_and_unload
-from model import (MoE, ModelConfig, Transformer, load_balancing_loss, moe_stats, plot_expert_shares,
-                   router_z_loss)
+from model import MLP, ModelConfig, Transformer
+from moe import MoE, load_balancing_loss, moe_stats, plot_expert_shares, router_z_loss
 from quant_linear import QuantLinear
 from sample import generate
 
@@ -22,7 +22,7 @@ def moe_config(**overrides):
 
 def moe_block(seed=0, **overrides) -> MoE:
     torch.manual_seed(seed)
-    block = MoE(moe_config(**overrides))
+    block = MoE(moe_config(**overrides), MLP)
     with torch.no_grad():  # a router with real preferences (the default init routes almost uniformly)
         block.gate.weight.normal_(0, 0.5)
     return block

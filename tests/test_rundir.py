@@ -102,7 +102,7 @@ def test_ctrl_c_names_the_step_to_resume_from(corpus, tmp_path, monkeypatch, cap
         if step == 3:
             signal.raise_signal(signal.SIGINT)
         return real(step, *args)
-    monkeypatch.setattr(train, "progress_line", ctrl_c_at_step_3)
+    monkeypatch.setattr(training, "progress_line", ctrl_c_at_step_3)  # RunDir.log_step prints it
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as exit_:
         train.train(config(corpus, tmp_path / "run", max_steps=8))
@@ -118,7 +118,7 @@ def test_max_time_covers_the_final_evaluation(corpus, tmp_path, monkeypatch):
     The run must stop early enough that its final evaluation still ends inside the budget."""
     clock = [0.0]
     monkeypatch.setattr(training, "time", SimpleNamespace(time=lambda: clock[0]))
-    real_evaluate, real_progress_line = train.evaluate, train.progress_line
+    real_evaluate, real_progress_line = train.evaluate, training.progress_line
 
     def evaluate(*args, **kwargs):
         clock[0] += 1.0
@@ -128,7 +128,7 @@ def test_max_time_covers_the_final_evaluation(corpus, tmp_path, monkeypatch):
         clock[0] += 0.1
         return real_progress_line(*args)
     monkeypatch.setattr(train, "evaluate", evaluate)
-    monkeypatch.setattr(train, "progress_line", progress_line)
+    monkeypatch.setattr(training, "progress_line", progress_line)
     summary = train.train(config(corpus, tmp_path / "run", max_steps=100_000, max_time=3.0, eval_interval=2))
     assert summary["stop_reason"] == "max_time" and summary["step"] >= 2
     assert clock[0] <= 3.0 + 0.1 + 1e-9  # at most one step past what the budget allows, final eval included

@@ -643,7 +643,7 @@ def test_cli_prompt_longer_than_the_context(checkpoint, capsys):
 def test_cli_loads_a_hugging_face_directory_with_its_tokenizer(tmp_path, data_dir, capsys):
     """A Hugging Face model directory (save_hf) whose tokenizer.json is GPT-2's."""
     import shutil
-    from model import save_hf
+    from hf_io import save_hf
     from common import load_tokenizer
     model = make_model(vocab_size=50257, dim=16, n_heads=2, n_kv_heads=1, hidden_dim=32, std=0.1)
     save_hf(model, tmp_path)
