@@ -353,7 +353,7 @@ def quantized(data_dir, tmp_path_factory):
     ids[:len(ids) * 9 // 10].tofile(data / "train.bin")
     ids[len(ids) * 9 // 10:].tofile(data / "val.bin")
     tokenizer.save(data / "tokenizer")
-    (data / "meta.json").write_text(f'{{"vocab_size": 300, "dtype": "uint16", "tokenizer": "tokenizer.json"}}')
+    (data / "meta.json").write_text('{"vocab_size": 300, "dtype": "uint16", "tokenizer": "tokenizer.json"}')
     source = root / "fp32"
     tokenizer.save(source / "tokenizer")
     save_checkpoint(source, tiny_model(vocab_size=300), tokenizer="tokenizer", train_config={"data": str(data)})

@@ -286,7 +286,7 @@ def test_history_processors_match_transformers():
 
 
 def test_generate_with_every_option_equals_transformers_greedy_generate():
-    tr = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from tests.reference import hf_llama_like
     model = make_model(std=0.15, vocab_size=24)
     prompts = [[5, 9, 2, 13], [7, 1, 7]]
