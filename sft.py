@@ -26,14 +26,12 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_chat_files, pad_batch, parse_placeholders,
                   prompt_ids, tokenize_conversations)
-from common import (check_tokenizer, check_trainable, exit_on_error, load_model, load_tokenizer, peak_memory_mb,
-                    resolve_device)
+from common import check_tokenizer, check_trainable, load_model, load_tokenizer, resolve_device
 from evaluate import held_out_loss
 from lora import apply_lora
 from sample import generate
-from training import (ExampleSampler, RunConfig, RunDir, TrainingError, check_finite, format_seconds,
-                      make_optimizer, mixed_precision, opt, parse_config, progress_line, rng_state, seed_everything,
-                      set_lr)
+from training import (ExampleSampler, RunConfig, RunDir, TrainingError, check_finite, main_of, make_optimizer,
+                      mixed_precision, opt, rng_state, seed_everything, set_lr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,38 +272,27 @@ def finetune(config: SFTConfig) -> dict:
         if run.log_due(step):
             _, window_s, eta = run.lap(step)
             tokens_per_s, window_tokens = window_tokens / window_s, 0
-            print(progress_line(step, config.max_steps, eta, f"loss {loss_sum:.4f}", f"lr {lr:.2e}",
-                                f"grad norm {grad_norm.item():.3f}", f"{tokens_per_s:,.0f} tok/s"))
-            run.record({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tokens_per_s, "elapsed": run.elapsed()})
+            run.log_step(step, eta, [f"loss {loss_sum:.4f}", f"lr {lr:.2e}", f"grad norm {grad_norm.item():.3f}",
+                                     f"{tokens_per_s:,.0f} tok/s"],
+                         {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s})
         if run.eval_due(step):
             run_eval()
             save()
 
     final = run_eval()
     save()
-    elapsed = run.elapsed()
     summary = {**{f"initial_{k}": v for k, v in initial.items() if k in ("val_loss", "stop_rate")}, **final,
-               "step": step, "stop_reason": stop_reason, "wall_time_s": elapsed, "train_examples": len(examples),
-               "eval_examples": len(eval_examples), "truncated": stats["truncated"], "dropped": stats["dropped"],
-               "trainable_params": counts["trainable"], "total_params": counts["total"],
-               "grad_and_adam_mb": counts["trainable"] * 12 / 2**20,  # fp32 gradient + AdamW's two moments
-               "peak_memory_mb": peak_memory_mb(device)}
-    path = run.write_summary(summary)
-    print(f"done: {step} steps in {format_seconds(elapsed)} ({stop_reason})"
-          + (f" | val loss {initial.get('val_loss', float('nan')):.4f} -> {final['val_loss']:.4f}" if "val_loss" in final else "")
-          + (f" | stop rate {initial['stop_rate']:.0%} -> {final['stop_rate']:.0%}" if "stop_rate" in final else "")
-          + f" | summary in {path}")
-    return summary
-
+               "train_examples": len(examples), "eval_examples": len(eval_examples), "truncated": stats["truncated"],
+               "dropped": stats["dropped"], "trainable_params": counts["trainable"], "total_params": counts["total"],
+               "grad_and_adam_mb": counts["trainable"] * 12 / 2**20}  # fp32 gradient + AdamW's two moments
+    result = " | ".join(([f"val loss {initial.get('val_loss', float('nan')):.4f} -> {final['val_loss']:.4f}"]
+                         if "val_loss" in final else [])
+                        + ([f"stop rate {initial['stop_rate']:.0%} -> {final['stop_rate']:.0%}"]
+                           if "stop_rate" in final else []))
+    return run.finish(summary, step, stop_reason, device, result)
 
 def main(argv=None):
-    config = parse_config(SFTConfig, SFT_PRESETS, __doc__.split("\n\n")[0], argv)
-    try:
-        finetune(config)
-    except (TrainingError, ChatDataError, FileNotFoundError, ValueError) as e:
-        exit_on_error(e)
-
+    main_of(SFTConfig, SFT_PRESETS, __doc__.split("\n\n")[0], finetune, argv, errors=(ChatDataError,))
 
 if __name__ == "__main__":
     main()
