@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, chat_token_ids, load_chat_files, pad_batch, parse_placeholders,
                   prompt_ids, tokenize_conversations)
-from common import check_tokenizer, check_trainable, load_model, load_tokenizer, resolve_device
+from common import UsageError, check_tokenizer, check_trainable, load_model, load_tokenizer, resolve_device
 from evaluate import held_out_loss
 from lora import apply_lora
 from sample import generate
@@ -164,7 +164,7 @@ SFT_PRESETS = {
 
 def finetune(config: SFTConfig) -> dict:
     if not config.init or not config.data:
-        raise TrainingError("--init (the model to fine-tune) and --data (chat files) are required")
+        raise UsageError("--init (the model to fine-tune) and --data (chat files) are required")
     run = RunDir(config, "sft")
     if run.finished:
         return run.finished
