@@ -25,7 +25,7 @@ tensor (theta_base: --base). Per tensor, with weights w_i:
 
 The variants and defaults are mergekit's (its merge_methods/registry.py): `normalize` (divide by the
 weights' sum, or by the agreeing weights' sum) is on for linear and ties, off for task_arithmetic and
-the DARE ones; `rescale` is on for DARE; ties' trim keeps the k = int(density * numel) largest |tau|.
+the DARE ones; `rescale` is on for DARE; ties' trim keeps the k = max(1, int(density * numel)) largest |tau|.
 Parameters (weight, density, t) may be one number, a gradient over the layers (a list: layer l of L takes
 the linear interpolation at position l / (L - 1); tensors before the layers take the first value, after
 them the last), or a list of {filter, value} where the first filter that is a substring of the tensor's
@@ -91,10 +91,11 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES' trim: the k = int(density * numel) entries of largest |delta| kept, the others zeroed."""
+    """TIES' trim: the k = max(1, int(density * numel)) entries of largest |delta| kept, the others zeroed
+    (a positive density keeps at least one entry, as mergekit's does)."""
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
+    k = max(1, int(density * delta.numel()))
     keep = torch.zeros(delta.numel(), dtype=torch.bool)
     keep[delta.abs().flatten().topk(k).indices] = True
     return delta * keep.view_as(delta)

@@ -280,3 +280,61 @@ def test_cli_flags_and_yaml_config_agree(trio, tmp_path, capsys):
     (tmp_path / "bad.yml").write_text("merge_method: ties\nmodels: [unclosed\n")
     code, err = main_error(capsys, "--config", tmp_path / "bad.yml", "--out-dir", tmp_path / "x")
     assert code == 2 and "bad.yml: not valid YAML" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mergekit (PyPI) as an oracle for the per-tensor math, when installed (`pip install --no-deps mergekit`:
+# its tensor functions need only torch and pydantic; it is not in requirements-dev.txt, whose install would
+# pull its heavy dependencies: peft, datasets, transformers)
+
+def mergekit_method(name: str):
+    registry = pytest.importorskip("mergekit.merge_methods.registry")
+    return registry.get(name)
+
+
+def mergekit_group(base, tensors):
+    """The duck-typed TensorGroup that mergekit's GeneralizedTaskArithmeticMerge.merge_group reads."""
+    from types import SimpleNamespace
+    return SimpleNamespace(base=SimpleNamespace(tensor=base),
+                           non_base=[SimpleNamespace(id=i, tensor=t) for i, t in enumerate(tensors)])
+
+
+def test_slerp_matches_mergekit():
+    mk_slerp = pytest.importorskip("mergekit.merge_methods.slerp").slerp
+    g = torch.Generator().manual_seed(0)
+    v0, v1 = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    near = v0 * 2 + 1e-4 * torch.randn(6, 9, generator=g)  # |cos| > 0.9995: both fall back to lerp
+    for other in (v1, near, -v0, 0.3 * v0 + v1):
+        for t in (0.0, 0.2, 0.5, 0.9, 1.0):
+            # mergekit 0.1.5 interpolates each output row on its own sphere; merge.py (as mergekit before it)
+            # the whole tensor: the same thing for a tensor seen as one row
+            expected = mk_slerp(torch.tensor([t]), v0.reshape(1, -1), other.reshape(1, -1)).reshape(v0.shape)
+            assert torch.allclose(merge.slerp(t, v0, other), expected, atol=1e-5)
+
+
+def test_magnitude_trim_matches_mergekit():
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    delta = torch.randn(13, 17, generator=torch.Generator().manual_seed(1))
+    for density in (0.001, 0.1, 0.37, 0.5, 0.9, 1.0):  # 0.001: k = max(1, int(0.22)) keeps one entry
+        assert torch.equal(merge.magnitude_trim(delta, density), sparsify.magnitude(delta, density))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear"])
+def test_task_vector_methods_match_mergekit(method):
+    oracle = mergekit_method(method)
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(8, 12, generator=g)
+    tensors = [base + torch.randn(8, 12, generator=g) * s for s in (1.0, 0.5, 2.0)]
+    # DARE's drops are random in both (different generators): compared at density 1, where only the sign
+    # election, the weights and the normalization act; TIES' magnitude trim is deterministic
+    densities = [1.0, 1.0, 1.0] if method.startswith("dare") else [0.3, 0.6, 1.0]
+    for weights in ([1.0, 1.0, 1.0], [0.7, -0.4, 1.3]):
+        for normalize in (True, False):
+            for scale in (1.0, 0.6):
+                params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+                ours = merge.merge_tensor(method, base, tensors, params, {"normalize": normalize, "lambda": scale},
+                                          [merge.dare_generator(0, i, "w") for i in range(3)])
+                theirs = oracle.merge_group(mergekit_group(base, tensors), weight=dict(enumerate(weights)),
+                                            density=dict(enumerate(densities)), normalize=normalize, rescale=False,
+                                            int8_mask=False, **{"lambda": scale})
+                assert torch.allclose(ours, theirs, atol=1e-5), (method, weights, normalize, scale)
