@@ -34,7 +34,8 @@ name applies (`self_attn`, `mlp`; no filter: the rest), as in mergekit's YAML.
 Inputs (each read tensor by tensor: peak memory about one output model plus one tensor per input):
 a nanollm checkpoint (torch.load with mmap), a Hugging Face directory (safetensors' safe_open), a GGUF file
 (gguf_io.py's memory-mapped reader, each tensor dequantized when read), or a LoRA adapter file (lora.save_adapter's adapter.pt, the
-task vector (alpha / r) B A of each adapted layer applied to --base). All must share the architecture and
+task vector (alpha / r) B A of each adapted layer applied to --base; linear averages the adapted models and
+takes --base only for them). All must share the architecture and
 the tokenizer (refused otherwise, naming the first tensor or field that differs). Computation is in fp32;
 the output is a nanollm checkpoint directory (ckpt.pt, the tokenizer, merge_config.json), a Hugging Face
 directory (--out-format hf) or a GGUF file (--out-format gguf), cast to `dtype` (default: the base's, else
@@ -452,9 +453,8 @@ def normalize_config(config: dict, where: str = "config") -> dict:
             raise MergeError(f"{where}: slerp needs parameters.t (--t; 0: the base model, 1: the other)")
         entries = others
     elif method == "linear":
-        if base is not None and base not in [e["model"] for e in entries]:
-            raise MergeError(f"{where}: linear averages the models listed; base_model (--base) {base!r} is not one of them")
-        base = None
+        if base in [e["model"] for e in entries]:
+            base = None  # mergekit's shape: the base is one of the models averaged
     else:
         if base is None:
             raise MergeError(f"{where}: {method} adds task vectors theta_i - theta_base: give base_model (--base)")
@@ -489,6 +489,9 @@ def merge_models(config: dict, seed: int = 0, progress: bool = True) -> tuple[di
     method, params = config["merge_method"], config["parameters"]
     base = open_source(config["base_model"]) if config["base_model"] else None
     models = [open_source(e["model"], base) for e in config["models"]]
+    if method == "linear" and base is not None and not any(isinstance(m, AdapterSource) for m in models):
+        raise MergeError(f"linear averages the models listed; base_model (--base) {base.path} is not one of them "
+                         f"(linear takes a base only for LoRA adapter inputs, which apply to it)")
     sources = ([base] if base else []) + models
     shapes = check_compatible(sources)
     ref = sources[0]

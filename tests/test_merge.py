@@ -200,6 +200,16 @@ def test_lora_adapter_merges_as_its_task_vector(tmp_path, tokenizer):
     for name, tensor in expected.items():
         assert torch.allclose(got[name], tensor, atol=1e-6), name
     assert not torch.allclose(got["layers.0.self_attn.q_proj.weight"], states(tmp_path / "base")["layers.0.self_attn.q_proj.weight"])
+    # linear averages the adapted models; the base only carries the adapters: (theta + tau + theta) / 2
+    out = merge.run({"merge_method": "linear", "base_model": str(tmp_path / "base"),
+                     "models": [str(tmp_path / "adapter.pt"), str(tmp_path / "base" / "ckpt.pt")]},
+                    tmp_path / "halfway", progress=False)
+    base_state = states(tmp_path / "base")
+    for name, tensor in states(out).items():
+        assert torch.allclose(tensor, (expected[name] + base_state[name]) / 2, atol=1e-6), name
+    with pytest.raises(merge.MergeError, match="linear takes a base only for LoRA adapter inputs"):
+        merge.run({"merge_method": "linear", "base_model": str(tmp_path / "base" / "ckpt.pt"),
+                   "models": [str(tmp_path / "base"), str(tmp_path / "base")]}, tmp_path / "refused", progress=False)
 
 
 def test_hugging_face_input_and_output(trio, tmp_path, tokenizer):
