@@ -4,6 +4,7 @@
     python merge.py --method slerp --base out/en --models out/zh --t 0.5 --out-dir out/slerp
     python merge.py --method task_arithmetic --base out/base --models out/sft/adapter.pt,out/math --out-dir out/ta
     python merge.py --config merge.yml --out-dir out/merged           # mergekit's YAML shape (or the same as JSON)
+    python merge.py --method task_arithmetic --base out/base --models out/en,out/zh --stats   # cosine, norms
 
 Every input is a full model theta_i, or a task vector tau_i = theta_i - theta_base, computed tensor by
 tensor (theta_base: --base). Per tensor, with weights w_i:
@@ -525,6 +526,37 @@ def merge_models(config: dict, seed: int = 0, progress: bool = True) -> tuple[di
     return merged, ref.config, ref
 
 
+def task_vector_stats(config: dict) -> dict:
+    """How the task vectors tau_i = theta_i - theta_base of a config's models relate, streamed tensor by
+    tensor over the whole model: each one's norm relative to the base's, their pairwise cosine, and the
+    share of entries that both change where the signs disagree (what TIES' election has to settle)."""
+    config = normalize_config(config)
+    if config["base_model"] is None:
+        raise MergeError("--stats compares task vectors: give --base (and a method that takes one, e.g. task_arithmetic)")
+    base = open_source(config["base_model"])
+    models = [open_source(e["model"], base) for e in config["models"]]
+    shapes = check_compatible([base, *models])
+    n = len(models)
+    dots, base_sq = torch.zeros(n, n, dtype=torch.float64), 0.0
+    conflicts, both = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    for name in shapes:
+        theta = base.tensor(name)
+        base_sq += theta.double().square().sum().item()
+        deltas = [m.tensor(name) - theta for m in models]
+        for i in range(n):
+            for j in range(i, n):
+                dots[i, j] += torch.dot(deltas[i].flatten().double(), deltas[j].flatten().double()).item()
+                moved = (deltas[i] != 0) & (deltas[j] != 0)
+                both[i, j] += moved.sum().item()
+                conflicts[i, j] += (moved & (deltas[i].sign() != deltas[j].sign())).sum().item()
+    norms = dots.diagonal().sqrt()
+    pairs = {f"{i},{j}": {"cosine": dots[i, j].item() / max(norms[i].item() * norms[j].item(), 1e-30),
+                          "sign_conflict": conflicts[i, j].item() / max(both[i, j].item(), 1)}
+             for i in range(n) for j in range(i + 1, n)}
+    return {"models": [e["model"] for e in config["models"]], "relative_norm": (norms / math.sqrt(base_sq)).tolist(),
+            "pairs": pairs}
+
+
 def out_dtype(config: dict, ref: Source) -> torch.dtype:
     name = config.get("out_dtype") or config.get("dtype")
     return DTYPES[name] if name else ref.dtype
@@ -650,7 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dare_*: rescale kept entries by 1/density: true|false (default true)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the base's, else the first model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
-    parser.add_argument("--out-dir", required=True, help="where the merged model goes")
+    parser.add_argument("--out-dir", help="where the merged model goes")
+    parser.add_argument("--stats", action="store_true", help="write no model: print the task vectors' norms (relative "
+                                                             "to --base's), pairwise cosines and sign conflicts")
     parser.add_argument("--out-format", choices=["nanollm", "hf", "gguf"], default="nanollm",
                         help="nanollm checkpoint (ckpt.pt), Hugging Face directory (config.json + safetensors) "
                              "or OUT_DIR/model.gguf")
@@ -674,6 +708,16 @@ def main(argv=None) -> int:
             config = read_config_file(args.config)
         else:
             config = config_from_flags(args)
+        if args.stats:
+            stats = task_vector_stats(config)
+            for i, (model, norm) in enumerate(zip(stats["models"], stats["relative_norm"])):
+                print(f"tau_{i} = {model} - base: |tau| / |theta_base| = {norm:.4f}")
+            for pair, v in stats["pairs"].items():
+                print(f"tau_{pair.replace(',', ', tau_')}: cosine {v['cosine']:+.4f}, opposite signs on "
+                      f"{v['sign_conflict']:.1%} of the entries both change")
+            return 0
+        if not args.out_dir:
+            raise MergeError("--out-dir: required (where the merged model goes)")
         run(config, args.out_dir, args.seed, args.out_format, args.overwrite, gguf_type=args.gguf_type, where=where)
     except MergeError as e:
         parser.exit(2, f"merge.py: error: {e}\n")

@@ -185,6 +185,24 @@ def test_whole_model_merges_match_the_tensor_math(trio, tmp_path):
         assert all(torch.allclose(got[n], end[n], atol=1e-6) for n in end)
 
 
+def test_task_vector_stats(trio, tmp_path, capsys):
+    base, a, c = (states(trio / n) for n in ("base", "a", "c"))
+    names = [n for n in base if n != "lm_head.weight"]  # tied to the embedding: counted once
+    ta, tc = (torch.cat([(m[n] - base[n]).flatten() for n in names]) for m in (a, c))
+    stats = merge.task_vector_stats({"merge_method": "task_arithmetic", "base_model": str(trio / "base"),
+                                     "models": [str(trio / "a"), str(trio / "c")]})
+    base_norm = torch.cat([base[n].flatten() for n in names]).norm()
+    assert stats["relative_norm"] == pytest.approx([(ta.norm() / base_norm).item(), (tc.norm() / base_norm).item()], rel=1e-5)
+    assert stats["pairs"]["0,1"]["cosine"] == pytest.approx(torch.nn.functional.cosine_similarity(ta, tc, dim=0).item(), abs=1e-5)
+    both = (ta != 0) & (tc != 0)
+    assert stats["pairs"]["0,1"]["sign_conflict"] == pytest.approx(((ta.sign() != tc.sign()) & both).sum().item() / both.sum().item())
+    assert merge.main(["--method", "task_arithmetic", "--base", str(trio / "base"), "--models", f"{trio / 'a'},{trio / 'a'}",
+                       "--stats"]) == 0
+    assert "tau_0, tau_1: cosine +1.0000, opposite signs on 0.0%" in capsys.readouterr().out
+    code, err = main_error(capsys, "--method", "ties", "--base", trio / "base", "--models", trio / "a")
+    assert code == 2 and "--out-dir: required" in err
+
+
 def test_lora_adapter_merges_as_its_task_vector(tmp_path, tokenizer):
     base_model = make_ckpt(tmp_path / "base", tokenizer, 0)
     apply_lora(base_model, r=4, alpha=8, embedding_rank=2)
