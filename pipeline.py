@@ -773,7 +773,7 @@ def evaluate_real_stage(args) -> None:
         t0 = time.time()
         model, tok = load_for_eval(path, device)
         m = {"params": sum(x.numel() for x in model.parameters()), "weights_mb": weights_bytes(model) / 2**20}
-        for text, file in HELD_OUT_TEXTS.items():
+        for text, file in ((t, HELD_OUT_TEXTS[t]) for t in args.texts.split(",")):
             ppl = text_perplexity(model, tok, data / file, "line" if file.endswith(".txt") and text == "wiki" else "file",
                                   max_tokens=args.max_tokens)
             m[f"{text}_bpb"], m[f"{text}_ppl"] = ppl["bpb"], ppl["ppl"]
@@ -1175,13 +1175,19 @@ def main(argv=None):
         parser = argparse.ArgumentParser(prog="pipeline.py evaluate-real", description=evaluate_real_stage.__doc__)
         parser.add_argument("--run-dir", required=True)
         parser.add_argument("--max-tokens", type=int, default=0, help="tokens of each held-out text (0: all)")
+        parser.add_argument("--texts", default=",".join(HELD_OUT_TEXTS), help="comma-separated held-out texts to "
+                            f"score ({', '.join(HELD_OUT_TEXTS)}; default: all)")
         parser.add_argument("--arithmetic", type=int, default=60)
         parser.add_argument("--n-terms", type=int, default=2)
         parser.add_argument("--max-operand", type=int, default=9)
         parser.add_argument("--max-new-tokens", type=int, default=48)
         parser.add_argument("--device", default="auto")
         parser.add_argument("models", nargs="+", metavar="NAME=PATH=KIND")
-        return evaluate_real_stage(parser.parse_args(argv[1:]))
+        args = parser.parse_args(argv[1:])
+        unknown = [t for t in args.texts.split(",") if t not in HELD_OUT_TEXTS]
+        if unknown:
+            parser.error(f"--texts: unknown text {unknown[0]!r} (choose from {', '.join(HELD_OUT_TEXTS)})")
+        return evaluate_real_stage(args)
     if argv[:1] == ["speculate"]:
         parser = argparse.ArgumentParser(prog="pipeline.py speculate", description=speculate_stage.__doc__)
         for flag in ("--target", "--draft"):
