@@ -4,6 +4,7 @@
     python merge.py --method slerp --base out/en --models out/zh --t 0.5 --out-dir out/slerp
     python merge.py --method task_arithmetic --base out/base --models out/sft/adapter.pt,out/math --out-dir out/ta
     python merge.py --config merge.yml --out-dir out/merged           # mergekit's YAML shape (or the same as JSON)
+    python merge.py --method task_arithmetic --base out/base --models out/en,out/zh --stats   # cosine, norms
 
 Every input is a full model theta_i, or a task vector tau_i = theta_i - theta_base, computed tensor by
 tensor (theta_base: --base). Per tensor, with weights w_i:
@@ -25,7 +26,7 @@ tensor (theta_base: --base). Per tensor, with weights w_i:
 
 The variants and defaults are mergekit's (its merge_methods/registry.py): `normalize` (divide by the
 weights' sum, or by the agreeing weights' sum) is on for linear and ties, off for task_arithmetic and
-the DARE ones; `rescale` is on for DARE; ties' trim keeps the k = int(density * numel) largest |tau|.
+the DARE ones; `rescale` is on for DARE; ties' trim keeps the k = max(1, int(density * numel)) largest |tau|.
 Parameters (weight, density, t) may be one number, a gradient over the layers (a list: layer l of L takes
 the linear interpolation at position l / (L - 1); tensors before the layers take the first value, after
 them the last), or a list of {filter, value} where the first filter that is a substring of the tensor's
@@ -34,7 +35,8 @@ name applies (`self_attn`, `mlp`; no filter: the rest), as in mergekit's YAML.
 Inputs (each read tensor by tensor: peak memory about one output model plus one tensor per input):
 a nanollm checkpoint (torch.load with mmap), a Hugging Face directory (safetensors' safe_open), a GGUF file
 (gguf_io.py's memory-mapped reader, each tensor dequantized when read), or a LoRA adapter file (lora.save_adapter's adapter.pt, the
-task vector (alpha / r) B A of each adapted layer applied to --base). All must share the architecture and
+task vector (alpha / r) B A of each adapted layer applied to --base; linear averages the adapted models and
+takes --base only for them). All must share the architecture and
 the tokenizer (refused otherwise, naming the first tensor or field that differs). Computation is in fp32;
 the output is a nanollm checkpoint directory (ckpt.pt, the tokenizer, merge_config.json), a Hugging Face
 directory (--out-format hf) or a GGUF file (--out-format gguf), cast to `dtype` (default: the base's, else
@@ -92,10 +94,11 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES' trim: the k = int(density * numel) entries of largest |delta| kept, the others zeroed."""
+    """TIES' trim: the k = max(1, int(density * numel)) entries of largest |delta| kept, the others zeroed
+    (a positive density keeps at least one entry, as mergekit's does)."""
     if density >= 1:
         return delta
-    k = int(density * delta.numel())
+    k = max(1, int(density * delta.numel()))
     keep = torch.zeros(delta.numel(), dtype=torch.bool)
     keep[delta.abs().flatten().topk(k).indices] = True
     return delta * keep.view_as(delta)
@@ -452,9 +455,8 @@ def normalize_config(config: dict, where: str = "config") -> dict:
             raise MergeError(f"{where}: slerp needs parameters.t (--t; 0: the base model, 1: the other)")
         entries = others
     elif method == "linear":
-        if base is not None and base not in [e["model"] for e in entries]:
-            raise MergeError(f"{where}: linear averages the models listed; base_model (--base) {base!r} is not one of them")
-        base = None
+        if base in [e["model"] for e in entries]:
+            base = None  # mergekit's shape: the base is one of the models averaged
     else:
         if base is None:
             raise MergeError(f"{where}: {method} adds task vectors theta_i - theta_base: give base_model (--base)")
@@ -489,6 +491,9 @@ def merge_models(config: dict, seed: int = 0, progress: bool = True) -> tuple[di
     method, params = config["merge_method"], config["parameters"]
     base = open_source(config["base_model"]) if config["base_model"] else None
     models = [open_source(e["model"], base) for e in config["models"]]
+    if method == "linear" and base is not None and not any(isinstance(m, AdapterSource) for m in models):
+        raise MergeError(f"linear averages the models listed; base_model (--base) {base.path} is not one of them "
+                         f"(linear takes a base only for LoRA adapter inputs, which apply to it)")
     sources = ([base] if base else []) + models
     shapes = check_compatible(sources)
     ref = sources[0]
@@ -520,6 +525,37 @@ def merge_models(config: dict, seed: int = 0, progress: bool = True) -> tuple[di
             print(f"merged {done}/{len(shapes)} tensors | {time.time() - start:.1f}s | peak RSS "
                   f"{peak_memory_mb('cpu'):.0f} MB, of it anonymous {peak_anon:.0f} MB", flush=True)
     return merged, ref.config, ref
+
+
+def task_vector_stats(config: dict) -> dict:
+    """How the task vectors tau_i = theta_i - theta_base of a config's models relate, streamed tensor by
+    tensor over the whole model: each one's norm relative to the base's, their pairwise cosine, and the
+    share of entries that both change where the signs disagree (what TIES' election has to settle)."""
+    config = normalize_config(config)
+    if config["base_model"] is None:
+        raise MergeError("--stats compares task vectors: give --base (and a method that takes one, e.g. task_arithmetic)")
+    base = open_source(config["base_model"])
+    models = [open_source(e["model"], base) for e in config["models"]]
+    shapes = check_compatible([base, *models])
+    n = len(models)
+    dots, base_sq = torch.zeros(n, n, dtype=torch.float64), 0.0
+    conflicts, both = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    for name in shapes:
+        theta = base.tensor(name)
+        base_sq += theta.double().square().sum().item()
+        deltas = [m.tensor(name) - theta for m in models]
+        for i in range(n):
+            for j in range(i, n):
+                dots[i, j] += torch.dot(deltas[i].flatten().double(), deltas[j].flatten().double()).item()
+                moved = (deltas[i] != 0) & (deltas[j] != 0)
+                both[i, j] += moved.sum().item()
+                conflicts[i, j] += (moved & (deltas[i].sign() != deltas[j].sign())).sum().item()
+    norms = dots.diagonal().sqrt()
+    pairs = {f"{i},{j}": {"cosine": dots[i, j].item() / max(norms[i].item() * norms[j].item(), 1e-30),
+                          "sign_conflict": conflicts[i, j].item() / max(both[i, j].item(), 1)}
+             for i in range(n) for j in range(i + 1, n)}
+    return {"models": [e["model"] for e in config["models"]], "relative_norm": (norms / math.sqrt(base_sq)).tolist(),
+            "pairs": pairs}
 
 
 def out_dtype(config: dict, ref: Source) -> torch.dtype:
@@ -647,7 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dare_*: rescale kept entries by 1/density: true|false (default true)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the base's, else the first model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
-    parser.add_argument("--out-dir", required=True, help="where the merged model goes")
+    parser.add_argument("--out-dir", help="where the merged model goes")
+    parser.add_argument("--stats", action="store_true", help="write no model: print the task vectors' norms (relative "
+                                                             "to --base's), pairwise cosines and sign conflicts")
     parser.add_argument("--out-format", choices=["nanollm", "hf", "gguf"], default="nanollm",
                         help="nanollm checkpoint (ckpt.pt), Hugging Face directory (config.json + safetensors) "
                              "or OUT_DIR/model.gguf")
@@ -671,6 +709,16 @@ def main(argv=None) -> int:
             config = read_config_file(args.config)
         else:
             config = config_from_flags(args)
+        if args.stats:
+            stats = task_vector_stats(config)
+            for i, (model, norm) in enumerate(zip(stats["models"], stats["relative_norm"])):
+                print(f"tau_{i} = {model} - base: |tau| / |theta_base| = {norm:.4f}")
+            for pair, v in stats["pairs"].items():
+                print(f"tau_{pair.replace(',', ', tau_')}: cosine {v['cosine']:+.4f}, opposite signs on "
+                      f"{v['sign_conflict']:.1%} of the entries both change")
+            return 0
+        if not args.out_dir:
+            raise MergeError("--out-dir: required (where the merged model goes)")
         run(config, args.out_dir, args.seed, args.out_format, args.overwrite, gguf_type=args.gguf_type, where=where)
     except MergeError as e:
         parser.exit(2, f"merge.py: error: {e}\n")

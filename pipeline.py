@@ -829,7 +829,7 @@ def evaluate_real_model(args, path, kind: str, device, identity: list, problems:
     t0 = time.time()
     model, tok = load_for_eval(path, device)
     m = {"params": sum(x.numel() for x in model.parameters()), "weights_mb": weights_bytes(model) / 2**20}
-    for text, file in HELD_OUT_TEXTS.items():
+    for text, file in ((t, HELD_OUT_TEXTS[t]) for t in args.texts.split(",")):
         ppl = text_perplexity(model, tok, data / file, "line" if file.endswith(".txt") and text == "wiki" else "file",
                               max_tokens=args.max_tokens, seq_len=min(args.seq_len, model.config.max_seq_len))
         m[f"{text}_bpb"], m[f"{text}_ppl"] = ppl["bpb"], ppl["ppl"]
@@ -1244,12 +1244,18 @@ def main(argv=None):
         parser.add_argument("--seq-len", type=int, default=1024, help="window of the held-out bits per byte (the "
                             "attention's cost grows with its square: SmolLM2's 8,192-token context would triple it)")
         parser.add_argument("--arithmetic", type=int, default=60, help="test problems asked (0: none)")
+        parser.add_argument("--texts", default=",".join(HELD_OUT_TEXTS), help="comma-separated held-out texts to "
+                            f"score ({', '.join(HELD_OUT_TEXTS)}; default: all)")
         parser.add_argument("--n-terms", type=int, default=2)
         parser.add_argument("--max-operand", type=int, default=9)
         parser.add_argument("--max-new-tokens", type=int, default=48)
         parser.add_argument("--device", default="auto")
         parser.add_argument("models", nargs="+", metavar="NAME=PATH=KIND")
-        return evaluate_real_stage(parser.parse_args(argv[1:]))
+        args = parser.parse_args(argv[1:])
+        unknown = [t for t in args.texts.split(",") if t not in HELD_OUT_TEXTS]
+        if unknown:
+            parser.error(f"--texts: unknown text {unknown[0]!r} (choose from {', '.join(HELD_OUT_TEXTS)})")
+        return evaluate_real_stage(args)
     if argv[:1] == ["speculate"]:
         parser = argparse.ArgumentParser(prog="pipeline.py speculate", description=speculate_stage.__doc__)
         for flag in ("--target", "--draft"):

@@ -10,7 +10,10 @@ teacher traces (distillation) and accuracies (eval) all come from one checker, w
     check(test[0], "The answer is 10.")                     # -> True / False
 
 Splits are by a hash of the question, so a question is in the same split whatever n, seed or order.
-`python tasks.py` prints a few problems with their worked solutions.
+`python tasks.py` prints a few problems with their worked solutions; with --out it writes SFT chats (JSONL
+of {"messages": [...]}, what sft.py --data reads):
+
+    python tasks.py --n 400 --n-terms 2 --max-operand 30 --out out/arithmetic_sft.jsonl
 """
 import random
 import re
@@ -102,6 +105,35 @@ def preference_pairs(problems, seed: int = 0):
              "rejected": answer_text({**p, "answer": wrong_answer(p, rng)})} for p in problems]
 
 
+def main(argv=None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+    parser = argparse.ArgumentParser(description="Print arithmetic problems, or write them as SFT chats (--out).")
+    parser.add_argument("--n", type=int, default=5, help="number of problems")
+    parser.add_argument("--split", choices=["train", "test"], default="train")
+    parser.add_argument("--n-terms", type=int, default=3, help="numbers per question")
+    parser.add_argument("--max-operand", type=int, default=9, help="largest number")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reasoning", action="store_true", help="answers start with a <think> worked solution")
+    parser.add_argument("--out", help="write the chats here as JSONL (refuses to overwrite a file)")
+    args = parser.parse_args(argv)
+    try:
+        problems = arithmetic_problems(args.n, args.split, args.seed, args.n_terms, args.max_operand)
+    except ValueError as e:
+        parser.exit(2, f"tasks.py: error: --n {args.n}: {e}\n")
+    if not args.out:
+        for p in problems:
+            print(f"{p['question']:<24} {worked_solution(p):<28} {answer_text(p)}")
+        return 0
+    out = Path(args.out)
+    if out.exists():
+        parser.exit(2, f"tasks.py: error: --out {out} already exists\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"messages": c}) + "\n" for c in sft_conversations(problems, args.reasoning)))
+    print(f"wrote {len(problems)} {args.split} problems ({args.n_terms} terms of 0..{args.max_operand}) to {out}")
+    return 0
+
+
 if __name__ == "__main__":
-    for p in arithmetic_problems(5, split="test"):
-        print(f"{p['question']:<24} {worked_solution(p):<28} {answer_text(p)}")
+    raise SystemExit(main())

@@ -186,6 +186,24 @@ def test_whole_model_merges_match_the_tensor_math(trio, tmp_path):
         assert all(torch.allclose(got[n], end[n], atol=1e-6) for n in end)
 
 
+def test_task_vector_stats(trio, tmp_path, capsys):
+    base, a, c = (states(trio / n) for n in ("base", "a", "c"))
+    names = [n for n in base if n != "lm_head.weight"]  # tied to the embedding: counted once
+    ta, tc = (torch.cat([(m[n] - base[n]).flatten() for n in names]) for m in (a, c))
+    stats = merge.task_vector_stats({"merge_method": "task_arithmetic", "base_model": str(trio / "base"),
+                                     "models": [str(trio / "a"), str(trio / "c")]})
+    base_norm = torch.cat([base[n].flatten() for n in names]).norm()
+    assert stats["relative_norm"] == pytest.approx([(ta.norm() / base_norm).item(), (tc.norm() / base_norm).item()], rel=1e-5)
+    assert stats["pairs"]["0,1"]["cosine"] == pytest.approx(torch.nn.functional.cosine_similarity(ta, tc, dim=0).item(), abs=1e-5)
+    both = (ta != 0) & (tc != 0)
+    assert stats["pairs"]["0,1"]["sign_conflict"] == pytest.approx(((ta.sign() != tc.sign()) & both).sum().item() / both.sum().item())
+    assert merge.main(["--method", "task_arithmetic", "--base", str(trio / "base"), "--models", f"{trio / 'a'},{trio / 'a'}",
+                       "--stats"]) == 0
+    assert "tau_0, tau_1: cosine +1.0000, opposite signs on 0.0%" in capsys.readouterr().out
+    code, err = main_error(capsys, "--method", "ties", "--base", trio / "base", "--models", trio / "a")
+    assert code == 2 and "--out-dir: required" in err
+
+
 def test_lora_adapter_merges_as_its_task_vector(tmp_path, tokenizer):
     base_model = make_ckpt(tmp_path / "base", tokenizer, 0)
     apply_lora(base_model, r=4, alpha=8, embedding_rank=2)
@@ -201,6 +219,16 @@ def test_lora_adapter_merges_as_its_task_vector(tmp_path, tokenizer):
     for name, tensor in expected.items():
         assert torch.allclose(got[name], tensor, atol=1e-6), name
     assert not torch.allclose(got["layers.0.self_attn.q_proj.weight"], states(tmp_path / "base")["layers.0.self_attn.q_proj.weight"])
+    # linear averages the adapted models; the base only carries the adapters: (theta + tau + theta) / 2
+    out = merge.run({"merge_method": "linear", "base_model": str(tmp_path / "base"),
+                     "models": [str(tmp_path / "adapter.pt"), str(tmp_path / "base" / "ckpt.pt")]},
+                    tmp_path / "halfway", progress=False)
+    base_state = states(tmp_path / "base")
+    for name, tensor in states(out).items():
+        assert torch.allclose(tensor, (expected[name] + base_state[name]) / 2, atol=1e-6), name
+    with pytest.raises(merge.MergeError, match="linear takes a base only for LoRA adapter inputs"):
+        merge.run({"merge_method": "linear", "base_model": str(tmp_path / "base" / "ckpt.pt"),
+                   "models": [str(tmp_path / "base"), str(tmp_path / "base")]}, tmp_path / "refused", progress=False)
 
 
 def test_hugging_face_input_and_output(trio, tmp_path, tokenizer):
@@ -281,3 +309,61 @@ def test_cli_flags_and_yaml_config_agree(trio, tmp_path, capsys):
     (tmp_path / "bad.yml").write_text("merge_method: ties\nmodels: [unclosed\n")
     code, err = main_error(capsys, "--config", tmp_path / "bad.yml", "--out-dir", tmp_path / "x")
     assert code == 2 and "bad.yml: not valid YAML" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mergekit (PyPI) as an oracle for the per-tensor math, when installed (`pip install --no-deps mergekit`:
+# its tensor functions need only torch and pydantic; it is not in requirements-dev.txt, whose install would
+# pull its heavy dependencies: peft, datasets, transformers)
+
+def mergekit_method(name: str):
+    registry = pytest.importorskip("mergekit.merge_methods.registry")
+    return registry.get(name)
+
+
+def mergekit_group(base, tensors):
+    """The duck-typed TensorGroup that mergekit's GeneralizedTaskArithmeticMerge.merge_group reads."""
+    from types import SimpleNamespace
+    return SimpleNamespace(base=SimpleNamespace(tensor=base),
+                           non_base=[SimpleNamespace(id=i, tensor=t) for i, t in enumerate(tensors)])
+
+
+def test_slerp_matches_mergekit():
+    mk_slerp = pytest.importorskip("mergekit.merge_methods.slerp").slerp
+    g = torch.Generator().manual_seed(0)
+    v0, v1 = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    near = v0 * 2 + 1e-4 * torch.randn(6, 9, generator=g)  # |cos| > 0.9995: both fall back to lerp
+    for other in (v1, near, -v0, 0.3 * v0 + v1):
+        for t in (0.0, 0.2, 0.5, 0.9, 1.0):
+            # mergekit 0.1.5 interpolates each output row on its own sphere; merge.py (as mergekit before it)
+            # the whole tensor: the same thing for a tensor seen as one row
+            expected = mk_slerp(torch.tensor([t]), v0.reshape(1, -1), other.reshape(1, -1)).reshape(v0.shape)
+            assert torch.allclose(merge.slerp(t, v0, other), expected, atol=1e-5)
+
+
+def test_magnitude_trim_matches_mergekit():
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    delta = torch.randn(13, 17, generator=torch.Generator().manual_seed(1))
+    for density in (0.001, 0.1, 0.37, 0.5, 0.9, 1.0):  # 0.001: k = max(1, int(0.22)) keeps one entry
+        assert torch.equal(merge.magnitude_trim(delta, density), sparsify.magnitude(delta, density))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear"])
+def test_task_vector_methods_match_mergekit(method):
+    oracle = mergekit_method(method)
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(8, 12, generator=g)
+    tensors = [base + torch.randn(8, 12, generator=g) * s for s in (1.0, 0.5, 2.0)]
+    # DARE's drops are random in both (different generators): compared at density 1, where only the sign
+    # election, the weights and the normalization act; TIES' magnitude trim is deterministic
+    densities = [1.0, 1.0, 1.0] if method.startswith("dare") else [0.3, 0.6, 1.0]
+    for weights in ([1.0, 1.0, 1.0], [0.7, -0.4, 1.3]):
+        for normalize in (True, False):
+            for scale in (1.0, 0.6):
+                params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+                ours = merge.merge_tensor(method, base, tensors, params, {"normalize": normalize, "lambda": scale},
+                                          [merge.dare_generator(0, i, "w") for i in range(3)])
+                theirs = oracle.merge_group(mergekit_group(base, tensors), weight=dict(enumerate(weights)),
+                                            density=dict(enumerate(densities)), normalize=normalize, rescale=False,
+                                            int8_mask=False, **{"lambda": scale})
+                assert torch.allclose(ours, theirs, atol=1e-5), (method, weights, normalize, scale)

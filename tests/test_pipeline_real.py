@@ -87,6 +87,12 @@ def test_the_cli_refuses_a_bad_base_before_any_stage(tmp_path, data_dir, capsys)
     assert f"--base {bad}, not --base (none)" in capsys.readouterr().err
 
 
+def test_evaluate_real_refuses_an_unknown_text(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate-real", "--run-dir", str(tmp_path), "--texts", "wiki,news", "base=x.gguf=chat"])
+    assert info.value.code == 2 and "--texts: unknown text 'news' (choose from wiki, c4, shakespeare)" in capsys.readouterr().err
+
+
 def test_the_real_track_data_has_public_urls_and_is_in_the_shared_layout(data_dir):
     assert all(DATA_URLS[f].startswith("https://") and (data_dir / f).is_file() for f in REAL_DATA)
 

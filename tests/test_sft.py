@@ -126,3 +126,20 @@ def test_bad_input_is_named(base, data_dir, tmp_path, capsys):
         main(["--init", str(base[0]), "--data", str(bad), "--out-dir", str(tmp_path / "x"), "--set", "name"])
     with pytest.raises(SystemExit, match="--eval-new-tokens 96 leaves no room for a prompt"):
         run_sft(base[0], data_dir, tmp_path / "y", "--max-steps", 1, "--eval-new-tokens", 96)
+
+
+def test_tasks_cli_writes_arithmetic_chats_sft_reads(tmp_path, capsys):
+    import tasks
+    out = tmp_path / "arith.jsonl"
+    assert tasks.main(["--n", "20", "--n-terms", "2", "--max-operand", "30", "--out", str(out)]) == 0
+    conversations, skipped = load_conversations(out)
+    assert len(conversations) == 20 and skipped == 0
+    for chat in conversations:
+        terms = [int(x) for x in chat[0]["content"].removeprefix("What is ").removesuffix("?").split(" + ")]
+        assert len(terms) == 2 and max(terms) <= 30 and chat[1]["content"] == f"The answer is {sum(terms)}."
+        assert tasks.split_of(chat[0]["content"]) == "train"
+    for argv, message in ((["--out", str(out)], "already exists"), (["--n", "500", "--split", "test", "--n-terms", "2"],
+                                                                       "--n 500: only 8 distinct test problems")):
+        with pytest.raises(SystemExit) as info:
+            tasks.main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err
