@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from common import read_checkpoint  # noqa: E402
 from model import MLP, MoE, ModelConfig, Transformer  # noqa: E402
+from training import TRAIN_PRESETS, BatchSampler, TrainConfig, load_split, make_optimizer, new_model, parse_config, read_meta  # noqa: E402
 
 # name -> train.py flags on top of the preset: active FFN width per token 384 in every model
 MODELS = {
@@ -82,6 +84,45 @@ def bench_dispatch(reps: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Training speed, interleaved
+
+def bench_speed(preset: str, data: str, steps: int, title: str) -> dict[str, float]:
+    """Training steps of every model in MODELS (aux-loss variants aside), taken in turn in one process on
+    the same batches: a burst of load slows them alike, so the ratios hold while absolute tokens/s do not.
+    Returns each model's median tokens/s."""
+    names = [n for n in MODELS if "no aux" not in n]
+    runs = {}
+    for name in names:
+        config = parse_config(TrainConfig, TRAIN_PRESETS, "", ["--preset", preset, "--data", data, *MODELS[name]])
+        meta = read_meta(Path(data))
+        torch.manual_seed(0)
+        model = new_model(config, meta["vocab_size"]).train()
+        runs[name] = (model, make_optimizer(model, config, "cpu"), [])
+    sampler = BatchSampler(load_split(Path(data), "train", meta), config.seq_len, config.batch_size, seed=0)
+    tokens_per_step = config.seq_len * config.batch_size
+    load_before = load_average()
+    for step in range(steps + 1):                          # step 0 warms up and is not timed
+        x, y = sampler.next_batch()
+        for model, optimizer, times in runs.values():
+            t = time.perf_counter()
+            _, loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step:
+                times.append(time.perf_counter() - t)
+    speed = {name: tokens_per_step / sorted(times)[len(times) // 2] for name, (_, _, times) in runs.items()}
+    print(f"\n## {title}: training steps interleaved, median of {steps} each ({tokens_per_step} tokens per step; "
+          f"torch threads {torch.get_num_threads()}; load {load_before} -> {load_average()})\n")
+    print("| model | total params | active params / token | tokens/s | vs dense |")
+    print("|---|---|---|---|---|")
+    for name, (model, _, _) in runs.items():
+        print(f"| {name} | {model.num_params() / 1e6:.2f}M | {model.num_params(active=True) / 1e6:.2f}M "
+              f"| {speed[name]:,.0f} | {speed[name] / speed['dense']:.2f}x |")
+    return speed
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training comparisons
 
 def train_run(out_dir: Path, preset: str, data: str, flags: list[str], extra: list[str]) -> dict:
@@ -121,8 +162,10 @@ def main(argv=None):
     parser.add_argument("--out-dir", default="out/bench_moe", help="one sub-directory per training run")
     parser.add_argument("--steps", type=int, default=120, help="steps of the equal-steps comparison")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of the equal-time comparison")
-    parser.add_argument("--only", choices=["dispatch", "steps", "time"], help="run one table only")
+    parser.add_argument("--only", choices=["dispatch", "speed", "steps", "time"], help="run one table only")
     parser.add_argument("--reps", type=int, default=20, help="timing repetitions of the dispatch table")
+    parser.add_argument("--jobs", type=int, default=1, help="equal-steps training runs at once (the time table runs one at a time)")
+    parser.add_argument("--speed-steps", type=int, default=50, help="timed training steps per model of the speed table")
     args = parser.parse_args(argv)
     if args.only != "dispatch" and not args.data:
         parser.error("--data (a directory written by data/prepare.py) is needed for the training tables")
@@ -134,18 +177,27 @@ def main(argv=None):
     if out.exists() and any(out.iterdir()):
         parser.error(f"--out-dir {out} is not empty; give a new directory (runs are never overwritten)")
 
+    corpora = [("Tiny Shakespeare", "cpu-shakespeare", args.data)] + ([("Tang poems", "cpu-tang", args.tang)]
+                                                                      if args.tang else [])
     if args.only in (None, "dispatch"):
         bench_dispatch(args.reps)
+    if args.only in (None, "speed"):
+        bench_speed("cpu-shakespeare", args.data, args.speed_steps, "Tiny Shakespeare")
+        if args.tang:
+            bench_speed("cpu-tang", args.tang, args.speed_steps, "Tang poems")
     if args.only in (None, "steps"):
-        eval_every = str(max(args.steps // 6, 1))
-        rows = {name: train_run(out / "steps" / f"m{i}", "cpu-shakespeare", args.data, flags,
-                                ["--max-steps", str(args.steps), "--max-time", "0", "--eval-interval", eval_every,
-                                 "--eval-tokens", "4096"])
-                for i, (name, flags) in enumerate(MODELS.items())}
-        print_table(f"Tiny Shakespeare, {args.steps} steps each (cosine over the steps, no clock)", rows)
+        # equal steps: what a run computes does not depend on the load, so the runs may share the machine
+        steps = ["--max-steps", str(args.steps), "--max-time", "0", "--eval-interval", str(max(args.steps // 6, 1)),
+                 "--eval-tokens", "4096"]
+        runs = [(title, preset, data, name) for title, preset, data in corpora
+                for name in MODELS if preset == "cpu-shakespeare" or "no aux" not in name]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(lambda run: train_run(out / "steps" / f"{run[1]}-m{list(MODELS).index(run[3])}",
+                                                       run[1], run[2], MODELS[run[3]], steps), runs))
+        for title, preset, _ in corpora:
+            print_table(f"{title}, {args.steps} steps each (`{preset}`, cosine over the steps, no clock)",
+                        {run[3]: r for run, r in zip(runs, done) if run[1] == preset})
     if args.only in (None, "time"):
-        corpora = [("Tiny Shakespeare", "cpu-shakespeare", args.data)] + ([("Tang poems", "cpu-tang", args.tang)]
-                                                                          if args.tang else [])
         for title, preset, data in corpora:
             names = [n for n in MODELS if "no aux" not in n][:3 if preset == "cpu-shakespeare" else 2]
             rows = {name: train_run(out / "time" / f"{preset}-m{i}", preset, data, MODELS[name],
