@@ -241,6 +241,7 @@ def precompute_reference(model, sequences, pad_id: int, batch_size: int, device)
 def batch_loss(policy, batch, reference: Reference, split: str, config: DPOConfig) -> tuple[torch.Tensor, dict]:
     """(mean loss, metrics): each metric a (sum, count) so micro-batches and eval batches average exactly."""
     logps, n_tokens = sequence_logps(policy, batch["inputs"], batch["targets"], batch["loss_mask"])  # (2B,)
+    router = policy.router_loss()  # MoE, in training: taken before the reference's forward re-routes
     ref = reference.logps(batch, split)
     B = logps.numel() // 2
     first, second = logps[:B], logps[B:]
@@ -279,6 +280,7 @@ def batch_loss(policy, batch, reference: Reference, split: str, config: DPOConfi
             stats["max_abs_logratio"] = ((logps.detach() - ref).abs().max().item(), 1)
     loss = losses.mean()
     stats["loss"] = (loss.item() * B, B)
+    loss = loss + router
     stats["answer_tokens"] = (n_tokens.sum().item(), 1)
     if config.loss == "kto":
         stats["rewards/margin"] = (0.0, 0)  # filled in by averaged(): mean good reward - mean bad reward
