@@ -210,6 +210,32 @@ def test_bad_moe_config_is_refused_naming_the_field(kwargs, message):
         ModelConfig.from_preset("tiny", **kwargs)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--n-experts-per-token", "2"], "the model is dense; give --n-experts"),
+    (["--n-experts", "4", "--n-experts-per-token", "5"], r"n_experts_per_token .*got 5"),
+    (["--n-experts", "-1"], "n_experts must be at least 1"),
+])
+def test_train_flags_of_a_bad_mixture_are_refused(flags, message):
+    from training import TRAIN_PRESETS, TrainConfig, TrainingError, new_model, parse_config
+    config = parse_config(TrainConfig, TRAIN_PRESETS, "", ["--preset", "cpu-shakespeare", *flags])
+    with pytest.raises(TrainingError, match=message):
+        new_model(config, 512)
+
+
+@pytest.mark.parametrize("method", ["awq", "awq-gptq", "smoothquant"])
+def test_scale_folding_quantizers_and_gguf_export_refuse_experts(method):
+    """AWQ and SmoothQuant fold scales into a dense MLP's projections, GGUF export writes dense models:
+    each refuses a mixture of experts in one line (GPTQ, RTN, NF4 and W8A8 quantize every expert)."""
+    from activation_quant import activation_quantize
+    from gguf_io import GGUFError, model_metadata
+    from quant_linear import QuantError
+    spec = quant.QuantSpec(method=method, bits=8 if method == "smoothquant" else 4)
+    with pytest.raises(QuantError, match=f"--method {method}: mixture-of-experts models are not supported"):
+        activation_quantize(tiny_moe(), spec, torch.randint(0, 512, (2, 16)))
+    with pytest.raises(GGUFError, match="mixture-of-experts model .4 experts. cannot be exported"):
+        model_metadata(moe_config(), "m", "f32")
+
+
 def test_flops_count_active_experts_only():
     """E experts top-k cost a dense model with k times the width's expert FLOPs plus the router."""
     dense = Transformer(ModelConfig.from_preset("tiny", hidden_dim=192))
