@@ -155,6 +155,27 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
               f"| {r['load']} |")
 
 
+def print_curves(out: Path) -> None:
+    """Val bpb (the periodic evals' first eval-tokens of the split: the same text for every model) and
+    expert share CV at every eval of the equal-steps runs under out, finished or not."""
+    for preset in ("cpu-shakespeare", "cpu-tang"):
+        rows = {}
+        for i, name in enumerate(MODELS):
+            metrics = out / "steps" / f"{preset}-m{i}" / "metrics.jsonl"
+            if metrics.exists():
+                rows[name] = {r["step"]: r for r in map(json.loads, metrics.read_text().splitlines()) if "val_bpb" in r}
+        steps = sorted(set.intersection(*(set(r) for r in rows.values()))) if rows else []
+        if not steps:
+            continue
+        print(f"\n## `{preset}`: val bpb at each eval (expert share CV in brackets)\n")
+        print("| model | " + " | ".join(f"step {s}" for s in steps) + " |")
+        print("|---|" + "---|" * len(steps))
+        for name, r in rows.items():
+            cells = [f"{r[s]['val_bpb']:.4f}" + (f" ({r[s]['moe_share_cv']:.2f})" if "moe_share_cv" in r[s] else "")
+                     for s in steps]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="prepared Tiny Shakespeare (data/prepare.py)")
@@ -163,10 +184,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=120, help="steps of the equal-steps comparison")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of the equal-time comparison")
     parser.add_argument("--only", choices=["dispatch", "speed", "steps", "time"], help="run one table only")
+    parser.add_argument("--curves", metavar="DIR", help="print the eval curves of the equal-steps runs in an earlier --out-dir DIR and exit")
     parser.add_argument("--reps", type=int, default=20, help="timing repetitions of the dispatch table")
     parser.add_argument("--jobs", type=int, default=1, help="equal-steps training runs at once (the time table runs one at a time)")
     parser.add_argument("--speed-steps", type=int, default=50, help="timed training steps per model of the speed table")
     args = parser.parse_args(argv)
+    if args.curves:
+        return print_curves(Path(args.curves))
     if args.only != "dispatch" and not args.data:
         parser.error("--data (a directory written by data/prepare.py) is needed for the training tables")
     for flag in ("data", "tang"):
