@@ -1,15 +1,20 @@
 """Mixture of experts against the dense model at equal active parameters per token (docs/moe.md).
 
-    python -m bench.moe --data data/shakespeare                    # everything on Tiny Shakespeare
-    python -m bench.moe --data data/shakespeare --tang data/tang   # and the Tang poems (120 s runs)
-    python -m bench.moe --only dispatch                            # just the dispatch timing
+    python -m bench.moe --data data/shakespeare --tang data/tang       # every table, both corpora
+    python -m bench.moe --only steps --steps 1500 --jobs 7 --data data/shakespeare --tang data/tang
+    python -m bench.moe --only speed --data data/shakespeare --tang data/tang
+    python -m bench.moe --curves out/bench_moe                         # eval curves of earlier runs
+    python -m bench.moe --only dispatch                                # just the dispatch timing
 
-Three tables, each with its reference in the same run:
+Four tables, each with its reference in the same run:
 - dispatch: one MoE layer forward + backward, the loop over experts (the reference) against the sorted
   dispatch, and a dense SwiGLU of the active width (k x hidden) as the floor both are measured against;
+- speed: training steps of the dense model and the MoE models taken in turn in one process on the same
+  batches, so load slows them alike and the tokens/s ratios hold;
 - equal steps: the dense `cpu-shakespeare` model and MoE models with the same active parameters per
   token (4 experts top-1; 8 experts of half the width top-2; 4 experts top-1 without the load-balancing
-  loss), each trained for the same number of steps (machine load changes their times, not their bpb);
+  loss, on Tiny Shakespeare only), each trained for the same number of steps (load changes their times,
+  not their bpb, so --jobs runs several at once);
 - equal time: the same models under the same wall-clock budget, back to back (load shifts the steps each
   gets: the table prints the load average around every run; on the Tang poems, whose final eval over the
   whole validation split is long, the dense model and the 4-expert one only).
