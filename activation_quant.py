@@ -351,6 +351,9 @@ def smoothquant_quantize(model: Transformer, calib: torch.Tensor | None, alpha: 
 
 def activation_quantize(model: Transformer, spec: QuantSpec, calib: torch.Tensor | None, log=print) -> list[dict]:
     """quant.py's entry point for --method awq | awq-gptq | smoothquant | w8a8."""
+    if spec.method != "w8a8" and model.config.n_experts:  # scaling_pairs knows the dense MLP's layers only
+        raise QuantError(f"--method {spec.method}: mixture-of-experts models are not supported (the scales fold "
+                         f"into a dense MLP's projections, not into each expert's); use --method gptq, rtn or w8a8")
     if spec.method in ("awq", "awq-gptq"):
         return awq_quantize(model, spec, calib, spec.alpha, gptq=spec.method == "awq-gptq", log=log)
     if spec.method == "smoothquant":

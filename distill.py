@@ -520,7 +520,7 @@ def distill(config: DistillConfig) -> dict:
             ce = hard_loss(logits, targets, mask)
             kd = kd_loss(logits, teacher_out, config.loss, config.temperature, config.beta, mask) if use_teacher \
                 else torch.zeros((), device=device)
-            loss = config.alpha * kd + (1 - config.alpha) * ce
+            loss = config.alpha * kd + (1 - config.alpha) * ce + student.router_loss()
             # backward (the scaler is a no-op unless fp16)
             scaler.scale(loss / config.grad_accum).backward()
             sums += torch.stack([loss.detach(), kd.detach(), ce.detach()]).cpu() / config.grad_accum

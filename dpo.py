@@ -250,11 +250,13 @@ def batch_loss(policy, batch, reference: Reference, split: str, config: DPOConfi
                policy_is_reference: bool = False) -> tuple[torch.Tensor, dict]:
     """(mean loss, metrics): each metric a (sum, count) so micro-batches and eval batches average exactly.
     policy_is_reference (before the first update): the policy's log-probs are the reference's, no forward."""
-    ref = reference.logps(batch, split)
-    if policy_is_reference and ref is not None:
-        logps, n_tokens = ref.clone(), batch["loss_mask"].sum(-1)
+    ref = reference.logps(batch, split) if policy_is_reference else None
+    if ref is not None:
+        logps, n_tokens, router = ref.clone(), batch["loss_mask"].sum(-1), 0.0
     else:
         logps, n_tokens = sequence_logps(policy, batch["inputs"], batch["targets"], batch["loss_mask"])  # (2B,)
+        router = policy.router_loss()  # MoE, in training: taken before the reference's forward re-routes
+        ref = reference.logps(batch, split)
     B = logps.numel() // 2
     first, second = logps[:B], logps[B:]
     stats = {}
@@ -292,6 +294,7 @@ def batch_loss(policy, batch, reference: Reference, split: str, config: DPOConfi
             stats["max_abs_logratio"] = ((logps.detach() - ref).abs().max().item(), 1)
     loss = losses.mean()
     stats["loss"] = (loss.item() * B, B)
+    loss = loss + router
     stats["answer_tokens"] = (n_tokens.sum().item(), 1)
     if config.loss == "kto":
         stats["rewards/margin"] = (0.0, 0)  # filled in by averaged(): mean good reward - mean bad reward

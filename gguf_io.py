@@ -581,6 +581,9 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
 
 def model_metadata(config, name: str, qtype: str) -> tuple[str, dict]:
     """(architecture, general.* and {arch}.* metadata) of a ModelConfig: qwen2 when only q/k/v have biases."""
+    if config.n_experts:  # llama.cpp's expert tensors (ffn_*_exps) are not written here
+        raise GGUFError(f"a mixture-of-experts model ({config.n_experts} experts) cannot be exported: GGUF export "
+                        f"writes dense llama / qwen2 models only")
     arch = "qwen2" if config.attention_bias and not config.attention_out_bias else "llama"
     metadata = {"general.architecture": arch, "general.name": name, "general.file_type": FILE_TYPES[qtype],
                 "general.quantization_version": 2,

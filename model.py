@@ -492,9 +492,13 @@ class Transformer(nn.Module):
                 loss = loss + self.router_loss()
         return logits, loss
 
-    def router_loss(self) -> torch.Tensor:
-        """The MoE training terms of the last forward: aux_coef * mean aux + z_coef * mean z over the layers."""
+    def router_loss(self) -> torch.Tensor | float:
+        """The MoE training terms of the last forward: aux_coef * mean aux + z_coef * mean z over the layers;
+        0 for a dense model. A training loop that takes its loss from the logits (sft, dpo, rlhf, distill)
+        adds it, as forward does to its own loss in training mode, right after the forward that trains."""
         layers = moe_layers(self)
+        if not layers:
+            return 0.0
         aux = torch.stack([m.aux_loss for m in layers]).mean()
         z = torch.stack([m.z_loss for m in layers]).mean()
         return self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z

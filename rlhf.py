@@ -298,7 +298,7 @@ def grpo_step(model, ref_model, optimizer, prompts, reward_fn, config, seed: int
             kl = kl_k3(logp, ref_logp[rows])
             # DeepSeekMath's 1/|o_i|: the mean over each answer's tokens, then over answers
             loss = masked_mean(pg + config.beta * kl, mb.mask, dim=1).mean()
-            grad_norm = optimizer_step(params, optimizer, loss, config.grad_clip)
+            grad_norm = optimizer_step(params, optimizer, loss + model.router_loss(), config.grad_clip)
             stats.append({"loss": loss.item(), "kl": masked_mean(kl.detach(), mb.mask).item(),
                           "clipfrac": masked_mean(clipped, mb.mask).item(),
                           "entropy": masked_mean(entropy.detach(), mb.mask).item(), "grad_norm": grad_norm})
@@ -338,7 +338,8 @@ def ppo_step(model, ref_model, value_head, reward_model, optimizer, prompts, con
             pg, clipped = clipped_policy_loss(logp, old_logp[rows], advantages[rows], config.clip)
             vf = clipped_value_loss(values, old_values[rows], returns[rows], config.value_clip)
             pg_loss, vf_loss = masked_mean(pg, mb.mask), masked_mean(vf, mb.mask)
-            grad_norm = optimizer_step(params, optimizer, pg_loss + config.vf_coef * vf_loss, config.grad_clip)
+            grad_norm = optimizer_step(params, optimizer, pg_loss + config.vf_coef * vf_loss + model.router_loss(),
+                                       config.grad_clip)
             stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(),
                           "clipfrac": masked_mean(clipped, mb.mask).item(),
                           "entropy": masked_mean(entropy.detach(), mb.mask).item(), "grad_norm": grad_norm})
@@ -613,7 +614,7 @@ def train_reward_model(config: RewardConfig) -> dict:
         r_chosen, r_rejected = pair_rewards(model, rows, pad_id, device)
         loss = bradley_terry_loss(r_chosen, r_rejected, config.margin, config.center)
         # backward, clip, step
-        grad_norm = optimizer_step(params, optimizer, loss, config.grad_clip)
+        grad_norm = optimizer_step(params, optimizer, loss + model.router_loss(), config.grad_clip)
         check_finite(loss.item(), step, run.ckpt_path)
         step += 1
         # log

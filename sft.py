@@ -38,10 +38,11 @@ from training import (ExampleSampler, RunConfig, RunDir, TrainingError, check_fi
 # The loss, on examples or packed sequences
 
 def masked_loss(model, inputs, targets, loss_mask, doc_ids=None):
-    """sum(loss_mask * CE) / sum(loss_mask): the mean cross-entropy of the trained tokens (weights allowed)."""
+    """sum(loss_mask * CE) / sum(loss_mask): the mean cross-entropy of the trained tokens (weights allowed),
+    plus a mixture-of-experts model's router losses in training."""
     logits, _ = model(inputs, doc_ids=doc_ids)
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (ce * loss_mask.flatten()).sum() / loss_mask.sum().clamp(min=1), loss_mask.sum()
+    return (ce * loss_mask.flatten()).sum() / loss_mask.sum().clamp(min=1) + model.router_loss(), loss_mask.sum()
 
 
 def make_batch(items, pad_id: int, device, packed: bool):

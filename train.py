@@ -146,8 +146,7 @@ def train(config: TrainConfig) -> dict:
                 if config.fused_ce:
                     logits, _ = model(x)
                     loss = fused_cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
-                    if raw_model.config.n_experts:  # the model adds its router losses only to its own loss
-                        loss = loss + raw_model.router_loss()
+                    loss = loss + raw_model.router_loss()  # the model adds it only to its own loss (MoE)
                 else:
                     _, loss = model(x, y)
                 loss = loss / config.grad_accum

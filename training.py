@@ -659,4 +659,6 @@ def new_model(config: TrainConfig, vocab_size: int) -> Transformer:
                                                router_aux_loss_coef=config.router_aux_loss_coef, **overrides)
     except ValueError as e:  # e.g. --n-experts-per-token above --n-experts: the message names the field
         raise TrainingError(f"model flags: {e}") from None
+    if config.n_experts_per_token and not model_config.n_experts:
+        raise TrainingError(f"--n-experts-per-token {config.n_experts_per_token}: the model is dense; give --n-experts too")
     return Transformer(model_config)

@@ -1,15 +1,20 @@
 """Mixture of experts against the dense model at equal active parameters per token (docs/moe.md).
 
-    python -m bench.moe --data data/shakespeare                    # everything on Tiny Shakespeare
-    python -m bench.moe --data data/shakespeare --tang data/tang   # and the Tang poems (120 s runs)
-    python -m bench.moe --only dispatch                            # just the dispatch timing
+    python -m bench.moe --data data/shakespeare --tang data/tang       # every table, both corpora
+    python -m bench.moe --only steps --steps 1500 --jobs 7 --data data/shakespeare --tang data/tang
+    python -m bench.moe --only speed --data data/shakespeare --tang data/tang
+    python -m bench.moe --curves out/bench_moe                         # eval curves of earlier runs
+    python -m bench.moe --only dispatch                                # just the dispatch timing
 
-Three tables, each with its reference in the same run:
+Four tables, each with its reference in the same run:
 - dispatch: one MoE layer forward + backward, the loop over experts (the reference) against the sorted
   dispatch, and a dense SwiGLU of the active width (k x hidden) as the floor both are measured against;
+- speed: training steps of the dense model and the MoE models taken in turn in one process on the same
+  batches, so load slows them alike and the tokens/s ratios hold;
 - equal steps: the dense `cpu-shakespeare` model and MoE models with the same active parameters per
   token (4 experts top-1; 8 experts of half the width top-2; 4 experts top-1 without the load-balancing
-  loss), each trained for the same number of steps (machine load changes their times, not their bpb);
+  loss, on Tiny Shakespeare only), each trained for the same number of steps (load changes their times,
+  not their bpb, so --jobs runs several at once);
 - equal time: the same models under the same wall-clock budget, back to back (load shifts the steps each
   gets: the table prints the load average around every run; on the Tang poems, whose final eval over the
   whole validation split is long, the dense model and the 4-expert one only).
@@ -21,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from common import read_checkpoint  # noqa: E402
 from model import MLP, ModelConfig, Transformer  # noqa: E402
 from moe import MoE  # noqa: E402
+from training import TRAIN_PRESETS, BatchSampler, TrainConfig, load_split, make_optimizer, new_model, parse_config, read_meta  # noqa: E402
 
 # name -> train.py flags on top of the preset: active FFN width per token 384 in every model
 MODELS = {
@@ -83,6 +90,45 @@ def bench_dispatch(reps: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Training speed, interleaved
+
+def bench_speed(preset: str, data: str, steps: int, title: str) -> dict[str, float]:
+    """Training steps of every model in MODELS (aux-loss variants aside), taken in turn in one process on
+    the same batches: a burst of load slows them alike, so the ratios hold while absolute tokens/s do not.
+    Returns each model's median tokens/s."""
+    names = [n for n in MODELS if "no aux" not in n]
+    runs = {}
+    for name in names:
+        config = parse_config(TrainConfig, TRAIN_PRESETS, "", ["--preset", preset, "--data", data, *MODELS[name]])
+        meta = read_meta(Path(data))
+        torch.manual_seed(0)
+        model = new_model(config, meta["vocab_size"]).train()
+        runs[name] = (model, make_optimizer(model, config, "cpu"), [])
+    sampler = BatchSampler(load_split(Path(data), "train", meta), config.seq_len, config.batch_size, seed=0)
+    tokens_per_step = config.seq_len * config.batch_size
+    load_before = load_average()
+    for step in range(steps + 1):                          # step 0 warms up and is not timed
+        x, y = sampler.next_batch()
+        for model, optimizer, times in runs.values():
+            t = time.perf_counter()
+            _, loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step:
+                times.append(time.perf_counter() - t)
+    speed = {name: tokens_per_step / sorted(times)[len(times) // 2] for name, (_, _, times) in runs.items()}
+    print(f"\n## {title}: training steps interleaved, median of {steps} each ({tokens_per_step} tokens per step; "
+          f"torch threads {torch.get_num_threads()}; load {load_before} -> {load_average()})\n")
+    print("| model | total params | active params / token | tokens/s | vs dense |")
+    print("|---|---|---|---|---|")
+    for name, (model, _, _) in runs.items():
+        print(f"| {name} | {model.num_params() / 1e6:.2f}M | {model.num_params(active=True) / 1e6:.2f}M "
+              f"| {speed[name]:,.0f} | {speed[name] / speed['dense']:.2f}x |")
+    return speed
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training comparisons
 
 def train_run(out_dir: Path, preset: str, data: str, flags: list[str], extra: list[str]) -> dict:
@@ -115,6 +161,27 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
               f"| {r['load']} |")
 
 
+def print_curves(out: Path) -> None:
+    """Val bpb (the periodic evals' first eval-tokens of the split: the same text for every model) and
+    expert share CV at every eval of the equal-steps runs under out, finished or not."""
+    for preset in ("cpu-shakespeare", "cpu-tang"):
+        rows = {}
+        for i, name in enumerate(MODELS):
+            metrics = out / "steps" / f"{preset}-m{i}" / "metrics.jsonl"
+            if metrics.exists():
+                rows[name] = {r["step"]: r for r in map(json.loads, metrics.read_text().splitlines()) if "val_bpb" in r}
+        steps = sorted(set.intersection(*(set(r) for r in rows.values()))) if rows else []
+        if not steps:
+            continue
+        print(f"\n## `{preset}`: val bpb at each eval (expert share CV in brackets)\n")
+        print("| model | " + " | ".join(f"step {s}" for s in steps) + " |")
+        print("|---|" + "---|" * len(steps))
+        for name, r in rows.items():
+            cells = [f"{r[s]['val_bpb']:.4f}" + (f" ({r[s]['moe_share_cv']:.2f})" if "moe_share_cv" in r[s] else "")
+                     for s in steps]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="prepared Tiny Shakespeare (data/prepare.py)")
@@ -122,9 +189,14 @@ def main(argv=None):
     parser.add_argument("--out-dir", default="out/bench_moe", help="one sub-directory per training run")
     parser.add_argument("--steps", type=int, default=120, help="steps of the equal-steps comparison")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of the equal-time comparison")
-    parser.add_argument("--only", choices=["dispatch", "steps", "time"], help="run one table only")
+    parser.add_argument("--only", choices=["dispatch", "speed", "steps", "time"], help="run one table only")
+    parser.add_argument("--curves", metavar="DIR", help="print the eval curves of the equal-steps runs in an earlier --out-dir DIR and exit")
     parser.add_argument("--reps", type=int, default=20, help="timing repetitions of the dispatch table")
+    parser.add_argument("--jobs", type=int, default=1, help="equal-steps training runs at once (the time table runs one at a time)")
+    parser.add_argument("--speed-steps", type=int, default=50, help="timed training steps per model of the speed table")
     args = parser.parse_args(argv)
+    if args.curves:
+        return print_curves(Path(args.curves))
     if args.only != "dispatch" and not args.data:
         parser.error("--data (a directory written by data/prepare.py) is needed for the training tables")
     for flag in ("data", "tang"):
@@ -135,18 +207,27 @@ def main(argv=None):
     if out.exists() and any(out.iterdir()):
         parser.error(f"--out-dir {out} is not empty; give a new directory (runs are never overwritten)")
 
+    corpora = [("Tiny Shakespeare", "cpu-shakespeare", args.data)] + ([("Tang poems", "cpu-tang", args.tang)]
+                                                                      if args.tang else [])
     if args.only in (None, "dispatch"):
         bench_dispatch(args.reps)
+    if args.only in (None, "speed"):
+        bench_speed("cpu-shakespeare", args.data, args.speed_steps, "Tiny Shakespeare")
+        if args.tang:
+            bench_speed("cpu-tang", args.tang, args.speed_steps, "Tang poems")
     if args.only in (None, "steps"):
-        eval_every = str(max(args.steps // 6, 1))
-        rows = {name: train_run(out / "steps" / f"m{i}", "cpu-shakespeare", args.data, flags,
-                                ["--max-steps", str(args.steps), "--max-time", "0", "--eval-interval", eval_every,
-                                 "--eval-tokens", "4096"])
-                for i, (name, flags) in enumerate(MODELS.items())}
-        print_table(f"Tiny Shakespeare, {args.steps} steps each (cosine over the steps, no clock)", rows)
+        # equal steps: what a run computes does not depend on the load, so the runs may share the machine
+        steps = ["--max-steps", str(args.steps), "--max-time", "0", "--eval-interval", str(max(args.steps // 6, 1)),
+                 "--eval-tokens", "4096"]
+        runs = [(title, preset, data, name) for title, preset, data in corpora
+                for name in MODELS if preset == "cpu-shakespeare" or "no aux" not in name]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(lambda run: train_run(out / "steps" / f"{run[1]}-m{list(MODELS).index(run[3])}",
+                                                       run[1], run[2], MODELS[run[3]], steps), runs))
+        for title, preset, _ in corpora:
+            print_table(f"{title}, {args.steps} steps each (`{preset}`, cosine over the steps, no clock)",
+                        {run[3]: r for run, r in zip(runs, done) if run[1] == preset})
     if args.only in (None, "time"):
-        corpora = [("Tiny Shakespeare", "cpu-shakespeare", args.data)] + ([("Tang poems", "cpu-tang", args.tang)]
-                                                                          if args.tang else [])
         for title, preset, data in corpora:
             names = [n for n in MODELS if "no aux" not in n][:3 if preset == "cpu-shakespeare" else 2]
             rows = {name: train_run(out / "time" / f"{preset}-m{i}", preset, data, MODELS[name],

@@ -141,6 +141,38 @@ def test_aux_loss_gradient_moves_tokens_off_the_busy_expert():
     assert busiest[0] > 0.6 and busiest[-1] < 0.3, busiest
 
 
+def top1_gate_grad(model, loss) -> float:
+    """Gradient norm on the routers. With top-1 and Mixtral's renormalisation every routing weight is
+    p / p = 1, so the language-model loss gives the router no gradient: only the router losses do."""
+    model.zero_grad()
+    loss.backward()
+    return sum(layer.mlp.gate.weight.grad.norm().item() for layer in model.layers)
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.1])
+def test_fine_tuning_losses_add_the_router_loss(coef):
+    """sft.py and dpo.py take their losses from the logits, so they add the router losses themselves (dpo
+    before the LoRA reference's forward re-routes the batch); rlhf.py and distill.py do as sft.py."""
+    import dpo
+    import sft
+    model = tiny_moe(n_experts_per_token=1, router_aux_loss_coef=coef, router_z_loss_coef=coef).train()
+    inputs, targets = torch.randint(0, 512, (4, 16)), torch.randint(0, 512, (4, 16))
+    mask = torch.ones(4, 16)
+    loss, _ = sft.masked_loss(model, inputs, targets, mask)
+    ce = F.cross_entropy(model(inputs)[0].flatten(0, 1), targets.flatten())
+    assert loss.item() == pytest.approx(ce.item() + model.router_loss().item(), rel=1e-6)
+    assert (top1_gate_grad(model, loss) > 1e-3) == (coef > 0)
+
+    apply_lora(model, r=2)
+    for layer in model.layers:  # LoRA freezes the routers; a trainable one shows what reaches it
+        layer.mlp.gate.weight.requires_grad_(True)
+    batch = {"inputs": inputs, "targets": targets, "loss_mask": mask, "index": torch.arange(2)}
+    loss, stats = dpo.batch_loss(model, batch, dpo.Reference("lora", model), "train", dpo.DPOConfig(loss="sigmoid"))
+    assert (top1_gate_grad(model, loss) > 1e-3) == (coef > 0)
+    dense = Transformer(ModelConfig.from_preset("tiny")).train()
+    assert dense.router_loss() == 0.0
+
+
 def test_moe_stats_shares_and_plot(tmp_path):
     model = tiny_moe()
     assert moe_stats(Transformer(ModelConfig.from_preset("tiny"))) == {}
@@ -176,6 +208,32 @@ def test_moe_stats_shares_and_plot(tmp_path):
 def test_bad_moe_config_is_refused_naming_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_preset("tiny", **kwargs)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--n-experts-per-token", "2"], "the model is dense; give --n-experts"),
+    (["--n-experts", "4", "--n-experts-per-token", "5"], r"n_experts_per_token .*got 5"),
+    (["--n-experts", "-1"], "n_experts must be at least 1"),
+])
+def test_train_flags_of_a_bad_mixture_are_refused(flags, message):
+    from training import TRAIN_PRESETS, TrainConfig, TrainingError, new_model, parse_config
+    config = parse_config(TrainConfig, TRAIN_PRESETS, "", ["--preset", "cpu-shakespeare", *flags])
+    with pytest.raises(TrainingError, match=message):
+        new_model(config, 512)
+
+
+@pytest.mark.parametrize("method", ["awq", "awq-gptq", "smoothquant"])
+def test_scale_folding_quantizers_and_gguf_export_refuse_experts(method):
+    """AWQ and SmoothQuant fold scales into a dense MLP's projections, GGUF export writes dense models:
+    each refuses a mixture of experts in one line (GPTQ, RTN, NF4 and W8A8 quantize every expert)."""
+    from activation_quant import activation_quantize
+    from gguf_io import GGUFError, model_metadata
+    from quant_linear import QuantError
+    spec = quant.QuantSpec(method=method, bits=8 if method == "smoothquant" else 4)
+    with pytest.raises(QuantError, match=f"--method {method}: mixture-of-experts models are not supported"):
+        activation_quantize(tiny_moe(), spec, torch.randint(0, 512, (2, 16)))
+    with pytest.raises(GGUFError, match="mixture-of-experts model .4 experts. cannot be exported"):
+        model_metadata(moe_config(), "m", "f32")
 
 
 def test_flops_count_active_experts_only():
