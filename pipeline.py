@@ -391,7 +391,7 @@ REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "dist
 REAL_PRESETS = {
     "ci": dict(
         stages=REAL_STAGES, n_general=40, text_chars=20_000, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
-        max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16,
+        max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16, spec_draft=4,
         sft=["--lora-rank", "8", "--lora-embedding-rank", "1", "--max-len", "128", "--batch-size", "4",
              "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1", "--eval-interval", "6", "--eval-prompts", "4",
              "--eval-new-tokens", "8", "--log-interval", "2"],
@@ -427,20 +427,26 @@ REAL_PRESETS = {
         group_size=64,  # SmolLM2's rows are 576 and 1536 long: 128 does not divide 576
         gptq=["--calib-samples", "32", "--calib-seq-len", "256"]),
 }
-# meant for 45 minutes on an idle 2-core CPU with evaluation: quick's SFT and DPO, then GRPO, distillation,
-# speculative decoding and the four quantizations; every stage sized by steps (--max-time is a safety net
-# only), estimated from per-stage CPU times (docs/pipeline_real_model.md, "The full preset")
+# meant for 45 minutes on an idle 2-core CPU with evaluation: quick's data, SFT and DPO, then GRPO,
+# distillation, speculative decoding and the four quantizations, every stage sized by steps (--max-time is a
+# safety net only); per-stage estimates in docs/pipeline_real_model.md ("The full preset")
 REAL_PRESETS["full"] = dict(
     REAL_PRESETS["quick"], stages=REAL_STAGES,
-    # 2 terms of 0..50: 250 test problems, so 200 held out give a 95% interval of about +-7 points
-    n_terms=2, max_operand=50, n_arith_eval=200, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=64,
-    grpo=["--n-eval", "200", "--prompts-per-step", "4", "--samples-per-prompt", "8", "--max-steps", "30",
-          "--max-time", "1200", "--eval-interval", "30", "--log-interval", "5", "--max-new-tokens", "32"],
+    # GRPO's task: 2 terms of 0..50 has 250 test problems; GRPO asks 200 of them before and after (a 95%
+    # interval of about +-7 points); the eval stage asks 40 of each chat model, as the quick preset does
+    n_terms=2, max_operand=50, n_arith_eval=40, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=64,
+    spec_draft=3,
+    # 24 steps of 4 prompts x 6 answers of at most 32 tokens: an answer cut by the budget scores 0, so the
+    # policy is rewarded for answering right and briefly (the base explains first)
+    grpo=["--n-eval", "200", "--prompts-per-step", "4", "--samples-per-prompt", "6", "--max-steps", "24",
+          "--max-time", "1200", "--eval-interval", "24", "--log-interval", "4", "--max-new-tokens", "32"],
+    # the student's 49,152-word output layer is most of its cost: 150 steps of 8 x 256 tokens
     student=["--model", "tiny", "--n-layers", "2", "--dim", "128", "--n-heads", "4", "--n-kv-heads", "4",
-             "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "300",
-             "--max-time", "900", "--lr", "2e-3", "--eval-interval", "300", "--sample-tokens", "0"],
+             "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "150",
+             "--max-time", "900", "--lr", "2e-3", "--eval-interval", "150", "--sample-tokens", "0"],
     cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
-    gptq=["--calib-samples", "32", "--calib-seq-len", "512", "--act-order", "--percdamp", "0.01"])
+    # twice the quick preset's calibration tokens, act-order (the outlier channels first)
+    gptq=["--calib-samples", "32", "--calib-seq-len", "512", "--act-order"])
 REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
              "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
 HELD_OUT_TEXTS = {"wiki": "wiki_heldout.txt", "c4": "c4_heldout.jsonl", "shakespeare": "shakespeare_heldout.txt"}
@@ -582,7 +588,7 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
         Stage("speculative", "sample.py speculative decoding: the final model, the student as its draft",
               "speculative", [py("pipeline.py", "speculate", "--target", final, "--draft", r / "distill",
                                  "--out-dir", r / "speculative", "--prompts", p["spec_prompts"],
-                                 "--max-new-tokens", p["spec_new_tokens"], *dev)]),
+                                 "--max-new-tokens", p["spec_new_tokens"], "--n-draft", p.get("spec_draft", 4), *dev)]),
     ]
     group = p["group_size"]
     for name, method, bits, group in (("quant_rtn8", "rtn", 8, 0), ("quant_rtn4", "rtn", 4, group),
