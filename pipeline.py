@@ -436,14 +436,14 @@ REAL_PRESETS["full"] = dict(
     # interval of about +-7 points); the eval stage asks 40 of each chat model, as the quick preset does
     n_terms=2, max_operand=50, n_arith_eval=40, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=64,
     spec_draft=3,
-    # 24 steps of 4 prompts x 6 answers of at most 32 tokens: an answer cut by the budget scores 0, so the
+    # 20 steps of 4 prompts x 6 answers of at most 32 tokens: an answer cut by the budget scores 0, so the
     # policy is rewarded for answering right and briefly (the base explains first)
-    grpo=["--n-eval", "200", "--prompts-per-step", "4", "--samples-per-prompt", "6", "--max-steps", "24",
-          "--max-time", "1200", "--eval-interval", "24", "--log-interval", "4", "--max-new-tokens", "32"],
-    # the student's 49,152-word output layer is most of its cost: 150 steps of 8 x 256 tokens
+    grpo=["--n-eval", "200", "--prompts-per-step", "4", "--samples-per-prompt", "6", "--max-steps", "20",
+          "--max-time", "1200", "--eval-interval", "20", "--log-interval", "4", "--max-new-tokens", "32"],
+    # the student's 49,152-word output layer is most of its cost: 100 steps of 8 x 256 tokens
     student=["--model", "tiny", "--n-layers", "2", "--dim", "128", "--n-heads", "4", "--n-kv-heads", "4",
-             "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "150",
-             "--max-time", "900", "--lr", "2e-3", "--eval-interval", "150", "--sample-tokens", "0"],
+             "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "100",
+             "--max-time", "900", "--lr", "2e-3", "--eval-interval", "100", "--sample-tokens", "0"],
     cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
     # twice the quick preset's calibration tokens, act-order (the outlier channels first)
     gptq=["--calib-samples", "32", "--calib-seq-len", "512", "--act-order"])
