@@ -8,11 +8,11 @@ against RTN at the same grid, perplexity on held-out text, in one run.
 
 quant.py's GPTQ matches the IST-DASLab reference bit for bit given the same Hessian (tests/test_quant.py),
 so when GPTQ barely beats RTN the inputs are what to look at: the GPTQ paper calibrates on 128 x 2048
-tokens of C4 (a Hessian of a 1,536-wide down_proj from 2,048 tokens is barely full rank), act-order puts
-the columns with the largest input energy first, and the dampening (percdamp x the mean Hessian diagonal,
-added to every diagonal entry) is large next to the ordinary channels' energy when a few outlier channels
-dominate the mean (SmolLM2's down_proj inputs reach 3,000 on two channels against a median of ~1.4:
-docs/awq_smoothquant.md), which makes GPTQ's update close to RTN's for every other channel. Quantization
+tokens of C4 (a Hessian of a 1,536-wide down_proj from 2,048 tokens is barely full rank: GPTQ overfits it
+and does worse than RTN on held-out inputs, docs/pipeline_real_model.md), act-order puts the columns with
+the largest input energy first (SmolLM2's down_proj inputs carry outlier channels a million times the
+median channel's energy: act-order is what lets GPTQ compensate their error), and the dampening
+(percdamp x the mean Hessian diagonal, added to every diagonal entry) keeps a thin Hessian honest. Quantization
 is sequential, as in the reference: each layer calibrated on inputs that went through the already
 quantized layers (quant.quantize_model).
 
