@@ -425,7 +425,7 @@ REAL_PRESETS = {
                  "--max-time", "300", "--lr", "2e-3", "--eval-interval", "300", "--sample-tokens", "0"],
         cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
         group_size=64,  # SmolLM2's rows are 576 and 1536 long: 128 does not divide 576
-        gptq=["--calib-samples", "32", "--calib-seq-len", "256"]),
+        gptq=["--calib-samples", "32", "--calib-seq-len", "256", "--act-order"]),
 }
 # meant for 45 minutes on an idle 2-core CPU with evaluation: quick's data, SFT and DPO, then GRPO,
 # distillation, speculative decoding and the four quantizations, every stage sized by steps (--max-time is a
