@@ -391,13 +391,13 @@ REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "dist
 REAL_PRESETS = {
     "ci": dict(
         stages=REAL_STAGES, n_general=40, text_chars=20_000, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
-        max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16,
+        max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16, spec_draft=4,
         sft=["--lora-rank", "8", "--lora-embedding-rank", "1", "--max-len", "128", "--batch-size", "4",
              "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1", "--eval-interval", "6", "--eval-prompts", "4",
              "--eval-new-tokens", "8", "--log-interval", "2"],
         dpo=["--lora-rank", "4", "--max-len", "128", "--batch-size", "2", "--max-steps", "4", "--eval-interval", "4",
              "--log-interval", "2", "--lr", "1e-3"],
-        grpo=["--n-train", "40", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-steps", "2",
+        grpo=["--n-train", "40", "--n-eval", "20", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-steps", "2",
               "--eval-interval", "2", "--log-interval", "1", "--max-new-tokens", "8"],
         student=["--model", "tiny", "--n-layers", "1", "--dim", "32", "--n-heads", "2", "--n-kv-heads", "2",
                  "--hidden-dim", "64", "--seq-len", "64", "--batch-size", "4", "--max-steps", "10", "--lr", "3e-3",
@@ -427,9 +427,28 @@ REAL_PRESETS = {
                  "--max-time", "300", "--lr", "2e-3", "--eval-interval", "300", "--sample-tokens", "0"],
         cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
         group_size=64,  # SmolLM2's rows are 576 and 1536 long: 128 does not divide 576
-        gptq=["--calib-samples", "32", "--calib-seq-len", "256"]),
+        gptq=["--calib-samples", "32", "--calib-seq-len", "256", "--act-order"]),
 }
-REAL_PRESETS["full"] = {**REAL_PRESETS["quick"], "stages": REAL_STAGES}  # meant for 45 minutes; not yet timed
+# meant for 45 minutes on an idle 2-core CPU with evaluation: quick's data, SFT and DPO, then GRPO,
+# distillation, speculative decoding and the four quantizations, every stage sized by steps (--max-time is a
+# safety net only); per-stage estimates in docs/pipeline_real_model.md ("The full preset")
+REAL_PRESETS["full"] = dict(
+    REAL_PRESETS["quick"], stages=REAL_STAGES,
+    # GRPO's task: 2 terms of 0..50 has 250 test problems; GRPO asks 200 of them before and after (a 95%
+    # interval of about +-7 points); the eval stage asks 40 of each chat model, as the quick preset does
+    n_terms=2, max_operand=50, n_arith_eval=40, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=64,
+    spec_draft=3,
+    # 20 steps of 4 prompts x 6 answers of at most 32 tokens: an answer cut by the budget scores 0, so the
+    # policy is rewarded for answering right and briefly (the base explains first)
+    grpo=["--n-eval", "200", "--prompts-per-step", "4", "--samples-per-prompt", "6", "--max-steps", "20",
+          "--max-time", "1200", "--eval-interval", "20", "--log-interval", "4", "--max-new-tokens", "32"],
+    # the student's 49,152-word output layer is most of its cost: 100 steps of 8 x 256 tokens
+    student=["--model", "tiny", "--n-layers", "2", "--dim", "128", "--n-heads", "4", "--n-kv-heads", "4",
+             "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "100",
+             "--max-time", "900", "--lr", "2e-3", "--eval-interval", "100", "--sample-tokens", "0"],
+    cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
+    # twice the quick preset's calibration tokens, act-order (the outlier channels first)
+    gptq=["--calib-samples", "32", "--calib-seq-len", "512", "--act-order"])
 REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
              "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
 HELD_OUT_TEXTS = {"wiki": "wiki_heldout.txt", "c4": "c4_heldout.jsonl", "shakespeare": "shakespeare_heldout.txt"}
@@ -587,7 +606,7 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
               [py("dpo.py", "--init", r / "sft", "--data", d / "preference" / "dpo_en_demo.json", "--val-fraction", "0.2",
                   "--out-dir", r / "dpo", *p["dpo"], *dev, "--resume")], kind="chat", pngs=["loss.png", "rewards.png"]),
         Stage("grpo", f"rlhf.py grpo: RL on {p['n_terms']}-term sums of 0..{p['max_operand']}, checked by tasks.py",
-              "grpo", [py("rlhf.py", "grpo", "--init", r / "dpo", *arith, "--n-eval", p["n_arith_eval"],
+              "grpo", [py("rlhf.py", "grpo", "--init", r / "dpo", *arith,
                           "--out-dir", r / "grpo", *p["grpo"], *dev, "--resume")], kind="chat", pngs=["curves.png"]),
         Stage("distill_cache", "distill.py cache: the final model's top-k next-token distributions on text_data",
               "distill_cache", [py("distill.py", "cache", "--teacher", final, "--data", r / "text_data",
@@ -601,7 +620,7 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
         Stage("speculative", "sample.py speculative decoding: the final model, the student as its draft",
               "speculative", [py("pipeline.py", "speculate", "--target", final, "--draft", r / "distill",
                                  "--out-dir", r / "speculative", "--prompts", p["spec_prompts"],
-                                 "--max-new-tokens", p["spec_new_tokens"], *dev)]),
+                                 "--max-new-tokens", p["spec_new_tokens"], "--n-draft", p.get("spec_draft", 4), *dev)]),
     ]
     group = p["group_size"]
     for name, method, bits, group in (("quant_rtn8", "rtn", 8, 0), ("quant_rtn4", "rtn", 4, group),
@@ -853,7 +872,9 @@ def evaluate_real_model(args, path, kind: str, device, identity: list, problems:
 
 def speculate_stage(args) -> None:
     """Greedy decoding of the target with and without the draft (sample.speculative_generate): acceptance
-    rate, wall-clock speedup, and whether the outputs are identical (they must be, at temperature 0)."""
+    rate, wall-clock speedup, and whether the outputs are identical (they must be, at temperature 0). Plain
+    and speculative decoding alternate prompt by prompt (and which goes first), so a machine whose load
+    changes during the stage slows both alike: the speedup is the ratio of their summed times."""
     import torch
     from chat import prompt_ids
     from common import load_model, load_tokenizer, resolve_device
@@ -862,24 +883,36 @@ def speculate_stage(args) -> None:
     target, draft, tok = load_model(args.target, device), load_model(args.draft, device), load_tokenizer(args.target)
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in GENERAL_PROMPTS[:args.prompts]]
     end = [tok.special_tokens["<|im_end|>"]]
+
+    def plain(x):
+        return generate(target, [x], args.max_new_tokens, temperature=0.0, stop_tokens=end)[0].tolist(), None
+
+    def speculative(x):
+        new, stats = speculative_generate(target, draft, x, args.max_new_tokens, args.n_draft, temperature=0.0,
+                                          stop_tokens=end)
+        return [int(t) for t in new], stats
+    seconds, outputs, drafted, accepted = {"plain": 0.0, "speculative": 0.0}, {"plain": [], "speculative": []}, 0, 0
     with torch.no_grad():
         generate(target, [prompts[0]], 2, temperature=0.0)  # warm-up: the first call pays for allocations
-        t0 = time.time()
-        plain = [generate(target, [x], args.max_new_tokens, temperature=0.0, stop_tokens=end)[0].tolist()
-                 for x in prompts]
-        t1 = time.time()
-        spec, drafted, accepted = [], 0, 0
-        for x in prompts:
-            new, stats = speculative_generate(target, draft, x, args.max_new_tokens, args.n_draft, temperature=0.0,
-                                              stop_tokens=end)
-            spec.append([int(t) for t in new])
-            drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
-        t2 = time.time()
-    identical = sum(a == b for a, b in zip(plain, spec))
+        speculative_generate(target, draft, prompts[0], 2, args.n_draft, temperature=0.0)
+        for i, x in enumerate(prompts):
+            order = [("plain", plain), ("speculative", speculative)]
+            for name, decode in (order if i % 2 == 0 else order[::-1]):
+                t0 = time.time()
+                tokens, stats = decode(x)
+                seconds[name] += time.time() - t0
+                outputs[name].append(tokens)
+                if stats:
+                    drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+            print(f"prompt {i + 1}/{len(prompts)}: plain {seconds['plain']:.1f} s, speculative "
+                  f"{seconds['speculative']:.1f} s so far", flush=True)
+    identical = sum(a == b for a, b in zip(outputs["plain"], outputs["speculative"]))
     write_json(Path(args.out_dir) / "summary.json", {
         "prompts": len(prompts), "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
-        "drafted": drafted, "plain_s": t1 - t0, "speculative_s": t2 - t1, "speedup": (t1 - t0) / max(t2 - t1, 1e-9),
-        "tokens": sum(map(len, plain))})
+        "drafted": drafted, "accepted": accepted, "n_draft": args.n_draft, "plain_s": seconds["plain"],
+        "speculative_s": seconds["speculative"], "speedup": seconds["plain"] / max(seconds["speculative"], 1e-9),
+        "tokens": sum(map(len, outputs["plain"])), "draft_params": draft.num_params(),
+        "target_params": target.num_params()})
 
 
 def export_stage(args) -> None:

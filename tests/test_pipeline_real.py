@@ -192,7 +192,7 @@ def test_real_report_card_on_fake_results(tmp_path):
             if line.startswith("| `")}
     assert "identity 0.00 [0.00, 0.14] -> 0.95 [0.79, 0.99] (n=24)" in card["`sft`"] and "**worked**" in card["`sft`"]
     assert "wiki bpb 1.020 -> 1.200 (+17.6%)" in card["`dpo`"] and "**regressed**" in card["`dpo`"]  # forgot text
-    assert "2 of 30 steps (stopped by the clock)" in card["`grpo`"] and "**starved**" in card["`grpo`"]
+    assert "2 of 20 steps (stopped by the clock)" in card["`grpo`"] and "**starved**" in card["`grpo`"]
     assert "**worked**" in card["`distill`"] and "**worked**" in card["`speculative`"]
     assert "**worked**" in card["`quant_rtn4`"] and "**worked**" in card["`export`"]
     assert report.rstrip().endswith("**5 of 7 judged stages worked (1 regressed, 1 starved)**")
