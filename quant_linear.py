@@ -15,6 +15,10 @@ loaded.
 On CUDA a 4-bit QuantLinear runs through kernels/quant_matmul.py (dequantization in registers);
 elsewhere it dequantizes the whole weight and calls F.linear.
 
+Int4CPULinear is the CPU's decoding path for 4-bit weights (sample.py --weights int4): torch's int4 kernel
+reads the packed codes and unpacks them in registers, so a decode step reads 8x fewer weight bytes than
+fp32 (plus a bf16 scale and zero per group); int4_decode_layers puts it in a model's blocks.
+
 W8A8Linear (SmoothQuant's W8A8, activation_quant.py) quantizes activations too: int8 weights with an fp16
 scale per output row, and each token's input rounded to int8 with its own scale at run time,
     y_t = d_x[t] d_w * (x_q[t] @ w_q^T),   d_x[t] = max_j |x_tj| / 127,   d_w[i] = max_j |w_ij| / 127,
@@ -234,6 +238,117 @@ class W8A8Linear(_Fp16Scales):
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding on the CPU from 4-bit weights
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
+
+
+def int4_minmax(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest on the asymmetric grid of llama.cpp's Q4_1, per row and group of group_size columns:
+    d = (max - min) / 15, q = round((w - min) / d) in [0, 15], w ~ d q + min. (out, in) -> codes (out, in)
+    uint8, d and min (out, in / group_size) fp32. Weights already on such a grid (a Q4_1 file's, dequantized)
+    come back with their own codes."""
+    rows, cols = w.shape
+    groups = w.detach().float().view(rows, cols // group_size, group_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float16).tiny)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    return codes.to(torch.uint8).view(rows, cols), scale, low
+
+
+class Int4CPULinear(nn.Module):
+    """A 4-bit weight-only linear layer for decoding on the CPU: torch's int4 kernel
+    (aten._weight_int4pack_mm_for_cpu, the one gpt-fast runs on CPUs) multiplies bf16 activations by the
+    packed codes, unpacking them in registers, so a decode step reads 0.625 bytes per weight (4 bits + a bf16
+    scale and zero per 32) instead of fp32's 4. For a group of the weight,
+        w = d q + m = (q - 8) d + zero,   zero = m + 8 d      (the kernel's form),
+    with d and zero rounded to bf16 and the input and output rounded to bf16 (8 significant bits), so outputs
+    differ from the same weights in fp32 by ~2^-8 relative. The packed layout is the kernel's own (it may
+    differ between CPUs): built when a model is loaded for decoding, never saved (buffers not persistent).
+
+    Needs out_features % 16 == 0 and in_features % group_size == 0; int4_decode_layers skips other layers.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None = None):
+        """codes (out, in) in [0, 15]; scale d and minimum m (out, n_groups): w = d q + m."""
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size = self.in_features // scale.shape[1]
+        if self.group_size not in INT4_KERNEL_GROUPS:
+            raise QuantError(f"Int4CPULinear: group size {self.group_size} is not one of {INT4_KERNEL_GROUPS}")
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).cpu(), 1)
+        scale, zero = scale.float(), minimum.float() + 8 * scale.float()
+        self.register_buffer("packed", packed, persistent=False)
+        # (n_groups, out, 2): the kernel's layout of scale and zero
+        self.register_buffer("scales_zeros", torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous(),
+                             persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    @classmethod
+    def supports(cls, in_features: int, out_features: int, group_size: int) -> bool:
+        return out_features % 16 == 0 and in_features % group_size == 0 and group_size in INT4_KERNEL_GROUPS
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, group_size: int = 32) -> "Int4CPULinear":
+        """Rounded to Q4_1's grid (int4_minmax)."""
+        codes, scale, low = int4_minmax(layer.weight, group_size)
+        return cls(codes, scale, low, layer.bias)
+
+    @classmethod
+    def from_quant_linear(cls, layer: QuantLinear) -> "Int4CPULinear":
+        """A 4-bit QuantLinear's own codes, w = s (q - z) = s q + m with m = -s z; its groups must be contiguous
+        (no g_idx). A group wider than the kernel's becomes equal groups of 32 sharing its scale (same weight)."""
+        codes = unpack(layer.qweight, 4)
+        s, m = layer.scales.float(), -layer.scales.float() * layer.zeros.float()   # (out, n_groups)
+        repeat = 1 if layer.group_size in INT4_KERNEL_GROUPS else layer.group_size // 32
+        return cls(codes, s.repeat_interleave(repeat, dim=1), m.repeat_interleave(repeat, dim=1), layer.bias)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)                          # (tokens, in)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def storage_bytes(self) -> int:
+        """Bytes read per call: the packed codes and the bf16 scales and zeros (and a bias)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.bias) if t is not None)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
+
+
+def int4_decode_layers(model: nn.Module, group_size: int = 32) -> tuple[int, int]:
+    """Every linear layer of the model's blocks becomes an Int4CPULinear, in place, for decoding on the CPU:
+    a float nn.Linear rounded to Q4_1's grid in groups of group_size (for a Q4_1 .gguf: the file's own codes),
+    a 4-bit QuantLinear (quant.py, contiguous groups) with its own codes. The embeddings and the LM head stay
+    as they are (a 4-bit head costs far more accuracy than a block's layer). Returns (replaced, left as they
+    were): a layer the kernel cannot take (act-order groups, NF4, another bit width, a shape it does not
+    support) keeps its own forward."""
+    replaced = kept = 0
+    for name, layer in list(model.named_modules()):
+        if name.endswith("lm_head"):
+            continue
+        if isinstance(layer, QuantLinear):
+            group = layer.group_size if layer.group_size in INT4_KERNEL_GROUPS else 32
+            ok = (layer.bits == 4 and not layer.nf4 and layer.g_idx is None and layer.group_size % 32 == 0
+                  and Int4CPULinear.supports(layer.in_features, layer.out_features, group))
+            new = Int4CPULinear.from_quant_linear(layer) if ok else None
+        elif type(layer) is nn.Linear:
+            ok = Int4CPULinear.supports(layer.in_features, layer.out_features, group_size)
+            new = Int4CPULinear.from_linear(layer, group_size) if ok else None
+        else:
+            continue
+        if new is None:
+            kept += 1
+            continue
+        set_module(model, name, new)
+        replaced += 1
+    return replaced, kept
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:

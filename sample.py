@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from chat import END_OF_TEXT, IM_END, IM_START, prompt_ids
 from common import check_tokenizer, load_model, load_tokenizer, resolve_device
 from model import Transformer
+from quant_linear import int4_decode_layers
 
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
 
@@ -752,6 +753,10 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="weights dtype (default: auto = bfloat16 on CUDA, else float32)")
+    parser.add_argument("--weights", choices=("float", "int4"), default="float",
+                        help="int4 (CPU only): decode with every block's linear layers in 4 bits, groups of 32 on "
+                             "llama.cpp's Q4_1 grid (a Q4_1 .gguf keeps its own codes, a quant.py 4-bit checkpoint "
+                             "its own), through torch's int4 kernel: ~3x fewer bytes per token (default: float)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (greedy / sample)")
     parser.add_argument("--interactive", action="store_true",
                         help="chat (ChatML) with an SFT checkpoint: /reset, /system TEXT, /quit")
@@ -962,6 +967,10 @@ def main(argv=None):
         if device == "cpu":  # inference only from here on: the weight layout the CPU decodes fastest with
             for m in filter(None, (model, draft)):
                 m.decode_layout()
+                if args.weights == "int4":
+                    int4_decode_layers(m)
+        elif args.weights == "int4":
+            raise ValueError(f"--weights int4 runs on the CPU only (torch's CPU int4 kernel), not on {device}")
         tokenizer = load_tokenizer(args.ckpt, args.tokenizer)
         for path in filter(None, (args.ckpt, draft and args.draft_ckpt)):
             check_tokenizer(path, tokenizer, args.tokenizer)

@@ -7,12 +7,15 @@
   3. exported files: llama.cpp's perplexity on SmolLM2 written back by save_gguf as f16 and q8_0, beside
      nanollm's own; a small model nanollm trains here (its own bpe.py tokenizer) exported as f32: token ids
      and logits in llama.cpp against nanollm
-  4. decode tokens/s (greedy, batch 1, 2 threads each), beside the memory-bandwidth bound: bytes of weights
-     read per token over the copy bandwidth measured here
+  4. decode tokens/s (greedy, batch 1, 2 threads each): nanollm fp32 and --weights int4 (sample.py: the file's
+     Q4_1 codes through torch's CPU int4 kernel), transformers, llama.cpp, each beside the memory-bandwidth
+     bound (bytes of weights read per token over the copy bandwidth measured here); and int4's perplexity and
+     top-1 agreement against fp32 on the held-out windows
 
-    python -m bench.gguf [--windows 4] [--window 256] [--tokens 64]
+    python -m bench.gguf [--windows 4] [--window 256] [--tokens 64] [--decode-only] [--compiled]
 """
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -27,6 +30,7 @@ import gguf_io
 from bpe import Tokenizer
 from common import load_model, load_tokenizer
 from model import ModelConfig, Transformer
+from quant_linear import Int4CPULinear, int4_decode_layers
 from sample import generate
 from tests.reference import TRANSFORMERS_VERSION, hf_gguf_model  # the transformers side of the comparison
 
@@ -154,10 +158,22 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.nbytes / best / 1e9
 
 
-def decode_table(path, model, tokenizer, n_tokens, repeats):
+def int4_quality(model, int4_model, wins):
+    """Perplexity of both models on the held-out windows, and top-1 agreement of int4 with fp32."""
+    full, fast = nanollm_logits(model), nanollm_logits(int4_model)
+    results = perplexity_rows({"fp32": full, "int4": fast}, wins)
+    agree = np.mean(np.concatenate([a.argmax(1) == b.argmax(1) for a, b in zip(results["fp32"][1], results["int4"][1])]))
+    (ppl, _), (ppl4, _) = results["fp32"], results["int4"]
+    print(f"\nnanollm --weights int4 against fp32 on {len(wins)} held-out windows of {len(wins[0])} tokens: perplexity "
+          f"{ppl4:.4f} against {ppl:.4f} ({100 * (ppl4 / ppl - 1):+.2f}%), top-1 agreement {agree:.1%}")
+
+
+def decode_table(path, model, tokenizer, n_tokens, repeats, wins, with_compiled=False):
     torch.set_num_threads(2)
     prompt = tokenizer.encode("Once upon a time, in a small village by the sea, there lived")
     fast = model.decode_layout()
+    int4 = copy.deepcopy(fast)
+    int4_decode_layers(int4)  # what sample.py --weights int4 decodes with
     hf = hf_gguf_model(path)
     llm = llama_cpp_model(path, 512, logits_all=False)
 
@@ -172,30 +188,31 @@ def decode_table(path, model, tokenizer, n_tokens, repeats):
             hf.generate(torch.tensor([prompt]), max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
                         top_k=None, top_p=None, temperature=None)
 
-    def run_nanollm():
-        generate(fast, torch.tensor(prompt), n_tokens, temperature=0)
+    def run_nanollm(m, compile=False):
+        return lambda: generate(m, torch.tensor(prompt), n_tokens, temperature=0, compile=compile)
 
-    def run_nanollm_compiled():
-        generate(fast, torch.tensor(prompt), n_tokens, temperature=0, compile=True)
-
-    run_nanollm_compiled()  # compiles the decode step once, outside the timed runs (as gpt-fast times)
-    cases = {"nanollm fp32 (dequantized on load), KV cache": run_nanollm,
-             "nanollm fp32, KV cache, torch.compile'd decode step": run_nanollm_compiled,
-             "transformers fp32 (its GGUF loader), generate": run_hf,
-             "llama.cpp, the Q4_1 file as stored": run_llama}
+    c = model.config
+    linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    head_bytes = 4 * c.vocab_size * c.dim
+    fp32_bytes = 4 * linear + head_bytes                # every matrix and the (tied) head, once per token
+    int4_bytes = head_bytes + sum(m.storage_bytes() for m in int4.modules() if isinstance(m, Int4CPULinear))
+    gguf_file = gguf_io.GGUFFile(path)
+    file_bytes = sum(size for name, (_, _, _, size) in gguf_file.tensors.items())  # the Q8_0 table is the head
+    cases = {"nanollm fp32 (dequantized on load), KV cache": (run_nanollm(fast), fp32_bytes),
+             "nanollm --weights int4 (the file's Q4_1 codes, torch's int4 kernel; fp32 head), KV cache":
+                 (run_nanollm(int4), int4_bytes)}
+    if with_compiled:
+        run_nanollm(fast, compile=True)()  # compiles the decode step once, outside the timed runs (as gpt-fast times)
+        cases["nanollm fp32, KV cache, torch.compile'd decode step"] = (run_nanollm(fast, compile=True), fp32_bytes)
+    cases["transformers fp32 (its GGUF loader), generate"] = (run_hf, fp32_bytes)
+    cases["llama.cpp, the Q4_1 file as stored"] = (run_llama, file_bytes)
     best = {name: float("inf") for name in cases}
     for _ in range(repeats):  # interleaved: background load hits every side alike
-        for name, run in cases.items():
+        for name, (run, _) in cases.items():
             t0 = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - t0)
     bandwidth = copy_bandwidth_gbs()
-    c = model.config
-    linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    fp32_bytes = 4 * (linear + c.vocab_size * c.dim)          # every matrix and the (tied) head, once per token
-    gguf_file = gguf_io.GGUFFile(path)
-    file_bytes = sum(size for name, (_, _, _, size) in gguf_file.tensors.items())  # the Q8_0 table is the head
-    weight_bytes = dict(zip(cases, (fp32_bytes, fp32_bytes, fp32_bytes, file_bytes)))
     tps = {name: n_tokens / seconds for name, seconds in best.items()}
     hf_tps = tps["transformers fp32 (its GGUF loader), generate"]
     print(f"\n### Decode speed: {n_tokens} greedy tokens after a {len(prompt)}-token prompt, batch 1, 2 threads, "
@@ -203,9 +220,10 @@ def decode_table(path, model, tokenizer, n_tokens, repeats):
     print("| engine | tokens/s | vs transformers | weights read per token | bandwidth bound, tokens/s | share of bound |")
     print("|---|---|---|---|---|---|")
     for name, value in tps.items():
-        nbytes = weight_bytes[name]
+        nbytes = cases[name][1]
         bound = bandwidth * 1e9 / nbytes
         print(f"| {name} | {value:.1f} | {value / hf_tps:.2f}x | {nbytes / 2**20:.0f} MiB | {bound:.0f} | {value / bound:.0%} |")
+    int4_quality(model, int4, wins)
 
 
 def main(argv=None):
@@ -217,7 +235,8 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens to decode in the speed table (default: 64)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved decode runs, best kept (default: 3)")
-    parser.add_argument("--decode-only", action="store_true", help="only the decode-speed table")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode-speed table (and int4's perplexity)")
+    parser.add_argument("--compiled", action="store_true", help="add a row for the torch.compile'd fp32 decode step")
     args = parser.parse_args(argv)
     try:
         import llama_cpp  # noqa: F401
@@ -231,15 +250,14 @@ def main(argv=None):
     print(f"`python -m bench.gguf`: {path.name}; llama-cpp-python {llama_cpp.__version__}, transformers "
           f"{TRANSFORMERS_VERSION}, torch {torch.__version__}; {os.cpu_count()} CPU cores shared with other jobs, "
           f"load average {load1[0]:.1f} at the start")
-    if args.decode_only:
-        decode_table(path, model, tokenizer, args.tokens, args.repeats)
-        print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
-        return
-    tokenizer_table(tokenizer, llama_cpp_model(path, 256, logits_all=False), data_dir)
-
     lines = (data_dir / "pretrain/wiki_demo.txt").read_text(encoding="utf-8").splitlines()
     heldout = "\n".join(lines[-200:])
     wins = windows_of(tokenizer.encode(heldout), args.windows, args.window)
+    if args.decode_only:
+        decode_table(path, model, tokenizer, args.tokens, args.repeats, wins, args.compiled)
+        print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+        return
+    tokenizer_table(tokenizer, llama_cpp_model(path, 256, logits_all=False), data_dir)
     hf = hf_gguf_model(path)
     llm = llama_cpp_model(path, args.window)
 
@@ -266,7 +284,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         export_tables(model, tokenizer, llm_ppl_of, wins, results["nanollm (gguf_io.py, fp32)"][0], data_dir, tmp)
-    decode_table(path, model, tokenizer, args.tokens, args.repeats)
+    decode_table(path, model, tokenizer, args.tokens, args.repeats, wins, args.compiled)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
