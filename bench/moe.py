@@ -16,8 +16,7 @@ Four tables, each with its reference in the same run:
   loss, on Tiny Shakespeare only), each trained for the same number of steps (load changes their times,
   not their bpb, so --jobs runs several at once);
 - equal time: the same models under the same wall-clock budget, back to back (load shifts the steps each
-  gets: the table prints the load average around every run; on the Tang poems, whose final eval over the
-  whole validation split is long, the dense model and the 4-expert one only).
+  gets: the table prints the load average around every run).
 Each training run is `python train.py` in its own process; its out-dir keeps metrics.jsonl and experts.png.
 """
 import argparse
@@ -229,7 +228,7 @@ def main(argv=None):
                         {run[3]: r for run, r in zip(runs, done) if run[1] == preset})
     if args.only in (None, "time"):
         for title, preset, data in corpora:
-            names = [n for n in MODELS if "no aux" not in n][:3 if preset == "cpu-shakespeare" else 2]
+            names = [n for n in MODELS if "no aux" not in n]
             rows = {name: train_run(out / "time" / f"{preset}-m{i}", preset, data, MODELS[name],
                                     ["--max-time", str(args.budget)])
                     for i, name in enumerate(names)}
