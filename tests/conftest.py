@@ -41,3 +41,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def refused(capsys):
+    """refused(main, *args): run a script's main() in this process on a command line it must refuse;
+    returns (exit code, stderr)."""
+    def run(main, *args):
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(map(str, args)))
+        return exit_info.value.code, capsys.readouterr().err
+    return run

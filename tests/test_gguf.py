@@ -215,14 +215,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, str(REPO / "gguf_io.py"), *map(str, args)], capture_output=True, text=True)
 
 
-def cli_error(capsys, *args):
-    """gguf_io.main in this process: (exit code, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        gguf_io.main(list(map(str, args)))
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def test_bad_files_one_line_errors(tmp_path, capsys):
+def test_bad_files_one_line_errors(tmp_path, refused):
     good = gguf_io.save_gguf(tiny_model(), tiny_tokenizer(), tmp_path / "good.gguf", "q8_0")
     data = good.read_bytes()
     cases = {"notgguf.gguf": (b"PK\x03\x04" + data[4:], "not a GGUF file"),
@@ -231,7 +224,7 @@ def test_bad_files_one_line_errors(tmp_path, capsys):
              "version.gguf": (data[:4] + (9).to_bytes(4, "little") + data[8:], "GGUF version 9 is not supported")}
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
-        code, err = cli_error(capsys, "info", tmp_path / name)
+        code, err = refused(gguf_io.main, "info", tmp_path / name)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and name in err, err
     result = run_cli("info", tmp_path / "truncated.gguf")  # the real command line: one line, no traceback
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -256,16 +249,16 @@ def test_unsupported_type_architecture_and_tokenizer_named(tmp_path):
         load_tokenizer(path)
 
 
-def test_export_cli_refuses_overwrite_and_writes(tmp_path, capsys):
+def test_export_cli_refuses_overwrite_and_writes(tmp_path, refused):
     model, tokenizer = tiny_model(), tiny_tokenizer()
     save_checkpoint(tmp_path / "ckpt", model)
     tokenizer.save(tmp_path / "ckpt" / "tokenizer")
     out = tmp_path / "m.gguf"
     gguf_io.main(["export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(out), "--type", "q4_1"])
     assert gguf_io.GGUFFile(out).tensors["blk.0.ffn_up.weight"][0] == "Q4_1"
-    code, err = cli_error(capsys, "export", "--ckpt", tmp_path / "ckpt", "--out", out)
+    code, err = refused(gguf_io.main, "export", "--ckpt", tmp_path / "ckpt", "--out", out)
     assert code == 2 and "exists" in err
-    code, err = cli_error(capsys, "export", "--ckpt", tmp_path / "nothing", "--out", tmp_path / "x.gguf")
+    code, err = refused(gguf_io.main, "export", "--ckpt", tmp_path / "nothing", "--out", tmp_path / "x.gguf")
     assert code == 2 and "nothing" in err and len(err.strip().splitlines()) == 1
 
 

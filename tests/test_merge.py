@@ -186,7 +186,7 @@ def test_whole_model_merges_match_the_tensor_math(trio, tmp_path):
         assert all(torch.allclose(got[n], end[n], atol=1e-6) for n in end)
 
 
-def test_task_vector_stats(trio, tmp_path, capsys):
+def test_task_vector_stats(trio, tmp_path, capsys, refused):
     base, a, c = (states(trio / n) for n in ("base", "a", "c"))
     names = [n for n in base if n != "lm_head.weight"]  # tied to the embedding: counted once
     ta, tc = (torch.cat([(m[n] - base[n]).flatten() for n in names]) for m in (a, c))
@@ -200,7 +200,7 @@ def test_task_vector_stats(trio, tmp_path, capsys):
     assert merge.main(["--method", "task_arithmetic", "--base", str(trio / "base"), "--models", f"{trio / 'a'},{trio / 'a'}",
                        "--stats"]) == 0
     assert "tau_0, tau_1: cosine +1.0000, opposite signs on 0.0%" in capsys.readouterr().out
-    code, err = main_error(capsys, "--method", "ties", "--base", trio / "base", "--models", trio / "a")
+    code, err = refused(merge.main, "--method", "ties", "--base", trio / "base", "--models", trio / "a")
     assert code == 2 and "--out-dir: required" in err
 
 
@@ -276,14 +276,7 @@ def cli(*args):
     return subprocess.run([sys.executable, str(REPO / "merge.py"), *map(str, args)], capture_output=True, text=True)
 
 
-def main_error(capsys, *args):
-    """merge.main in this process: (exit code, stderr) of a refused command line."""
-    with pytest.raises(SystemExit) as exit_info:
-        merge.main(list(map(str, args)))
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def test_cli_flags_and_yaml_config_agree(trio, tmp_path, capsys):
+def test_cli_flags_and_yaml_config_agree(trio, tmp_path, refused):
     b, a, c = (trio / n for n in ("base", "a", "c"))
     flags = cli("--method", "dare_ties", "--base", b, "--models", f"{a},{c}", "--weights", "0.6,0.4",
                 "--density", "0.5", "--seed", "3", "--out-dir", tmp_path / "flags")
@@ -299,15 +292,15 @@ def test_cli_flags_and_yaml_config_agree(trio, tmp_path, capsys):
     assert not torch.equal(x["layers.0.mlp.up_proj.weight"], base["layers.0.mlp.up_proj.weight"])
     assert (tmp_path / "flags" / "tokenizer.json").exists() and (tmp_path / "flags" / "merge_config.json").exists()
 
-    code, err = main_error(capsys, "--method", "linear", "--models", f"{a},{c}", "--out-dir", tmp_path / "flags")
+    code, err = refused(merge.main, "--method", "linear", "--models", f"{a},{c}", "--out-dir", tmp_path / "flags")
     assert code == 2 and "already holds ckpt.pt" in err
-    code, err = main_error(capsys, "--method", "ties", "--base", b, "--models", f"{a},{c}", "--weights", "1,2,3",
+    code, err = refused(merge.main, "--method", "ties", "--base", b, "--models", f"{a},{c}", "--weights", "1,2,3",
                            "--out-dir", tmp_path / "x")
     assert code == 2 and "--weights '1,2,3': one value, or one per model (2)" in err
-    code, err = main_error(capsys, "--method", "linear", "--models", f"{a},{tmp_path / 'nope'}", "--out-dir", tmp_path / "x")
+    code, err = refused(merge.main, "--method", "linear", "--models", f"{a},{tmp_path / 'nope'}", "--out-dir", tmp_path / "x")
     assert code == 2 and "nope: no such file or directory" in err
     (tmp_path / "bad.yml").write_text("merge_method: ties\nmodels: [unclosed\n")
-    code, err = main_error(capsys, "--config", tmp_path / "bad.yml", "--out-dir", tmp_path / "x")
+    code, err = refused(merge.main, "--config", tmp_path / "bad.yml", "--out-dir", tmp_path / "x")
     assert code == 2 and "bad.yml: not valid YAML" in err and len(err.splitlines()) == 1
 
 
