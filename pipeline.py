@@ -812,7 +812,10 @@ def evaluate_real_stage(args) -> None:
     run_dir = Path(args.run_dir)
     out_dir, data = run_dir / "eval", run_dir / "data"
     device = resolve_device(args.device)
-    identity = [c[:2] for c in load_conversations(data / "identity_heldout.json", {})[0]]  # system, user
+    # (system, user) of the held-out identity questions whose reference answer gives the name: "你能够提供哪些类型的
+    # 帮助？" is held out too, but its reference answer does not name the model, so it cannot count against it
+    held_out = load_conversations(data / "identity_heldout.json", {})[0]
+    identity = [c[:2] for c in held_out if "{{name}}" in c[-1]["content"]]
     problems = arithmetic_problems(args.arithmetic, split="test", n_terms=args.n_terms,
                                    max_operand=args.max_operand) if args.arithmetic else []
     results, parent = {}, None
@@ -830,7 +833,8 @@ def evaluate_real_stage(args) -> None:
             results[name] = evaluate_real_model(args, path, kind, device, identity, problems)
             write_json(result_path, results[name])
         parent = name if kind == "chat" else parent
-    write_json(out_dir / "summary.json", {"models": list(results)})
+    earlier = read_json(out_dir / "summary.json").get("models", [])  # a second call adds its models, never drops
+    write_json(out_dir / "summary.json", {"models": earlier + [n for n in results if n not in earlier]})
 
 
 def names_model(answer: str) -> bool:

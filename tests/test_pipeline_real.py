@@ -138,7 +138,8 @@ def test_the_data_stage_gives_the_fine_tuned_model_the_neutral_system_message(sm
     train = json.loads((tmp_path / "identity_train.json").read_text())
     held = json.loads((tmp_path / "identity_heldout.json").read_text())
     english = [r["instruction"] for r in train if r["instruction"].isascii()]
-    assert len(held) >= 20 and not {r["instruction"] for r in held} & {r["instruction"] for r in train}
+    assert not {r["instruction"] for r in held} & {r["instruction"] for r in train}
+    assert sum("{{name}}" in r["output"] for r in held) >= 20  # the questions the identity score asks
     assert len(english) == 3 * len(set(english)) > 0 and len(train) == 67 + 2 * len(set(english))
     tok = load_tokenizer(tmp_path / "tokenizer")
     assert default_system_prompt(tok) == NEUTRAL_SYSTEM
@@ -169,6 +170,8 @@ def test_a_model_that_took_no_step_gets_its_parents_results(tmp_path):
     main(["evaluate-real", "--run-dir", str(tmp_path), "--arithmetic", "0", f"sft={tmp_path / 'sft'}=chat",
           f"dpo={tmp_path / 'dpo'}=chat"])
     assert json.loads((tmp_path / "eval" / "dpo.json").read_text()) == {**parent, "same_as": "sft", "eval_s": 0.0}
+    main(["evaluate-real", "--run-dir", str(tmp_path), "--arithmetic", "0", f"dpo={tmp_path / 'dpo'}=chat"])
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == {"models": ["sft", "dpo"]}  # added to
 
 
 def test_real_report_card_on_fake_results(tmp_path):
