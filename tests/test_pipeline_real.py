@@ -103,7 +103,7 @@ def test_every_real_preset_builds_its_stages(tmp_path):
         assert [s.name for s in stages] == [n for n in REAL_STAGES if n in p["stages"]]
         assert len({s.out for s in stages}) == len(stages)
     quick = [s.name for s in build_real_stages("quick", tmp_path / "b.gguf", tmp_path, tmp_path)]
-    assert "grpo" not in quick and {"sft", "dpo", "quant_gptq4", "export", "eval"} <= set(quick)
+    assert "grpo" not in quick and {"sft", "dpo", "quant_rtn4", "export", "eval"} <= set(quick)
 
 
 def test_real_training_stages_resume_only_from_a_checkpoint(tmp_path):
