@@ -439,8 +439,9 @@ def test_speculative_greedy_returns_exactly_the_targets_greedy_output():
 def test_speculative_sampling_follows_the_target_distribution():
     """Joint frequencies of the first two tokens over 2,000 runs match the target's exact distribution
     (chi-square at the 0.1% level), and are far from the draft's (the test can tell them apart)."""
-    V = 4
-    target, draft = make_model(seed=0, vocab_size=V, std=0.6), make_model(seed=5, vocab_size=V, std=0.6, n_layers=1)
+    V = 4  # one layer each: 2,000 runs, the time in each model's forward (the distributions are what is tested)
+    target, draft = (make_model(seed=0, vocab_size=V, std=0.6, n_layers=1),
+                     make_model(seed=5, vocab_size=V, std=0.6, n_layers=1))
     prompt = [1, 2, 3]
 
     def joint(model):
