@@ -871,14 +871,15 @@ def evaluate_real_model(args, path, kind: str, device, identity: list, problems:
 
 
 def speculate_stage(args) -> None:
-    """Greedy decoding of the target with and without the draft (sample.speculative_generate): acceptance
+    """Greedy decoding of the target with and without the draft (decoding.speculative_generate): acceptance
     rate, wall-clock speedup, and whether the outputs are identical (they must be, at temperature 0). Plain
     and speculative decoding alternate prompt by prompt (and which goes first), so a machine whose load
     changes during the stage slows both alike: the speedup is the ratio of their summed times."""
     import torch
     from chat import prompt_ids
     from common import load_model, load_tokenizer, resolve_device
-    from sample import generate, speculative_generate
+    from decoding import speculative_generate
+    from sample import generate
     device = resolve_device(args.device)
     target, draft, tok = load_model(args.target, device), load_model(args.draft, device), load_tokenizer(args.target)
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in GENERAL_PROMPTS[:args.prompts]]
