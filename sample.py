@@ -12,8 +12,8 @@ model once to fill the KV cache ("prefill"); then each step feeds one token per 
 the cached keys and values instead of recomputing the prefix ("decode"). Three small functions do
 this for every strategy: prefill (prompt -> cache, next logits), decode_step (one token per row ->
 next logits) and sample_next (logits -> next token); decoding.py's beam search and speculative decoding
-are built on the same three. The next token comes from the last position's
-logits, transformed in this order (transformers' generate uses the same):
+are built on them too. The next token comes from the last position's logits, transformed in this order
+(transformers' generate uses the same):
 
     logit bias -> penalties -> no-repeat n-grams -> banned tokens -> min_new_tokens
     -> temperature -> top-k -> top-p -> min-p -> typical-p -> sample (argmax when temperature == 0)
