@@ -258,7 +258,7 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
         Stage("distill", "distill.py: the same student taught from the cached teacher logits", "distill",
               [py("distill.py", "--data", r / "text_data", "--teacher-cache", r / "distill_cache", "--out-dir",
                   r / "distill", *p["student"], *dev, "--resume")], kind="text", pngs=["loss.png"]),
-        Stage("speculative", "sample.py speculative decoding: the final model, the student as its draft",
+        Stage("speculative", "decoding.py speculative decoding: the final model, the student as its draft",
               "speculative", [py("pipeline.py", "speculate", "--target", final, "--draft", r / "distill",
                                  "--out-dir", r / "speculative", "--prompts", p["spec_prompts"],
                                  "--max-new-tokens", p["spec_new_tokens"], "--n-draft", p.get("spec_draft", 4), *dev)]),
