@@ -25,7 +25,8 @@ def run(script, *args, check=True, **kwargs):
 
 
 def train_here(*args):
-    """train.py's main() in this process: a run that only serves as the reference of another (no python to start)."""
+    """train.py's main() in this process (no python to start): for runs that are not about the command itself,
+    which test_training_reduces_loss_and_writes_summary runs as one."""
     import train
     train.main(list(map(str, args)))
 
@@ -84,8 +85,8 @@ def test_training_reduces_loss_and_writes_summary(shakespeare, tmp_path):
 
 def test_mixture_of_experts_trains_and_logs_expert_shares(shakespeare, tmp_path):
     out = tmp_path / "moe"
-    run("train.py", "--data", shakespeare, "--out-dir", out, "--max-steps", "40", "--eval-interval", "20",
-        "--n-experts", "4", "--n-experts-per-token", "2", *TINY_RUN)
+    train_here("--data", shakespeare, "--out-dir", out, "--max-steps", "40", "--eval-interval", "20",
+               "--n-experts", "4", "--n-experts-per-token", "2", *TINY_RUN)
     curve = losses(out)
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
