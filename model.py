@@ -506,11 +506,11 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="nanollm model presets: parameter counts and FLOPs per token.")
     parser.add_argument("--preset", choices=list(PRESETS), help="print this preset's full config")
     parser.add_argument("--seq-len", type=int, default=1024, help="sequence length for the FLOPs/token column")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.preset:
         print(json.dumps(asdict(ModelConfig.from_preset(args.preset)), indent=2))
         return

@@ -18,9 +18,14 @@ here: it moved when it changed by more than its relative tolerance.
 
     from verdicts import Measure, stage_verdict
     stage_verdict(2, 300, "max_time", [Measure("accuracy", 0.1, 0.5, n=20)])   # -> "starved"
+
+report_card() writes them as report.md's table, each track saying what its stages are expected to move
+(pipeline_scratch.judge, pipeline_real.judge_real).
 """
 import math
 from dataclasses import dataclass
+
+from pipeline_stages import flag_value
 
 STARVED_SHARE = 0.25   # the clock stopped a stage before this share of its planned steps: starved (unless it worked)
 Z_95 = 1.96            # the normal quantile of a two-sided 95% interval
@@ -144,3 +149,38 @@ def tally(verdicts: dict[str, str]) -> str:
     others = ", ".join(f"{k} {v}" for v, k in counts.items() if k)
     return f"{sum(v == 'worked' for v in judged.values())} of {len(judged)} judged stages worked" + \
         (f" ({others})" if others else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report card of pipeline.py's report.md
+
+REPORT_CARD_TEXT = (
+    "Each stage that trains or compresses a model, judged from its numbers (verdicts.py): a rate gets its 95% "
+    "Wilson interval and moved only when the intervals before and after do not overlap; bits per byte and losses "
+    "moved when they changed by more than 1% (a guard, a metric the stage must not make worse, by more than its "
+    "stated tolerance). A stage the clock stopped before a quarter of its planned steps, without a metric that "
+    "moved, is starved.")
+
+
+def report_card(stages: list, summaries: dict, evals: dict, judge) -> tuple[list[str], str]:
+    """The report card's table rows and words, and the run's last line (how many stages worked): each stage
+    judged by judge(stage, summaries, evals) -> (what it is expected to do, its Measures)."""
+    rows = ["| stage | expected | measured (before -> after) | steps | verdict |", "|---|---|---|---|---|"]
+    words, verdicts = [], {}
+    for stage in stages:
+        s = summaries.get(stage.name, {})
+        expected, measures = judge(stage, summaries, evals)
+        planned = flag_value(stage, "--max-steps")
+        planned = int(planned) if planned else None
+        done = s.get("step")
+        steps = steps_text(done, planned, s.get("stop_reason"))
+        verdict = ("not run" if not s else
+                   stage_verdict(done, planned, s.get("stop_reason"), measures) if measures else "not measured")
+        verdicts[stage.name] = verdict
+        if not measures:
+            continue
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in [
+            f"`{stage.name}`", expected, "; ".join(m.text() for m in measures), steps, f"**{verdict}**"]) + " |")
+        if verdict != "not run":
+            words.append(in_words(stage.name, verdict, measures, steps))
+    return rows + [""] + [w for w in words if w], tally(verdicts)

@@ -20,8 +20,9 @@ import time
 import torch
 
 from common import load_model
+from decoding import speculative_generate
 from model import ModelConfig, Transformer
-from sample import generate, left_pad, speculative_generate
+from sample import generate, left_pad
 from tests.reference import hf_copy  # the reference side of the comparison
 
 

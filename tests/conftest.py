@@ -46,9 +46,13 @@ def one_thread():
 @pytest.fixture
 def refused(capsys):
     """refused(main, *args): run a script's main() in this process on a command line it must refuse;
-    returns (exit code, stderr)."""
+    returns (exit code, stderr) as python would give them: sys.exit("message") is exit code 1 with the
+    message printed on stderr."""
     def run(main, *args):
         with pytest.raises(SystemExit) as exit_info:
             main(list(map(str, args)))
-        return exit_info.value.code, capsys.readouterr().err
+        code, err = exit_info.value.code, capsys.readouterr().err
+        if isinstance(code, str):
+            return 1, f"{err}{code}\n"
+        return code, err
     return run

@@ -233,7 +233,7 @@ def prepared(tmp_path_factory):
     return root / "fp32", data
 
 
-def test_cli_bad_flags_are_one_line(prepared, capsys):
+def test_cli_bad_flags_are_one_line(prepared, refused):
     ckpt, data = prepared
     common = ["--ckpt", str(ckpt), "--no-eval"]
     for flags, message in [(["--data", str(data), "--method", "smoothquant", "--alpha", "2"],
@@ -243,10 +243,8 @@ def test_cli_bad_flags_are_one_line(prepared, capsys):
                            (["--method", "awq"], "does not name its training data; give --data"),  # no calibration data
                            (["--method", "smoothquant", "--calib-data", str(data / "absent")],
                             f"error: --calib-data {data / 'absent'}: not a directory written by data/prepare.py")]:
-        with pytest.raises(SystemExit) as exit_info:
-            quant.main(common + flags)
-        assert exit_info.value.code == 2  # a usage error, as argparse's own
-        err = capsys.readouterr().err
+        code, err = refused(quant.main, *common, *flags)
+        assert code == 2  # a usage error, as argparse's own
         assert message in err and len(err.strip().splitlines()) == 1
 
 
@@ -266,7 +264,7 @@ def test_cli_writes_a_checkpoint_every_script_loads(prepared, tmp_path, method, 
     assert 0 < err < (0.05 if method == "awq" else 1e-3)
 
 
-def test_bench_measures_fp32_even_when_not_a_row(prepared, tmp_path, capsys):
+def test_bench_measures_fp32_even_when_not_a_row(prepared, tmp_path, capsys, refused):
     """bench.awq's "vs fp32" column compares with the float model's perplexity on the same tokens, measured
     whether or not fp32 is one of --methods (never nan); a bad --alpha is one line naming the flag."""
     from bench import awq as bench_awq
@@ -283,6 +281,5 @@ def test_bench_measures_fp32_even_when_not_a_row(prepared, tmp_path, capsys):
     fp = bench_awq.perplexity(load_model(ckpt), held_out, 32, 256)
     for r in rows:
         assert f"| {r['method']} | {r['ppl']:.3f} | {(r['ppl'] / fp - 1) * 100:+.2f}% |" in out
-    with pytest.raises(SystemExit) as exit_info:
-        bench_awq.main(["--model", str(ckpt), "--data", str(data), "--alpha", "1.5"])
-    assert exit_info.value.code == 2 and "--alpha must be in [0, 1], got 1.5" in capsys.readouterr().err
+    code, err = refused(bench_awq.main, "--model", ckpt, "--data", data, "--alpha", "1.5")
+    assert code == 2 and "--alpha must be in [0, 1], got 1.5" in err

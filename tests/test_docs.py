@@ -9,13 +9,21 @@ continuations and multi-line quotes, with comments dropped and shell variables d
 cached. The quick commands (--help itself, model.py's preset tables, bpe.py encode with the shared
 tokenizer files) run in full; the others need trained checkpoints or minutes and are skipped as not run.
 A failure names the file, the line, the command and what is missing.
+
+The commands run as the script's main(args) in this process (a python started per command, each importing
+torch, took minutes); `python -m pytest` runs as a subprocess, every documented script is checked to call
+main() under `if __name__ == "__main__":`, and one script runs as a subprocess.
 """
+import ast
+import contextlib
+import importlib
+import io
 import os
 import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +37,6 @@ SEPARATORS = {"&&", "||", "|", ";", "&", "(", ")"}
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 SUBCOMMAND = re.compile(r"^[a-z][a-z0-9_-]*$")
 HELP_TIMEOUT_S = 300
-RUN_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -201,15 +208,45 @@ def environment():
     return env
 
 
+def run_subprocess(argv: tuple, timeout_s: float):
+    """(exit code, output) of argv run as a subprocess in the repository root."""
+    try:
+        done = subprocess.run(argv, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {timeout_s} s"
+    return done.returncode, done.stdout + done.stderr
+
+
+def main_module(argv: tuple) -> str:
+    """The module whose main() `python SCRIPT ...` or `python -m MODULE ...` runs: data/prepare.py -> data.prepare."""
+    return argv[2] if argv[1] == "-m" else argv[1].removesuffix(".py").replace("/", ".")
+
+
+def run_main(argv: tuple):
+    """(exit code, output) of `python SCRIPT ARGS` as the script's main([ARGS]) called in this process, in the
+    repository root; an exception other than SystemExit is exit code 1 with its traceback, as python gives."""
+    args = argv[3:] if argv[1] == "-m" else argv[2:]
+    output = io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            code = importlib.import_module(main_module(argv)).main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    if not isinstance(code, int):  # sys.exit("message") prints it and exits 1
+        output.write("" if code is None else f"{code}\n")
+        code = 0 if code is None else 1
+    return code, output.getvalue()
+
+
 @lru_cache(maxsize=None)
 def run_help(argv: tuple):
     """(exit code, output) of one `python SCRIPT [SUBCOMMAND] --help`, run once."""
-    try:
-        done = subprocess.run(argv, cwd=ROOT, env=environment(), capture_output=True, text=True,
-                              timeout=HELP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return -1, f"timed out after {HELP_TIMEOUT_S} s"
-    return done.returncode, done.stdout + done.stderr
+    if argv[1:3] == ("-m", "pytest"):  # pytest's own --help cannot run inside this pytest
+        return run_subprocess(argv, HELP_TIMEOUT_S)
+    return run_main(argv)
 
 
 def target_problem(command: Command):
@@ -220,14 +257,6 @@ def target_problem(command: Command):
     elif not (ROOT / command.script).is_file():
         return f"no script {command.script}"
     return None
-
-
-@pytest.fixture(scope="module")
-def help_texts():
-    """Run every needed --help at once, a few at a time, before the per-command tests read the cache."""
-    needed = {help_argv(c, True) for c in COMMANDS if target_problem(c) is None}
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        list(pool.map(run_help, sorted(needed)))
 
 
 def flag_problems(command: Command):
@@ -265,7 +294,7 @@ def quick(command: Command):
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=COMMAND_IDS)
-def test_command_script_and_flags_exist(command, help_texts):
+def test_command_script_and_flags_exist(command):
     problems = flag_problems(command)
     assert not problems, "\n".join(f"{command.where}: {p}" for p in problems)
 
@@ -274,19 +303,38 @@ QUICK = [(c, i) for c, i in zip(COMMANDS, COMMAND_IDS) if quick(c) is not None] 
 
 
 @pytest.mark.parametrize("command", [c for c, _ in QUICK], ids=[i for _, i in QUICK])
-def test_quick_command_runs(command, help_texts):
+def test_quick_command_runs(command):
     problem = target_problem(command)
     assert problem is None, f"{command.where}: {problem}"
     argv = (sys.executable, *command.argv[1:])
-    if argv[-1] in ("--help", "-h"):
-        code, output = run_help(argv)  # cached: the flag check may have run it already
-    else:
-        done = subprocess.run(argv, cwd=ROOT, env=environment(), capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_S)
-        code, output = done.returncode, done.stdout + done.stderr
+    code, output = run_help(argv) if argv[-1] in ("--help", "-h") else run_main(argv)  # help: cached
     last = output.strip().splitlines()[-1:] or ["(no output)"]
     assert code == 0, f"{command.where}: exited {code}: {last[0]}"
     assert output.strip(), f"{command.where}: printed nothing"
+
+
+def calls_main_as_a_script(path: Path) -> bool:
+    """Whether the file has `if __name__ == "__main__":` with a call of main() in it."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and ast.unparse(node.test) in ("__name__ == '__main__'", "'__main__' == __name__")):
+            return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "main"
+                       for n in ast.walk(node))
+    return False
+
+
+def test_every_documented_script_calls_main_when_run():
+    """The flag checks call main() in this process: `python SCRIPT` runs the same only if the script calls it."""
+    local = {c.script or f"{c.module.replace('.', '/')}.py" for c in COMMANDS if target_problem(c) is None}
+    local = sorted(name for name in local if (ROOT / name).is_file())
+    assert len(local) > 20
+    assert [name for name in local if not calls_main_as_a_script(ROOT / name)] == []
+
+
+def test_a_script_answers_help_as_a_subprocess():
+    """One documented script started as python does it (from a subfolder: its own sys.path set-up included)."""
+    code, output = run_subprocess((sys.executable, "data/prepare.py", "--help"), HELP_TIMEOUT_S)
+    assert code == 0 and "--out-dir" in output and "usage" in output, output[-2000:]
 
 
 def test_readme_test_command_is_what_ci_runs():

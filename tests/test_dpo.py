@@ -260,13 +260,12 @@ def test_resume_is_bit_exact(init_dir, pairs_file, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
-def test_bad_record_is_a_one_line_error(init_dir, tmp_path, capsys):
+def test_bad_record_is_a_one_line_error(init_dir, tmp_path, refused):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n" +
                    json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--init", str(init_dir), "--data", str(bad), "--out-dir", str(tmp_path / "out")])
-    assert str(exit_info.value) == f"error: {bad}: record 1: missing field 'rejected'"
+    code, err = refused(main, "--init", init_dir, "--data", bad, "--out-dir", tmp_path / "out")
+    assert code == 1 and err == f"error: {bad}: record 1: missing field 'rejected'\n"
     items, skipped = load_items(str(bad), DPOConfig(skip_bad_records=True))
     assert len(items) == 1 and skipped == 1
 

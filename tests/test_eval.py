@@ -6,9 +6,6 @@ import itertools
 import json
 import math
 import random
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,8 +18,6 @@ from bpe import Tokenizer
 from common import save_checkpoint
 from model import ModelConfig, Transformer
 from tasks import answer_text, arithmetic_problems
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def successor_model(vocab_size=16, scale=100.0):
@@ -299,22 +294,19 @@ def test_tang_poems_start_from_endoftext_and_judge_the_bodies(chat_checkpoint, m
 # ----------------------------------------------------------------------------------------------------------
 # Prepared splits, raw files and the CLI
 
-def run(script, *args):
-    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                            cwd=REPO, timeout=300)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
-    """The first 60 kB of Tiny Shakespeare prepared with a 300-token BPE, and a few train.py steps on it."""
+    """The first 60 kB of Tiny Shakespeare prepared with a 300-token BPE, and a few train.py steps on it (the
+    scripts' main() in this process: tests/test_train.py runs them as commands)."""
+    import data.prepare
+    import train
     root = tmp_path_factory.mktemp("trained")
     text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:60_000]
     (root / "input.txt").write_text(text, encoding="utf-8")
-    run("data/prepare.py", "--source", root / "input.txt", "--out", root / "data", "--vocab-size", "300")
-    run("train.py", "--data", root / "data", "--out-dir", root / "ckpt", "--model", "tiny", "--seq-len", "32",
-        "--batch-size", "4", "--max-steps", "5", "--warmup-steps", "2", "--sample-tokens", "0", "--eval-interval", "100")
+    data.prepare.main(list(map(str, ["--source", root / "input.txt", "--out", root / "data", "--vocab-size", "300"])))
+    train.main(list(map(str, ["--data", root / "data", "--out-dir", root / "ckpt", "--model", "tiny", "--seq-len", "32",
+                              "--batch-size", "4", "--max-steps", "5", "--warmup-steps", "2", "--sample-tokens", "0",
+                              "--eval-interval", "100"])))
     return root, text
 
 
@@ -364,19 +356,15 @@ def test_a_quantized_checkpoint_is_loaded_with_its_quantized_layers(trained, tmp
     (["--ckpt", "/nonexistent"], "nothing to evaluate"),
     (["--ckpt", "/nonexistent", "--data", "/nonexistent"], "/nonexistent: no such checkpoint"),
 ])
-def test_cli_errors_are_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        eval_cli.main(argv)
-    assert exit_info.value.code != 0  # argparse prints its error; sys.exit(message) carries ours
-    assert message in capsys.readouterr().err + str(exit_info.value.code)
+def test_cli_errors_are_one_line(argv, message, refused):
+    code, err = refused(eval_cli.main, *argv)
+    assert code != 0 and message in err
 
 
-def test_cli_names_the_bad_record(trained, tmp_path, capsys):
+def test_cli_names_the_bad_record(trained, tmp_path, refused):
     root, _ = trained
     (tmp_path / "mc.jsonl").write_text('{"context": "a", "choices": ["b"], "label": 0}\n{"context": "a", "label": 0}\n')
-    with pytest.raises(SystemExit) as exit_info:
-        eval_cli.main(["--ckpt", str(root / "ckpt"), "--mc", str(tmp_path / "mc.jsonl")])
-    assert "mc.jsonl:2: field 'choices' missing" in str(exit_info.value.code)
-    with pytest.raises(SystemExit) as exit_info:
-        eval_cli.main(["--ckpt", str(root / "ckpt"), "--data", str(tmp_path)])
-    assert "meta.json not found" in str(exit_info.value.code)
+    code, err = refused(eval_cli.main, "--ckpt", root / "ckpt", "--mc", tmp_path / "mc.jsonl")
+    assert code == 1 and "mc.jsonl:2: field 'choices' missing" in err
+    code, err = refused(eval_cli.main, "--ckpt", root / "ckpt", "--data", tmp_path)
+    assert code == 1 and "meta.json not found" in err

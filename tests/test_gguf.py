@@ -2,6 +2,7 @@
 Python reader/writer, test-only), files written by each read by the other, the Q/K row reordering, the
 tokenizer and the logits of SmolLM2-135M-Instruct (fetched with `gguf_io.py fetch`) against transformers'
 GGUF loader, exported files read back by transformers, bad input. llama.cpp parity: `-m slow`."""
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -272,12 +273,35 @@ def smollm2():
     return Path(result.stdout.strip())
 
 
-def test_smollm2_tokenizer_matches_transformers(smollm2):
+@pytest.fixture(scope="module")
+def parse_gguf_once(smollm2):
+    """transformers reads the file's metadata anew for the config, the weights and the tokenizer (~7 s each
+    here, in gguf's Python reader): the reader of this read-only file is built once and handed to all three."""
+    readers = {}
+
+    def cached_reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader_class(path, *args, **kwargs)
+        return readers[key]
+    reader_class = gguf.GGUFReader
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", cached_reader)  # transformers imports it from gguf at each load
+        yield
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2_tokenizer(smollm2, parse_gguf_once):
+    """transformers' tokenizer of the file (its own GGUF loader), built once for the tests below."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2, hf_smollm2_tokenizer):
     """transformers builds the GGUF tokenizer with plain GPT-2 splitting: it has no entry for llama.cpp's
     `smollm` pre-tokenizer, so its splitting is set to SmolLM2's own (each digit alone, then ByteLevel)."""
-    transformers = pytest.importorskip("transformers")
     from tokenizers import pre_tokenizers
-    theirs = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    theirs = copy.deepcopy(hf_smollm2_tokenizer)
     theirs.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     ours = load_tokenizer(smollm2)
@@ -289,7 +313,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
     assert ours.eos_id == 2 and "<|im_start|>" in ours.chat_template
 
 
-def test_smollm2_logits_and_greedy_chat_match_transformers(smollm2):
+def test_smollm2_logits_and_greedy_chat_match_transformers(smollm2, hf_smollm2_tokenizer, parse_gguf_once):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from chat import prompt_ids
@@ -301,7 +325,7 @@ def test_smollm2_logits_and_greedy_chat_match_transformers(smollm2):
     with torch.no_grad():
         assert (ours(ids)[0] - theirs(ids).logits).abs().max() < 2e-3
     prompt = prompt_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
-    their_template = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name).apply_chat_template(
+    their_template = hf_smollm2_tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
     assert tokenizer.decode(prompt) == their_template
     with torch.no_grad():

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from pipeline import (DATA_URLS, PPO_CLEARLY_BETTER, PRESETS, REPO, PipelineError, Stage, build_report, build_stages,
-                      data_files, download_data, main, rl_policy, run_pipeline)
+from pipeline import build_report, main, run_pipeline
+from pipeline_scratch import (DATA_URLS, PPO_CLEARLY_BETTER, PRESETS, build_stages, data_files, download_data,
+                              rl_policy)
+from pipeline_stages import REPO, PipelineError, Stage
 
 
 def python_stage(name, code, writes_summary=False):
@@ -144,7 +146,7 @@ def test_download_from_a_mirror_once(tmp_path, data_dir, monkeypatch):
     # present files are not fetched again: the mirror is gone, yet a second call succeeds
     download_data(files, dest, (tmp_path / "gone").as_uri())
     # the default URLs, redirected to the mirror (no internet here): the same layout
-    monkeypatch.setattr("pipeline.DATA_URLS", {f: (data_dir / f).as_uri() for f in DATA_URLS})
+    monkeypatch.setattr("pipeline_scratch.DATA_URLS", {f: (data_dir / f).as_uri() for f in DATA_URLS})
     download_data(files, tmp_path / "defaults")
     assert sorted(p.relative_to(tmp_path / "defaults") for p in (tmp_path / "defaults").rglob("*.json")) == \
         sorted(map(type(dest), files))
@@ -187,15 +189,13 @@ def test_ci_preset_end_to_end(tmp_path, data_dir):
     assert result.stdout.count("skipped") == len(stages)
 
 
-def test_a_rerun_with_another_preset_or_language_refuses(tmp_path, data_dir, capsys):
+def test_a_rerun_with_another_preset_or_language_refuses(tmp_path, data_dir, refused):
     main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--only", "chat_data"])
     assert json.loads((tmp_path / "run.json").read_text()) == {"preset": "ci", "lang": "en", "base": ""}
     for argv, said in ((["--preset", "ci", "--lang", "zh"], "--lang en, not --lang zh"),
                        (["--preset", "cpu-tiny"], "--preset ci, not --preset cpu-tiny")):
-        with pytest.raises(SystemExit) as info:
-            main([*argv, "--data-dir", str(data_dir), "--out", str(tmp_path)])
-        assert info.value.code == 2
-        err = capsys.readouterr().err
+        code, err = refused(main, *argv, "--data-dir", data_dir, "--out", tmp_path)
+        assert code == 2
         assert said in err and str(tmp_path) in err and err.count("\n") == 1
     assert not (tmp_path / "tokenizer").exists()  # nothing ran
     assert json.loads((tmp_path / "run.json").read_text()) == {"preset": "ci", "lang": "en", "base": ""}
@@ -203,22 +203,19 @@ def test_a_rerun_with_another_preset_or_language_refuses(tmp_path, data_dir, cap
     main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--only", "chat_data"])
 
 
-def test_a_run_older_than_run_json_is_known_by_its_report(tmp_path, data_dir, capsys):
+def test_a_run_older_than_run_json_is_known_by_its_report(tmp_path, data_dir, refused):
     (tmp_path / "report.md").write_text("# nanollm report: preset `cpu-tiny`, lang `en`\n\n| stage |\n")
-    with pytest.raises(SystemExit):
-        main(["--preset", "ci", "--lang", "zh", "--data-dir", str(data_dir), "--out", str(tmp_path)])
-    assert "--preset cpu-tiny --lang en, not --preset ci --lang zh" in capsys.readouterr().err
+    _, err = refused(main, "--preset", "ci", "--lang", "zh", "--data-dir", data_dir, "--out", tmp_path)
+    assert "--preset cpu-tiny --lang en, not --preset ci --lang zh" in err
 
 
-def test_missing_data_files_fail_before_the_first_stage(tmp_path, data_dir, capsys):
+def test_missing_data_files_fail_before_the_first_stage(tmp_path, data_dir, refused):
     partial = tmp_path / "data"
     for f in data_files("ci", "en"):
         if not f.startswith("preference/"):
             (partial / f).parent.mkdir(parents=True, exist_ok=True)
             (partial / f).write_bytes((data_dir / f).read_bytes())
-    with pytest.raises(SystemExit) as info:
-        main(["--preset", "ci", "--data-dir", str(partial), "--out-dir", str(tmp_path / "run")])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    code, err = refused(main, "--preset", "ci", "--data-dir", partial, "--out-dir", tmp_path / "run")
+    assert code == 2
     assert "lacks 1 file(s)" in err and "preference/dpo_en_demo.json" in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "logs").exists()  # no stage started

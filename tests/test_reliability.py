@@ -10,6 +10,7 @@ import torch
 import evaluate as evaluation
 import sample
 import sft
+import train
 from bpe import Tokenizer
 from common import check_tokenizer, load_tokenizer, save_checkpoint, tokenizer_identity
 from model import ModelConfig, Transformer
@@ -55,13 +56,11 @@ def test_checkpoint_records_the_identity_of_its_tokenizer(tmp_path, tokenizers):
 
 
 @pytest.mark.parametrize("which", ["smaller", "other"])
-def test_sample_refuses_a_tokenizer_the_model_was_not_trained_with(tmp_path, tokenizers, which, capsys):
+def test_sample_refuses_a_tokenizer_the_model_was_not_trained_with(tmp_path, tokenizers, which, refused):
     trained, paths = tokenizers
     run = tiny_checkpoint(tmp_path / "run", trained)
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--ckpt", str(run), "--tokenizer", paths[which], "--prompt", "To be", "--max-new-tokens", "4"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code != 0 and "not the tokenizer the model" in err and paths[which] in err
+    code, err = refused(sample.main, "--ckpt", run, "--tokenizer", paths[which], "--prompt", "To be", "--max-new-tokens", "4")
+    assert code != 0 and "not the tokenizer the model" in err and paths[which] in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -82,13 +81,12 @@ def test_a_replaced_tokenizer_file_beside_the_checkpoint_is_refused(tmp_path, to
         check_tokenizer(run, load_tokenizer(run))
 
 
-def test_sft_and_eval_refuse_a_foreign_tokenizer(tmp_path, tokenizers):
+def test_sft_and_eval_refuse_a_foreign_tokenizer(tmp_path, tokenizers, refused):
     trained, paths = tokenizers
     run = tiny_checkpoint(tmp_path / "run", trained)
-    with pytest.raises(SystemExit) as exit_info:
-        sft.main(["--init", str(run), "--data", str(tmp_path / "chat.jsonl"), "--tokenizer", paths["smaller"],
-                  "--out-dir", str(tmp_path / "sft")])
-    assert "not the tokenizer the model" in str(exit_info.value.code)
+    code, err = refused(sft.main, "--init", run, "--data", tmp_path / "chat.jsonl", "--tokenizer", paths["smaller"],
+                        "--out-dir", tmp_path / "sft")
+    assert code == 1 and "not the tokenizer the model" in err
     with pytest.raises(ValueError, match="not the tokenizer the model"):
         evaluation.load_for_eval(run, tokenizer_path=paths["other"])
 
@@ -106,44 +104,36 @@ def prepared(tmp_path_factory):
     return root / "data"
 
 
-def one_line_error(capsys, exit_info, code):
-    """The error printed: one line (after argparse's usage lines, for its own errors), no traceback.
-    sys.exit("message") exits with status 1 and prints the message."""
-    err, status = capsys.readouterr().err, exit_info.value.code
-    if isinstance(status, str):
-        err, status = err + status, 1
-    assert status == code, err
+def one_line(err: str) -> str:
+    """The error's line, checked to be the only one (after argparse's usage lines, for its own errors) and no
+    traceback."""
     lines = err.strip().splitlines()
     assert "Traceback" not in err and all(line.startswith(("usage:", " ")) for line in lines[:-1]), err
     return lines[-1]
 
 
-def train_cli(data, out_dir, *flags):
-    import train
-    train.main(["--data", str(data), "--out-dir", str(out_dir), "--model", "tiny", "--seq-len", "32",
-                "--batch-size", "4", "--max-steps", "2", "--eval-interval", "2", "--eval-tokens", "256",
-                "--sample-tokens", "0", "--warmup-steps", "1", "--log-interval", "1", *flags])
+def train_args(data, out_dir, *flags):
+    """train.py's command line for a two-step run of the tiny model."""
+    return ["--data", data, "--out-dir", out_dir, "--model", "tiny", "--seq-len", "32", "--batch-size", "4",
+            "--max-steps", "2", "--eval-interval", "2", "--eval-tokens", "256", "--sample-tokens", "0",
+            "--warmup-steps", "1", "--log-interval", "1", *flags]
 
 
-def test_train_usage_errors_are_one_line_with_exit_status_2(prepared, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_cli(prepared, tmp_path / "run", "--batch-size", "0")
-    assert "--batch-size must be >= 1, got 0" in one_line_error(capsys, exit_info, 2)
+def test_train_usage_errors_are_one_line_with_exit_status_2(prepared, tmp_path, capsys, refused):
+    code, err = refused(train.main, *train_args(prepared, tmp_path / "run", "--batch-size", "0"))
+    assert code == 2 and "--batch-size must be >= 1, got 0" in one_line(err)
 
-    train_cli(prepared, tmp_path / "run")
+    train.main(list(map(str, train_args(prepared, tmp_path / "run"))))
     capsys.readouterr()
     saved = (tmp_path / "run" / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit) as exit_info:                  # another width: a size mismatch deep in torch today
-        train_cli(prepared, tmp_path / "run", "--resume", "--max-steps", "4", "--dim", "32")
-    err = one_line_error(capsys, exit_info, 2)
-    assert "--resume" in err and "dim 64 -> 32" in err
+    # another width: a size mismatch deep in torch today
+    code, err = refused(train.main, *train_args(prepared, tmp_path / "run", "--resume", "--max-steps", "4", "--dim", "32"))
+    assert code == 2 and "--resume" in one_line(err) and "dim 64 -> 32" in err
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == saved
 
     (tmp_path / "blocker").write_text("a file, not a directory")
-    with pytest.raises(SystemExit) as exit_info:
-        train_cli(prepared, tmp_path / "blocker" / "run")
-    err = one_line_error(capsys, exit_info, 2)
-    assert "--out-dir" in err and f"{tmp_path / 'blocker'} is a file" in err
+    code, err = refused(train.main, *train_args(prepared, tmp_path / "blocker" / "run"))
+    assert code == 2 and "--out-dir" in one_line(err) and f"{tmp_path / 'blocker'} is a file" in err
 
 
 @pytest.mark.parametrize("script,argv", [
@@ -151,23 +141,21 @@ def test_train_usage_errors_are_one_line_with_exit_status_2(prepared, tmp_path, 
     ("rlhf", ["grpo", "--init", "x", "--prompts-per-step", "0"]), ("eval", ["--ckpt", "x", "--arithmetic", "5"]),
     ("distill", ["generate", "--teacher", "x", "--prompts", "y", "--out", "z"]),
     ("distill", ["cache", "--teacher", "x", "--data", "y", "--out", "z"])])
-def test_a_batch_of_zero_is_a_usage_error_in_every_script(script, argv, capsys):
+def test_a_batch_of_zero_is_a_usage_error_in_every_script(script, argv, refused):
     import importlib
     flag = "--prompts-per-step" if script == "rlhf" else "--batch-size"
-    with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(script).main(argv + ([] if script == "rlhf" else ["--batch-size", "0"]))
-    assert f"{flag} must be >= 1, got 0" in one_line_error(capsys, exit_info, 2)
+    code, err = refused(importlib.import_module(script).main, *argv, *([] if script == "rlhf" else ["--batch-size", "0"]))
+    assert code == 2 and f"{flag} must be >= 1, got 0" in one_line(err)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
-def test_train_resume_from_a_damaged_checkpoint_is_one_line(prepared, tmp_path, capsys, damage):
-    train_cli(prepared, tmp_path / "run")
+def test_train_resume_from_a_damaged_checkpoint_is_one_line(prepared, tmp_path, capsys, refused, damage):
+    train.main(list(map(str, train_args(prepared, tmp_path / "run"))))
     capsys.readouterr()
     path = tmp_path / "run" / "ckpt.pt"
     path.write_bytes(path.read_bytes()[:1000] if damage == "truncated" else b"")
-    with pytest.raises(SystemExit) as exit_info:
-        train_cli(prepared, tmp_path / "run", "--resume", "--max-steps", "4")
-    assert f"{path}: not a readable checkpoint" in one_line_error(capsys, exit_info, 1)
+    code, err = refused(train.main, *train_args(prepared, tmp_path / "run", "--resume", "--max-steps", "4"))
+    assert code == 1 and f"{path}: not a readable checkpoint" in one_line(err)
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
@@ -213,45 +201,40 @@ def test_a_read_only_directory_is_named(tmp_path, tokenizers, monkeypatch):
         check_writable_dir(run)
 
 
-def test_prepare_refuses_a_vocabulary_smaller_than_the_bytes_and_specials(tmp_path, capsys):
+def test_prepare_refuses_a_vocabulary_smaller_than_the_bytes_and_specials(tmp_path, refused):
     import data.prepare as prepare
     (tmp_path / "corpus.txt").write_text(TEXT)
-    with pytest.raises(SystemExit) as exit_info:
-        prepare.main(["--source", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "data"), "--vocab-size", "100"])
-    err = one_line_error(capsys, exit_info, 2)
-    assert "--vocab-size must be at least the 256 byte tokens + 6 special tokens = 262, got 100" in err
+    code, err = refused(prepare.main, "--source", tmp_path / "corpus.txt", "--out", tmp_path / "data", "--vocab-size", "100")
+    assert code == 2
+    assert "--vocab-size must be at least the 256 byte tokens + 6 special tokens = 262, got 100" in one_line(err)
     assert not (tmp_path / "data" / "meta.json").exists()
 
 
-def test_sft_names_a_file_that_is_not_utf8(tmp_path, tokenizers):
+def test_sft_names_a_file_that_is_not_utf8(tmp_path, tokenizers, refused):
     trained, _ = tokenizers
     run = tiny_checkpoint(tmp_path / "run", trained)
     chat_file = tmp_path / "chats.jsonl"
     raw = b'{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'
     chat_file.write_bytes(raw)
-    with pytest.raises(SystemExit) as exit_info:
-        sft.main(["--init", str(run), "--data", str(chat_file), "--out-dir", str(tmp_path / "sft")])
-    assert f"{chat_file}: not UTF-8 text (line 2, byte offset {raw.index(0xE9)}" in str(exit_info.value.code)
+    code, err = refused(sft.main, "--init", run, "--data", chat_file, "--out-dir", tmp_path / "sft")
+    assert code == 1 and f"{chat_file}: not UTF-8 text (line 2, byte offset {raw.index(0xE9)}" in err
 
 
-def test_quant_refuses_to_overwrite_its_input_and_names_the_group_size_flag(tmp_path, tokenizers, capsys):
+def test_quant_refuses_to_overwrite_its_input_and_names_the_group_size_flag(tmp_path, tokenizers, refused):
     import quant
     trained, _ = tokenizers
     run = tiny_checkpoint(tmp_path / "run", trained)          # dim 32: narrower than the default group of 128
     before = (run / "ckpt.pt").read_bytes()
     for out in (run, run / "ckpt.pt"):
-        with pytest.raises(SystemExit) as exit_info:
-            quant.main(["--ckpt", str(run), "--out", str(out), "--method", "rtn", "--no-eval"])
-        assert "is --ckpt's directory" in one_line_error(capsys, exit_info, 2)
+        code, err = refused(quant.main, "--ckpt", run, "--out", out, "--method", "rtn", "--no-eval")
+        assert code == 2 and "is --ckpt's directory" in one_line(err)
     other = tiny_checkpoint(tmp_path / "other", trained)
-    with pytest.raises(SystemExit) as exit_info:
-        quant.main(["--ckpt", str(run), "--out", str(other), "--method", "rtn", "--no-eval"])
-    assert "holds a full-precision checkpoint" in one_line_error(capsys, exit_info, 2)
+    code, err = refused(quant.main, "--ckpt", run, "--out", other, "--method", "rtn", "--no-eval")
+    assert code == 2 and "holds a full-precision checkpoint" in one_line(err)
     assert (run / "ckpt.pt").read_bytes() == before
-    with pytest.raises(SystemExit) as exit_info:
-        quant.main(["--ckpt", str(run), "--out", str(tmp_path / "q"), "--method", "rtn", "--no-eval"])
-    err = one_line_error(capsys, exit_info, 2)
-    assert "--group-size 128 does not divide the 32 input columns of layers.0.self_attn.q_proj" in err
+    code, err = refused(quant.main, "--ckpt", run, "--out", tmp_path / "q", "--method", "rtn", "--no-eval")
+    err = one_line(err)
+    assert code == 2 and "--group-size 128 does not divide the 32 input columns of layers.0.self_attn.q_proj" in err
 
 
 # ----------------------------------------------------------------------------------------------------------

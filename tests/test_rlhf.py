@@ -328,14 +328,15 @@ def test_ppo_cli_runs_with_a_learned_reward(tmp_path, sft_checkpoint):
     assert ckpt["value_head"]["weight"].shape == (1, 32)
 
 
-def test_cli_errors_are_one_line(tmp_path, checkpoint, capsys):
-    with pytest.raises(SystemExit, match="needs --reward-model"):
-        main(["ppo", "--init", str(checkpoint), "--out-dir", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="no such file"):
-        main(["reward", "--init", str(checkpoint), "--data", str(tmp_path / "missing.json"),
-              "--out-dir", str(tmp_path / "y")])
-    with pytest.raises(SystemExit, match="samples-per-prompt must be >= 2"):
-        main(["grpo", "--init", str(checkpoint), "--samples-per-prompt", "1", "--out-dir", str(tmp_path / "z")])
+def test_cli_errors_are_one_line(tmp_path, checkpoint, refused):
+    for argv, message in (
+            (["ppo", "--init", checkpoint, "--out-dir", tmp_path / "x"], "needs --reward-model"),
+            (["reward", "--init", checkpoint, "--data", tmp_path / "missing.json", "--out-dir", tmp_path / "y"],
+             "no such file"),
+            (["grpo", "--init", checkpoint, "--samples-per-prompt", "1", "--out-dir", tmp_path / "z"],
+             "samples-per-prompt must be >= 2")):
+        code, err = refused(main, *argv)
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_reward_cli_resumes_exactly(tmp_path, checkpoint):

@@ -39,25 +39,23 @@ def snapshot(directory: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def test_a_run_directory_is_not_overwritten_without_overwrite(corpus, tmp_path, capsys):
+def test_a_run_directory_is_not_overwritten_without_overwrite(corpus, tmp_path, capsys, refused):
     train.train(config(corpus, tmp_path / "run"))
     before = snapshot(tmp_path / "run")
     with pytest.raises(UsageError, match="--resume continues it, --overwrite starts over"):
         train.train(config(corpus, tmp_path / "run", max_steps=6))
     assert snapshot(tmp_path / "run") == before  # refused before anything was written
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:  # the CLI: one line, no traceback, exit status 2 (a usage error)
-        train.main(["--data", str(corpus), "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    # the CLI: one line, no traceback, exit status 2 (a usage error)
+    code, err = refused(train.main, "--data", corpus, "--out-dir", tmp_path / "run", "--device", "cpu")
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     summary = train.train(config(corpus, tmp_path / "run", max_steps=2, overwrite=True))
     assert summary["step"] == 2 and json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 2
 
 
-def test_resume_without_a_checkpoint_says_there_is_nothing_to_resume(corpus, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        train.main(["--data", str(corpus), "--out-dir", str(tmp_path / "empty"), "--resume", "--device", "cpu"])
-    assert exit_.value.code == 2 and "nothing to resume" in capsys.readouterr().err
+def test_resume_without_a_checkpoint_says_there_is_nothing_to_resume(corpus, tmp_path, refused):
+    code, err = refused(train.main, "--data", corpus, "--out-dir", tmp_path / "empty", "--resume", "--device", "cpu")
+    assert code == 2 and "nothing to resume" in err
     assert not (tmp_path / "empty" / "metrics.jsonl").exists()
 
 

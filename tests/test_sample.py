@@ -11,8 +11,9 @@ import sample
 from common import save_checkpoint
 from model import ModelConfig, Transformer
 from chat import prompt_ids, render_chatml
-from sample import (SamplingParams, TextStream, apply_penalties, beam_search, generate, left_pad,
-                    min_p_filter, speculative_generate, top_k_filter, top_p_filter, typical_filter)
+from decoding import beam_search, speculative_generate
+from sample import (SamplingParams, TextStream, apply_penalties, generate, left_pad, min_p_filter, top_k_filter,
+                    top_p_filter, typical_filter)
 
 INF = float("inf")
 
@@ -304,7 +305,7 @@ def test_generate_with_every_option_equals_transformers_greedy_generate():
     assert any(len(t) < 12 for t in ours)                            # the stop token did end a row
 
 
-def test_speculative_and_beam_refuse_what_they_cannot_do(capsys):
+def test_speculative_and_beam_refuse_what_they_cannot_do(refused):
     target = make_model()
     with pytest.raises(ValueError, match=r"banned_tokens: token 64 is not in the model's vocabulary \(ids 0..63\)"):
         generate(target, [1, 2], 4, banned_tokens=[3, 64])
@@ -316,9 +317,8 @@ def test_speculative_and_beam_refuse_what_they_cannot_do(capsys):
         speculative_generate(target, target, torch.tensor([[1, 2], [3, 4]]), 4)
     for argv in (["--strategy", "speculative", "--draft-ckpt", "d", "--no-repeat-ngram-size", "2"],
                  ["--strategy", "beam", "--logit-bias", "3=1"]):
-        with pytest.raises(SystemExit) as exit_info:
-            sample.main(["--ckpt", "somewhere"] + argv)
-        assert exit_info.value.code == 2 and "takes no" in capsys.readouterr().err
+        code, err = refused(sample.main, "--ckpt", "somewhere", *argv)
+        assert code == 2 and "takes no" in err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,8 +439,9 @@ def test_speculative_greedy_returns_exactly_the_targets_greedy_output():
 def test_speculative_sampling_follows_the_target_distribution():
     """Joint frequencies of the first two tokens over 2,000 runs match the target's exact distribution
     (chi-square at the 0.1% level), and are far from the draft's (the test can tell them apart)."""
-    V = 4
-    target, draft = make_model(seed=0, vocab_size=V, std=0.6), make_model(seed=5, vocab_size=V, std=0.6, n_layers=1)
+    V = 4  # one layer each: 2,000 runs, the time in each model's forward (the distributions are what is tested)
+    target, draft = (make_model(seed=0, vocab_size=V, std=0.6, n_layers=1),
+                     make_model(seed=5, vocab_size=V, std=0.6, n_layers=1))
     prompt = [1, 2, 3]
 
     def joint(model):
@@ -616,25 +617,21 @@ def test_cli_interactive_chat_keeps_history_and_handles_commands(checkpoint, cap
     (["--strategy", "speculative"], "needs --draft-ckpt"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
 ])
-def test_cli_rejects_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--ckpt", "somewhere"] + argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+def test_cli_rejects_bad_arguments(argv, message, refused):
+    code, err = refused(sample.main, "--ckpt", "somewhere", *argv)
+    assert code == 2 and message in err
 
 
-def test_cli_reports_a_directory_without_a_model(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--ckpt", str(tmp_path), "--prompt", "x"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "no nanollm checkpoint" in err and "Traceback" not in err
+def test_cli_reports_a_directory_without_a_model(tmp_path, refused):
+    code, err = refused(sample.main, "--ckpt", tmp_path, "--prompt", "x")
+    assert code == 1 and "no nanollm checkpoint" in err and "Traceback" not in err
 
 
-def test_cli_prompt_longer_than_the_context(checkpoint, capsys):
+def test_cli_prompt_longer_than_the_context(checkpoint, capsys, refused):
     directory, _, _ = checkpoint
     long_prompt = "To be, or not to be: that is the question. " * 60
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--ckpt", str(directory), "--prompt", long_prompt, "--max-new-tokens", "4"])
-    assert exit_info.value.code == 1 and "--truncate left" in capsys.readouterr().err
+    code, err = refused(sample.main, "--ckpt", directory, "--prompt", long_prompt, "--max-new-tokens", "4")
+    assert code == 1 and "--truncate left" in err
     sample.main(["--ckpt", str(directory), "--prompt", long_prompt, "--max-new-tokens", "4", "--truncate", "left",
                  "--strategy", "greedy"])
     assert "tokens/s" in capsys.readouterr().err

@@ -117,18 +117,18 @@ def test_packing_keeps_each_example_loss(base, data_dir):
     torch.testing.assert_close(loss_packed, loss_plain, atol=1e-5, rtol=0)
 
 
-def test_bad_input_is_named(base, data_dir, tmp_path, capsys):
+def test_bad_input_is_named(base, data_dir, tmp_path, refused):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "q", "output": "a"}, {"instruction": "q"}]))
-    with pytest.raises(SystemExit, match=r"bad.json: record 1: missing field 'output'"):
-        main(["--init", str(base[0]), "--data", str(bad), "--out-dir", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="--set 'name': expected KEY=VALUE"):
-        main(["--init", str(base[0]), "--data", str(bad), "--out-dir", str(tmp_path / "x"), "--set", "name"])
+    code, err = refused(main, "--init", base[0], "--data", bad, "--out-dir", tmp_path / "x")
+    assert code != 0 and "bad.json: record 1: missing field 'output'" in err
+    code, err = refused(main, "--init", base[0], "--data", bad, "--out-dir", tmp_path / "x", "--set", "name")
+    assert code != 0 and "--set 'name': expected KEY=VALUE" in err
     with pytest.raises(SystemExit, match="--eval-new-tokens 96 leaves no room for a prompt"):
         run_sft(base[0], data_dir, tmp_path / "y", "--max-steps", 1, "--eval-new-tokens", 96)
 
 
-def test_tasks_cli_writes_arithmetic_chats_sft_reads(tmp_path, capsys):
+def test_tasks_cli_writes_arithmetic_chats_sft_reads(tmp_path, refused):
     import tasks
     out = tmp_path / "arith.jsonl"
     assert tasks.main(["--n", "20", "--n-terms", "2", "--max-operand", "30", "--out", str(out)]) == 0
@@ -140,6 +140,5 @@ def test_tasks_cli_writes_arithmetic_chats_sft_reads(tmp_path, capsys):
         assert tasks.split_of(chat[0]["content"]) == "train"
     for argv, message in ((["--out", str(out)], "already exists"), (["--n", "500", "--split", "test", "--n-terms", "2"],
                                                                        "--n 500: only 8 distinct test problems")):
-        with pytest.raises(SystemExit) as info:
-            tasks.main(argv)
-        assert info.value.code == 2 and message in capsys.readouterr().err
+        code, err = refused(tasks.main, *argv)
+        assert code == 2 and message in err

@@ -24,6 +24,13 @@ def run(script, *args, check=True, **kwargs):
     return result
 
 
+def train_here(*args):
+    """train.py's main() in this process (no python to start): for runs that are not about the command itself,
+    which test_training_reduces_loss_and_writes_summary runs as one."""
+    import train
+    train.main(list(map(str, args)))
+
+
 def losses(out_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -78,8 +85,8 @@ def test_training_reduces_loss_and_writes_summary(shakespeare, tmp_path):
 
 def test_mixture_of_experts_trains_and_logs_expert_shares(shakespeare, tmp_path):
     out = tmp_path / "moe"
-    run("train.py", "--data", shakespeare, "--out-dir", out, "--max-steps", "40", "--eval-interval", "20",
-        "--n-experts", "4", "--n-experts-per-token", "2", *TINY_RUN)
+    train_here("--data", shakespeare, "--out-dir", out, "--max-steps", "40", "--eval-interval", "20",
+               "--n-experts", "4", "--n-experts-per-token", "2", *TINY_RUN)
     curve = losses(out)
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -94,8 +101,8 @@ def test_mixture_of_experts_trains_and_logs_expert_shares(shakespeare, tmp_path)
 
 
 def test_kill_and_resume_is_bit_exact(shakespeare, tmp_path):
-    args = ["--data", shakespeare, "--max-steps", "60", "--eval-interval", "10", "--dropout", "0.1", *TINY_RUN]
-    run("train.py", *args, "--out-dir", tmp_path / "straight")
+    args = ["--data", shakespeare, "--max-steps", "40", "--eval-interval", "10", "--dropout", "0.1", *TINY_RUN]
+    train_here(*args, "--out-dir", tmp_path / "straight")
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args), "--out-dir", str(killed)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,7 +113,7 @@ def test_kill_and_resume_is_bit_exact(shakespeare, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert len(losses(killed)) < 60 and not (killed / "summary.json").exists()
+    assert len(losses(killed)) < 40 and not (killed / "summary.json").exists()
     run("train.py", *args, "--out-dir", killed, "--resume")
     assert losses(killed) == losses(tmp_path / "straight")  # identical floats, step by step
 
@@ -114,7 +121,7 @@ def test_kill_and_resume_is_bit_exact(shakespeare, tmp_path):
 def test_two_process_ddp_equals_one_process(shakespeare, tmp_path):
     args = ["--data", shakespeare, "--max-steps", "6", "--eval-interval", "100", *TINY_RUN]
     args[args.index("--batch-size") + 1] = "4"
-    run("train.py", *args, "--out-dir", tmp_path / "single", "--batch-size", "8")
+    train_here(*args, "--out-dir", tmp_path / "single", "--batch-size", "8")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(REPO / "train.py"), *map(str, args), "--out-dir", str(tmp_path / "ddp")],
                          capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -188,7 +195,7 @@ def test_fused_cross_entropy_gives_the_same_losses(shakespeare, tmp_path):
     """--fused-ce (kernels/cross_entropy.py, in the Triton interpreter here) against torch's loss."""
     pytest.importorskip("triton")
     args = ["--data", shakespeare, "--max-steps", "3", "--eval-interval", "100", *TINY_RUN]
-    args[args.index("--batch-size") + 1] = "2"  # the interpreter runs the kernel row by row: 128 rows, not 512
+    args[args.index("--batch-size") + 1] = "1"  # the interpreter runs the kernel row by row: 64 rows, not 512
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run("train.py", *args, "--out-dir", tmp_path / "torch", env=env)
     run("train.py", *args, "--out-dir", tmp_path / "fused", "--fused-ce", env=env)

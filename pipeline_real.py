@@ -1,0 +1,542 @@
+"""pipeline.py's real-model track (--base): post-training of a published chat model such as
+SmolLM2-135M-Instruct: identity SFT, DPO, GRPO, a small student distilled from it and used as its draft in
+speculative decoding, four quantizations and a GGUF export, every model evaluated on held-out identity
+questions, real text and arithmetic. REAL_PRESETS sizes the stages (ci, quick, full); check_base refuses a
+model the track cannot use before the first stage; write_real_data prepares the data; build_real_stages
+lists the stages; evaluate_real_stage, speculate_stage and export_stage are workers (`python pipeline.py
+evaluate-real | speculate | export ...`); judge_real and report_lines turn the results into report.md.
+"""
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from pipeline_stages import (IDENTITY_AUTHOR, IDENTITY_NAME, IDENTITY_PROMPTS, QUANT_BPB_TOLERANCE, REPO,
+                             PipelineError, Stage, fmt, py, read_json, write_json)
+from verdicts import REPORT_CARD_TEXT, Measure, report_card, wilson_interval
+
+# The real-model track: a fine-tuning stage "regressed" when held-out wiki/c4 bpb rose more than this
+REAL_KEEP_TOLERANCE = 0.05
+# The q8_0 GGUF read back "regressed" when its next-token argmax differs from the model's at more positions
+EXPORT_TOP1_TOLERANCE = 0.1
+
+# Per preset: which stages run, the data sizes and every stage's flags. "ci" runs every stage on a tiny
+# stand-in with the base's tokenizer; "quick" is identity + DPO + quantize + export; "full" all of them.
+REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "distill_ce", "distill", "speculative",
+               "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export", "eval"]
+REAL_PRESETS = {
+    "ci": dict(
+        stages=REAL_STAGES, n_general=40, text_chars=20_000, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
+        max_operand=30, eval_new_tokens=16, spec_prompts=2, spec_new_tokens=16, spec_draft=4,
+        sft=["--lora-rank", "8", "--lora-embedding-rank", "1", "--max-len", "128", "--batch-size", "4",
+             "--max-steps", "6", "--lr", "2e-3", "--warmup-steps", "1", "--eval-interval", "6", "--eval-prompts", "4",
+             "--eval-new-tokens", "8", "--log-interval", "2"],
+        dpo=["--lora-rank", "4", "--max-len", "128", "--batch-size", "2", "--max-steps", "4", "--eval-interval", "4",
+             "--log-interval", "2", "--lr", "1e-3"],
+        grpo=["--n-train", "40", "--n-eval", "20", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-steps", "2",
+              "--eval-interval", "2", "--log-interval", "1", "--max-new-tokens", "8"],
+        student=["--model", "tiny", "--n-layers", "1", "--dim", "32", "--n-heads", "2", "--n-kv-heads", "2",
+                 "--hidden-dim", "64", "--seq-len", "64", "--batch-size", "4", "--max-steps", "10", "--lr", "3e-3",
+                 "--warmup-steps", "2", "--eval-interval", "10", "--eval-tokens", "1024", "--sample-tokens", "0",
+                 "--log-interval", "5"],
+        cache=["--seq-len", "64", "--top-k", "8", "--samples", "4", "--batch-size", "4"], group_size=32,
+        gptq=["--calib-samples", "4", "--calib-seq-len", "64"]),
+    # meant for 15 minutes on an idle 2-core CPU with evaluation (docs/pipeline_real_model.md): budgets in steps,
+    # so the result does not depend on the machine's load; --max-time is only a safety net
+    "quick": dict(
+        stages=["data", "text_data", "sft", "dpo", "quant_rtn8", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
+                "eval"],
+        # english_repeat 3: the quick run's SFT named itself in 16 of 19 held-out Chinese questions, 1 of 5 English
+        n_general=100, english_repeat=3, text_chars=200_000, heldout_tokens=2048, n_arith_eval=40, n_terms=2,
+        max_operand=30, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=48,
+        # --max-len 160: every example but one (a Chinese identity answer of 225 tokens) fits whole
+        sft=["--lora-rank", "16", "--lora-embedding-rank", "1", "--max-len", "160", "--batch-size", "8",
+             "--max-steps", "40", "--max-time", "900", "--lr", "1e-3", "--warmup-steps", "4", "--eval-interval", "40",
+             "--eval-prompts", "0", "--log-interval", "5"],
+        # the held-out pairs' reference log-probs are computed once; evaluated at the start and the end only
+        dpo=["--lora-rank", "16", "--max-len", "192", "--batch-size", "2", "--max-steps", "30", "--max-time", "900",
+             "--lr", "5e-4", "--eval-interval", "30", "--log-interval", "5"],
+        grpo=["--n-eval", "40", "--prompts-per-step", "4", "--samples-per-prompt", "4", "--max-steps", "30",
+              "--max-time", "300", "--eval-interval", "30", "--max-new-tokens", "40"],
+        student=["--model", "tiny", "--n-layers", "2", "--dim", "128", "--n-heads", "4", "--n-kv-heads", "4",
+                 "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "300",
+                 "--max-time", "300", "--lr", "2e-3", "--eval-interval", "300", "--sample-tokens", "0"],
+        cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
+        group_size=64,  # SmolLM2's rows are 576 and 1536 long: 128 does not divide 576
+        gptq=["--calib-samples", "32", "--calib-seq-len", "256", "--act-order"]),
+}
+# meant for 45 minutes on an idle 2-core CPU with evaluation: quick's data, SFT and DPO, then GRPO,
+# distillation, speculative decoding and the four quantizations, every stage sized by steps (--max-time is a
+# safety net only); per-stage estimates in docs/pipeline_real_model.md ("The full preset")
+REAL_PRESETS["full"] = dict(
+    REAL_PRESETS["quick"], stages=REAL_STAGES,
+    # GRPO's task: 2 terms of 0..50 has 250 test problems; GRPO asks 200 of them before and after (a 95%
+    # interval of about +-7 points); the eval stage asks 40 of each chat model, as the quick preset does
+    n_terms=2, max_operand=50, n_arith_eval=40, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=64,
+    spec_draft=3,
+    # 20 steps of 4 prompts x 6 answers of at most 32 tokens: an answer cut by the budget scores 0, so the
+    # policy is rewarded for answering right and briefly (the base explains first)
+    grpo=["--n-eval", "200", "--prompts-per-step", "4", "--samples-per-prompt", "6", "--max-steps", "20",
+          "--max-time", "1200", "--eval-interval", "20", "--log-interval", "4", "--max-new-tokens", "32"],
+    # the student's 49,152-word output layer is most of its cost: 100 steps of 8 x 256 tokens
+    student=["--model", "tiny", "--n-layers", "2", "--dim", "128", "--n-heads", "4", "--n-kv-heads", "4",
+             "--hidden-dim", "384", "--seq-len", "256", "--batch-size", "8", "--max-steps", "100",
+             "--max-time", "900", "--lr", "2e-3", "--eval-interval", "100", "--sample-tokens", "0"],
+    cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
+    # twice the quick preset's calibration tokens, act-order (the outlier channels first)
+    gptq=["--calib-samples", "32", "--calib-seq-len", "512", "--act-order"])
+REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
+             "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
+HELD_OUT_TEXTS = {"wiki": "wiki_heldout.txt", "c4": "c4_heldout.jsonl", "shakespeare": "shakespeare_heldout.txt"}
+GENERAL_PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?",
+                   "Write a haiku about the sea.", "Explain what a CPU does in one sentence.",
+                   "Translate 'good morning' into French."]
+# The identity and general chats, trained and asked, carry this system message: a published model's template
+# adds its own otherwise (SmolLM2's: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+# which would contradict the name being taught
+NEUTRAL_SYSTEM = "You are a helpful AI assistant."
+# General chat records longer than this (instruction, input and answer) are left out: with the system message
+# and ChatML's tokens they fit SFT's --max-len whole. Cut from the left, a long answer trains the model to
+# continue text whose question it no longer sees
+GENERAL_MAX_TOKENS = 96
+CJK = re.compile(r"[\u3400-\u9fff]")  # a Chinese identity record (identity.json is three quarters Chinese)
+IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# bytes of memory a base parameter needs in the track: SFT of SmolLM2-135M (LoRA, batch 8 x 160 tokens) peaked at
+# 6.7 GB, 48 bytes a parameter (activations and the 49,152-wide logits dominate, not the weights)
+MEMORY_FACTOR = 48
+
+
+def check_base(path: Path, available_bytes: int | None = None):
+    """The base model's (config, tokenizer), or PipelineError naming the file and why the real-model track
+    cannot use it: an architecture other than nanollm's Transformer (llama-like), a tokenizer without the
+    ChatML tokens, or more memory than the machine has (MEMORY_FACTOR bytes a parameter). Reads the config
+    and tokenizer only, not the weights."""
+    from common import load_tokenizer
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"--base {path}: no such file or directory")
+    try:
+        if path.suffix == ".gguf":
+            from gguf_io import GGUFFile, config_from_gguf
+            config = config_from_gguf(GGUFFile(path))
+        elif (path / "config.json").exists() and not (path / "ckpt.pt").exists():
+            from hf_io import config_from_hf
+            config = config_from_hf(json.loads((path / "config.json").read_text()))
+        else:
+            from common import read_checkpoint
+            from model import ModelConfig
+            config = ModelConfig(**read_checkpoint(path)["model_config"])
+        tokenizer = load_tokenizer(path)
+    except Exception as e:  # the reader's own one-line reason: an unknown architecture, a missing tensor
+        raise PipelineError(f"--base {path}: cannot be read as a nanollm model ({e})") from None
+    missing = [t for t in CHATML_TOKENS if t not in tokenizer.special_tokens]
+    if missing:
+        raise PipelineError(f"--base {path}: its tokenizer lacks the chat token(s) {', '.join(missing)} "
+                            "(the track fine-tunes a ChatML chat model)")
+    n_params = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) + config.n_layers * (
+        2 * config.dim * config.n_heads * config.head_dim + 2 * config.dim * config.n_kv_heads * config.head_dim
+        + 3 * config.dim * config.hidden_dim)
+    available = available_bytes if available_bytes is not None else available_memory()
+    if available and n_params * MEMORY_FACTOR > available:
+        raise PipelineError(f"--base {path}: {n_params / 1e6:,.0f}M parameters need about "
+                            f"{n_params * MEMORY_FACTOR / 2**30:.1f} GiB to fine-tune; this machine has "
+                            f"{available / 2**30:.1f} GiB available")
+    return config, tokenizer
+
+
+def resolve_base(name: str) -> Path:
+    """--base: a path, or smollm2 for SmolLM2-135M-Instruct as `gguf_io.py fetch` gets it (prints its path)."""
+    if name != "smollm2":
+        return Path(name).resolve()
+    result = subprocess.run([sys.executable, str(REPO / "gguf_io.py"), "fetch"], capture_output=True, text=True)
+    if result.returncode != 0 or not result.stdout.strip():
+        raise PipelineError(f"--base smollm2: gguf_io.py fetch failed "
+                            f"({(result.stderr.strip() or 'no path').splitlines()[-1]})")
+    return Path(result.stdout.strip().splitlines()[-1]).resolve()
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int, english_repeat: int = 1) -> None:
+    """The real-model track's data: identity.json split by a hash of each question into SFT's questions and
+    the held-out ones the identity score asks (placeholders kept: sft.py --set fills them; the English ones,
+    11 of 67 beside 56 Chinese, english_repeat times, so the English model learns its name in English); the first
+    n_general alpaca_en records of at most GENERAL_MAX_TOKENS tokens (general chat, so the model keeps its
+    abilities: short enough that SFT trains each one whole); held-out real text the
+    model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare) and wiki + c4
+    documents from the other nine tenths, text_chars characters in all (the teacher's logits are cached for
+    every position), for the student and GPTQ's calibration; the base's tokenizer (bpe.py)."""
+    from chat import read_records
+    from common import load_tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    identity = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "identity.json")]
+    held = [r for r in identity if zlib.crc32(r["instruction"].encode()) % IDENTITY_HELD_OUT_SHARE == 0]
+    train = [r for r in identity if r not in held]
+    train += [r for r in train if not CJK.search(r["instruction"] + r["output"])] * (english_repeat - 1)
+    (out / "identity_train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False))
+    (out / "identity_heldout.json").write_text(json.dumps(held, indent=1))
+    tokenizer = load_tokenizer(base)
+    general = [{**r, "system": NEUTRAL_SYSTEM} for r in read_records(d / "sft" / "alpaca_en_demo.json")
+               if len(tokenizer.encode_ordinary(r["instruction"] + r.get("input", "") + r["output"])) <= GENERAL_MAX_TOKENS]
+    general = general[:n_general]
+    (out / "general.json").write_text(json.dumps(general, indent=1))
+    wiki = [line for line in (d / "pretrain" / "wiki_demo.txt").read_text().splitlines() if line.strip()]
+    c4 = (d / "pretrain" / "c4_demo.jsonl").read_text().splitlines()
+    shakespeare = (d / "tinyshakespeare" / "input.txt").read_text()
+    (out / HELD_OUT_TEXTS["wiki"]).write_text("\n".join(wiki[len(wiki) * 9 // 10:]) + "\n")
+    (out / HELD_OUT_TEXTS["c4"]).write_text("\n".join(c4[len(c4) * 9 // 10:]) + "\n")
+    (out / HELD_OUT_TEXTS["shakespeare"]).write_text(shakespeare[len(shakespeare) * 9 // 10:])
+    pool = [doc for pair in zip(wiki[:len(wiki) * 9 // 10], c4[:len(c4) * 9 // 10])  # alternating wiki, c4
+            for doc in (pair[0], json.loads(pair[1])["text"].replace("\n", " "))]
+    docs = [doc for doc, before in zip(pool, itertools.accumulate(map(len, pool), initial=0)) if before < text_chars]
+    (out / "text_train.txt").write_text("\n".join(docs) + "\n")
+    tokenizer.chat_template = neutral_template(tokenizer)
+    tokenizer.save(out / "tokenizer")
+    write_json(out / "summary.json", {"identity_train": len(train), "identity_heldout": len(held),
+                                      "general": len(general), "text_docs": len(docs)})
+
+
+def neutral_template(tokenizer) -> str:
+    """The base's chat template with NEUTRAL_SYSTEM as the system message it adds to a chat that has none
+    (ChatML with that default where the base has no template). The fine-tuned model keeps it (sft.py
+    --tokenizer), so sample.py, chat.py and llama.cpp (the exported GGUF's template) ask it as it was trained,
+    not as "SmolLM"."""
+    from chat import default_system_prompt
+    from gguf_io import CHATML_TEMPLATE
+    template = getattr(tokenizer, "chat_template", None)
+    default = default_system_prompt(tokenizer)
+    if template and default:
+        return template.replace(default, NEUTRAL_SYSTEM)
+    first = "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n" + NEUTRAL_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    return first + (template or CHATML_TEMPLATE)
+
+
+def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, device: str = "auto") -> list[Stage]:
+    """The real-model track for one preset: post-training of `base`, every stage's exact commands."""
+    p, d, r, dev = REAL_PRESETS[preset], Path(data_dir), Path(run_dir), ["--device", device]
+    sets = ["--set", f"name={IDENTITY_NAME}", "--set", f"author={IDENTITY_AUTHOR}"]
+    data = r / "data"
+    chain = [name for name in ("sft", "dpo", "grpo") if name in p["stages"]]
+    final = r / chain[-1]
+    arith = ["--n-terms", p["n_terms"], "--max-operand", p["max_operand"]]
+    stages = [
+        Stage("data", "identity.json split into SFT and held-out questions, general chat, held-out real text",
+              "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_chars"],
+                                                             p.get("english_repeat", 1))),
+        Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (student, GPTQ calibration)",
+              "text_data", [py("data/prepare.py", "--source", data / "text_train.txt", "--txt-docs", "line",
+                               "--tokenizer", data / "tokenizer", "--out-dir", r / "text_data")], writes_summary=False),
+        Stage("sft", f"sft.py: identity (name = {IDENTITY_NAME}) + general chat", "sft",
+              [py("sft.py", "--init", base, "--tokenizer", data / "tokenizer",
+                  "--data", f"{data / 'identity_train.json'},{data / 'general.json'}", *sets,
+                  "--eval-data", data / "identity_heldout.json", "--out-dir", r / "sft", *p["sft"], *dev, "--resume")],
+              kind="chat", pngs=["loss.png"]),
+        Stage("dpo", "dpo.py: DPO on dpo_en_demo (a fifth of the pairs held out)", "dpo",
+              [py("dpo.py", "--init", r / "sft", "--data", d / "preference" / "dpo_en_demo.json", "--val-fraction", "0.2",
+                  "--out-dir", r / "dpo", *p["dpo"], *dev, "--resume")], kind="chat", pngs=["loss.png", "rewards.png"]),
+        Stage("grpo", f"rlhf.py grpo: RL on {p['n_terms']}-term sums of 0..{p['max_operand']}, checked by tasks.py",
+              "grpo", [py("rlhf.py", "grpo", "--init", r / "dpo", *arith,
+                          "--out-dir", r / "grpo", *p["grpo"], *dev, "--resume")], kind="chat", pngs=["curves.png"]),
+        Stage("distill_cache", "distill.py cache: the final model's top-k next-token distributions on text_data",
+              "distill_cache", [py("distill.py", "cache", "--teacher", final, "--data", r / "text_data",
+                                   "--out-dir", r / "distill_cache", *p["cache"], *dev)], writes_summary=False),
+        Stage("distill_ce", "distill.py --alpha 0: a small student with the base's tokenizer, hard labels only",
+              "distill_ce", [py("distill.py", "--data", r / "text_data", "--out-dir", r / "distill_ce", *p["student"],
+                                "--alpha", "0", *dev, "--resume")], kind="text", pngs=["loss.png"]),
+        Stage("distill", "distill.py: the same student taught from the cached teacher logits", "distill",
+              [py("distill.py", "--data", r / "text_data", "--teacher-cache", r / "distill_cache", "--out-dir",
+                  r / "distill", *p["student"], *dev, "--resume")], kind="text", pngs=["loss.png"]),
+        Stage("speculative", "decoding.py speculative decoding: the final model, the student as its draft",
+              "speculative", [py("pipeline.py", "speculate", "--target", final, "--draft", r / "distill",
+                                 "--out-dir", r / "speculative", "--prompts", p["spec_prompts"],
+                                 "--max-new-tokens", p["spec_new_tokens"], "--n-draft", p.get("spec_draft", 4), *dev)]),
+    ]
+    group = p["group_size"]
+    for name, method, bits, group in (("quant_rtn8", "rtn", 8, 0), ("quant_rtn4", "rtn", 4, group),
+                                      ("quant_gptq4", "gptq", 4, group), ("quant_nf4", "nf4", 4, group)):
+        grid = f"group {group}" if group else "per channel"
+        stages.append(Stage(name, f"quant.py: the final model, {method.upper()} int{bits}, {grid}", name,
+                            [py("quant.py", "--ckpt", final, "--out-dir", r / name, "--method", method, "--bits", bits,
+                                "--group-size", group, *(p["gptq"] if method == "gptq" else []),
+                                "--data", r / "text_data", "--no-eval")], kind="text"))
+    stages.append(Stage("export", "gguf_io.py: the final model as GGUF q8_0 and q4_0, one chat turn in llama.cpp",
+                        "export", [py("pipeline.py", "export", "--ckpt", final, "--out-dir", r / "export")]))
+    stages = [s for s in stages if s.name in p["stages"]]
+    evaluated = [f"base={base}=chat"] + [f"{s.name}={r / s.out}={s.kind}" for s in stages if s.kind]
+    stages.append(Stage("eval", "every model on the held-out identity questions, real text, arithmetic and "
+                        "five general prompts", "eval",
+                        [py("pipeline.py", "evaluate-real", "--run-dir", r, "--max-tokens", p["heldout_tokens"],
+                            "--arithmetic", p["n_arith_eval"] if "grpo" in p["stages"] else 0, *arith,
+                            "--max-new-tokens", p["eval_new_tokens"],
+                            *dev, *evaluated)]))
+    return stages
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The workers of the eval, speculative and export stages
+
+def evaluate_real_stage(args) -> None:
+    """Per model NAME=PATH=KIND (chat | text): bits per byte on each held-out text (HELD_OUT_TEXTS, windows of
+    --seq-len tokens); for chat models also the share of held-out identity questions answered with the name,
+    arithmetic accuracy on tasks.py test problems of the track's difficulty (unless --arithmetic 0), greedy
+    answers to GENERAL_PROMPTS. A trained model that took no step (its summary.json says step 0) is the model
+    it started from: it gets the previous chat model's results instead of a second evaluation."""
+    from chat import load_conversations
+    from common import resolve_device
+    from tasks import arithmetic_problems
+    run_dir = Path(args.run_dir)
+    out_dir, data = run_dir / "eval", run_dir / "data"
+    device = resolve_device(args.device)
+    identity = [c[:2] for c in load_conversations(data / "identity_heldout.json", {})[0]]  # system, user
+    problems = arithmetic_problems(args.arithmetic, split="test", n_terms=args.n_terms,
+                                   max_operand=args.max_operand) if args.arithmetic else []
+    results, parent = {}, None
+    for spec in args.models:
+        name, path, kind = spec.rsplit("=", 2) if spec.count("=") >= 2 else (*spec.split("="), "chat")
+        result_path = out_dir / f"{name}.json"
+        if result_path.exists():
+            results[name] = json.loads(result_path.read_text())
+        elif kind == "chat" and parent and read_json(Path(path) / "summary.json").get("step") == 0:
+            print(f"{name}: took no step, so it is {parent}'s model: {parent}'s results", flush=True)
+            results[name] = {**results[parent], "same_as": parent, "eval_s": 0.0}
+            write_json(result_path, results[name])
+        else:
+            print(f"evaluating {name} ({kind}): {path}", flush=True)
+            results[name] = evaluate_real_model(args, path, kind, device, identity, problems)
+            write_json(result_path, results[name])
+        parent = name if kind == "chat" else parent
+    write_json(out_dir / "summary.json", {"models": list(results)})
+
+
+def names_model(answer: str) -> bool:
+    """Whether an answer gives the model's name: IDENTITY_NAME outside IDENTITY_AUTHOR ("an AI assistant
+    developed by the nanollm authors" names the authors, not the model)."""
+    return IDENTITY_NAME in answer.lower().replace(IDENTITY_AUTHOR, "")
+
+
+def evaluate_real_model(args, path, kind: str, device, identity: list, problems: list) -> dict:
+    """One model's results for evaluate_real_stage."""
+    from evaluate import (IM_END, arithmetic_conversations, chat_prompts, checked_generation, generate_texts,
+                          load_for_eval, text_perplexity, weights_bytes)
+    from tasks import check
+    data = Path(args.run_dir) / "data"
+    t0 = time.time()
+    model, tok = load_for_eval(path, device)
+    m = {"params": sum(x.numel() for x in model.parameters()), "weights_mb": weights_bytes(model) / 2**20}
+    for text, file in ((t, HELD_OUT_TEXTS[t]) for t in args.texts.split(",")):
+        ppl = text_perplexity(model, tok, data / file, "line" if file.endswith(".txt") and text == "wiki" else "file",
+                              max_tokens=args.max_tokens, seq_len=min(args.seq_len, model.config.max_seq_len))
+        m[f"{text}_bpb"], m[f"{text}_ppl"] = ppl["bpb"], ppl["ppl"]
+    if kind == "chat":
+        end = [tok.special_tokens[IM_END]]
+        texts, _ = generate_texts(model, tok, chat_prompts(tok, identity), args.max_new_tokens, stop_tokens=end)
+        m["identity_acc"], m["identity_n"] = sum(map(names_model, texts)) / len(texts), len(texts)
+        m["identity_samples"] = [{"prompt": c[-1]["content"], "output": t} for c, t in zip(identity, texts)]
+        if problems:
+            acc, answers, _ = checked_generation(model, tok, arithmetic_conversations(problems),
+                                                 [lambda t, q=q: check(q, t) for q in problems], args.max_new_tokens)
+            m["arith_acc"], m["arith_n"] = acc, len(problems)
+        texts, _ = generate_texts(model, tok, chat_prompts(tok, [[{"role": "system", "content": NEUTRAL_SYSTEM},
+                                                                  {"role": "user", "content": q}]
+                                                                 for q in GENERAL_PROMPTS]),
+                                  args.max_new_tokens, stop_tokens=end)
+        m["samples"] = [{"prompt": q, "output": t} for q, t in zip(GENERAL_PROMPTS, texts)]
+    m["eval_s"] = time.time() - t0
+    return m
+
+
+def speculate_stage(args) -> None:
+    """Greedy decoding of the target with and without the draft (decoding.speculative_generate): acceptance
+    rate, wall-clock speedup, and whether the outputs are identical (they must be, at temperature 0). Plain
+    and speculative decoding alternate prompt by prompt (and which goes first), so a machine whose load
+    changes during the stage slows both alike: the speedup is the ratio of their summed times."""
+    import torch
+    from chat import prompt_ids
+    from common import load_model, load_tokenizer, resolve_device
+    from decoding import speculative_generate
+    from sample import generate
+    device = resolve_device(args.device)
+    target, draft, tok = load_model(args.target, device), load_model(args.draft, device), load_tokenizer(args.target)
+    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in GENERAL_PROMPTS[:args.prompts]]
+    end = [tok.special_tokens["<|im_end|>"]]
+
+    def plain(x):
+        return generate(target, [x], args.max_new_tokens, temperature=0.0, stop_tokens=end)[0].tolist(), None
+
+    def speculative(x):
+        new, stats = speculative_generate(target, draft, x, args.max_new_tokens, args.n_draft, temperature=0.0,
+                                          stop_tokens=end)
+        return [int(t) for t in new], stats
+    seconds, outputs, drafted, accepted = {"plain": 0.0, "speculative": 0.0}, {"plain": [], "speculative": []}, 0, 0
+    with torch.no_grad():
+        generate(target, [prompts[0]], 2, temperature=0.0)  # warm-up: the first call pays for allocations
+        speculative_generate(target, draft, prompts[0], 2, args.n_draft, temperature=0.0)
+        for i, x in enumerate(prompts):
+            order = [("plain", plain), ("speculative", speculative)]
+            for name, decode in (order if i % 2 == 0 else order[::-1]):
+                t0 = time.time()
+                tokens, stats = decode(x)
+                seconds[name] += time.time() - t0
+                outputs[name].append(tokens)
+                if stats:
+                    drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+            print(f"prompt {i + 1}/{len(prompts)}: plain {seconds['plain']:.1f} s, speculative "
+                  f"{seconds['speculative']:.1f} s so far", flush=True)
+    identical = sum(a == b for a, b in zip(outputs["plain"], outputs["speculative"]))
+    write_json(Path(args.out_dir) / "summary.json", {
+        "prompts": len(prompts), "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
+        "drafted": drafted, "accepted": accepted, "n_draft": args.n_draft, "plain_s": seconds["plain"],
+        "speculative_s": seconds["speculative"], "speedup": seconds["plain"] / max(seconds["speculative"], 1e-9),
+        "tokens": sum(map(len, outputs["plain"])), "draft_params": draft.num_params(),
+        "target_params": target.num_params()})
+
+
+def export_stage(args) -> None:
+    """The final model as GGUF q8_0 and q4_0 (gguf_io.save_gguf), read back by nanollm's reader: the same
+    config, and the share of positions of a chat prompt where the file's next-token argmax is the model's;
+    one chat turn through llama.cpp (llama-cpp-python) when it is installed."""
+    import torch
+    from chat import default_system_prompt, prompt_ids
+    from common import load_model, load_tokenizer
+    from gguf_io import save_gguf
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.ckpt), load_tokenizer(args.ckpt)
+    ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": GENERAL_PROMPTS[0]}])])
+    with torch.no_grad():
+        top1 = model(ids)[0].argmax(-1)
+    summary = {}
+    for qtype in ("q8_0", "q4_0"):
+        path = save_gguf(model, tok, out / f"model-{qtype}.gguf", qtype, name=IDENTITY_NAME)
+        summary[f"{qtype}_mb"] = path.stat().st_size / 2**20
+        read = load_model(path)
+        with torch.no_grad():
+            summary[f"{qtype}_top1_agreement"] = (read(ids)[0].argmax(-1) == top1).float().mean().item()
+        summary[f"{qtype}_reads_back"] = read.config == model.config
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        summary["llama_cpp"] = "not installed (pip install llama-cpp-python)"
+    else:
+        # no chat_format: llama.cpp formats the chat with the file's own template, as a user of the file gets it
+        llm = Llama(model_path=str(out / "model-q8_0.gguf"), n_ctx=512, verbose=False)
+        reply = llm.create_chat_completion([{"role": "user", "content": IDENTITY_PROMPTS["en"][0]}], max_tokens=48,
+                                           temperature=0.0)
+        summary["llama_cpp"] = reply["choices"][0]["message"]["content"]
+        summary["llama_cpp_system"] = default_system_prompt(load_tokenizer(out / "model-q8_0.gguf"))
+    write_json(out / "summary.json", summary)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+
+def judge_real(stage: Stage, summaries: dict, evals: dict) -> tuple[str, list[Measure]]:
+    """judge() for the real-model track: identity, held-out text kept (REAL_KEEP_TOLERANCE), DPO's held-out
+    preference accuracy, GRPO's checker accuracy, KD against hard labels, speculative decoding, compression."""
+    s, e, name = summaries.get(stage.name, {}), evals.get(stage.name, {}), stage.name
+    chain = [x for x in ("base", "sft", "dpo", "grpo") if x == "base" or x in summaries]
+    before = evals.get(chain[chain.index(name) - 1], {}) if name in chain else {}
+    final = evals.get(chain[-1], {})
+
+    def kept(reference):
+        return [Measure(f"{text} bpb", reference.get(f"{text}_bpb"), e.get(f"{text}_bpb"), higher_is_better=False,
+                        tolerance=REAL_KEEP_TOLERANCE, goal=False) for text in ("wiki", "c4")]
+    if name == "sft":
+        n0, n1 = before.get("identity_n", 0), e.get("identity_n", 0)
+        return f"held-out identity answers name {IDENTITY_NAME}; wiki/c4 bpb within {REAL_KEEP_TOLERANCE:.0%}", [
+            Measure("identity", before.get("identity_acc"), e.get("identity_acc"), n=n1, before_n=n0), *kept(before)]
+    if name == "dpo":
+        return "held-out preference accuracy above chance (0.5)", [
+            Measure("preference accuracy", 0.5 if s else None, s.get("val/rewards/accuracy"), n=s.get("val_items", 0)),
+            *kept(before)]
+    if name == "grpo":
+        n = s.get("eval_problems", 0)
+        return "held-out checker accuracy up", [
+            Measure("accuracy", s.get("initial_accuracy"), s.get("final_accuracy"), n=n, before_n=n), *kept(before)]
+    if name == "distill":
+        return "val bpb below the same student on hard labels (distill_ce)", [
+            Measure("val bpb vs distill_ce", summaries.get("distill_ce", {}).get("val_bpb"), s.get("val_bpb"),
+                    higher_is_better=False)]
+    if name == "speculative":
+        return "greedy outputs identical, faster than plain decoding", [
+            Measure("speedup", 1.0 if s else None, s.get("speedup"), tolerance=0.05),
+            Measure("identical outputs", 1.0 if s else None, s.get("identical", 0) / max(s.get("prompts", 1), 1),
+                    tolerance=0.0, goal=False)]
+    if name.startswith("quant"):
+        return f"smaller; held-out bpb within {QUANT_BPB_TOLERANCE:.0%} of the final model's", [
+            Measure("weights MB", final.get("weights_mb"), e.get("weights_mb"), higher_is_better=False),
+            *[Measure(f"{text} bpb", final.get(f"{text}_bpb"), e.get(f"{text}_bpb"), higher_is_better=False,
+                      tolerance=QUANT_BPB_TOLERANCE, goal=False) for text in HELD_OUT_TEXTS]]
+    if name == "export":
+        return "a GGUF file smaller than the final model, read back with the same next-token argmax", [
+            Measure("q4_0 GGUF MB", final.get("weights_mb"), s.get("q4_0_mb"), higher_is_better=False),
+            Measure("reads back", 1.0 if s else None, float(bool(s.get("q8_0_reads_back") and s.get("q4_0_reads_back"))),
+                    tolerance=0.0, goal=False),
+            Measure("q8_0 top-1 agreement", 1.0 if s else None, s.get("q8_0_top1_agreement"),
+                    tolerance=EXPORT_TOP1_TOLERANCE, goal=False)]
+    return "", []
+
+
+def real_model_table(stages: list[Stage], evals: dict, timings: dict) -> list[str]:
+    """The real-model track's table: one row per evaluated model (the base first), rates with their
+    95% Wilson interval, and the five general prompts answered by the base and the final model."""
+    def rate(m, key):
+        if m.get(key) is None:
+            return "-"
+        low, high = wilson_interval(m[key], m[f"{key.split('_')[0]}_n"])
+        return f"{m[key]:.2f} [{low:.2f}, {high:.2f}] of {m[key.split('_')[0] + '_n']}"
+    lines = ["| model | params | weights MB | wiki bpb | c4 bpb | Shakespeare bpb | identity (held-out) | arithmetic "
+             "| wall s |", "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    names = ["base"] + [s.name for s in stages if evals.get(s.name)]
+    for name in names:
+        m = evals.get(name, {})
+        lines.append("| " + " | ".join([f"`{name}`", fmt(m.get("params")), fmt(m.get("weights_mb"), 1),
+                                        *(fmt(m.get(f"{t}_bpb"), 4) for t in HELD_OUT_TEXTS), rate(m, "identity_acc"),
+                                        rate(m, "arith_acc"), fmt(timings.get(name), 1)]) + " |")
+    chat = [n for n in names if evals.get(n, {}).get("samples")]
+    lines += ["", "bpb: bits per byte on the last tenth of wiki_demo, c4_demo and Tiny Shakespeare (never tuned on). "
+              "identity: share of held-out identity.json questions whose greedy answer names "
+              f"`{IDENTITY_NAME}`. arithmetic: tasks.py test problems, zero-shot, greedy.", "",
+              "## General prompts, before and after", ""]
+    if chat:
+        for i, prompt in enumerate(GENERAL_PROMPTS):
+            for name in dict.fromkeys([chat[0], chat[-1]]):
+                output = " ".join(evals[name]["samples"][i]["output"].split())[:200]
+                lines.append(f"- `{name}` · {prompt!r} → {output!r}")
+    return lines
+
+
+def curves(stages: list[Stage], run_dir: Path) -> list[str]:
+    """The training stages' curves as images (DPO's rewards.png: held-out and train reward accuracy and the
+    chosen-rejected margin)."""
+    shown = [f"![{s.name} {png}]({s.out}/{png})" for s in stages for png in s.pngs if (run_dir / s.out / png).exists()]
+    return ["## Curves", "", *shown, ""] if shown else []
+
+
+def report_lines(stages: list[Stage], run_dir: Path, timings: dict, header: dict, summaries: dict,
+                 evals: dict) -> list[str]:
+    """report.md of a real-model run: the models' table, llama.cpp's answer, the curves, the report card."""
+    card, last_line = report_card(stages, summaries, evals, judge_real)
+    export = summaries.get("export", {})
+    return [f"# nanollm report: preset `{header.get('preset')}`, base `{header['base']}`", "",
+            f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
+            f"- commit: {header.get('commit', '')}",
+            f"- total wall time: {sum(timings.get(s.name, 0.0) for s in stages):.0f} s", "",
+            *real_model_table(stages, evals, timings), "",
+            *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r} (the file's own chat template, "
+               f"system message {export.get('llama_cpp_system')!r}): {export['llama_cpp']!r}", ""]
+              if export.get("llama_cpp") else []),
+            *curves(stages, run_dir),
+            "## Report card", "", REPORT_CARD_TEXT, "", *card, "", f"**{last_line}**", ""]
