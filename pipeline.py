@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -135,6 +136,12 @@ def run_stage(stage: Stage, run_dir: Path, log_dir: Path) -> tuple[str, float]:
             raise PipelineError(f"stage '{stage.name}' wrote no {stage.summary_path(run_dir)}; log: {log}")
         write_json(stage.summary_path(run_dir), stage_summary(stage, run_dir, wall))
     return "done", wall
+
+
+def stop_stages_on_sigterm() -> None:
+    """A SIGTERM (kill, a job scheduler) ends the pipeline through Python, as Ctrl-C does, so that
+    subprocess.call kills the running stage on its way out instead of leaving it to train on alone."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"error: stopped by signal {signum}"))
 
 
 def run_pipeline(stages: list[Stage], run_dir: Path, report_header: dict, only=None) -> dict:
@@ -303,6 +310,7 @@ def main(argv=None):
     header = {"preset": args.preset, "lang": args.lang, "base": str(base or ""), "command": "python pipeline.py " + " ".join(argv),
               "machine": machine_info(), "commit": git_commit()}
     t0 = time.time()
+    stop_stages_on_sigterm()
     try:
         run_pipeline(stages, run_dir, header, only)
     except PipelineError as e:

@@ -2,9 +2,11 @@
 from a file:// mirror of the shared data, the choice of the RL model DPO continues from (fast); the whole
 chain on the `ci` preset with the real shared data (slow)."""
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -219,3 +221,29 @@ def test_missing_data_files_fail_before_the_first_stage(tmp_path, data_dir, refu
     assert code == 2
     assert "lacks 1 file(s)" in err and "preference/dpo_en_demo.json" in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "logs").exists()  # no stage started
+
+
+def test_a_killed_pipeline_stops_its_running_stage(tmp_path):
+    """SIGTERM to pipeline.py must not leave the stage it was running (a training subprocess) alive."""
+    import signal
+    pid_file = tmp_path / "stage.pid"
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from pathlib import Path\n"
+        "import pipeline\n"
+        "from pipeline_stages import Stage\n"
+        "sleeper = 'import os, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(120)'\n"
+        f"stage = Stage('sleep', 'a stage that trains for long', 'sleep', [[sys.executable, '-c', 'import sys; ' + sleeper, {str(pid_file)!r}]])\n"
+        "pipeline.stop_stages_on_sigterm()\n"
+        f"pipeline.run_pipeline([stage], Path({str(tmp_path / 'run')!r}), {{}})\n")
+    proc = subprocess.Popen([sys.executable, str(driver)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    stage_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 1 and "stopped by signal" in proc.stderr.read()
+    with pytest.raises(ProcessLookupError):  # subprocess.call killed and reaped the stage
+        os.kill(stage_pid, 0)
