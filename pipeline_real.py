@@ -175,7 +175,8 @@ def available_memory() -> int | None:
 
 def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int, english_repeat: int = 1) -> None:
     """The real-model track's data: identity.json split by a hash of each question into SFT's questions and
-    the held-out ones the identity score asks (placeholders kept: sft.py --set fills them; the English ones,
+    the held-out ones (SFT's validation loss; the identity score asks the 20 of them whose reference answer
+    gives the name, evaluate_real_stage) (placeholders kept: sft.py --set fills them; the English ones,
     11 of 67 beside 56 Chinese, english_repeat times, so the English model learns its name in English); the first
     n_general alpaca_en records of at most GENERAL_MAX_TOKENS tokens (general chat, so the model keeps its
     abilities: short enough that SFT trains each one whole); held-out real text the
