@@ -354,14 +354,27 @@ def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | No
     hidden = [model.embed_tokens(b) for b in batches]                    # list of (b, T, dim)
     report = []
 
+    class InputsSeen(Exception):
+        """Raised once every layer of a group has its input: the rest of the block's forward is not needed."""
+
     def quantize_group(root, prefix, group_names, run):
         layers = {n: root.get_submodule(n) for n in group_names}
         full = {n: prefix + n for n in group_names}
         hessians = {n: GPTQ(layer.in_features, full[n], device) for n, layer in layers.items()}
-        hooks = [layer.register_forward_hook(lambda m, inp, out, g=hessians[n]: g.add_batch(inp[0]))
-                 for n, layer in layers.items()]
+        fed = set()
+
+        def record(name, x):
+            hessians[name].add_batch(x)
+            fed.add(name)
+            if len(fed) == len(layers):
+                raise InputsSeen
+        hooks = [layer.register_forward_pre_hook(lambda m, inp, n=n: record(n, inp[0])) for n, layer in layers.items()]
         for h in hidden:
-            run(h)
+            fed.clear()
+            try:
+                run(h)
+            except InputsSeen:  # q/k/v need only the norm's output, o_proj the attention's: about half the work
+                pass
         for hook in hooks:
             hook.remove()
         for n, layer in layers.items():
