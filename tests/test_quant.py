@@ -1,6 +1,6 @@
 """quant.py and quant_linear.py: packing, RTN's error bound, GPTQ against RTN, act-order's column order, the
-quantized checkpoint (read by common.load_model, so sample.py and sft.py take it), the CLI's summary.json,
-the Triton int4 kernel (under TRITON_INTERPRET=1 without a GPU) and QLoRA.
+sequential pass's Hessians, the quantized checkpoint (read by common.load_model, so sample.py and sft.py take
+it), the CLI's summary.json, the Triton int4 kernel (under TRITON_INTERPRET=1 without a GPU) and QLoRA.
 
     python -m pytest -q tests/test_quant.py
 """
@@ -239,6 +239,30 @@ def test_quant_linear_forward_and_nf4():
     normalized = w / q.scales[:, q.g_idx]
     nearest = values[(normalized[..., None] - values).abs().argmin(-1)]
     torch.testing.assert_close(q.dequantize(), nearest * q.scales[:, q.g_idx])
+
+
+def test_each_layer_is_calibrated_on_its_inputs_in_the_quantized_model(monkeypatch):
+    """Sequential GPTQ quantizes in forward order, so a layer's calibration inputs are the ones it sees in the
+    finished quantized model: each Hessian must be 2/n X^T X of those (the calibration forward may stop early
+    once a group's layers have their inputs, never before)."""
+    model = tiny_model()
+    calib = torch.randint(0, 97, (6, 32), generator=torch.Generator().manual_seed(3))
+    hessians, quantize = {}, GPTQ.quantize
+    monkeypatch.setattr(GPTQ, "quantize", lambda self, w, spec: (hessians.setdefault(self.name, self.H.clone()),
+                                                                  quantize(self, w, spec))[1])
+    quantize_model(model, QuantSpec("gptq", 4, 32), calib, quantize_head=True, batch_size=4, log=None)
+    names = quant.target_names(model, quantize_head=True)
+    assert sorted(hessians) == sorted(names)
+    inputs = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, inp, n=n: inputs[n].append(inp[0]))
+             for n in names]
+    with torch.no_grad():
+        model(calib)
+    for hook in hooks:
+        hook.remove()
+    for n in names:
+        x = torch.cat(inputs[n]).reshape(-1, hessians[n].shape[0]).double()
+        torch.testing.assert_close(hessians[n].double(), 2 * x.T @ x / len(x), rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):
