@@ -27,7 +27,8 @@ EXPORT_TOP1_TOLERANCE = 0.1
 # Per preset: which stages run, the data sizes and every stage's flags. "ci" runs every stage on a tiny
 # stand-in with the base's tokenizer; "quick" is identity + DPO + quantize + export; "full" all of them.
 REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "distill_ce", "distill", "speculative",
-               "quant_rtn8", "quant_rtn4_pc", "quant_gptq4_pc", "quant_rtn4", "quant_gptq4", "quant_nf4", "export", "eval"]
+               "quant_rtn8", "quant_rtn4_pc", "quant_gptq4_pc", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
+               "eval"]
 REAL_PRESETS = {
     "ci": dict(
         stages=REAL_STAGES, n_general=40, text_chars=20_000, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
@@ -95,9 +96,9 @@ REAL_PRESETS["full"] = dict(
     # steps 15..75 (0.62 at 90, 0.60 at 120), where 30 steps at 5e-4 (the quick preset's) stayed at 0.50
     dpo=["--lora-rank", "16", "--max-len", "192", "--batch-size", "2", "--max-steps", "75", "--max-time", "1800",
          "--lr", "1e-4", "--min-lr", "1e-4", "--warmup-steps", "5", "--eval-interval", "75", "--log-interval", "5"],
-    # act-order (the outlier channels first); 256 windows of 64 tokens: at groups of 64, GPTQ removed 52% of
-    # RTN's wiki bpb increase, against 45% / 39% / 19% with 128 x 64 / 32 x 256 / 32 x 512 (more windows,
-    # more first positions, whose outputs matter most: docs/pipeline_real_model.md)
+    # act-order (the outlier channels first); 256 windows of 64 tokens: at groups of 64, on the first full run's
+    # final model, GPTQ removed 52% of RTN's wiki bpb increase, against 45% / 39% / 19% with 128 x 64 / 32 x 256
+    # / 32 x 512 (more windows, more first positions, whose outputs matter most; the second run: 49%)
     gptq=["--calib-samples", "256", "--calib-seq-len", "64", "--act-order"])
 REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
              "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
