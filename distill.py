@@ -407,9 +407,10 @@ def distill(config: DistillConfig) -> dict:
         tokenizer = Tokenizer.load(tokenizer_path)
         vocab_size = meta["vocab_size"]
     else:
-        source = config.init or config.teacher
+        source = config.init or config.teacher or config.teacher_cache
         if not source:
-            raise DistillError("chat data needs --init (the student) or --teacher: the tokenizer comes from there")
+            raise DistillError("chat data needs --init (the student), --teacher or --teacher-cache: the tokenizer "
+                               "comes from there")
         tokenizer_path = tokenizer_file(source)
         tokenizer = load_tokenizer(source)
         vocab_size = tokenizer.vocab_size

@@ -339,6 +339,16 @@ def test_chat_kd_trains_on_answer_tokens(tmp_path, tokenizer, chat_file):
     assert curve[-1] < 0.8 * curve[0] and math.isfinite(summary["val_loss"])
 
 
+def test_chat_kd_from_a_cache_needs_no_student_checkpoint(tmp_path, tokenizer, chat_file):
+    """A student built from the model flags on chat data: the tokenizer comes from the cache."""
+    teacher = save_model(tmp_path / "teacher", tokenizer, n_layers=2, dim=32, seed=1)
+    build_cache(str(teacher), str(chat_file), str(tmp_path / "cache"), seq_len=63, k=8, temperature=2.0, device="cpu")
+    distill(student_config(chat_file, tmp_path / "out", teacher_cache=str(tmp_path / "cache"), seq_len=63,
+                           max_steps=15, dim=32, hidden_dim=64))
+    curve = kd_curve(tmp_path / "out")
+    assert curve[-1] < 0.8 * curve[0]
+
+
 def test_generate_writes_an_sft_dataset_and_resumes(tmp_path, tokenizer, capsys):
     teacher = save_model(tmp_path / "teacher", tokenizer, seed=3)
     problems = arithmetic_problems(5, seed=2)
