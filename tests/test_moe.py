@@ -212,6 +212,7 @@ def test_bad_moe_config_is_refused_naming_the_field(kwargs, message):
 
 @pytest.mark.parametrize("flags,message", [
     (["--n-experts-per-token", "2"], "the model is dense; give --n-experts"),
+    (["--router-aux-loss-coef", "0.1"], r"--router-aux-loss-coef 0.1: the model is dense \(no router\)"),
     (["--n-experts", "4", "--n-experts-per-token", "5"], r"n_experts_per_token .*got 5"),
     (["--n-experts", "-1"], "n_experts must be at least 1"),
 ])
