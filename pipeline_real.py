@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 from pipeline_stages import (IDENTITY_AUTHOR, IDENTITY_NAME, IDENTITY_PROMPTS, QUANT_BPB_TOLERANCE, REPO,
-                             PipelineError, Stage, fmt, py, read_json, write_json)
+                             PipelineError, Stage, fmt, py, read_json, report_header, write_json)
 from verdicts import REPORT_CARD_TEXT, Measure, report_card, wilson_interval
 
 # The real-model track: a fine-tuning stage "regressed" when held-out wiki/c4 bpb rose more than this
@@ -547,10 +547,8 @@ def report_lines(stages: list[Stage], run_dir: Path, timings: dict, header: dict
     """report.md of a real-model run: the models' table, llama.cpp's answer, the curves, the report card."""
     card, last_line = report_card(stages, summaries, evals, judge_real)
     export = summaries.get("export", {})
-    return [f"# nanollm report: preset `{header.get('preset')}`, base `{header['base']}`", "",
-            f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
-            f"- commit: {header.get('commit', '')}",
-            f"- total wall time: {sum(timings.get(s.name, 0.0) for s in stages):.0f} s", "",
+    return [*report_header(f"# nanollm report: preset `{header.get('preset')}`, base `{header['base']}`", header,
+                           stages, timings),
             *real_model_table(stages, evals, timings), "",
             *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r} (the file's own chat template, "
                f"system message {export.get('llama_cpp_system')!r}): {export['llama_cpp']!r}", ""]

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pipeline_stages import (IDENTITY_AUTHOR, IDENTITY_NAME, IDENTITY_PROMPTS, QUANT_BPB_TOLERANCE, PipelineError,
-                             Stage, flag_value, fmt, py, read_summaries, write_json)
+                             Stage, flag_value, fmt, py, read_summaries, report_header, write_json)
 from verdicts import REPORT_CARD_TEXT, Measure, report_card
 
 # Per preset: the vocabulary, the corpus choice and every stage's extra flags. Budgets are in steps and
@@ -453,11 +453,8 @@ def report_lines(stages: list[Stage], run_dir: Path, timings: dict, header: dict
                  evals: dict) -> list[str]:
     """report.md of a from-scratch run: the stage table (one row per stage), the curves, samples, machine,
     commit, times and the report card."""
-    lines = [f"# nanollm report: preset `{header.get('preset')}`, lang `{header.get('lang')}`", "",
-             f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
-             f"- commit: {header.get('commit', '')}",
-             f"- total wall time: {sum(timings.get(s.name, 0.0) for s in stages):.0f} s "
-             "(stages skipped in this run keep their earlier time)", "",
+    lines = [*report_header(f"# nanollm report: preset `{header.get('preset')}`, lang `{header.get('lang')}`", header,
+                            stages, timings, " (stages skipped in this run keep their earlier time)"),
              "| stage | what | params | weights MB | val bpb | stop rate | identity acc | arithmetic acc "
              "| decode tok/s | stage metrics | wall s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]

@@ -70,6 +70,13 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def report_header(title: str, header: dict, stages: list, timings: dict, time_note: str = "") -> list[str]:
+    """report.md's first lines, for both tracks: the title, command, machine, commit and total wall time."""
+    total = sum(timings.get(s.name, 0.0) for s in stages)
+    return [title, "", f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
+            f"- commit: {header.get('commit', '')}", f"- total wall time: {total:.0f} s{time_note}", ""]
+
+
 def flag_value(stage: Stage, flag: str):
     """The value a stage's command gives a flag (its last occurrence), or None."""
     if callable(stage.commands):
