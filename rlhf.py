@@ -38,7 +38,7 @@ from lora import apply_lora, disable_adapters
 from model import ModelConfig, Transformer
 from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs
-from training import (RunConfig, RunDir, TrainingError, check_finite, make_optimizer, opt, parse_config, rng_state,
+from training import (FlagError, RunConfig, RunDir, TrainingError, check_finite, make_optimizer, opt, parse_config, rng_state,
                       set_lr)
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
@@ -546,7 +546,7 @@ def evaluate_reward_model(model, encoded, pad_id: int, device, batch_size: int =
 
 def train_reward_model(config: RewardConfig) -> dict:
     if not config.init:
-        raise TrainingError("--init (the SFT checkpoint the reward model starts from) is required")
+        raise FlagError("--init (the SFT checkpoint the reward model starts from) is required")
     run = RunDir(config, "reward")
     if run.finished:
         return run.finished
@@ -641,11 +641,11 @@ def train_reward_model(config: RewardConfig) -> dict:
 
 def reinforce(config: RLConfig, algorithm: str) -> dict:
     if not config.init:
-        raise TrainingError("--init (the SFT checkpoint to start from) is required")
+        raise FlagError("--init (the SFT checkpoint to start from) is required")
     if algorithm == "ppo" and not config.reward_model:
-        raise TrainingError("ppo needs --reward-model (a directory written by `rlhf.py reward`)")
+        raise FlagError("ppo needs --reward-model (a directory written by `rlhf.py reward`)")
     if algorithm == "grpo" and config.samples_per_prompt < 2:
-        raise TrainingError(f"--samples-per-prompt must be >= 2 for GRPO's group statistics, got "
+        raise FlagError(f"--samples-per-prompt must be >= 2 for GRPO's group statistics, got "
                             f"{config.samples_per_prompt}")
     run = RunDir(config, algorithm)
     if run.finished:

@@ -217,9 +217,11 @@ def test_bad_moe_config_is_refused_naming_the_field(kwargs, message):
     (["--n-experts", "-1"], "n_experts must be at least 1"),
 ])
 def test_train_flags_of_a_bad_mixture_are_refused(flags, message):
-    from training import TRAIN_PRESETS, TrainConfig, TrainingError, new_model, parse_config
+    """Refused as usage errors: exit_on_error prints the one line and exits 2, as argparse does."""
+    from common import UsageError
+    from training import TRAIN_PRESETS, TrainConfig, new_model, parse_config
     config = parse_config(TrainConfig, TRAIN_PRESETS, "", ["--preset", "cpu-shakespeare", *flags])
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(UsageError, match=message):
         new_model(config, 512)
 
 

@@ -329,14 +329,16 @@ def test_ppo_cli_runs_with_a_learned_reward(tmp_path, sft_checkpoint):
 
 
 def test_cli_errors_are_one_line(tmp_path, checkpoint, refused):
-    for argv, message in (
-            (["ppo", "--init", checkpoint, "--out-dir", tmp_path / "x"], "needs --reward-model"),
+    """A flag the user can fix exits 2 (argparse's usage code); a file that is not there exits 1."""
+    for argv, message, expected_code in (
+            (["ppo", "--init", checkpoint, "--out-dir", tmp_path / "x"], "needs --reward-model", 2),
             (["reward", "--init", checkpoint, "--data", tmp_path / "missing.json", "--out-dir", tmp_path / "y"],
-             "no such file"),
+             "no such file", 1),
             (["grpo", "--init", checkpoint, "--samples-per-prompt", "1", "--out-dir", tmp_path / "z"],
-             "samples-per-prompt must be >= 2")):
+             "samples-per-prompt must be >= 2", 2),
+            (["grpo", "--out-dir", tmp_path / "w"], "--init (the SFT checkpoint to start from) is required", 2)):
         code, err = refused(main, *argv)
-        assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+        assert code == expected_code and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_reward_cli_resumes_exactly(tmp_path, checkpoint):
