@@ -38,6 +38,11 @@ class Stage:
     def summary_path(self, run_dir: Path) -> Path:
         return run_dir / self.out / "summary.json"
 
+    def planned_steps(self) -> int | None:
+        """The --max-steps its command gives (None: a stage that does not train)."""
+        steps = flag_value(self, "--max-steps")
+        return int(steps) if steps else None
+
 
 def py(script, *args) -> list:
     return [sys.executable, str(REPO / script), *(arg if callable(arg) else str(arg) for arg in args)]

@@ -25,8 +25,6 @@ report_card() writes them as report.md's table, each track saying what its stage
 import math
 from dataclasses import dataclass
 
-from pipeline_stages import flag_value
-
 STARVED_SHARE = 0.25   # the clock stopped a stage before this share of its planned steps: starved (unless it worked)
 Z_95 = 1.96            # the normal quantile of a two-sided 95% interval
 
@@ -164,14 +162,14 @@ REPORT_CARD_TEXT = (
 
 def report_card(stages: list, summaries: dict, evals: dict, judge) -> tuple[list[str], str]:
     """The report card's table rows and words, and the run's last line (how many stages worked): each stage
-    judged by judge(stage, summaries, evals) -> (what it is expected to do, its Measures)."""
+    judged by judge(stage, summaries, evals) -> (what it is expected to do, its Measures); stages are
+    pipeline_stages.Stage (their planned_steps() against the steps their summary says they ran)."""
     rows = ["| stage | expected | measured (before -> after) | steps | verdict |", "|---|---|---|---|---|"]
     words, verdicts = [], {}
     for stage in stages:
         s = summaries.get(stage.name, {})
         expected, measures = judge(stage, summaries, evals)
-        planned = flag_value(stage, "--max-steps")
-        planned = int(planned) if planned else None
+        planned = stage.planned_steps()
         done = s.get("step")
         steps = steps_text(done, planned, s.get("stop_reason"))
         verdict = ("not run" if not s else

@@ -179,11 +179,12 @@ def test_real_report_card_on_fake_results(tmp_path):
                           "stop_reason": "max_time"},
                  "distill_ce": {"val_bpb": 2.0}, "distill": {"val_bpb": 1.9},
                  "speculative": {"speedup": 1.4, "identical": 8, "prompts": 8, "acceptance_rate": 0.6},
-                 "quant_rtn4": {"label": "rtn int4"}, "export": {"q4_0_mb": 90.0, "q8_0_reads_back": True, "q4_0_reads_back": True}}
+                 "quant_rtn4": {"label": "rtn int4"}, "quant_gptq4": {"label": "gptq int4"}, "export": {"q4_0_mb": 90.0, "q8_0_reads_back": True, "q4_0_reads_back": True}}
     evals = {"base": {"identity_acc": 0.0, "identity_n": 24, "wiki_bpb": 1.00, "c4_bpb": 1.10, "weights_mb": 500.0},
              "sft": {"identity_acc": 0.95, "identity_n": 24, "wiki_bpb": 1.02, "c4_bpb": 1.11},
              "dpo": {"wiki_bpb": 1.20, "c4_bpb": 1.12}, "grpo": {"wiki_bpb": 1.2, "c4_bpb": 1.12, "weights_mb": 500.0},
-             "quant_rtn4": {"weights_mb": 100.0, "wiki_bpb": 1.25, "c4_bpb": 1.16, "shakespeare_bpb": None}}
+             "quant_rtn4": {"weights_mb": 100.0, "wiki_bpb": 1.25, "c4_bpb": 1.16, "shakespeare_bpb": None},
+             "quant_gptq4": {"weights_mb": 100.0, "wiki_bpb": 1.22, "c4_bpb": 1.15, "shakespeare_bpb": None}}
     for name, summary in summaries.items():
         write_json(tmp_path / name / "summary.json", summary)
     for name, m in evals.items():
@@ -196,7 +197,10 @@ def test_real_report_card_on_fake_results(tmp_path):
     assert "2 of 20 steps (stopped by the clock)" in card["`grpo`"] and "**starved**" in card["`grpo`"]
     assert "**worked**" in card["`distill`"] and "**worked**" in card["`speculative`"]
     assert "**worked**" in card["`quant_rtn4`"] and "**worked**" in card["`export`"]
-    assert report.rstrip().endswith("**5 of 7 judged stages worked (1 regressed, 1 starved)**")
+    assert "wiki bpb vs RTN 1.250 -> 1.220 (-2.4%)" in card["`quant_gptq4`"] and "**worked**" in card["`quant_gptq4`"]
+    # (RTN - GPTQ) / (RTN - final): (1.25 - 1.22) / (1.25 - 1.20) on wiki, (1.16 - 1.15) / (1.16 - 1.12) on c4
+    assert "`quant_gptq4` removes 60% (wiki), 25% (c4) of `quant_rtn4`'s held-out bpb increase" in report
+    assert report.rstrip().endswith("**6 of 8 judged stages worked (1 regressed, 1 starved)**")
     assert "| `base` | - | 500.0 | 1.0000 | 1.1000 | - | 0.00 [0.00, 0.14] of 24 |" in report
 
 
