@@ -26,9 +26,9 @@ EXPORT_TOP1_TOLERANCE = 0.1
 
 # Per preset: which stages run, the data sizes and every stage's flags. "ci" runs every stage on a tiny
 # stand-in with the base's tokenizer; "quick" is identity + DPO + quantize + export; "full" all of them.
-REAL_STAGES = ["data", "text_data", "sft", "dpo", "grpo", "distill_cache", "distill_ce", "distill", "speculative",
-               "quant_rtn8", "quant_rtn4_pc", "quant_gptq4_pc", "quant_rtn4", "quant_gptq4", "quant_nf4", "export",
-               "eval"]
+REAL_STAGES = ["data", "text_data", "calib_data", "sft", "dpo", "grpo", "distill_cache", "distill_ce", "distill",
+               "speculative", "quant_rtn8", "quant_rtn4_pc", "quant_gptq4_pc", "quant_rtn4", "quant_gptq4", "quant_nf4",
+               "export", "eval"]
 REAL_PRESETS = {
     "ci": dict(
         stages=REAL_STAGES, n_general=40, text_chars=20_000, heldout_tokens=2048, n_arith_eval=20, n_terms=2,
@@ -187,9 +187,11 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     11 of 67 beside 56 Chinese, english_repeat times, so the English model learns its name in English); the first
     n_general alpaca_en records of at most GENERAL_MAX_TOKENS tokens (general chat, so the model keeps its
     abilities: short enough that SFT trains each one whole); held-out real text the
-    model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare) and wiki + c4
-    documents from the other nine tenths, text_chars characters in all (the teacher's logits are cached for
-    every position), for the student and GPTQ's calibration; the base's tokenizer (bpe.py)."""
+    model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare); wiki + c4 documents
+    from the other nine tenths, text_chars characters in all (the teacher's logits are cached for every
+    position), for the student; the rest of those nine tenths (about 260k tokens) for GPTQ's calibration,
+    random windows of a varied corpus as in the GPTQ paper (a few documents over-fit it); the base's
+    tokenizer (bpe.py)."""
     from chat import read_records
     from common import load_tokenizer
     out.mkdir(parents=True, exist_ok=True)
@@ -214,10 +216,15 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
             for doc in (pair[0], json.loads(pair[1])["text"].replace("\n", " "))]
     docs = [doc for doc, before in zip(pool, itertools.accumulate(map(len, pool), initial=0)) if before < text_chars]
     (out / "text_train.txt").write_text("\n".join(docs) + "\n")
+    wiki_rest = [doc for doc in wiki[:len(wiki) * 9 // 10] if doc not in docs]
+    c4_rest = [doc for doc in (json.loads(line)["text"].replace("\n", " ") for line in c4[:len(c4) * 9 // 10])
+               if doc not in docs]
+    calib = [doc for pair in itertools.zip_longest(wiki_rest, c4_rest) for doc in pair if doc]  # alternating
+    (out / "calib_train.txt").write_text("\n".join(calib) + "\n")
     tokenizer.chat_template = neutral_template(tokenizer)
     tokenizer.save(out / "tokenizer")
     write_json(out / "summary.json", {"identity_train": len(train), "identity_heldout": len(held),
-                                      "general": len(general), "text_docs": len(docs)})
+                                      "general": len(general), "text_docs": len(docs), "calib_docs": len(calib)})
 
 
 def neutral_template(tokenizer) -> str:
@@ -247,9 +254,12 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
         Stage("data", "identity.json split into SFT and held-out questions, general chat, held-out real text",
               "data", lambda run_dir: write_real_data(data, d, base, p["n_general"], p["text_chars"],
                                                              p.get("english_repeat", 1))),
-        Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (student, GPTQ calibration)",
+        Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (the student)",
               "text_data", [py("data/prepare.py", "--source", data / "text_train.txt", "--txt-docs", "line",
                                "--tokenizer", data / "tokenizer", "--out-dir", r / "text_data")], writes_summary=False),
+        Stage("calib_data", "data/prepare.py: the other wiki + c4 documents in the base's tokens (GPTQ calibration)",
+              "calib_data", [py("data/prepare.py", "--source", data / "calib_train.txt", "--txt-docs", "line",
+                                "--tokenizer", data / "tokenizer", "--out-dir", r / "calib_data")], writes_summary=False),
         Stage("sft", f"sft.py: identity (name = {IDENTITY_NAME}) + general chat", "sft",
               [py("sft.py", "--init", base, "--tokenizer", data / "tokenizer",
                   "--data", f"{data / 'identity_train.json'},{data / 'general.json'}", *sets,
@@ -282,7 +292,8 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
         grid = f"group {group}" if group else "per channel"
         stages.append(Stage(name, f"quant.py: the final model, {method.upper()} int{bits}, {grid}", name,
                             [py("quant.py", "--ckpt", final, "--out-dir", r / name, "--method", method, "--bits", bits,
-                                "--group-size", group, *(p["gptq"] if method == "gptq" else []),
+                                "--group-size", group,
+                                *([*p["gptq"], "--calib-data", r / "calib_data"] if method == "gptq" else []),
                                 "--data", r / "text_data", "--no-eval")], kind="text"))
     stages.append(Stage("export", "gguf_io.py: the final model as GGUF q8_0 and q4_0, one chat turn in llama.cpp",
                         "export", [py("pipeline.py", "export", "--ckpt", final, "--out-dir", r / "export")]))
