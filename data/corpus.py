@@ -167,7 +167,9 @@ def fetch(source: str, cache_dir: Path) -> Path:
 
 
 def tokenize(docs: list[str], tokenizer, fmt: str, desc: str) -> np.ndarray:
-    """All documents, each followed by <|endoftext|>, as one token stream (tiktoken's threads do the work)."""
+    """All documents, each followed by <|endoftext|>, as one token stream (tiktoken's threads do the work).
+    A byte the vocabulary lacks comes back from tiktoken as a placeholder id >= vocab_size
+    (Tokenizer.to_tiktoken) and is dropped, as Tokenizer.encode drops it."""
     encoding = tokenizer.to_tiktoken()
     allowed = {s for s in JSONL_SPECIALS if s in tokenizer.special_tokens} if fmt == "jsonl" else set()
     eot = tokenizer.special_tokens[EOT]
@@ -175,7 +177,9 @@ def tokenize(docs: list[str], tokenizer, fmt: str, desc: str) -> np.ndarray:
     for start in range(0, len(docs), batch):
         ids = encoding.encode_batch(docs[start:start + batch], num_threads=os.cpu_count() or 1,
                                     allowed_special=allowed, disallowed_special=())
-        chunks.extend(np.array(doc + [eot], dtype=np.int64) for doc in ids)
+        for doc in ids:
+            doc = np.array(doc + [eot], dtype=np.int64)
+            chunks.append(doc[doc < tokenizer.vocab_size] if tokenizer.missing_bytes else doc)
         done = min(start + batch, len(docs))
         print(f"\rtokenizing {desc}: {done:,}/{len(docs):,} documents", end="", flush=True)
     print()

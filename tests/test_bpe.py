@@ -305,6 +305,19 @@ def test_missing_bytes_dropped_as_llama_cpp_and_hugging_face_do():
         skip.to_tiktoken()
 
 
+def test_prepared_data_drops_the_placeholders_of_missing_bytes():
+    """data/prepare.py tokenizes with tiktoken, which returns a missing byte's placeholder id (beyond the
+    vocabulary, where an embedding lookup would fail): the stream holds Tokenizer.encode's ids instead."""
+    from data.corpus import EOT, tokenize
+    ranks = {bytes([i]): i for i in range(256) if i != 4}
+    ranks[b"!!"] = 256
+    tokenizer = Tokenizer(ranks, "r50k", special_tokens={EOT: 257}, missing_bytes="separate")
+    docs = ["!\x04!", "a\x04b!!"]
+    stream = tokenize(docs, tokenizer, "txt", "test")
+    assert stream.tolist() == tokenizer.encode(docs[0]) + [257] + tokenizer.encode(docs[1]) + [257]
+    assert stream.max() < tokenizer.vocab_size
+
+
 # ---- formats, batch, corpus reader, CLI --------------------------------------------------------
 
 def test_save_load_roundtrip_and_tiktoken_format(tmp_path, monkeypatch):
