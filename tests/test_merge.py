@@ -186,6 +186,28 @@ def test_whole_model_merges_match_the_tensor_math(trio, tmp_path):
         assert all(torch.allclose(got[n], end[n], atol=1e-6) for n in end)
 
 
+def test_mixture_of_experts_merges_expert_by_expert(tmp_path, trio, tokenizer):
+    """Experts and routers are tensors like any other: task arithmetic of two mixtures is the tensor math on
+    each expert and each router, the result is a mixture, and a dense model beside a mixture is refused."""
+    moe = {"n_experts": 4, "n_experts_per_token": 2}
+    for name, seed in (("base", 0), ("a", 1), ("c", 2)):
+        make_ckpt(tmp_path / name, tokenizer, seed, **moe)
+    base, a, c = (states(tmp_path / n) for n in ("base", "a", "c"))
+    assert any(".experts." in n for n in base) and any(".gate." in n for n in base)
+    out = merge.run({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+                     "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 0.3}},
+                                {"model": str(tmp_path / "c"), "parameters": {"weight": 0.5}}]}, tmp_path / "ta",
+                    progress=False)
+    merged = load_model(out)
+    assert (merged.config.n_experts, merged.config.n_experts_per_token) == (4, 2)
+    got = merged.state_dict()
+    for name in base:
+        expected = base[name] + 0.3 * (a[name] - base[name]) + 0.5 * (c[name] - base[name])
+        assert torch.allclose(got[name], expected, atol=1e-6), name
+    with pytest.raises(merge.MergeError, match=r"a: has no tensor layers\.0\.mlp\.gate\.weight"):
+        merge.run({"merge_method": "linear", "models": [str(tmp_path / "a"), str(trio / "a")]}, tmp_path / "mixed")
+
+
 def test_task_vector_stats(trio, tmp_path, capsys, refused):
     base, a, c = (states(trio / n) for n in ("base", "a", "c"))
     names = [n for n in base if n != "lm_head.weight"]  # tied to the embedding: counted once
