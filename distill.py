@@ -44,9 +44,9 @@ from common import (atomic_write, check_trainable, exit_on_error, load_model, lo
 from evaluate import check_same_tokenizer, evaluate, held_out_loss, token_byte_lengths
 from model import Transformer
 from sample import generate
-from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, FlagError, RunDir, TrainConfig, TrainingError, check_finite,
-                      format_seconds, load_split, main_of, make_optimizer, mixed_precision, new_model, opt, read_meta,
-                      rng_state, seed_everything, set_lr)
+from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, FlagError, RunDir, TrainConfig, TrainingError,
+                      check_finite, format_seconds, load_split, main_of, make_optimizer, mixed_precision, new_model, opt,
+                      read_meta, rng_state, seed_everything, set_lr)
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 REST_LOGP = -1e4  # "log 0" that stays finite: exp() of it is 0 in float32, and no inf - inf makes a NaN
@@ -225,7 +225,7 @@ def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, te
     vocab = teacher.config.vocab_size
     if not 0 <= k <= vocab or samples < 0 or k + samples == 0:
         raise FlagError(f"--top-k {k} --samples {samples}: need 0 <= top-k <= the vocabulary size {vocab}, "
-                           f"samples >= 0, and one of them > 0")
+                        f"samples >= 0, and one of them > 0")
     if max(map(len, items)) - 1 > teacher.config.max_seq_len:
         raise FlagError(f"--seq-len {seq_len} exceeds the teacher's context of {teacher.config.max_seq_len} tokens")
     offsets = np.zeros(len(items) + 1, dtype=np.int64)
@@ -312,15 +312,15 @@ class TopKCache:
         where = f"--teacher-cache {self.dir}"
         if abs(self.meta["temperature"] - config.temperature) > 1e-9:
             raise FlagError(f"{where} holds the teacher at temperature {self.meta['temperature']}, but "
-                               f"--temperature is {config.temperature}: use that, or rebuild the cache")
+                            f"--temperature is {config.temperature}: use that, or rebuild the cache")
         if self.meta["kind"] == "shards" and self.meta["seq_len"] != config.seq_len:
             raise FlagError(f"{where} holds windows of {self.meta['seq_len']} tokens, but --seq-len is {config.seq_len}")
         if self.meta.get("samples") and config.loss != "forward_kl":
             raise FlagError(f"{where} holds tail samples, which estimate forward_kl only: --loss forward_kl, or a "
-                               f"cache built with --samples 0 for {config.loss}")
+                            f"cache built with --samples 0 for {config.loss}")
         if self.meta["data_fingerprint"] != data_hash:
             raise FlagError(f"{where} was built from other data ({self.meta['data']}) than --data {config.data}, or "
-                               f"with other --seq-len/--truncate/--think-weight: rebuild it")
+                            f"with other --seq-len/--truncate/--think-weight: rebuild it")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def distill(config: DistillConfig) -> dict:
         source = config.init or config.teacher or config.teacher_cache
         if not source:
             raise FlagError("chat data needs --init (the student), --teacher or --teacher-cache: the tokenizer "
-                               "comes from there")
+                            "comes from there")
         tokenizer_path = tokenizer_file(source)
         tokenizer = load_tokenizer(source)
         vocab_size = tokenizer.vocab_size

@@ -38,8 +38,8 @@ from lora import apply_lora, disable_adapters
 from model import ModelConfig, Transformer
 from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs
-from training import (FlagError, RunConfig, RunDir, TrainingError, check_finite, make_optimizer, opt, parse_config, rng_state,
-                      set_lr)
+from training import (FlagError, RunConfig, RunDir, TrainingError, check_finite, make_optimizer, opt, parse_config,
+                      rng_state, set_lr)
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
 
@@ -646,7 +646,7 @@ def reinforce(config: RLConfig, algorithm: str) -> dict:
         raise FlagError("ppo needs --reward-model (a directory written by `rlhf.py reward`)")
     if algorithm == "grpo" and config.samples_per_prompt < 2:
         raise FlagError(f"--samples-per-prompt must be >= 2 for GRPO's group statistics, got "
-                            f"{config.samples_per_prompt}")
+                        f"{config.samples_per_prompt}")
     run = RunDir(config, algorithm)
     if run.finished:
         return run.finished

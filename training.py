@@ -667,5 +667,5 @@ def new_model(config: TrainConfig, vocab_size: int) -> Transformer:
         raise FlagError(f"--n-experts-per-token {config.n_experts_per_token}: the model is dense; give --n-experts too")
     if config.router_aux_loss_coef != TrainConfig.router_aux_loss_coef and not model_config.n_experts:
         raise FlagError(f"--router-aux-loss-coef {config.router_aux_loss_coef}: the model is dense (no router); "
-                            "give --n-experts too")
+                        "give --n-experts too")
     return Transformer(model_config)
