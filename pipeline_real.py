@@ -96,10 +96,10 @@ REAL_PRESETS["full"] = dict(
     # steps 15..75 (0.62 at 90, 0.60 at 120), where 30 steps at 5e-4 (the quick preset's) stayed at 0.50
     dpo=["--lora-rank", "16", "--max-len", "192", "--batch-size", "2", "--max-steps", "75", "--max-time", "1800",
          "--lr", "1e-4", "--min-lr", "1e-4", "--warmup-steps", "5", "--eval-interval", "75", "--log-interval", "5"],
-    # act-order (the outlier channels first); 256 windows of 64 tokens: at groups of 64, on the first full run's
-    # final model, GPTQ removed 52% of RTN's wiki bpb increase, against 45% / 39% / 19% with 128 x 64 / 32 x 256
-    # / 32 x 512 (more windows, more first positions, whose outputs matter most; the second run: 49%)
-    gptq=["--calib-samples", "256", "--calib-seq-len", "64", "--act-order"])
+    # act-order (the outlier channels first); windows of 64 tokens of calib_data: more windows, more first
+    # positions, whose outputs matter most (docs/pipeline_real_model.md, "GPTQ's calibration windows"); 512 of
+    # them beat 256 on both selection sets at groups of 64 ("GPTQ's calibration data"), for ~2 more minutes a stage
+    gptq=["--calib-samples", "512", "--calib-seq-len", "64", "--act-order"])
 REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
              "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
 HELD_OUT_TEXTS = {"wiki": "wiki_heldout.txt", "c4": "c4_heldout.jsonl", "shakespeare": "shakespeare_heldout.txt"}
