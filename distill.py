@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from bpe import Tokenizer
 from chat import (ChatDataError, chat_token_ids, IM_END, PAD, load_chat_files, pad_batch, prompt_ids, read_records,
                   record_to_messages, split_think, tokenize_conversations)
-from common import (atomic_write, check_trainable, exit_on_error, load_model, load_tokenizer, resolve_device,
-                    tokenizer_file)
+from common import (UsageError, atomic_write, check_trainable, exit_on_error, load_model, load_tokenizer,
+                    resolve_device, tokenizer_file)
 from evaluate import check_same_tokenizer, evaluate, held_out_loss, token_byte_lengths
 from model import Transformer
 from sample import generate
-from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, FlagError, RunDir, TrainConfig, TrainingError,
+from training import (TRAIN_PRESETS, BatchSampler, ExampleSampler, RunDir, TrainConfig, TrainingError,
                       check_finite, format_seconds, load_split, main_of, make_optimizer, mixed_precision, new_model, opt,
                       read_meta, rng_state, seed_everything, set_lr)
 
@@ -224,10 +224,10 @@ def build_cache(teacher_path: str, data: str, out: str, seq_len: int, k: int, te
     items, data_hash = cache_items(data, seq_len, tokenizer, config)
     vocab = teacher.config.vocab_size
     if not 0 <= k <= vocab or samples < 0 or k + samples == 0:
-        raise FlagError(f"--top-k {k} --samples {samples}: need 0 <= top-k <= the vocabulary size {vocab}, "
-                        f"samples >= 0, and one of them > 0")
+        raise UsageError(f"--top-k {k} --samples {samples}: need 0 <= top-k <= the vocabulary size {vocab}, "
+                         f"samples >= 0, and one of them > 0")
     if max(map(len, items)) - 1 > teacher.config.max_seq_len:
-        raise FlagError(f"--seq-len {seq_len} exceeds the teacher's context of {teacher.config.max_seq_len} tokens")
+        raise UsageError(f"--seq-len {seq_len} exceeds the teacher's context of {teacher.config.max_seq_len} tokens")
     offsets = np.zeros(len(items) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(ids) - 1 for ids in items])
     n_positions = int(offsets[-1])
@@ -311,16 +311,16 @@ class TopKCache:
     def check(self, config, data_hash: str) -> None:
         where = f"--teacher-cache {self.dir}"
         if abs(self.meta["temperature"] - config.temperature) > 1e-9:
-            raise FlagError(f"{where} holds the teacher at temperature {self.meta['temperature']}, but "
-                            f"--temperature is {config.temperature}: use that, or rebuild the cache")
+            raise UsageError(f"{where} holds the teacher at temperature {self.meta['temperature']}, but "
+                             f"--temperature is {config.temperature}: use that, or rebuild the cache")
         if self.meta["kind"] == "shards" and self.meta["seq_len"] != config.seq_len:
-            raise FlagError(f"{where} holds windows of {self.meta['seq_len']} tokens, but --seq-len is {config.seq_len}")
+            raise UsageError(f"{where} holds windows of {self.meta['seq_len']} tokens, but --seq-len is {config.seq_len}")
         if self.meta.get("samples") and config.loss != "forward_kl":
-            raise FlagError(f"{where} holds tail samples, which estimate forward_kl only: --loss forward_kl, or a "
-                            f"cache built with --samples 0 for {config.loss}")
+            raise UsageError(f"{where} holds tail samples, which estimate forward_kl only: --loss forward_kl, or a "
+                             f"cache built with --samples 0 for {config.loss}")
         if self.meta["data_fingerprint"] != data_hash:
-            raise FlagError(f"{where} was built from other data ({self.meta['data']}) than --data {config.data}, or "
-                            f"with other --seq-len/--truncate/--think-weight: rebuild it")
+            raise UsageError(f"{where} was built from other data ({self.meta['data']}) than --data {config.data}, or "
+                             f"with other --seq-len/--truncate/--think-weight: rebuild it")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,30 +362,30 @@ def build_student(config: DistillConfig, vocab_size: int, device: str) -> Transf
         student = load_model(config.init, device=device).train()
         check_trainable(student, config.init, lora_rank=0, hint="distill into its full-precision checkpoint")
         if student.config.max_seq_len < config.seq_len:
-            raise FlagError(f"--init {config.init}: context {student.config.max_seq_len} < --seq-len {config.seq_len}")
+            raise UsageError(f"--init {config.init}: context {student.config.max_seq_len} < --seq-len {config.seq_len}")
         return student
     return new_model(config, vocab_size).to(device)
 
 
 def check_config(config: DistillConfig) -> None:
     if not config.data:
-        raise FlagError("--data is required: a data/prepare.py directory or chat files")
+        raise UsageError("--data is required: a data/prepare.py directory or chat files")
     if not is_shard_dir(config.data):
         missing = [p for p in config.data.split(",") if p.strip() and not Path(p.strip()).is_file()]
         if missing:
-            raise FlagError(f"--data {missing[0]}: neither a data/prepare.py directory nor a chat file")
+            raise UsageError(f"--data {missing[0]}: neither a data/prepare.py directory nor a chat file")
     if not 0 <= config.alpha <= 1:
-        raise FlagError(f"--alpha {config.alpha}: must be in [0, 1] (the weight of the KD term)")
+        raise UsageError(f"--alpha {config.alpha}: must be in [0, 1] (the weight of the KD term)")
     if config.temperature <= 0:
-        raise FlagError(f"--temperature {config.temperature}: must be > 0")
+        raise UsageError(f"--temperature {config.temperature}: must be > 0")
     if config.loss == "jsd" and not 0 < config.beta < 1:
-        raise FlagError(f"--beta {config.beta}: jsd needs 0 < beta < 1")
+        raise UsageError(f"--beta {config.beta}: jsd needs 0 < beta < 1")
     if config.teacher and config.teacher_cache:
-        raise FlagError("give --teacher (live) or --teacher-cache, not both")
+        raise UsageError("give --teacher (live) or --teacher-cache, not both")
     if config.alpha > 0 and not (config.teacher or config.teacher_cache):
-        raise FlagError("--alpha > 0 needs a teacher: --teacher CKPT or --teacher-cache DIR (--alpha 0: hard labels only)")
+        raise UsageError("--alpha > 0 needs a teacher: --teacher CKPT or --teacher-cache DIR (--alpha 0: hard labels only)")
     if config.windows == "random" and config.teacher_cache and is_shard_dir(config.data):
-        raise FlagError("--teacher-cache holds aligned windows: use --windows aligned (or auto)")
+        raise UsageError("--teacher-cache holds aligned windows: use --windows aligned (or auto)")
 
 
 def distill(config: DistillConfig) -> dict:
@@ -409,8 +409,8 @@ def distill(config: DistillConfig) -> dict:
     else:
         source = config.init or config.teacher or config.teacher_cache
         if not source:
-            raise FlagError("chat data needs --init (the student), --teacher or --teacher-cache: the tokenizer "
-                            "comes from there")
+            raise UsageError("chat data needs --init (the student), --teacher or --teacher-cache: the tokenizer "
+                             "comes from there")
         tokenizer_path = tokenizer_file(source)
         tokenizer = load_tokenizer(source)
         vocab_size = tokenizer.vocab_size
@@ -425,7 +425,7 @@ def distill(config: DistillConfig) -> dict:
             raise DistillError(f"teacher logits have {teacher.config.vocab_size} entries, the student's "
                                f"{student.config.vocab_size}: the same tokenizer but padded differently")
         if teacher.config.max_seq_len < config.seq_len:
-            raise FlagError(f"--seq-len {config.seq_len} exceeds the teacher's context of {teacher.config.max_seq_len}")
+            raise UsageError(f"--seq-len {config.seq_len} exceeds the teacher's context of {teacher.config.max_seq_len}")
     elif use_teacher:
         cache = TopKCache(config.teacher_cache)
         check_same_tokenizer(cache.tokenizer, tokenizer, config.teacher_cache, str(tokenizer_path))

@@ -19,8 +19,9 @@ OUT/downloads. The CPU presets are small: their quality numbers are only indicat
 
 The real-model track (--base MODEL: a .gguf, a Hugging Face or nanollm directory; smollm2 is
 SmolLM2-135M-Instruct as `gguf_io.py fetch` gets it) post-trains a published chat model instead of
-pretraining one (pipeline_real.build_real_stages: data, text_data, sft, dpo, grpo, distill_cache, distill_ce, distill,
-speculative, quant_rtn8, quant_rtn4_pc, quant_gptq4_pc, quant_rtn4, quant_gptq4, quant_nf4, export, eval);
+pretraining one (pipeline_real.build_real_stages: data, text_data, calib_data, sft, dpo, grpo, distill_cache,
+distill_ce, distill, speculative, quant_rtn8, quant_rtn4_pc, quant_gptq4_pc, quant_rtn4, quant_gptq4, quant_nf4,
+export, eval);
 REAL_PRESETS: ci (every stage on a tiny stand-in), quick (identity + DPO + quantize + export), full.
 Before the first stage, check_base refuses a model it cannot use (architecture, a tokenizer without
 ChatML, too large for the memory), naming the file and the reason.

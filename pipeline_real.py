@@ -98,7 +98,7 @@ REAL_PRESETS["full"] = dict(
          "--lr", "1e-4", "--min-lr", "1e-4", "--warmup-steps", "5", "--eval-interval", "75", "--log-interval", "5"],
     # act-order (the outlier channels first); windows of 64 tokens of calib_data: more windows, more first
     # positions, whose outputs matter most (docs/pipeline_real_model.md, "GPTQ's calibration windows"); 512 of
-    # them beat 256 on both selection sets at groups of 64 ("GPTQ's calibration data"), for ~2 more minutes a stage
+    # them beat 256 on both selection sets at groups of 64 ("GPTQ's calibration data"), for ~100 s more a stage
     gptq=["--calib-samples", "512", "--calib-seq-len", "64", "--act-order"])
 REAL_DATA = ["pretrain/wiki_demo.txt", "pretrain/c4_demo.jsonl", "tinyshakespeare/input.txt", "sft/identity.json",
              "sft/alpaca_en_demo.json", "preference/dpo_en_demo.json"]
@@ -212,14 +212,13 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     (out / HELD_OUT_TEXTS["wiki"]).write_text("\n".join(wiki[len(wiki) * 9 // 10:]) + "\n")
     (out / HELD_OUT_TEXTS["c4"]).write_text("\n".join(c4[len(c4) * 9 // 10:]) + "\n")
     (out / HELD_OUT_TEXTS["shakespeare"]).write_text(shakespeare[len(shakespeare) * 9 // 10:])
-    pool = [doc for pair in zip(wiki[:len(wiki) * 9 // 10], c4[:len(c4) * 9 // 10])  # alternating wiki, c4
-            for doc in (pair[0], json.loads(pair[1])["text"].replace("\n", " "))]
+    wiki_train = wiki[:len(wiki) * 9 // 10]
+    c4_train = [json.loads(line)["text"].replace("\n", " ") for line in c4[:len(c4) * 9 // 10]]
+    pool = [doc for pair in zip(wiki_train, c4_train) for doc in pair]  # alternating wiki, c4
     docs = [doc for doc, before in zip(pool, itertools.accumulate(map(len, pool), initial=0)) if before < text_chars]
     (out / "text_train.txt").write_text("\n".join(docs) + "\n")
-    wiki_rest = [doc for doc in wiki[:len(wiki) * 9 // 10] if doc not in docs]
-    c4_rest = [doc for doc in (json.loads(line)["text"].replace("\n", " ") for line in c4[:len(c4) * 9 // 10])
-               if doc not in docs]
-    calib = [doc for pair in itertools.zip_longest(wiki_rest, c4_rest) for doc in pair if doc]  # alternating
+    rest = [[doc for doc in train if doc not in docs] for train in (wiki_train, c4_train)]
+    calib = [doc for pair in itertools.zip_longest(*rest) for doc in pair if doc]  # alternating, then c4's tail
     (out / "calib_train.txt").write_text("\n".join(calib) + "\n")
     tokenizer.chat_template = neutral_template(tokenizer)
     tokenizer.save(out / "tokenizer")

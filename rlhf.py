@@ -31,14 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chat import (IM_END, PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, prompt_ids)
-from common import (check_tokenizer, check_trainable, exit_on_error, load_model, load_tokenizer, read_checkpoint,
-                    resolve_device)
+from common import (UsageError, check_tokenizer, check_trainable, exit_on_error, load_model, load_tokenizer,
+                    read_checkpoint, resolve_device)
 from evaluate import arithmetic_accuracy
 from lora import apply_lora, disable_adapters
 from model import ModelConfig, Transformer
 from sample import generate
 from tasks import arithmetic_problems, check, preference_pairs
-from training import (FlagError, RunConfig, RunDir, TrainingError, check_finite, make_optimizer, opt, parse_config,
+from training import (RunConfig, RunDir, TrainingError, check_finite, make_optimizer, opt, parse_config,
                       rng_state, set_lr)
 
 SUBCOMMANDS = ("reward", "ppo", "grpo")
@@ -546,7 +546,7 @@ def evaluate_reward_model(model, encoded, pad_id: int, device, batch_size: int =
 
 def train_reward_model(config: RewardConfig) -> dict:
     if not config.init:
-        raise FlagError("--init (the SFT checkpoint the reward model starts from) is required")
+        raise UsageError("--init (the SFT checkpoint the reward model starts from) is required")
     run = RunDir(config, "reward")
     if run.finished:
         return run.finished
@@ -641,12 +641,12 @@ def train_reward_model(config: RewardConfig) -> dict:
 
 def reinforce(config: RLConfig, algorithm: str) -> dict:
     if not config.init:
-        raise FlagError("--init (the SFT checkpoint to start from) is required")
+        raise UsageError("--init (the SFT checkpoint to start from) is required")
     if algorithm == "ppo" and not config.reward_model:
-        raise FlagError("ppo needs --reward-model (a directory written by `rlhf.py reward`)")
+        raise UsageError("ppo needs --reward-model (a directory written by `rlhf.py reward`)")
     if algorithm == "grpo" and config.samples_per_prompt < 2:
-        raise FlagError(f"--samples-per-prompt must be >= 2 for GRPO's group statistics, got "
-                        f"{config.samples_per_prompt}")
+        raise UsageError(f"--samples-per-prompt must be >= 2 for GRPO's group statistics, got "
+                         f"{config.samples_per_prompt}")
     run = RunDir(config, algorithm)
     if run.finished:
         return run.finished

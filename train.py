@@ -25,13 +25,12 @@ import torch
 import torch.distributed as dist
 
 from bpe import Tokenizer
-from common import resolve_device
+from common import UsageError, resolve_device
 from evaluate import evaluate, token_byte_lengths
 from moe import moe_stats, plot_expert_shares, reset_moe_stats
 from sample import generate
-from training import (TRAIN_PRESETS, BatchSampler, FlagError, RunDir, TrainConfig, check_finite, load_split,
-                      main_of, make_optimizer, mixed_precision, new_model, read_meta, rng_state, seed_everything,
-                      set_lr)
+from training import (TRAIN_PRESETS, BatchSampler, RunDir, TrainConfig, check_finite, load_split, main_of,
+                      make_optimizer, mixed_precision, new_model, read_meta, rng_state, seed_everything, set_lr)
 
 
 # bf16 dense peak FLOP/s of devices we know, for MFU
@@ -63,7 +62,7 @@ def train(config: TrainConfig) -> dict:
     log = print if master else (lambda *a, **k: None)
 
     if not config.data:
-        raise FlagError("--data is required: a directory written by data/prepare.py")
+        raise UsageError("--data is required: a directory written by data/prepare.py")
     run = RunDir(config, "train", master)
     if run.finished:
         if ddp:

@@ -50,10 +50,6 @@ class TrainingError(RuntimeError):
     (a run directory in the way, --resume with nothing or another model to resume) is a common.UsageError."""
 
 
-class FlagError(TrainingError, UsageError):
-    """A flag, or a combination of flags, the run cannot use: one line naming the flag, exit status 2."""
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Optimisation: AdamW, the schedule, mixed precision
 
@@ -662,10 +658,10 @@ def new_model(config: TrainConfig, vocab_size: int) -> Transformer:
                                                attn_backend=config.attn_backend,
                                                router_aux_loss_coef=config.router_aux_loss_coef, **overrides)
     except ValueError as e:  # e.g. --n-experts-per-token above --n-experts: the message names the field
-        raise FlagError(f"model flags: {e}") from None
+        raise UsageError(f"model flags: {e}") from None
     if config.n_experts_per_token and not model_config.n_experts:
-        raise FlagError(f"--n-experts-per-token {config.n_experts_per_token}: the model is dense; give --n-experts too")
+        raise UsageError(f"--n-experts-per-token {config.n_experts_per_token}: the model is dense; give --n-experts too")
     if config.router_aux_loss_coef != TrainConfig.router_aux_loss_coef and not model_config.n_experts:
-        raise FlagError(f"--router-aux-loss-coef {config.router_aux_loss_coef}: the model is dense (no router); "
-                        "give --n-experts too")
+        raise UsageError(f"--router-aux-loss-coef {config.router_aux_loss_coef}: the model is dense (no router); "
+                         "give --n-experts too")
     return Transformer(model_config)

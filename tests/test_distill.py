@@ -16,7 +16,7 @@ from evaluate import TokenizerMismatch, check_same_tokenizer
 from distill import (REST_LOGP, DistillConfig, DistillError, TopKCache, build_cache, distill,
                      divergence, kd_loss, main, teacher_targets)
 from model import ModelConfig, Transformer
-from training import FlagError
+from common import UsageError
 from tasks import arithmetic_problems, sft_conversations
 
 
@@ -236,9 +236,9 @@ def test_cache_matches_the_live_teacher(tmp_path, teacher_dir, shards, tokenizer
     student = torch.randn(2, 32, V)
     assert kd_loss(student, cache.batch(rows, 32, "cpu"), "forward_kl", 2.0, 0.5).item() == \
         pytest.approx(kd_loss(student, live_logits, "forward_kl", 2.0, 0.5).item(), rel=1e-3)
-    with pytest.raises(FlagError, match="temperature 2.0"):
+    with pytest.raises(UsageError, match="temperature 2.0"):
         distill(student_config(shards, tmp_path / "wrong-t", teacher_cache=str(tmp_path / "cache"), temperature=1.0))
-    with pytest.raises(FlagError, match="windows of 32"):
+    with pytest.raises(UsageError, match="windows of 32"):
         distill(student_config(shards, tmp_path / "wrong-len", teacher_cache=str(tmp_path / "cache"), seq_len=16))
 
 
@@ -265,7 +265,7 @@ def test_sampled_cache_matches_the_live_teacher(tmp_path, teacher_dir, shards):
     full = kd_loss(student, live_logits, "forward_kl", 2.0, 0.5).item()
     error = abs(kd_loss(student, cached, "forward_kl", 2.0, 0.5).item() - full)
     assert error < 4 * standard_error.item()
-    with pytest.raises(FlagError, match="forward_kl only"):
+    with pytest.raises(UsageError, match="forward_kl only"):
         distill(student_config(shards, tmp_path / "jsd", teacher_cache=str(tmp_path / "cache"), loss="jsd"))
 
 
@@ -309,13 +309,13 @@ def test_resume_is_exact(tmp_path, teacher_dir, shards, monkeypatch):
 
 
 def test_bad_settings_are_clear_errors(tmp_path, shards, teacher_dir):
-    with pytest.raises(FlagError, match="needs a teacher"):
+    with pytest.raises(UsageError, match="needs a teacher"):
         distill(student_config(shards, tmp_path / "a", alpha=0.5))
-    with pytest.raises(FlagError, match="--alpha 1.5"):
+    with pytest.raises(UsageError, match="--alpha 1.5"):
         distill(student_config(shards, tmp_path / "b", alpha=1.5, teacher=str(teacher_dir)))
     with pytest.raises(DistillError, match="not a finished cache"):
         distill(student_config(shards, tmp_path / "c", teacher_cache=str(tmp_path)))
-    with pytest.raises(FlagError, match="missing.jsonl: neither a data/prepare.py directory nor a chat file"):
+    with pytest.raises(UsageError, match="missing.jsonl: neither a data/prepare.py directory nor a chat file"):
         distill(student_config(tmp_path / "missing.jsonl", tmp_path / "d", teacher=str(teacher_dir)))
 
 
