@@ -137,11 +137,12 @@ def load_items(paths: str, config: DPOConfig) -> tuple[list[dict], int]:
     return items, skipped
 
 
-def fit(prompt: list[int], answer: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
+def fit(prompt: list[int], answer: list[int], max_len: int, max_prompt_len: int = 0) -> tuple[list[int], list[int], bool]:
     """(ids, mask, truncated): prompt + answer in at most max_len tokens, the answer's tokens masked 1.
-    Too long: the prompt keeps its last tokens (at least half of max_len), then the answer is cut."""
+    Too long: the prompt keeps its last tokens (at least max_prompt_len, 0: half of max_len), then the answer is
+    cut. E.g. max_len 8, max_prompt_len 2, a prompt of 6 and an answer of 5: the prompt's last 3, the answer's 5."""
     if len(prompt) + len(answer) > max_len:
-        keep = max(max_len // 2, max_len - len(answer))
+        keep = max(max_prompt_len or max_len // 2, max_len - len(answer))
         prompt = prompt[-keep:]
         answer = answer[:max_len - len(prompt)]
         return prompt + answer, [0] * len(prompt) + [1] * len(answer), True
@@ -162,7 +163,7 @@ def tokenize_items(tokenizer, items, config: DPOConfig, max_len: int) -> tuple[l
     else:
         pairs = [(answer_ids(tokenizer, item["chosen"]), answer_ids(tokenizer, item["rejected"])) for item in items]
     for prompt, (first, second) in zip(prompts, pairs):
-        a, b = fit(prompt, first, max_len), fit(prompt, second, max_len)
+        a, b = fit(prompt, first, max_len, config.max_prompt_len), fit(prompt, second, max_len, config.max_prompt_len)
         truncated += a[2] or b[2]
         sequences.append(((a[0], a[1]), (b[0], b[1])))
     return sequences, truncated
@@ -371,6 +372,7 @@ class DPOConfig(RunConfig):
     lora_embedding_rank: int = opt(0, "with --lora-rank: rank of an adapter on the token embedding (and a tied head)")
     # data
     max_len: int = opt(512, "prompt + answer tokens (the prompt's start is cut first; capped at the model's context)")
+    max_prompt_len: int = opt(0, "when prompt + answer exceed --max-len, the prompt's last tokens kept (0: half of --max-len)")
     set: list = field(default_factory=list, metadata={"append": True, "help": "fill a {{KEY}} placeholder: KEY=VALUE (repeatable)"})
     skip_bad_records: bool = opt(False, "skip (and count) records that cannot be used instead of stopping")
     # batches
@@ -424,6 +426,8 @@ def check_config(config: DPOConfig) -> None:
         raise ValueError("--loss kto needs --batch-size >= 2 (the KL estimate averages over the batch)")
     if config.precompute_ref and config.loss in REFERENCE_FREE:
         raise ValueError(f"--precompute-ref: --loss {config.loss} uses no reference model")
+    if not 0 <= config.max_prompt_len < config.max_len:
+        raise ValueError(f"--max-prompt-len must be in [0, --max-len {config.max_len}), got {config.max_prompt_len}")
     if not 0 <= config.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
 
