@@ -9,7 +9,7 @@ import torch
 from bpe import Tokenizer
 from chat import PAD, answer_ids, chat_token_ids, prompt_ids
 from common import load_model, save_checkpoint
-from dpo import (LN2, DPOConfig, Reference, batch_loss, evaluate_pairs, hinge_loss, ipo_loss, kto_loss, load_items, main,
+from dpo import (LN2, DPOConfig, Reference, batch_loss, evaluate_pairs, fit, hinge_loss, ipo_loss, kto_loss, load_items, main,
                  make_batch, orpo_loss, precompute_reference, sequence_logps, sigmoid_loss, simpo_loss, tokenize_items, train)
 from lora import apply_lora
 from model import ModelConfig, Transformer
@@ -115,6 +115,15 @@ def run(init_dir, pairs_file, out_dir, **overrides):
     lines = []
     summary = train(config, log=lines.append)
     return summary, lines
+
+
+@pytest.mark.parametrize("max_prompt_len, kept_prompt", [(0, [6, 7, 8, 9]), (2, [8, 9]), (3, [7, 8, 9])])
+def test_a_too_long_pair_keeps_the_prompts_end_then_cuts_the_answer(max_prompt_len, kept_prompt):
+    prompt, answer = list(range(10)), [100, 101, 102, 103, 104, 105]
+    ids, mask, truncated = fit(prompt, answer, 8, max_prompt_len)  # 16 tokens into 8
+    assert truncated and ids == kept_prompt + answer[:8 - len(kept_prompt)]
+    assert mask == [0] * len(kept_prompt) + [1] * (8 - len(kept_prompt))
+    assert fit(prompt[:2], answer, 8, max_prompt_len) == (prompt[:2] + answer, [0, 0] + [1] * 6, False)
 
 
 def test_logps_sum_the_answer_tokens_only(tokenizer):
