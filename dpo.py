@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from chat import (PAD, ChatDataError, answer_ids, chat_token_ids, load_preference_pairs, load_unpaired,
                   pad_batch, parse_placeholders, prompt_ids, read_records)
-from common import check_trainable, load_model, load_tokenizer, resolve_device
+from common import UsageError, check_trainable, load_model, load_tokenizer, resolve_device
 from lora import ALL_LINEAR, apply_lora, disable_adapters
 from training import (RunConfig, RunDir, TrainingError, check_finite, main_of, make_optimizer, opt, rng_state,
                       seed_everything, set_lr)
@@ -142,7 +142,7 @@ def fit(prompt: list[int], answer: list[int], max_len: int, max_prompt_len: int 
     Too long: the prompt keeps its last tokens (at least max_prompt_len, 0: half of max_len), then the answer is
     cut. E.g. max_len 8, max_prompt_len 2, a prompt of 6 and an answer of 5: the prompt's last 3, the answer's 5."""
     if len(prompt) + len(answer) > max_len:
-        keep = max(max_prompt_len or max_len // 2, max_len - len(answer))
+        keep = max(min(max_prompt_len, max_len - 1) or max_len // 2, max_len - len(answer))
         prompt = prompt[-keep:]
         answer = answer[:max_len - len(prompt)]
         return prompt + answer, [0] * len(prompt) + [1] * len(answer), True
@@ -410,26 +410,27 @@ def build_policy(config: DPOConfig, device):
 
 
 def check_config(config: DPOConfig) -> None:
+    """Flags the run cannot go on with: one line naming the flag, exit 2 (common.UsageError)."""
     if not config.init:
-        raise ValueError("--init is required: the SFT checkpoint directory to start from")
+        raise UsageError("--init is required: the SFT checkpoint directory to start from")
     if not Path(config.init).exists():
-        raise ValueError(f"--init {config.init}: no such checkpoint directory")
+        raise UsageError(f"--init {config.init}: no such checkpoint directory")
     if not config.data:
-        raise ValueError("--data is required: preference file(s)")
+        raise UsageError("--data is required: preference file(s)")
     if not 0 <= config.label_smoothing < 0.5:
-        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {config.label_smoothing}")
+        raise UsageError(f"--label-smoothing must be in [0, 0.5), got {config.label_smoothing}")
     if config.label_smoothing and config.loss != "sigmoid":
-        raise ValueError(f"--label-smoothing is a variant of the sigmoid loss, not of {config.loss}")
+        raise UsageError(f"--label-smoothing is a variant of the sigmoid loss, not of {config.loss}")
     if config.beta <= 0:
-        raise ValueError(f"--beta must be positive, got {config.beta}")
+        raise UsageError(f"--beta must be positive, got {config.beta}")
     if config.loss == "kto" and config.batch_size < 2:
-        raise ValueError("--loss kto needs --batch-size >= 2 (the KL estimate averages over the batch)")
+        raise UsageError("--loss kto needs --batch-size >= 2 (the KL estimate averages over the batch)")
     if config.precompute_ref and config.loss in REFERENCE_FREE:
-        raise ValueError(f"--precompute-ref: --loss {config.loss} uses no reference model")
+        raise UsageError(f"--precompute-ref: --loss {config.loss} uses no reference model")
     if not 0 <= config.max_prompt_len < config.max_len:
-        raise ValueError(f"--max-prompt-len must be in [0, --max-len {config.max_len}), got {config.max_prompt_len}")
+        raise UsageError(f"--max-prompt-len must be in [0, --max-len {config.max_len}), got {config.max_prompt_len}")
     if not 0 <= config.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+        raise UsageError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
 
 
 def train(config: DPOConfig, log=print) -> dict:

@@ -124,6 +124,8 @@ def test_a_too_long_pair_keeps_the_prompts_end_then_cuts_the_answer(max_prompt_l
     assert truncated and ids == kept_prompt + answer[:8 - len(kept_prompt)]
     assert mask == [0] * len(kept_prompt) + [1] * (8 - len(kept_prompt))
     assert fit(prompt[:2], answer, 8, max_prompt_len) == (prompt[:2] + answer, [0, 0] + [1] * 6, False)
+    # a --max-prompt-len above a context-capped max_len still leaves the answer its first token
+    assert fit(prompt, answer, 8, 12) == (prompt[-7:] + answer[:1], [0] * 7 + [1], True)
 
 
 def test_logps_sum_the_answer_tokens_only(tokenizer):
@@ -268,6 +270,13 @@ def test_resume_is_bit_exact(init_dir, pairs_file, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
+
+def test_a_bad_flag_is_a_one_line_usage_error(init_dir, pairs_file, tmp_path, refused):
+    code, err = refused(main, "--init", init_dir, "--data", pairs_file, "--max-len", 64, "--max-prompt-len", 64,
+                        "--out-dir", tmp_path / "out")
+    assert code == 2 and err == "error: --max-prompt-len must be in [0, --max-len 64), got 64\n"
+    assert not (tmp_path / "out").exists()
+
 
 def test_bad_record_is_a_one_line_error(init_dir, tmp_path, refused):
     bad = tmp_path / "bad.jsonl"
