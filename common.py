@@ -53,9 +53,9 @@ def resolve_device(name: str = "auto") -> str:
             return "mps"
         return "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        raise UsageError("--device cuda asked for, but torch sees no CUDA device")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps asked for, but MPS is not available")
+        raise UsageError("--device mps asked for, but MPS is not available")
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
         raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N or mps)")
     return name

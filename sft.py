@@ -88,7 +88,7 @@ def answer(model, tokenizer, conversations, max_new_tokens: int, batch_size: int
     end = chat_token_ids(tokenizer)[IM_END]
     keep = model.config.max_seq_len - max_new_tokens - 1  # long prompts lose their oldest tokens
     if keep < 1:
-        raise ValueError(f"--eval-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+        raise UsageError(f"--eval-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
                          f"{model.config.max_seq_len} tokens: lower it")
     out = []
     for i in range(0, len(conversations), batch_size):

@@ -148,6 +148,12 @@ def test_a_batch_of_zero_is_a_usage_error_in_every_script(script, argv, refused)
     assert code == 2 and f"{flag} must be >= 1, got 0" in one_line(err)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_the_machine_lacks_is_a_usage_error(tmp_path, refused):
+    code, err = refused(sft.main, "--init", "x", "--data", "y", "--device", "cuda", "--out-dir", tmp_path / "run")
+    assert code == 2 and one_line(err) and "--device cuda asked for, but torch sees no CUDA device" in err
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_train_resume_from_a_damaged_checkpoint_is_one_line(prepared, tmp_path, capsys, refused, damage):
     train.main(list(map(str, train_args(prepared, tmp_path / "run"))))

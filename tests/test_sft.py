@@ -124,8 +124,9 @@ def test_bad_input_is_named(base, data_dir, tmp_path, refused):
     assert code != 0 and "bad.json: record 1: missing field 'output'" in err
     code, err = refused(main, "--init", base[0], "--data", bad, "--out-dir", tmp_path / "x", "--set", "name")
     assert code != 0 and "--set 'name': expected KEY=VALUE" in err
-    with pytest.raises(SystemExit, match="--eval-new-tokens 96 leaves no room for a prompt"):
-        run_sft(base[0], data_dir, tmp_path / "y", "--max-steps", 1, "--eval-new-tokens", 96)
+    code, err = refused(main, "--init", base[0], "--data", data_dir / "sft" / "identity.json", "--out-dir",
+                        tmp_path / "y", *ARGS, "--max-steps", 1, "--eval-new-tokens", 96)
+    assert code == 2 and "--eval-new-tokens 96 leaves no room for a prompt" in err
 
 
 def test_tasks_cli_writes_arithmetic_chats_sft_reads(tmp_path, refused):
