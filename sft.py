@@ -88,8 +88,8 @@ def answer(model, tokenizer, conversations, max_new_tokens: int, batch_size: int
     end = chat_token_ids(tokenizer)[IM_END]
     keep = model.config.max_seq_len - max_new_tokens - 1  # long prompts lose their oldest tokens
     if keep < 1:
-        raise UsageError(f"--eval-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
-                         f"{model.config.max_seq_len} tokens: lower it")
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{model.config.max_seq_len} tokens")
     out = []
     for i in range(0, len(conversations), batch_size):
         prompts = [prompt_ids(tokenizer, c)[-keep:] for c in conversations[i:i + batch_size]]
@@ -199,6 +199,9 @@ def finetune(config: SFTConfig) -> dict:
     check_trainable(model, config.init, config.lora_rank)
     if config.max_len > model.config.max_seq_len:  # RoPE's table grows on demand: just allow longer inputs
         model.config.max_seq_len = config.max_len
+    if config.eval_new_tokens >= model.config.max_seq_len - 1:  # said before the run starts, not at its first eval
+        raise UsageError(f"--eval-new-tokens {config.eval_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {model.config.max_seq_len} tokens: lower it")
     largest_id = max([len(tokenizer.ranks) - 1, *tokenizer.special_tokens.values()])
     if largest_id >= model.config.vocab_size:
         raise TrainingError(f"the tokenizer's ids go up to {largest_id}, beyond the model's vocab_size {model.config.vocab_size}")

@@ -127,6 +127,7 @@ def test_bad_input_is_named(base, data_dir, tmp_path, refused):
     code, err = refused(main, "--init", base[0], "--data", data_dir / "sft" / "identity.json", "--out-dir",
                         tmp_path / "y", *ARGS, "--max-steps", 1, "--eval-new-tokens", 96)
     assert code == 2 and "--eval-new-tokens 96 leaves no room for a prompt" in err
+    assert not (tmp_path / "y").exists() or not any((tmp_path / "y").iterdir())  # refused before the run starts
 
 
 def test_tasks_cli_writes_arithmetic_chats_sft_reads(tmp_path, refused):
