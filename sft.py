@@ -199,7 +199,8 @@ def finetune(config: SFTConfig) -> dict:
     check_trainable(model, config.init, config.lora_rank)
     if config.max_len > model.config.max_seq_len:  # RoPE's table grows on demand: just allow longer inputs
         model.config.max_seq_len = config.max_len
-    if config.eval_new_tokens >= model.config.max_seq_len - 1:  # said before the run starts, not at its first eval
+    asks_prompts = config.eval_prompts > 0 and len(eval_conversations) > 0  # answers generated at each eval
+    if asks_prompts and config.eval_new_tokens >= model.config.max_seq_len - 1:  # said now, not at the first eval
         raise UsageError(f"--eval-new-tokens {config.eval_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {model.config.max_seq_len} tokens: lower it")
     largest_id = max([len(tokenizer.ranks) - 1, *tokenizer.special_tokens.values()])
