@@ -82,11 +82,16 @@ def pack_examples(examples, max_len: int, pad_id: int):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: greedy answers to held-out prompts
 
+def prompt_room(max_seq_len: int, max_new_tokens: int) -> int:
+    """Prompt tokens that fit beside max_new_tokens answer tokens and the one that tells whether it stopped."""
+    return max_seq_len - max_new_tokens - 1
+
+
 @torch.no_grad()
 def answer(model, tokenizer, conversations, max_new_tokens: int, batch_size: int = 16):
     """Greedy answers to each conversation's prompt -> [(text, stopped)], stopped = ended with <|im_end|>."""
     end = chat_token_ids(tokenizer)[IM_END]
-    keep = model.config.max_seq_len - max_new_tokens - 1  # long prompts lose their oldest tokens
+    keep = prompt_room(model.config.max_seq_len, max_new_tokens)  # long prompts lose their oldest tokens
     if keep < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
                          f"{model.config.max_seq_len} tokens")
@@ -200,7 +205,7 @@ def finetune(config: SFTConfig) -> dict:
     if config.max_len > model.config.max_seq_len:  # RoPE's table grows on demand: just allow longer inputs
         model.config.max_seq_len = config.max_len
     asks_prompts = config.eval_prompts > 0 and len(eval_conversations) > 0  # answers generated at each eval
-    if asks_prompts and config.eval_new_tokens >= model.config.max_seq_len - 1:  # said now, not at the first eval
+    if asks_prompts and prompt_room(model.config.max_seq_len, config.eval_new_tokens) < 1:  # now, not at the first eval
         raise UsageError(f"--eval-new-tokens {config.eval_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {model.config.max_seq_len} tokens: lower it")
     largest_id = max([len(tokenizer.ranks) - 1, *tokenizer.special_tokens.values()])
