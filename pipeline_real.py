@@ -93,9 +93,11 @@ REAL_PRESETS["full"] = dict(
              "--max-time", "900", "--lr", "2e-3", "--eval-interval", "100", "--sample-tokens", "0"],
     cache=["--seq-len", "256", "--top-k", "32", "--samples", "8", "--batch-size", "8"],
     # 90 steps of 2 pairs (180 of the 240) at a constant 1e-4: the held-out loss falls to step 90 and rises by
-    # 120; three seeds pooled 0.64 of 180 at step 90, 0.62 at 75, where 30 steps at 5e-4 (the quick preset's) gave 0.50
+    # 120; three seeds pooled 0.64 of 180 at step 90, 0.62 at 75, where 30 steps at 5e-4 (the quick preset's) gave
+    # 0.50; beta 0.3 instead of DPO's 0.1: the same three seeds pooled 0.66 (docs/pipeline_real_model.md)
     dpo=["--lora-rank", "16", "--max-len", "192", "--batch-size", "2", "--max-steps", "90", "--max-time", "1800",
-         "--lr", "1e-4", "--min-lr", "1e-4", "--warmup-steps", "5", "--eval-interval", "90", "--log-interval", "5"],
+         "--lr", "1e-4", "--min-lr", "1e-4", "--beta", "0.3", "--warmup-steps", "5", "--eval-interval", "90",
+         "--log-interval", "5"],
     # act-order (the outlier channels first); windows of 64 tokens of calib_data: more windows, more first
     # positions, whose outputs matter most (docs/pipeline_real_model.md, "GPTQ's calibration windows"); 512 of
     # them beat 256 on both selection sets at groups of 64 ("GPTQ's calibration data"), for ~100 s more a stage
