@@ -243,6 +243,35 @@ ATTENTION = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_
 # ----------------------------------------------------------------------------------------------------------
 # Modules
 
+# Up to this many rows (tokens) a linear layer on the CPU computes y^T = W x^T instead of y = x W^T. Same
+# product; torch's CPU BLAS runs x W^T on a few rows as one matrix-vector pass per row at about a third of
+# the memory bandwidth, and decoding one sequence is nothing but such calls, while W x^T with two or more
+# columns is a matrix product that streams W once at full speed (python -m bench.decode, its first table).
+FEW_ROWS = 16
+
+
+def few_rows_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) computed as (W x^T)^T; one row is sent as two columns (the same row twice),
+    since a single column goes back to the slow matrix-vector pass."""
+    rows = x.numel() // x.size(-1)
+    x2 = x.reshape(rows, x.size(-1))                                      # (rows, in)
+    if rows == 1:
+        x2 = torch.cat((x2, x2))  # a copy: a stride-0 view of the one row is as slow as the one column
+    y = (weight @ x2.t())[:, :rows].t()                                   # (rows, out)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.size(0))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict), with few-row CPU products through few_rows_linear."""
+
+    def forward(self, x):
+        if x.device.type == "cpu" and 0 < x.numel() // self.in_features <= FEW_ROWS:
+            return few_rows_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, use_triton: bool = False):
         super().__init__()
@@ -265,10 +294,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.attention_out_bias)
+        self.q_proj = Linear(config.dim, config.n_heads * config.head_dim, bias=config.attention_bias)
+        self.k_proj = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.v_proj = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.attention_bias)
+        self.o_proj = Linear(config.n_heads * config.head_dim, config.dim, bias=config.attention_out_bias)
         self.attend = ATTENTION[config.attn_backend]
         self.dropout = config.dropout
 
@@ -294,9 +323,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, hidden_dim: int | None = None):
         super().__init__()
         hidden_dim = hidden_dim or config.hidden_dim
-        self.gate_proj = nn.Linear(config.dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, config.dim, bias=False)
+        self.gate_proj = Linear(config.dim, hidden_dim, bias=False)
+        self.up_proj = Linear(config.dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, config.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -359,7 +388,7 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, config.attn_backend == "triton")
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Kept out of the state dict and out of .to(dtype): RoPE angles need fp32 even in a bf16 model.
@@ -403,17 +432,6 @@ class Transformer(nn.Module):
         n_matmul = self.num_params(non_embedding=True, active=True)
         n_matmul += self.lm_head.weight.numel() if c.tie_embeddings else 0
         return 6 * n_matmul + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
-
-    def decode_layout(self) -> "Transformer":
-        """Store each linear layer's weight transposed in memory, (in, out) row-major: same values, same
-        shape, a different stride. Decoding one token multiplies a vector by every weight, and the CPU's
-        BLAS reads this layout about 25% faster (x @ W_t streams rows of W_t); prefill and training are
-        faster in the default layout, so only inference (sample.py on the CPU) calls this. Returns self.
-        """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.data = module.weight.data.t().contiguous().t()  # (out, in) view of an (in, out) buffer
-        return self
 
     def new_kv_cache(self, batch_size: int, max_seq_len: int | None = None, pad_lens=None) -> KVCache:
         p = self.embed_tokens.weight

@@ -338,7 +338,7 @@ def int4_decode_layers(model: nn.Module, group_size: int = 32) -> tuple[int, int
             ok = (layer.bits == 4 and not layer.nf4 and layer.g_idx is None and layer.group_size % 32 == 0
                   and Int4CPULinear.supports(layer.in_features, layer.out_features, group))
             new = Int4CPULinear.from_quant_linear(layer) if ok else None
-        elif type(layer) is nn.Linear:
+        elif isinstance(layer, nn.Linear):
             ok = Int4CPULinear.supports(layer.in_features, layer.out_features, group_size)
             new = Int4CPULinear.from_linear(layer, group_size) if ok else None
         else:

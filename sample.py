@@ -385,7 +385,7 @@ def compiled(model: Transformer):
     The C++ wrapper calls the generated kernels without Python in between: on the CPU most of a small
     model's per-token time beside the matmuls is Python and dispatch overhead, which this removes.
     (Freezing the weights into the graph was slower here: inductor then repacks the linear layers for
-    oneDNN, whose one-row matmuls lose to MKL's on decode_layout() weights; python -m bench.decode measures it.)
+    oneDNN, whose one-row matmuls lose to MKL's; python -m bench.decode measures it.)
     """
     if model not in _compiled_models:
         _compiled_models[model] = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
@@ -751,11 +751,9 @@ def main(argv=None):
                  "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
         model = load_model(args.ckpt, device, dtype)
         draft = load_model(args.draft_ckpt, device, dtype) if args.strategy == "speculative" else None
-        if device == "cpu":  # inference only from here on: the weight layout the CPU decodes fastest with
+        if device == "cpu" and args.weights == "int4":
             for m in filter(None, (model, draft)):
-                m.decode_layout()
-                if args.weights == "int4":
-                    int4_decode_layers(m)
+                int4_decode_layers(m)
         elif args.weights == "int4":
             raise ValueError(f"--weights int4 runs on the CPU only (torch's CPU int4 kernel), not on {device}")
         tokenizer = load_tokenizer(args.ckpt, args.tokenizer)

@@ -3,8 +3,10 @@
     python -m bench.decode                                   # random weights (the small preset)
     python -m bench.decode --ckpt out/base --draft-ckpt out/draft --bench-tokens 128
 
-Rows: no cache (recompute every step), the KV cache in the training and the decode weight layouts,
-torch.compile, a batch of 8 prompts of different lengths, each against transformers' generate on
+First a table of the linear layers alone: one pass over every linear layer of the model on 1 to 64 rows,
+torch's x W^T (F.linear) against W x^T (model.few_rows_linear, what model.Linear does up to FEW_ROWS rows
+on the CPU). Then decode rows: no cache (recompute every step), the KV cache with and without the W x^T
+path, torch.compile, a batch of 8 prompts of different lengths, each against transformers' generate on
 the same weights (tests/reference.py's hf_copy: the tokens are checked equal), and speculative decoding
 against plain decoding of the target, greedy and sampled. Each row is the fastest of --repeats rounds
 that run every case in turn, so background load hits every side alike. Default models have random
@@ -13,17 +15,55 @@ of the target's first two layers (an early-exit draft, as in LayerSkip, Elhoushi
 acceptance rates are those of random models; pass --ckpt (and --draft-ckpt) to measure trained ones.
 """
 import argparse
-import copy
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from common import load_model
 from decoding import speculative_generate
-from model import ModelConfig, Transformer
+import model as model_module
+from model import FEW_ROWS, Linear, ModelConfig, Transformer, few_rows_linear
 from sample import generate, left_pad
 from tests.reference import hf_copy  # the reference side of the comparison
+
+
+def few_rows_table(model: Transformer, repeats: int) -> None:
+    """Milliseconds for one pass over every linear layer of `model` on r rows (tokens), weights as stored:
+    x W^T (F.linear) against W x^T (few_rows_linear), the fastest of repeats + 1 passes each."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    megabytes = sum(m.weight.numel() * m.weight.element_size() for m in layers) / 2**20
+
+    def timed(linear, rows):
+        xs = {n: torch.randn(rows, n) for n in {m.in_features for m in layers}}
+        best = float("inf")
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for m in layers:
+                linear(xs[m.in_features], m.weight)
+            best = min(best, time.perf_counter() - start)
+        return best * 1e3
+
+    print("\n| rows | x W^T (F.linear), ms | W x^T (few_rows_linear), ms | speedup |")
+    print("|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for rows in (1, 2, 3, 4, 8, 16, 32, 64):
+            slow, fast = timed(F.linear, rows), timed(few_rows_linear, rows)
+            print(f"| {rows} | {slow:.2f} | {fast:.2f} | {slow / fast:.2f}x |")
+    print(f"\n{len(layers)} linear layers, {megabytes:.0f} MiB of weights; model.Linear takes W x^T up to "
+          f"FEW_ROWS = {FEW_ROWS} rows on the CPU")
+
+
+def without_few_rows(fn):
+    """fn run with model.Linear's W x^T path switched off (F.linear on every row count): the row before it."""
+    def run():
+        saved, model_module.FEW_ROWS = model_module.FEW_ROWS, 0
+        try:
+            return fn()
+        finally:
+            model_module.FEW_ROWS = saved
+    return run
 
 
 def bench(args):
@@ -46,9 +86,7 @@ def bench(args):
         target = Transformer(ModelConfig.from_preset("small", n_layers=8)).eval()
         draft = Transformer(ModelConfig.from_preset("small", n_layers=2)).eval()
         draft.load_state_dict({k: v for k, v in target.state_dict().items() if k in draft.state_dict()})
-    training_layout = copy.deepcopy(model)
-    for m in filter(None, (model, target, draft)):
-        m.decode_layout()  # as sample.py's CLI does on the CPU
+    few_rows_table(model, args.repeats)
     V, context = model.config.vocab_size, model.config.max_seq_len
     prompt = torch.randint(V, (16,))
     batch = [torch.randint(V, (n,)) for n in (16, 5, 23, 9, 30, 12, 27, 19)]   # 8 prompts of different lengths
@@ -74,7 +112,8 @@ def bench(args):
 
     # name -> (batch size, function returning the new tokens of each row)
     cases = {
-        "nanollm, KV cache, weights in the training layout": (1, lambda: generate(training_layout, prompt, N, temperature=0)),
+        "nanollm, KV cache, x W^T on every row count (FEW_ROWS = 0)": (1, without_few_rows(
+            lambda: generate(model, prompt, N, temperature=0))),
         "nanollm, KV cache": (1, lambda: generate(model, prompt, N, temperature=0)),
         "nanollm, KV cache + torch.compile": (1, lambda: generate(model, prompt, N, temperature=0, compile=True)),
         "transformers generate, KV cache": (1, lambda: hf_generate([prompt])),

@@ -171,8 +171,7 @@ def int4_quality(model, int4_model, wins):
 def decode_table(path, model, tokenizer, n_tokens, repeats, wins, with_compiled=False):
     torch.set_num_threads(2)
     prompt = tokenizer.encode("Once upon a time, in a small village by the sea, there lived")
-    fast = model.decode_layout()
-    int4 = copy.deepcopy(fast)
+    int4 = copy.deepcopy(model)
     int4_decode_layers(int4)  # what sample.py --weights int4 decodes with
     hf = hf_gguf_model(path)
     llm = llama_cpp_model(path, 512, logits_all=False)
@@ -198,12 +197,12 @@ def decode_table(path, model, tokenizer, n_tokens, repeats, wins, with_compiled=
     int4_bytes = head_bytes + sum(m.storage_bytes() for m in int4.modules() if isinstance(m, Int4CPULinear))
     gguf_file = gguf_io.GGUFFile(path)
     file_bytes = sum(size for name, (_, _, _, size) in gguf_file.tensors.items())  # the Q8_0 table is the head
-    cases = {"nanollm fp32 (dequantized on load), KV cache": (run_nanollm(fast), fp32_bytes),
+    cases = {"nanollm fp32 (dequantized on load), KV cache": (run_nanollm(model), fp32_bytes),
              "nanollm --weights int4 (the file's Q4_1 codes, torch's int4 kernel; fp32 head), KV cache":
                  (run_nanollm(int4), int4_bytes)}
     if with_compiled:
-        run_nanollm(fast, compile=True)()  # compiles the decode step once, outside the timed runs (as gpt-fast times)
-        cases["nanollm fp32, KV cache, torch.compile'd decode step"] = (run_nanollm(fast, compile=True), fp32_bytes)
+        run_nanollm(model, compile=True)()  # compiles the decode step once, outside the timed runs (as gpt-fast times)
+        cases["nanollm fp32, KV cache, torch.compile'd decode step"] = (run_nanollm(model, compile=True), fp32_bytes)
     cases["transformers fp32 (its GGUF loader), generate"] = (run_hf, fp32_bytes)
     cases["llama.cpp, the Q4_1 file as stored"] = (run_llama, file_bytes)
     best = {name: float("inf") for name in cases}

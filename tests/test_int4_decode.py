@@ -100,7 +100,7 @@ def test_int4_decode_layers_on_a_small_model_matches_the_same_weights_in_fp32():
     assert isinstance(fast.lm_head, nn.Linear) and fast.lm_head.weight is fast.embed_tokens.weight
     reference = copy.deepcopy(model)                                     # the same 4-bit weights, fp32 matmuls
     for name, layer in list(reference.named_modules()):
-        if type(layer) is nn.Linear and not name.endswith("lm_head"):
+        if isinstance(layer, nn.Linear) and not name.endswith("lm_head"):
             layer.weight.data = minmax_weight(*int4_minmax(layer.weight, 32)).float()
     ids = torch.randint(0, 256, (2, 48))
     with torch.no_grad():

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_io import load_hf, save_hf
-from model import KVCache, ModelConfig, Transformer, attention_mask
+import model as model_module
+from model import KVCache, Linear, ModelConfig, Transformer, attention_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -238,27 +239,23 @@ def test_tied_embeddings_share_storage_and_untied_do_not():
     assert untied.num_params() - tied.num_params() == 512 * 64
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_decode_layout_changes_strides_not_values(tmp_path, tie):
-    """decode_layout() stores every linear weight (in, out) row-major: the same values and shapes, the same
-    logits prefilling and decoding, the tied head still shared, and save_hf / load_hf unaffected."""
-    model = tiny(tie_embeddings=tie)
-    idx = torch.randint(0, 512, (2, 12))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        logits, _ = model(idx)
-        model.decode_layout()
-        cache = model.new_kv_cache(2, 12)
-        prefill = model(idx[:, :8], kv_cache=cache)[0]
-        decoded = torch.cat([prefill] + [model(idx[:, t:t + 1], start_pos=t, kv_cache=cache)[0] for t in range(8, 12)], 1)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
-    assert (decoded - logits).abs().max().item() <= 1e-5
-    save_hf(model, tmp_path)
-    with torch.no_grad():
-        assert (load_hf(tmp_path)(idx)[0] - logits).abs().max().item() <= 1e-5
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_few_rows_equal_f_linear(bias):
+    """Linear's few-row path (W x^T) against F.linear: outputs and gradients, for 1 to FEW_ROWS + 2 rows
+    (the last two past the threshold), 2-d and 3-d inputs, and a weight stored transposed in memory."""
+    layer = Linear(24, 40, bias=bias)
+    for rows in range(1, model_module.FEW_ROWS + 3):
+        for shape in ((rows, 24), (1, rows, 24)):
+            x = torch.randn(shape, requires_grad=True)
+            y = layer(x)
+            ref = F.linear(x, layer.weight, layer.bias)
+            assert y.shape == ref.shape and (y - ref).abs().max().item() <= 1e-5
+            grads = torch.autograd.grad(y.square().sum(), (x, layer.weight))
+            ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.weight))
+            assert all((g - r).abs().max().item() <= 1e-4 for g, r in zip(grads, ref_grads))
+    layer.weight.data = layer.weight.data.t().contiguous().t()
+    x = torch.randn(1, 24)
+    assert (layer(x) - F.linear(x, layer.weight, layer.bias)).abs().max().item() <= 1e-5
 
 
 def test_flops_per_token_hand_count():
