@@ -264,10 +264,11 @@ def few_rows_linear(x, weight, bias=None):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict), with few-row CPU products through few_rows_linear."""
+    """nn.Linear (same parameters, same state dict), with few-row CPU products through few_rows_linear
+    (a weight stored transposed in memory goes to F.linear: W x^T on it is several times slower)."""
 
     def forward(self, x):
-        if x.device.type == "cpu" and 0 < x.numel() // self.in_features <= FEW_ROWS:
+        if x.device.type == "cpu" and 0 < x.numel() // self.in_features <= FEW_ROWS and self.weight.is_contiguous():
             return few_rows_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
