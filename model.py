@@ -254,10 +254,12 @@ def few_rows_linear(x, weight, bias=None):
     """F.linear(x, weight, bias) computed as (W x^T)^T; one row is sent as two columns (the same row twice),
     since a single column goes back to the slow matrix-vector pass."""
     rows = x.numel() // x.size(-1)
-    x2 = x.reshape(rows, x.size(-1))                                      # (rows, in)
+    x2 = x.reshape(rows, x.size(-1)).contiguous()                         # (rows, in), rows in memory
     if rows == 1:
         x2 = torch.cat((x2, x2))  # a copy: a stride-0 view of the one row is as slow as the one column
-    y = (weight @ x2.t())[:, :rows].t()                                   # (rows, out)
+    # (out, rows) -> (rows, out), copied to rows in memory: left a transposed view, it would make the next
+    # layer's input column-major (elementwise ops keep the layout), which BLAS multiplies far slower
+    y = (weight @ x2.t())[:, :rows].t().contiguous()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.size(0))
