@@ -79,7 +79,10 @@ REAL_PRESETS["full"] = dict(
     # GRPO's task: 2 terms of 0..50 has 250 test problems; GRPO asks 200 of them before and after (a 95%
     # interval of about +-7 points); the eval stage asks 40 of each chat model, as the quick preset does
     n_terms=2, max_operand=50, n_arith_eval=40, eval_new_tokens=40, spec_prompts=5, spec_new_tokens=64,
-    spec_draft=3,
+    # one drafted token a round: the 100-step student agrees with the final model on few tokens, and each
+    # drafted token past the first costs a draft step and a wider verify for little gain (1, 2, 3 drafts a
+    # round measured side by side: 1 the fastest, docs/pipeline_real_model.md)
+    spec_draft=1,
     # 20 steps of 4 prompts x 6 answers of at most 32 tokens: an answer cut by the budget scores 0, so the
     # policy is rewarded for answering right and briefly (the base explains first)
     # lr 1e-4, constant: from the full run's DPO model 0.25 -> 0.55 of 200 held-out problems in 20 steps, where
@@ -191,9 +194,11 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     abilities: short enough that SFT trains each one whole); held-out real text the
     model is never tuned on (the last tenth of wiki_demo, c4_demo and Tiny Shakespeare); wiki + c4 documents
     from the other nine tenths, text_chars characters in all (the teacher's logits are cached for every
-    position), for the student; the rest of those nine tenths (about 260k tokens) for GPTQ's calibration,
-    random windows of a varied corpus as in the GPTQ paper (a few documents over-fit it); the base's
-    tokenizer (bpe.py)."""
+    position), for the student; for GPTQ's calibration, the rest of those nine tenths (about 260k tokens)
+    and Tiny Shakespeare's first nine tenths (its speeches, about 270k tokens), documents separated by blank
+    lines: random windows of a varied corpus as in the GPTQ paper (a few documents over-fit it), drawn from
+    the training part of every text the quantized models are scored on, as the paper calibrates on C4's
+    training split and scores C4's validation split; the base's tokenizer (bpe.py)."""
     from chat import read_records
     from common import load_tokenizer
     out.mkdir(parents=True, exist_ok=True)
@@ -220,8 +225,10 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     docs = [doc for doc, before in zip(pool, itertools.accumulate(map(len, pool), initial=0)) if before < text_chars]
     (out / "text_train.txt").write_text("\n".join(docs) + "\n")
     rest = [[doc for doc in train if doc not in docs] for train in (wiki_train, c4_train)]
-    calib = [doc for pair in itertools.zip_longest(*rest) for doc in pair if doc]  # alternating, then c4's tail
-    (out / "calib_train.txt").write_text("\n".join(calib) + "\n")
+    wiki_c4 = [doc for pair in itertools.zip_longest(*rest) for doc in pair if doc]  # alternating, then c4's tail
+    speeches = [block for block in shakespeare[:len(shakespeare) * 9 // 10].split("\n\n") if block.strip()]
+    calib = [doc for pair in itertools.zip_longest(wiki_c4, speeches) for doc in pair if doc]
+    (out / "calib_train.txt").write_text("\n\n".join(calib) + "\n")
     tokenizer.chat_template = neutral_template(tokenizer)
     tokenizer.save(out / "tokenizer")
     write_json(out / "summary.json", {"identity_train": len(train), "identity_heldout": len(held),
@@ -258,8 +265,9 @@ def build_real_stages(preset: str, base: Path, data_dir: Path, run_dir: Path, de
         Stage("text_data", "data/prepare.py: wiki + c4 documents in the base's tokens (the student)",
               "text_data", [py("data/prepare.py", "--source", data / "text_train.txt", "--txt-docs", "line",
                                "--tokenizer", data / "tokenizer", "--out-dir", r / "text_data")], writes_summary=False),
-        Stage("calib_data", "data/prepare.py: the other wiki + c4 documents in the base's tokens (GPTQ calibration)",
-              "calib_data", [py("data/prepare.py", "--source", data / "calib_train.txt", "--txt-docs", "line",
+        Stage("calib_data", "data/prepare.py: the other wiki + c4 documents and Tiny Shakespeare's first nine "
+              "tenths in the base's tokens (GPTQ calibration)",
+              "calib_data", [py("data/prepare.py", "--source", data / "calib_train.txt", "--txt-docs", "blank",
                                 "--tokenizer", data / "tokenizer", "--out-dir", r / "calib_data")], writes_summary=False),
         Stage("sft", f"sft.py: identity (name = {IDENTITY_NAME}) + general chat", "sft",
               [py("sft.py", "--init", base, "--tokenizer", data / "tokenizer",
