@@ -247,7 +247,7 @@ ATTENTION = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_
 # product; torch's CPU BLAS runs x W^T on a few rows as one matrix-vector pass per row at about a third of
 # the memory bandwidth, and decoding one sequence is nothing but such calls, while W x^T with two or more
 # columns is a matrix product that streams W once at full speed (python -m bench.decode, its first table:
-# 1.4-2.4x on 1-4 rows, even at 8, a little slower from 16 on the small preset's weights on one thread).
+# 1.3-2.5x on 1-4 rows, even at 8, a little slower from 16 on the small preset's weights on one thread).
 FEW_ROWS = 8
 
 

@@ -56,7 +56,7 @@ def few_rows_table(model: Transformer, repeats: int) -> None:
 
 
 def without_few_rows(fn):
-    """fn run with model.Linear's W x^T path switched off (F.linear on every row count): the row before it."""
+    """fn run with model.Linear's W x^T path switched off (F.linear on every row count), for the row without it."""
     def run():
         saved, model_module.FEW_ROWS = model_module.FEW_ROWS, 0
         try:
