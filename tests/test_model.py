@@ -250,6 +250,7 @@ def test_linear_few_rows_equal_f_linear(bias):
             y = layer(x)
             ref = F.linear(x, layer.weight, layer.bias)
             assert y.shape == ref.shape and (y - ref).abs().max().item() <= 1e-5
+            assert y.is_contiguous()  # a transposed view would make the next layer's input column-major (slow)
             grads = torch.autograd.grad(y.square().sum(), (x, layer.weight))
             ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.weight))
             assert all((g - r).abs().max().item() <= 1e-4 for g, r in zip(grads, ref_grads))
