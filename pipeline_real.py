@@ -122,8 +122,9 @@ GENERAL_MAX_TOKENS = 96
 CJK = re.compile(r"[\u3400-\u9fff]")  # a Chinese identity record (identity.json is three quarters Chinese)
 IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-# bytes of memory a base parameter needs in the track: SFT of SmolLM2-135M (LoRA, batch 8 x 160 tokens) peaked at
-# 6.7 GB, 48 bytes a parameter (activations and the 49,152-wide logits dominate, not the weights)
+# bytes of memory a base parameter needs in the track: on SmolLM2-135M the largest stage, GRPO, peaked at 5.49 GB
+# (41 bytes a parameter; full-fine-tuning SFT 5.14 GB, and SFT through LoRA, batch 8 x 160 tokens, 6.7 GB): 48
+# keeps that LoRA SFT's margin (activations and the 49,152-wide logits dominate, not the weights)
 MEMORY_FACTOR = 48
 
 
