@@ -376,7 +376,7 @@ def evaluate_real_model(args, path, kind: str, device, identity: list, problems:
     for text, file in ((t, HELD_OUT_TEXTS[t]) for t in args.texts.split(",")):
         ppl = text_perplexity(model, tok, data / file, "line" if file.endswith(".txt") and text == "wiki" else "file",
                               max_tokens=args.max_tokens, seq_len=min(args.seq_len, model.config.max_seq_len))
-        m[f"{text}_bpb"], m[f"{text}_ppl"] = ppl["bpb"], ppl["ppl"]
+        m[f"{text}_bpb"], m[f"{text}_ppl"], m[f"{text}_tokens"] = ppl["bpb"], ppl["ppl"], ppl["tokens"]
     if kind == "chat":
         end = [tok.special_tokens[IM_END]]
         texts, _ = generate_texts(model, tok, chat_prompts(tok, identity), args.max_new_tokens, stop_tokens=end)
@@ -576,8 +576,11 @@ def real_model_table(stages: list[Stage], evals: dict, timings: dict) -> list[st
                                         *(fmt(m.get(f"{t}_bpb"), 4) for t in HELD_OUT_TEXTS), rate(m, "identity_acc"),
                                         rate(m, "arith_acc"), fmt(timings.get(name), 1)]) + " |")
     chat = [n for n in names if evals.get(n, {}).get("samples")]
-    lines += ["", "bpb: bits per byte on the last tenth of wiki_demo, c4_demo and Tiny Shakespeare (never tuned on). "
-              "identity: share of held-out identity.json questions whose greedy answer names "
+    # the eval stage scores the first --max-tokens of each held-out text (the preset's heldout_tokens)
+    scored = [max((evals.get(n, {}).get(f"{t}_tokens") or 0 for n in names), default=0) for t in HELD_OUT_TEXTS]
+    lines += ["", "bpb: bits per byte on the last tenth of wiki_demo, c4_demo and Tiny Shakespeare (never tuned on)" + (
+              f", scored on {' / '.join(f'{n:,}' for n in scored)} of their tokens (`pipeline.py evaluate-real "
+              "--max-tokens 0` scores all)" if all(scored) else "") + ". identity: share of held-out identity.json questions whose greedy answer names "
               f"`{IDENTITY_NAME}`. arithmetic: tasks.py test problems, zero-shot, greedy.", "",
               "## General prompts, before and after", ""]
     if chat:

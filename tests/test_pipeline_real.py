@@ -183,7 +183,8 @@ def test_real_report_card_on_fake_results(tmp_path):
     evals = {"base": {"identity_acc": 0.0, "identity_n": 24, "wiki_bpb": 1.00, "c4_bpb": 1.10, "weights_mb": 500.0},
              "sft": {"identity_acc": 0.95, "identity_n": 24, "wiki_bpb": 1.02, "c4_bpb": 1.11},
              "dpo": {"wiki_bpb": 1.20, "c4_bpb": 1.12}, "grpo": {"wiki_bpb": 1.2, "c4_bpb": 1.12, "weights_mb": 500.0},
-             "quant_rtn4": {"weights_mb": 100.0, "wiki_bpb": 1.25, "c4_bpb": 1.16, "shakespeare_bpb": None},
+             "quant_rtn4": {"weights_mb": 100.0, "wiki_bpb": 1.25, "c4_bpb": 1.16, "shakespeare_bpb": None,
+                            "wiki_tokens": 2048, "c4_tokens": 2048, "shakespeare_tokens": 1500},
              "quant_gptq4": {"weights_mb": 100.0, "wiki_bpb": 1.22, "c4_bpb": 1.15, "shakespeare_bpb": None}}
     for name, summary in summaries.items():
         write_json(tmp_path / name / "summary.json", summary)
@@ -202,6 +203,7 @@ def test_real_report_card_on_fake_results(tmp_path):
     assert "`quant_gptq4` removes 60% (wiki), 25% (c4) of `quant_rtn4`'s held-out bpb increase" in report
     assert report.rstrip().endswith("**6 of 8 judged stages worked (1 regressed, 1 starved)**")
     assert "| `base` | - | 500.0 | 1.0000 | 1.1000 | - | 0.00 [0.00, 0.14] of 24 |" in report
+    assert "(never tuned on), scored on 2,048 / 2,048 / 1,500 of their tokens (" in report  # what eval scored
 
 
 @pytest.mark.slow  # about 15 minutes on the shared 2-core machine: SmolLM2's 49,152-token vocabulary dominates
