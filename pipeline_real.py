@@ -578,11 +578,13 @@ def real_model_table(stages: list[Stage], evals: dict, timings: dict) -> list[st
     chat = [n for n in names if evals.get(n, {}).get("samples")]
     # the eval stage scores the first windows of each held-out text, up to the preset's heldout_tokens
     scored = [max((evals.get(n, {}).get(f"{t}_tokens") or 0 for n in names), default=0) for t in HELD_OUT_TEXTS]
-    lines += ["", "bpb: bits per byte on the last tenth of wiki_demo, c4_demo and Tiny Shakespeare (never tuned on)" + (
-              f", scored on {' / '.join(f'{n:,}' for n in scored)} of their tokens (`pipeline.py evaluate-real "
-              "--max-tokens 0` scores all)" if all(scored) else "") + ". identity: share of held-out identity.json "
-              f"questions whose greedy answer names `{IDENTITY_NAME}`. arithmetic: tasks.py test problems, zero-shot, greedy.", "",
-              "## General prompts, before and after", ""]
+    note = "bpb: bits per byte on the last tenth of wiki_demo, c4_demo and Tiny Shakespeare (never tuned on)"
+    if all(scored):
+        note += (f", scored on {' / '.join(f'{n:,}' for n in scored)} of their tokens "
+                 "(`pipeline.py evaluate-real --max-tokens 0` scores all)")
+    note += (f". identity: share of held-out identity.json questions whose greedy answer names `{IDENTITY_NAME}`. "
+             "arithmetic: tasks.py test problems, zero-shot, greedy.")
+    lines += ["", note, "", "## General prompts, before and after", ""]
     if chat:
         for i, prompt in enumerate(GENERAL_PROMPTS):
             for name in dict.fromkeys([chat[0], chat[-1]]):
