@@ -122,9 +122,9 @@ GENERAL_MAX_TOKENS = 96
 CJK = re.compile(r"[\u3400-\u9fff]")  # a Chinese identity record (identity.json is three quarters Chinese)
 IDENTITY_HELD_OUT_SHARE = 4  # one identity.json question in 4 (by hash) is held out of SFT: about 23 of 91
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-# bytes of memory a base parameter needs in the track: on SmolLM2-135M the largest stage, GRPO, peaked at 5.49 GB
-# (41 bytes a parameter; full-fine-tuning SFT 5.14 GB, and SFT through LoRA, batch 8 x 160 tokens, 6.7 GB): 48
-# keeps that LoRA SFT's margin (activations and the 49,152-wide logits dominate, not the weights)
+# bytes of memory a base parameter needs in the track (activations and the 49,152-wide logits dominate, not the
+# weights): on SmolLM2-135M the presets' largest stage, GRPO, peaked at 5.49 GB, 41 bytes a parameter; 48 was set
+# from an SFT through LoRA (batch 8 x 160 tokens, 6.7 GB) and leaves the presets' stages 17% room
 MEMORY_FACTOR = 48
 
 
@@ -186,6 +186,12 @@ def available_memory() -> int | None:
         return None
 
 
+def split_tenth(items):
+    """(the first nine tenths, the last tenth) of a list or a text: the last tenth is held out, never tuned on."""
+    cut = len(items) * 9 // 10
+    return items[:cut], items[cut:]
+
+
 def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: int, english_repeat: int = 1) -> None:
     """The real-model track's data: identity.json split by a hash of each question into SFT's questions and
     the held-out ones (SFT's validation loss; the identity score asks the 20 of them whose reference answer
@@ -217,17 +223,19 @@ def write_real_data(out: Path, d: Path, base: Path, n_general: int, text_chars: 
     wiki = [line for line in (d / "pretrain" / "wiki_demo.txt").read_text().splitlines() if line.strip()]
     c4 = (d / "pretrain" / "c4_demo.jsonl").read_text().splitlines()
     shakespeare = (d / "tinyshakespeare" / "input.txt").read_text()
-    (out / HELD_OUT_TEXTS["wiki"]).write_text("\n".join(wiki[len(wiki) * 9 // 10:]) + "\n")
-    (out / HELD_OUT_TEXTS["c4"]).write_text("\n".join(c4[len(c4) * 9 // 10:]) + "\n")
-    (out / HELD_OUT_TEXTS["shakespeare"]).write_text(shakespeare[len(shakespeare) * 9 // 10:])
-    wiki_train = wiki[:len(wiki) * 9 // 10]
-    c4_train = [json.loads(line)["text"].replace("\n", " ") for line in c4[:len(c4) * 9 // 10]]
+    (wiki_train, wiki_held), (c4_lines, c4_held), (shakespeare_train, shakespeare_held) = map(
+        split_tenth, (wiki, c4, shakespeare))
+    (out / HELD_OUT_TEXTS["wiki"]).write_text("\n".join(wiki_held) + "\n")
+    (out / HELD_OUT_TEXTS["c4"]).write_text("\n".join(c4_held) + "\n")
+    (out / HELD_OUT_TEXTS["shakespeare"]).write_text(shakespeare_held)
+    c4_train = [json.loads(line)["text"].replace("\n", " ") for line in c4_lines]
     pool = [doc for pair in zip(wiki_train, c4_train) for doc in pair]  # alternating wiki, c4
     docs = [doc for doc, before in zip(pool, itertools.accumulate(map(len, pool), initial=0)) if before < text_chars]
     (out / "text_train.txt").write_text("\n".join(docs) + "\n")
-    rest = [[doc for doc in train if doc not in docs] for train in (wiki_train, c4_train)]
+    student_docs = set(docs)
+    rest = [[doc for doc in part if doc not in student_docs] for part in (wiki_train, c4_train)]
     wiki_c4 = [doc for pair in itertools.zip_longest(*rest) for doc in pair if doc]  # alternating, then c4's tail
-    speeches = [block for block in shakespeare[:len(shakespeare) * 9 // 10].split("\n\n") if block.strip()]
+    speeches = [block for block in shakespeare_train.split("\n\n") if block.strip()]
     calib = [doc for pair in itertools.zip_longest(wiki_c4, speeches) for doc in pair if doc]
     (out / "calib_train.txt").write_text("\n\n".join(calib) + "\n")
     tokenizer.chat_template = neutral_template(tokenizer)
