@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -333,6 +333,10 @@ class DistillConfig(TrainConfig):
     teacher: str = opt("", "teacher checkpoint (nanollm or Hugging Face directory), run live under no_grad")
     teacher_cache: str = opt("", "a top-k cache from `distill.py cache`, used instead of a live teacher")
     init: str = opt("", "start the student from this checkpoint (the model flags are then ignored)")
+    keep_layers: str = opt("", "with --init: keep only these of its blocks, comma-separated indices (e.g. 0): a "
+                           "student cut from the teacher")
+    head_tokens: int = opt(0, "with --init: an output layer over the N most frequent target tokens of --data and "
+                           "one 'other' class (a draft's reduced vocabulary); 0: the whole vocabulary")
     loss: str = opt("forward_kl", "divergence between teacher and student distributions", choices=list(LOSSES))
     temperature: float = opt(2.0, "softmax temperature of both distributions in the KD term (scaled by T^2)")
     alpha: float = opt(0.5, "weight of the KD term; 1 - alpha goes to the hard-label CE (0: no teacher)")
@@ -367,6 +371,47 @@ def build_student(config: DistillConfig, vocab_size: int, device: str) -> Transf
     return new_model(config, vocab_size).to(device)
 
 
+def cut_student(student: Transformer, keep_layers: list[int], head_tokens: int, token_counts: torch.Tensor) -> Transformer:
+    """The student cut from its init: only the blocks keep_layers (all when empty), and with head_tokens an
+    output layer over the head_tokens most frequent tokens of token_counts (vocab_size,) plus the "other"
+    class of model.ModelConfig.head_tokens, their rows copied from the init's output layer, "other"'s zero.
+    DistilBERT (Sanh et al. 2019) starts its student from every other layer of BERT; FR-Spec (Zhao et al.
+    2025) restricts a draft to the tokens it mostly has to propose, so its output layer costs n rows, not
+    vocab_size. E.g. a 30-block 576-wide teacher with 49,152 tokens cut to block 0 and 4,096 tokens:
+    embedding 28.3M + one block 3.5M + output layer 2.4M parameters, 6M multiply-adds a token, not 135M."""
+    c = student.config
+    keep_layers = keep_layers or list(range(c.n_layers))
+    bad = [i for i in keep_layers if not 0 <= i < c.n_layers]
+    if bad:
+        raise UsageError(f"--keep-layers {bad[0]}: the --init model has blocks 0..{c.n_layers - 1}")
+    if not 0 <= head_tokens < c.vocab_size:
+        raise UsageError(f"--head-tokens {head_tokens}: must be in [0, {c.vocab_size}) (the vocabulary)")
+    config = replace(c, n_layers=len(keep_layers), head_tokens=head_tokens,
+                     tie_embeddings=c.tie_embeddings and not head_tokens)
+    state = student.state_dict()
+    cut = {k: v for k, v in state.items() if not k.startswith("layers.")}
+    for new, old in enumerate(keep_layers):
+        prefix = f"layers.{old}."
+        cut.update({f"layers.{new}.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)})
+    if head_tokens:
+        head_ids = token_counts.topk(head_tokens).indices.sort().values                  # (head_tokens,)
+        head = state["lm_head.weight"]                                                    # (vocab, dim)
+        cut["lm_head.weight"] = torch.cat((head[head_ids], head.new_zeros(1, head.size(1))))
+        cut["head_ids"] = head_ids.to(head.device)
+    model = Transformer(config).to(device=state["embed_tokens.weight"].device, dtype=state["embed_tokens.weight"].dtype)
+    model.load_state_dict(cut)
+    return model.train()
+
+
+def target_counts(examples, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) how often each token is a trained target: chat examples count the positions their loss
+    mask keeps, shards every token."""
+    if isinstance(examples, list):
+        ids = [t for ids, mask in examples for t, m in zip(ids[1:], mask[1:]) if m > 0]
+        return torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab_size)
+    return torch.from_numpy(np.bincount(np.asarray(examples), minlength=vocab_size))
+
+
 def check_config(config: DistillConfig) -> None:
     if not config.data:
         raise UsageError("--data is required: a data/prepare.py directory or chat files")
@@ -382,6 +427,10 @@ def check_config(config: DistillConfig) -> None:
         raise UsageError(f"--beta {config.beta}: jsd needs 0 < beta < 1")
     if config.teacher and config.teacher_cache:
         raise UsageError("give --teacher (live) or --teacher-cache, not both")
+    if (config.keep_layers or config.head_tokens) and not config.init:
+        raise UsageError("--keep-layers and --head-tokens cut the --init model: give --init CKPT")
+    if config.keep_layers and not all(i.strip().isdigit() for i in config.keep_layers.split(",")):
+        raise UsageError(f"--keep-layers {config.keep_layers}: comma-separated block indices, e.g. 0,1")
     if config.alpha > 0 and not (config.teacher or config.teacher_cache):
         raise UsageError("--alpha > 0 needs a teacher: --teacher CKPT or --teacher-cache DIR (--alpha 0: hard labels only)")
     if config.windows == "random" and config.teacher_cache and is_shard_dir(config.data):
@@ -447,6 +496,10 @@ def distill(config: DistillConfig) -> dict:
         train_index = order[n_eval:]  # positions in `examples` (what the cache indexes)
         sampler = ExampleSampler(len(train_index), config.batch_size, config.seed)
         pad_id = chat_token_ids(tokenizer)[PAD]
+    if config.keep_layers or config.head_tokens:
+        trained = train_data if shards else [examples[i] for i in train_index]
+        student = cut_student(student, [int(i) for i in config.keep_layers.split(",")] if config.keep_layers else [],
+                              config.head_tokens, target_counts(trained, vocab_size))
 
     def next_batch():
         """(inputs, targets, loss_mask or None, cache rows or None) on the device."""

@@ -584,6 +584,9 @@ def model_metadata(config, name: str, qtype: str) -> tuple[str, dict]:
     if config.n_experts:  # llama.cpp's expert tensors (ffn_*_exps) are not written here
         raise GGUFError(f"a mixture-of-experts model ({config.n_experts} experts) cannot be exported: GGUF export "
                         f"writes dense llama / qwen2 models only")
+    if config.head_tokens:  # llama.cpp's output layer has a row per token
+        raise GGUFError(f"a model whose output layer covers {config.head_tokens} tokens (a draft's reduced "
+                        f"vocabulary, head_tokens) cannot be exported: GGUF needs one row per token")
     arch = "qwen2" if config.attention_bias and not config.attention_out_bias else "llama"
     metadata = {"general.architecture": arch, "general.name": name, "general.file_type": FILE_TYPES[qtype],
                 "general.quantization_version": 2,

@@ -96,6 +96,9 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict:
     Qwen2-MoE when there is a shared expert (or q/k/v biases, or weights not renormalised), Mixtral otherwise."""
     if config.attention_out_bias and not config.attention_bias:
         raise ValueError("an output-projection bias without q/k/v biases has no Hugging Face equivalent")
+    if config.head_tokens:
+        raise ValueError(f"an output layer over {config.head_tokens} tokens (head_tokens) has no Hugging Face "
+                         f"equivalent: lm_head has a row per token")
     model_type = "qwen2" if config.attention_bias and not config.attention_out_bias else "llama"
     if config.n_experts:
         model_type = "mixtral"

@@ -52,6 +52,10 @@ class ModelConfig:
     rope_scaling: dict | None = None    # e.g. {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
     norm_eps: float = 1e-5
     tie_embeddings: bool = False        # LM head shares the token embedding matrix
+    # n > 0: the output layer scores only n tokens (their ids in the buffer head_ids) and one "other" class
+    # whose probability is spread evenly over the rest: a draft model's reduced vocabulary (FR-Spec, Zhao et
+    # al. 2025), n rows to multiply instead of vocab_size, still a distribution over the whole vocabulary
+    head_tokens: int = 0
     attention_bias: bool = False        # biases on q/k/v projections (Qwen2)
     attention_out_bias: bool = False    # bias on the output projection (Llama with attention_bias=True)
     dropout: float = 0.0                # on attention probabilities and on each residual branch
@@ -88,6 +92,10 @@ class ModelConfig:
             if not 1 <= self.n_experts_per_token <= self.n_experts:
                 raise ValueError(f"ModelConfig.n_experts_per_token must be between 1 and n_experts ({self.n_experts}), "
                                  f"got {self.n_experts_per_token}")
+        if not 0 <= self.head_tokens < self.vocab_size:
+            raise ValueError(f"ModelConfig.head_tokens must be in [0, vocab_size), got {self.head_tokens}")
+        if self.head_tokens and self.tie_embeddings:
+            raise ValueError("ModelConfig.head_tokens needs an untied output layer (tie_embeddings=False)")
         for name in ("shared_expert_dim", "router_aux_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -392,7 +400,9 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, config.attn_backend == "triton")
-        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.head_tokens + 1 if config.head_tokens else config.vocab_size, bias=False)
+        if config.head_tokens:
+            self.register_buffer("head_ids", torch.arange(config.head_tokens))  # set by whoever builds the model
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Kept out of the state dict and out of .to(dtype): RoPE angles need fp32 even in a bf16 model.
@@ -504,6 +514,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, start_pos, kv_cache, doc_mask)
         logits = self.lm_head(self.norm(x))                                               # (B, T, vocab)
+        if self.config.head_tokens:
+            logits = self.whole_vocabulary(logits)
 
         loss = None
         if targets is not None:
@@ -513,6 +525,16 @@ class Transformer(nn.Module):
             if self.training and self.config.n_experts:
                 loss = loss + self.router_loss()
         return logits, loss
+
+    def whole_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, T, head_tokens + 1) -> (B, T, vocab_size): each of the vocab_size - n tokens outside head_ids
+        gets the "other" logit minus log(vocab_size - n). Their exponentials sum to exp(other), so the
+        softmax over the vocabulary gives head_ids the probabilities of the small softmax and the rest an
+        equal share of "other"'s: every loss and evaluation on whole-vocabulary logits works unchanged."""
+        other = logits[..., -1:] - math.log(self.config.vocab_size - self.config.head_tokens)   # (B, T, 1)
+        full = other.expand(*logits.shape[:-1], self.config.vocab_size).clone()                 # (B, T, vocab)
+        full[..., self.head_ids] = logits[..., :-1]
+        return full
 
     def router_loss(self) -> torch.Tensor | float:
         """The MoE training terms of the last forward: aux_coef * mean aux + z_coef * mean z over the layers;

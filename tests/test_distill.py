@@ -394,3 +394,60 @@ def test_generate_without_reasoning_keeps_the_answer_only(tmp_path, tokenizer, m
         assert record["messages"][-1]["content"] == expected and record["correct"] is True
         rejected, = [json.loads(line) for line in out.with_name(out.stem + ".rejected.jsonl").read_text().splitlines()]
         assert rejected["id"] == 1 and rejected["correct"] is False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A draft cut from the teacher: some of its blocks, an output layer over the most frequent tokens
+
+def test_cut_student_keeps_the_chosen_blocks_and_the_most_frequent_tokens(tmp_path, tokenizer):
+    from distill import cut_student, target_counts
+    teacher = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=3, n_heads=4, n_kv_heads=4,
+                                      hidden_dim=64, max_seq_len=64, tie_embeddings=True)).eval()
+    whole = cut_student(teacher, [], 0, None).eval()  # nothing cut: the same model, the same outputs
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 9))
+    torch.testing.assert_close(whole(idx)[0], teacher(idx)[0])
+    examples = [([5, 9, 9, 7, 9], [0, 0, 1, 1, 1]), ([9, 7, 3, 3], [0, 1, 1, 0])]  # targets: 9, 7, 9 | 7, 3
+    counts = target_counts(examples, tokenizer.vocab_size)
+    assert (counts[9], counts[7], counts[3], counts[5], counts.sum()) == (2, 2, 1, 0, 5)
+    draft = cut_student(teacher, [0, 2], 2, counts)
+    assert draft.config.n_layers == 2 and not draft.config.tie_embeddings and draft.head_ids.tolist() == [7, 9]
+    torch.testing.assert_close(draft.layers[1].state_dict(), teacher.layers[2].state_dict())
+    torch.testing.assert_close(draft.lm_head.weight[:2], teacher.embed_tokens.weight[[7, 9]])
+    assert draft.lm_head.weight[2].abs().sum() == 0
+    with pytest.raises(UsageError, match="--keep-layers 3"):
+        cut_student(teacher, [0, 3], 0, counts)
+
+
+def test_a_draft_cut_from_the_teacher_learns_and_drafts_for_it(tmp_path, tokenizer, chat_file):
+    """distill.py --init TEACHER --keep-layers 0 --head-tokens N: trains on chat data from the teacher's
+    cache, and as speculative_generate's draft gives the teacher's own greedy output."""
+    from common import load_model
+    from decoding import speculative_generate
+    from sample import generate
+    teacher = save_model(tmp_path / "teacher", tokenizer, n_layers=2, dim=32, seed=1)
+    build_cache(str(teacher), str(chat_file), str(tmp_path / "cache"), seq_len=63, k=8, temperature=2.0, device="cpu")
+    distill(DistillConfig(data=str(chat_file), init=str(teacher), keep_layers="0", head_tokens=24,
+                          teacher_cache=str(tmp_path / "cache"), out_dir=str(tmp_path / "out"), seq_len=63,
+                          batch_size=4, max_steps=15, lr=3e-3, warmup_steps=1, alpha=1.0, eval_interval=1000,
+                          log_interval=5, device="cpu"))
+    curve = kd_curve(tmp_path / "out")
+    assert curve[-1] < 0.8 * curve[0]
+    draft, target = load_model(tmp_path / "out"), load_model(teacher)
+    assert draft.config.n_layers == 1 and draft.config.head_tokens == 24 and draft.lm_head.weight.shape[0] == 25
+    prompt = torch.tensor(tokenizer.encode_ordinary("user: what is 2 + 3?"))
+    with torch.no_grad():
+        plain = generate(target, [prompt], 12, temperature=0.0)[0].tolist()
+        new, stats = speculative_generate(target, draft, prompt, 12, 2, temperature=0.0)
+    assert new.tolist() == plain and stats["drafted"] > 0
+
+
+def test_cutting_needs_an_init_and_works_on_shards(tmp_path, shards, teacher_dir):
+    from common import load_model
+    summary = distill(student_config(shards, tmp_path / "cut", init=str(teacher_dir), keep_layers="1", head_tokens=16,
+                                     alpha=0.0, max_steps=2))
+    cut = load_model(tmp_path / "cut")
+    assert (cut.config.n_layers, cut.config.head_tokens) == (1, 16) and math.isfinite(summary["val_bpb"])
+    with pytest.raises(UsageError, match="--init"):
+        distill(student_config(shards, tmp_path / "out", head_tokens=8, alpha=0.0))
+    with pytest.raises(UsageError, match="--keep-layers"):
+        distill(student_config(shards, tmp_path / "out", init=str(tmp_path), keep_layers="0,a", alpha=0.0))

@@ -289,3 +289,54 @@ def test_forward_validation():
         model(torch.zeros(1, 4, dtype=torch.long), start_pos=8, kv_cache=cache)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
         KVCache(model.config, 1, max_seq_len=1000)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A reduced output layer (head_tokens): n tokens and an "other" class spread over the rest of the vocabulary
+
+def test_reduced_output_layer_is_the_small_softmax_with_other_spread_evenly():
+    torch.manual_seed(0)
+    V, n = 40, 6
+    model = Transformer(ModelConfig(vocab_size=V, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=32,
+                                    max_seq_len=16, head_tokens=n)).eval()
+    model.head_ids.copy_(torch.tensor([3, 7, 8, 20, 31, 39]))
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # logits far from uniform
+    idx = torch.randint(0, V, (2, 5))
+    with torch.no_grad():
+        logits, _ = model(idx)                                                        # (2, 5, V)
+    assert logits.shape == (2, 5, V)
+    # the independent expectation: rerun the blocks by hand and take the small softmax
+    with torch.no_grad():
+        x = model.embed_tokens(idx)
+        cos, sin = model.rope(torch.arange(5), x.dtype, 5)
+        for layer in model.layers:
+            x = layer(x, cos, sin)
+        p_small = torch.softmax(model.lm_head(model.norm(x)), dim=-1)                 # (2, 5, n + 1)
+    p = torch.softmax(logits, dim=-1)
+    rest = torch.ones(V, dtype=torch.bool)
+    rest[model.head_ids] = False
+    torch.testing.assert_close(p[..., model.head_ids], p_small[..., :n])
+    torch.testing.assert_close(p[..., rest], p_small[..., n:].expand(2, 5, V - n) / (V - n))
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 5))
+
+
+def test_reduced_output_layer_trains_and_round_trips_a_checkpoint(tmp_path):
+    from common import load_model, save_checkpoint
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=30, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=32, max_seq_len=16,
+                         head_tokens=4)
+    model = Transformer(config)
+    model.head_ids.copy_(torch.tensor([1, 2, 5, 9]))
+    idx = torch.randint(0, 30, (2, 6))
+    _, loss = model(idx, targets=idx)  # targets outside head_ids have a finite loss: "other"'s share
+    loss.backward()
+    assert math.isfinite(loss.item()) and model.lm_head.weight.grad.abs().sum() > 0
+    save_checkpoint(tmp_path, model)
+    loaded = load_model(tmp_path)
+    assert loaded.config.head_tokens == 4 and loaded.head_ids.tolist() == [1, 2, 5, 9]
+    torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0])
+    with pytest.raises(ValueError, match="untied"):
+        ModelConfig(vocab_size=30, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=32, head_tokens=4,
+                    tie_embeddings=True)
+    with pytest.raises(ValueError, match="head_tokens"):
+        ModelConfig(vocab_size=30, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=32, head_tokens=30)
