@@ -336,7 +336,7 @@ def evaluate_real_stage(args) -> None:
     answers to GENERAL_PROMPTS. A trained model that took no step (its summary.json says step 0) is the model
     it started from: it gets the previous chat model's results instead of a second evaluation."""
     from chat import load_conversations
-    from common import resolve_device
+    from common import peak_memory_mb, resolve_device
     from tasks import arithmetic_problems
     run_dir = Path(args.run_dir)
     out_dir, data = run_dir / "eval", run_dir / "data"
@@ -363,7 +363,8 @@ def evaluate_real_stage(args) -> None:
             write_json(result_path, results[name])
         parent = name if kind == "chat" else parent
     earlier = read_json(out_dir / "summary.json").get("models", [])  # a second call adds its models, never drops
-    write_json(out_dir / "summary.json", {"models": earlier + [n for n in results if n not in earlier]})
+    write_json(out_dir / "summary.json", {"models": earlier + [n for n in results if n not in earlier],
+                                          "peak_memory_mb": peak_memory_mb(device)})
 
 
 def names_model(answer: str) -> bool:
@@ -410,7 +411,7 @@ def speculate_stage(args) -> None:
     changes during the stage slows both alike: the speedup is the ratio of their summed times."""
     import torch
     from chat import prompt_ids
-    from common import load_model, load_tokenizer, resolve_device
+    from common import load_model, load_tokenizer, peak_memory_mb, resolve_device
     from decoding import speculative_generate
     from sample import generate
     device = resolve_device(args.device)
@@ -446,7 +447,7 @@ def speculate_stage(args) -> None:
         "drafted": drafted, "accepted": accepted, "n_draft": args.n_draft, "plain_s": seconds["plain"],
         "speculative_s": seconds["speculative"], "speedup": seconds["plain"] / max(seconds["speculative"], 1e-9),
         "tokens": sum(map(len, outputs["plain"])), "draft_params": draft.num_params(),
-        "target_params": target.num_params()})
+        "target_params": target.num_params(), "peak_memory_mb": peak_memory_mb(device)})
 
 
 def export_stage(args) -> None:
@@ -455,7 +456,7 @@ def export_stage(args) -> None:
     one chat turn through llama.cpp (llama-cpp-python) when it is installed."""
     import torch
     from chat import default_system_prompt, prompt_ids
-    from common import load_model, load_tokenizer
+    from common import load_model, load_tokenizer, peak_memory_mb
     from gguf_io import save_gguf
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -482,7 +483,7 @@ def export_stage(args) -> None:
                                            temperature=0.0)
         summary["llama_cpp"] = reply["choices"][0]["message"]["content"]
         summary["llama_cpp_system"] = default_system_prompt(load_tokenizer(out / "model-q8_0.gguf"))
-    write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", {**summary, "peak_memory_mb": peak_memory_mb("cpu")})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -614,7 +615,7 @@ def report_lines(stages: list[Stage], run_dir: Path, timings: dict, header: dict
     card, last_line = report_card(stages, summaries, evals, judge_real)
     export = summaries.get("export", {})
     return [*report_header(f"# nanollm report: preset `{header.get('preset')}`, base `{header['base']}`", header,
-                           stages, timings),
+                           stages, timings, summaries),
             *real_model_table(stages, evals, timings), "",
             *([f"llama.cpp, the q8_0 GGUF answering {IDENTITY_PROMPTS['en'][0]!r} (the file's own chat template, "
                f"system message {export.get('llama_cpp_system')!r}): {export['llama_cpp']!r}", ""]

@@ -454,7 +454,7 @@ def report_lines(stages: list[Stage], run_dir: Path, timings: dict, header: dict
     """report.md of a from-scratch run: the stage table (one row per stage), the curves, samples, machine,
     commit, times and the report card."""
     lines = [*report_header(f"# nanollm report: preset `{header.get('preset')}`, lang `{header.get('lang')}`", header,
-                            stages, timings, " (stages skipped in this run keep their earlier time)"),
+                            stages, timings, summaries, " (stages skipped in this run keep their earlier time)"),
              "| stage | what | params | weights MB | val bpb | stop rate | identity acc | arithmetic acc "
              "| decode tok/s | stage metrics | wall s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]

@@ -75,11 +75,17 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def report_header(title: str, header: dict, stages: list, timings: dict, time_note: str = "") -> list[str]:
-    """report.md's first lines, for both tracks: the title, command, machine, commit and total wall time."""
+def report_header(title: str, header: dict, stages: list, timings: dict, summaries: dict,
+                  time_note: str = "") -> list[str]:
+    """report.md's first lines, for both tracks: the title, command, machine, commit, total wall time and
+    the largest peak memory a stage's summary.json records (each stage is a process of its own)."""
     total = sum(timings.get(s.name, 0.0) for s in stages)
+    peaks = {s.name: summaries[s.name]["peak_memory_mb"] for s in stages
+             if summaries.get(s.name, {}).get("peak_memory_mb")}
+    peak = [f"- peak memory: {max(peaks.values()):,.0f} MB (`{max(peaks, key=peaks.get)}`; every stage runs in a "
+            f"process of its own, {len(peaks)} of the {len(stages)} record their peak in summary.json)"] if peaks else []
     return [title, "", f"- command: `{header.get('command', '')}`", f"- machine: {header.get('machine', '')}",
-            f"- commit: {header.get('commit', '')}", f"- total wall time: {total:.0f} s{time_note}", ""]
+            f"- commit: {header.get('commit', '')}", f"- total wall time: {total:.0f} s{time_note}", *peak, ""]
 
 
 def flag_value(stage: Stage, flag: str):

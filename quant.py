@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from common import (CHECKPOINT_FILE, UsageError, atomic_write, exit_on_error, load_model, load_tokenizer,
-                    read_checkpoint, resolve_device, save_checkpoint)
+                    peak_memory_mb, read_checkpoint, resolve_device, save_checkpoint)
 from evaluate import evaluate_model
 from model import Transformer
 from moe import MoE
@@ -665,7 +665,7 @@ def main(argv=None):
         if args.qlora_steps:
             summary.update(qlora(args, model, spec, data_dir))
         if args.out_dir:  # written last: a summary.json means the stage finished
-            summary.update(wall_time_s=time.time() - t0, layers=info["report"])
+            summary.update(wall_time_s=time.time() - t0, peak_memory_mb=peak_memory_mb(args.device), layers=info["report"])
             summary_path = Path(args.out_dir) / "summary.json"
             atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
             print(f"summary in {summary_path}")
