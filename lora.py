@@ -24,6 +24,7 @@ QuantLinear: QLoRA). Targets name the layers by their last name component (model
 Hugging Face: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or Meta's Llama names (wq wk
 wv wo w1 w2 w3), or an fnmatch pattern over the full name ("layers.0.*").
 """
+import hashlib
 import math
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -213,6 +214,9 @@ def apply_lora(model: nn.Module, targets=None, r: int = 8, alpha: float = 16.0, 
             _replace(model, head_name, TiedLMHead(adapter, head))
     model.lora_config = {"targets": targets, "r": r, "alpha": alpha, "dropout": dropout, "rslora": rslora,
                          "embedding_rank": embedding_rank}
+    # taken now, while every base weight is as loaded: a merge and unmerge later leaves rounding in them
+    model.lora_base_fingerprint = base_fingerprint({name + ".weight": getattr(m.base, "weight", None)
+                                                    for name, m in model.named_modules() if isinstance(m, LoRALayer)})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters()),
             "layers": len(chosen) + len(embeddings)}
@@ -287,11 +291,29 @@ def lora_state_dict(model: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
 
 
+def base_fingerprint(weights: dict) -> str | None:
+    """sha256 of the base weights an adapter changes ({name: tensor}), as float32 in name order; None when
+    one of them is not a float matrix (a quantized base, QLoRA). Saved with the adapter and compared before it
+    is applied (load_adapter, merge.py), so an adapter trained on one model is never folded into another of
+    the same shapes: the DPO adapter of an SFT model into the base model, say. The same weights read in
+    float32 from a float32 or bf16 checkpoint or a GGUF file hash alike; cast to bf16 first they do not."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name]
+        if w is None or not w.is_floating_point():
+            return None
+        digest.update(name.encode())
+        digest.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_adapter(model: nn.Module, path) -> None:
-    """The adapters and their config, atomically; nothing of the base model."""
+    """The adapters, their config and the fingerprint of the base weights they adapt, atomically; nothing
+    of the base model."""
     if not lora_layers(model):
         raise ValueError("the model has no LoRA adapters to save")
-    payload = {"lora": lora_state_dict(model), "lora_config": model.lora_config}
+    payload = {"lora": lora_state_dict(model), "lora_config": model.lora_config,
+               "base_fingerprint": model.lora_base_fingerprint}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -309,5 +331,9 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{path}: adapter does not fit this model (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
+    expected = payload.get("base_fingerprint")  # absent from adapters saved before it was recorded
+    if expected and model.lora_base_fingerprint not in (None, expected):
+        raise ValueError(f"{path}: trained on another base model: the weights it adapts differ from this "
+                         f"model's (same shapes, other values)")
     model.load_state_dict(state, strict=False)
     return model

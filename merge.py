@@ -58,6 +58,7 @@ import torch
 from common import CHECKPOINT_FILE, atomic_write, load_tokenizer, peak_memory_mb, tokenizer_file
 from gguf_io import WRITE_TYPES
 from hf_io import config_from_hf, save_hf
+from lora import base_fingerprint
 from model import ModelConfig, Transformer
 
 METHODS = ("linear", "task_arithmetic", "slerp", "ties", "dare_ties", "dare_linear")
@@ -266,6 +267,10 @@ class AdapterSource(Source):
         unknown = sorted(set(self.factors) - set(base.names()))
         if unknown:
             raise MergeError(f"{path}: adapter for {unknown[0]}, which the base model {base.path} does not have")
+        expected = payload.get("base_fingerprint")  # absent from adapters saved before it was recorded
+        if expected and base_fingerprint({name: base.tensor(name) for name in self.factors}) != expected:
+            raise MergeError(f"{path}: trained on another base model than {base.path}: the weights it adapts "
+                             f"differ (same shapes, other values)")
 
     def names(self):
         return self.base.names()

@@ -84,6 +84,28 @@ def test_adapter_round_trip(tmp_path):
         load_adapter(tiny_model(), tmp_path / "junk.pt")
 
 
+def test_an_adapter_refuses_another_base_of_the_same_shapes(tmp_path):
+    model = tiny_model()
+    apply_lora(model, r=2, alpha=4, embedding_rank=2)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter.pt")
+    other = tiny_model()
+    with torch.no_grad():
+        other.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # one weight of one adapted layer
+    with pytest.raises(ValueError, match="adapter.pt: trained on another base model"):
+        load_adapter(other, tmp_path / "adapter.pt")
+    other = tiny_model()
+    with torch.no_grad():
+        other.embed_tokens.weight[3, 1] += 1e-3  # the adapted embedding counts too
+    with pytest.raises(ValueError, match="trained on another base model"):
+        load_adapter(other, tmp_path / "adapter.pt")
+    # an adapter saved before the fingerprint was recorded still loads
+    payload = torch.load(tmp_path / "adapter.pt", weights_only=False)
+    del payload["base_fingerprint"]
+    torch.save(payload, tmp_path / "old.pt")
+    load_adapter(tiny_model(), tmp_path / "old.pt")
+
+
 def test_bad_targets_are_named():
     with pytest.raises(ValueError, match="match no linear layer"):
         apply_lora(tiny_model(), targets=["q_projj"])

@@ -251,6 +251,10 @@ def test_lora_adapter_merges_as_its_task_vector(tmp_path, tokenizer):
     with pytest.raises(merge.MergeError, match="linear takes a base only for LoRA adapter inputs"):
         merge.run({"merge_method": "linear", "base_model": str(tmp_path / "base" / "ckpt.pt"),
                    "models": [str(tmp_path / "base"), str(tmp_path / "base")]}, tmp_path / "refused", progress=False)
+    make_ckpt(tmp_path / "other", tokenizer, 1)  # the same shapes, other weights: not the adapter's base
+    with pytest.raises(merge.MergeError, match="adapter.pt: trained on another base model than"):
+        merge.run({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "other"),
+                   "models": [str(tmp_path / "adapter.pt")]}, tmp_path / "wrong-base", progress=False)
 
 
 def test_hugging_face_input_and_output(trio, tmp_path, tokenizer):
