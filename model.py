@@ -513,9 +513,9 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, x.dtype, start_pos + T)
         for layer in self.layers:
             x = layer(x, cos, sin, start_pos, kv_cache, doc_mask)
-        logits = self.lm_head(self.norm(x))                                               # (B, T, vocab)
+        logits = self.lm_head(self.norm(x))                          # (B, T, vocab) or (B, T, head_tokens + 1)
         if self.config.head_tokens:
-            logits = self.whole_vocabulary(logits)
+            logits = self.whole_vocabulary(logits)                                        # (B, T, vocab)
 
         loss = None
         if targets is not None:
