@@ -83,18 +83,25 @@ def atomic_write(path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        # torch.save reports a full disk as a RuntimeError from its zip writer or its stream, in several wordings
+        failed_write = isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
+            word in str(e).lower() for word in ("write", "inline_container", "iostream")))
+        reason = describe_os_error(e, path) if failed_write else ""  # before the partial file frees its space
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        # torch.save reports a full disk as a RuntimeError from its zip writer
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
+        if failed_write:
             kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
-            raise WriteError(f"cannot write {path} ({describe_os_error(e, path)}); {kept}") from None
+            raise WriteError(f"cannot write {path} ({reason}); {kept}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+DISK_FULL_MB = 100  # a write that fails with less free than this failed for want of space (measured with the
+#                    partial file still there: a full disk here read 57 MB free, torch's error "unexpected pos")
 
 
 def describe_os_error(error: Exception, path: Path) -> str:
@@ -108,6 +115,8 @@ def describe_os_error(error: Exception, path: Path) -> str:
         return "the directory is not writable"
     existing = next(p for p in [path, *path.parents] if p.exists())
     free_mb = shutil.disk_usage(existing).free / 2**20  # torch's zip writer hides ENOSPC behind its own message
+    if free_mb < DISK_FULL_MB:
+        return f"the disk is full: {free_mb:,.0f} MB free"
     return f"{getattr(error, 'strerror', None) or str(error).split(': ')[-1]}; {free_mb:,.0f} MB free on that disk"
 
 

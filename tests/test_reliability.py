@@ -187,6 +187,31 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "tokenizer.json", "tokenizer.tiktoken"]  # no .tmp
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 117952 "
+                                                  "vs 117846"), RuntimeError("basic_ios::clear: iostream error")])
+def test_torch_s_other_full_disk_errors_say_the_disk_is_full(tmp_path, tokenizers, monkeypatch, failure):
+    """The wordings torch.save gave on this machine's disk when it filled; the free space is read while the
+    partial file still takes its room."""
+    import shutil
+    from types import SimpleNamespace
+    from common import WriteError
+    trained, _ = tokenizers
+    run = tiny_checkpoint(tmp_path / "run", trained)
+    before = (run / "ckpt.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"partial")
+        raise failure
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=57 * 2**20))  # what this disk read
+    with pytest.raises(WriteError) as error:
+        save_checkpoint(run, Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                                                     hidden_dim=64, max_seq_len=64)))
+    assert str(error.value) == f"cannot write {run / 'ckpt.pt'} (the disk is full: 57 MB free); the previous ckpt.pt is intact"
+    assert (run / "ckpt.pt").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "tokenizer.json", "tokenizer.tiktoken"]  # no .tmp
+
+
 def test_a_read_only_directory_is_named(tmp_path, tokenizers, monkeypatch):
     """As root the permission bits do not stop a write, so the refusal a read-only mount gives is simulated."""
     import tempfile
