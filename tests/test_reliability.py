@@ -164,34 +164,16 @@ def test_train_resume_from_a_damaged_checkpoint_is_one_line(prepared, tmp_path, 
     assert code == 1 and f"{path}: not a readable checkpoint" in one_line(err)
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter "
-                                                  "failed writing file data/3: file write failed")])
-def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, tokenizers, monkeypatch, failure):
-    from common import WriteError
-    trained, _ = tokenizers
-    run = tiny_checkpoint(tmp_path / "run", trained)
-    before = (run / "ckpt.pt").read_bytes()
-
-    def disk_full(obj, f, *args, **kwargs):
-        open(f, "wb").write(b"partial")
-        raise failure
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(WriteError) as error:
-        save_checkpoint(run, Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=2,
-                                                     hidden_dim=64, max_seq_len=64)))
-    reason = "the disk is full" if isinstance(failure, OSError) else "file write failed; "
-    assert str(error.value).startswith(f"cannot write {run / 'ckpt.pt'} ({reason}")
-    assert str(error.value).endswith("; the previous ckpt.pt is intact")
-    assert (run / "ckpt.pt").read_bytes() == before
-    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "tokenizer.json", "tokenizer.tiktoken"]  # no .tmp
-
-
-@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 117952 "
-                                                  "vs 117846"), RuntimeError("basic_ios::clear: iostream error")])
-def test_torch_s_other_full_disk_errors_say_the_disk_is_full(tmp_path, tokenizers, monkeypatch, failure):
-    """The wordings torch.save gave on this machine's disk when it filled; the free space is read while the
-    partial file still takes its room."""
+@pytest.mark.parametrize("failure,free_mb,reason", [
+    (OSError(28, "No space left on device"), 10_240, "the disk is full"),
+    (RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/3: "
+                  "file write failed"), 10_240, "file write failed; 10,240 MB free on that disk"),
+    # the wordings torch.save gave when this machine's disk filled, 57 MB left
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 117952 vs 117846"), 57,
+     "the disk is full: 57 MB free"),
+    (RuntimeError("basic_ios::clear: iostream error"), 57, "the disk is full: 57 MB free")])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, tokenizers, monkeypatch, failure,
+                                                                     free_mb, reason):
     import shutil
     from types import SimpleNamespace
     from common import WriteError
@@ -203,11 +185,11 @@ def test_torch_s_other_full_disk_errors_say_the_disk_is_full(tmp_path, tokenizer
         open(f, "wb").write(b"partial")
         raise failure
     monkeypatch.setattr(torch, "save", disk_full)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=57 * 2**20))  # what this disk read
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=free_mb * 2**20))
     with pytest.raises(WriteError) as error:
         save_checkpoint(run, Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=2,
                                                      hidden_dim=64, max_seq_len=64)))
-    assert str(error.value) == f"cannot write {run / 'ckpt.pt'} (the disk is full: 57 MB free); the previous ckpt.pt is intact"
+    assert str(error.value) == f"cannot write {run / 'ckpt.pt'} ({reason}); the previous ckpt.pt is intact"
     assert (run / "ckpt.pt").read_bytes() == before
     assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "tokenizer.json", "tokenizer.tiktoken"]  # no .tmp
 
