@@ -362,9 +362,11 @@ def evaluate_real_stage(args) -> None:
             results[name] = evaluate_real_model(args, path, kind, device, identity, problems)
             write_json(result_path, results[name])
         parent = name if kind == "chat" else parent
-    earlier = read_json(out_dir / "summary.json").get("models", [])  # a second call adds its models, never drops
-    write_json(out_dir / "summary.json", {"models": earlier + [n for n in results if n not in earlier],
-                                          "peak_memory_mb": peak_memory_mb(device)})
+    # a second call adds its models, never drops one, and keeps the larger of the two calls' peaks
+    earlier = read_json(out_dir / "summary.json")
+    models = earlier.get("models", [])
+    write_json(out_dir / "summary.json", {"models": models + [n for n in results if n not in models],
+                                          "peak_memory_mb": max(peak_memory_mb(device), earlier.get("peak_memory_mb", 0))})
 
 
 def names_model(answer: str) -> bool:

@@ -168,8 +168,10 @@ def test_a_model_that_took_no_step_gets_its_parents_results(tmp_path):
     main(["evaluate-real", "--run-dir", str(tmp_path), "--arithmetic", "0", f"sft={tmp_path / 'sft'}=chat",
           f"dpo={tmp_path / 'dpo'}=chat"])
     assert json.loads((tmp_path / "eval" / "dpo.json").read_text()) == {**parent, "same_as": "sft", "eval_s": 0.0}
+    summary = tmp_path / "eval" / "summary.json"
+    write_json(summary, {**json.loads(summary.read_text()), "peak_memory_mb": 1e9})  # as if the first call were larger
     main(["evaluate-real", "--run-dir", str(tmp_path), "--arithmetic", "0", f"dpo={tmp_path / 'dpo'}=chat"])
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["models"] == ["sft", "dpo"]  # added to
+    assert json.loads(summary.read_text()) == {"models": ["sft", "dpo"], "peak_memory_mb": 1e9}  # added to, peak kept
 
 
 def test_real_report_card_on_fake_results(tmp_path):
