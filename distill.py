@@ -394,6 +394,9 @@ def cut_student(student: Transformer, keep_layers: list[int], head_tokens: int, 
         prefix = f"layers.{old}."
         cut.update({f"layers.{new}.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)})
     if head_tokens:
+        seen = int((token_counts > 0).sum())
+        if head_tokens > seen:  # the rest would be arbitrary unseen ids
+            raise UsageError(f"--head-tokens {head_tokens}: the data has only {seen:,} distinct target tokens")
         head_ids = token_counts.topk(head_tokens).indices.sort().values                  # (head_tokens,)
         head = state["lm_head.weight"]                                                    # (vocab, dim)
         cut["lm_head.weight"] = torch.cat((head[head_ids], head.new_zeros(1, head.size(1))))

@@ -416,6 +416,8 @@ def test_cut_student_keeps_the_chosen_blocks_and_the_most_frequent_tokens(tmp_pa
     assert draft.lm_head.weight[2].abs().sum() == 0
     with pytest.raises(UsageError, match="--keep-layers 3"):
         cut_student(teacher, [0, 3], 0, counts)
+    with pytest.raises(UsageError, match="--head-tokens 4: the data has only 3 distinct target tokens"):
+        cut_student(teacher, [0], 4, counts)  # a fourth row would be an arbitrary token never seen
 
 
 def test_a_draft_cut_from_the_teacher_learns_and_drafts_for_it(tmp_path, tokenizer, chat_file):
@@ -426,14 +428,14 @@ def test_a_draft_cut_from_the_teacher_learns_and_drafts_for_it(tmp_path, tokeniz
     from sample import generate
     teacher = save_model(tmp_path / "teacher", tokenizer, n_layers=2, dim=32, seed=1)
     build_cache(str(teacher), str(chat_file), str(tmp_path / "cache"), seq_len=63, k=8, temperature=2.0, device="cpu")
-    distill(DistillConfig(data=str(chat_file), init=str(teacher), keep_layers="0", head_tokens=24,
+    distill(DistillConfig(data=str(chat_file), init=str(teacher), keep_layers="0", head_tokens=20,
                           teacher_cache=str(tmp_path / "cache"), out_dir=str(tmp_path / "out"), seq_len=63,
                           batch_size=4, max_steps=15, lr=3e-3, warmup_steps=1, alpha=1.0, eval_interval=1000,
                           log_interval=5, device="cpu"))
     curve = kd_curve(tmp_path / "out")
     assert curve[-1] < 0.8 * curve[0]
     draft, target = load_model(tmp_path / "out"), load_model(teacher)
-    assert draft.config.n_layers == 1 and draft.config.head_tokens == 24 and draft.lm_head.weight.shape[0] == 25
+    assert draft.config.n_layers == 1 and draft.config.head_tokens == 20 and draft.lm_head.weight.shape[0] == 21
     prompt = torch.tensor(tokenizer.encode_ordinary("user: what is 2 + 3?"))
     with torch.no_grad():
         plain = generate(target, [prompt], 12, temperature=0.0)[0].tolist()
