@@ -232,8 +232,12 @@ def main(argv=None):
         parser.add_argument("--prompts", type=int, default=5)
         parser.add_argument("--max-new-tokens", type=int, default=64)
         parser.add_argument("--n-draft", type=int, default=4)
+        parser.add_argument("--repeats", type=int, default=3, help="decodings of each prompt each way; the fastest counts")
         parser.add_argument("--device", default="auto")
-        return speculate_stage(parser.parse_args(argv[1:]))
+        args = parser.parse_args(argv[1:])
+        if args.repeats < 1:
+            parser.error(f"--repeats must be >= 1, got {args.repeats}")
+        return speculate_stage(args)
     if argv[:1] == ["export"]:
         parser = argparse.ArgumentParser(prog="pipeline.py export", description=export_stage.__doc__)
         parser.add_argument("--ckpt", required=True)

