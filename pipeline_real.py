@@ -366,8 +366,9 @@ def evaluate_real_stage(args) -> None:
     # a second call adds its models, never drops one, and keeps the larger of the two calls' peaks
     earlier = read_json(out_dir / "summary.json")
     models = earlier.get("models", [])
+    peak = max(peak_memory_mb(device), earlier.get("peak_memory_mb", 0))
     write_json(out_dir / "summary.json", {"models": models + [n for n in results if n not in models],
-                                          "peak_memory_mb": max(peak_memory_mb(device), earlier.get("peak_memory_mb", 0))})
+                                          "peak_memory_mb": peak})
 
 
 def names_model(answer: str) -> bool:
@@ -434,14 +435,14 @@ def speculate_stage(args) -> None:
     with torch.no_grad():
         generate(target, [prompts[0]], 2, temperature=0.0)  # warm-up: the first call pays for allocations
         speculative_generate(target, draft, prompts[0], 2, args.n_draft, temperature=0.0)
+        order = [("plain", plain), ("speculative", speculative)]
         for i, x in enumerate(prompts):
             fastest = {"plain": math.inf, "speculative": math.inf}
             for repeat in range(args.repeats):
-                order = [("plain", plain), ("speculative", speculative)]
                 for name, decode in (order if (i + repeat) % 2 == 0 else order[::-1]):
-                    t0 = time.time()
+                    t0 = time.perf_counter()
                     tokens, stats = decode(x)
-                    fastest[name] = min(fastest[name], time.time() - t0)
+                    fastest[name] = min(fastest[name], time.perf_counter() - t0)
                     if repeat == 0:  # greedy: every repeat gives the same tokens
                         outputs[name].append(tokens)
                         if stats:
@@ -453,8 +454,8 @@ def speculate_stage(args) -> None:
     identical = sum(a == b for a, b in zip(outputs["plain"], outputs["speculative"]))
     write_json(Path(args.out_dir) / "summary.json", {
         "prompts": len(prompts), "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
-        "drafted": drafted, "accepted": accepted, "n_draft": args.n_draft, "repeats": args.repeats, "plain_s": seconds["plain"],
-        "speculative_s": seconds["speculative"], "speedup": seconds["plain"] / max(seconds["speculative"], 1e-9),
+        "drafted": drafted, "accepted": accepted, "n_draft": args.n_draft, "repeats": args.repeats,
+        "plain_s": seconds["plain"], "speculative_s": seconds["speculative"], "speedup": seconds["plain"] / max(seconds["speculative"], 1e-9),
         "tokens": sum(map(len, outputs["plain"])), "draft_params": draft.num_params(),
         "target_params": target.num_params(), "peak_memory_mb": peak_memory_mb(device)})
 
