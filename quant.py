@@ -360,12 +360,16 @@ def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | No
     def quantize_group(root, prefix, group_names, run):
         layers = {n: root.get_submodule(n) for n in group_names}
         full = {n: prefix + n for n in group_names}
-        hessians = {n: GPTQ(layer.in_features, full[n], device) for n, layer in layers.items()}
-        fed = set()
+        hessians = {}  # layers fed the very same tensor (q/k/v, gate/up) share one H: GPTQ.quantize clones it
+        fed = {}       # name -> its input in this batch
 
         def record(name, x):
-            hessians[name].add_batch(x)
-            fed.add(name)
+            twin = next((n for n, seen in fed.items() if seen is x), None)
+            if twin is not None:
+                hessians[name] = hessians[twin]
+            else:
+                hessians.setdefault(name, GPTQ(layers[name].in_features, full[name], device)).add_batch(x)
+            fed[name] = x
             if len(fed) == len(layers):
                 raise InputsSeen
         hooks = [layer.register_forward_pre_hook(lambda m, inp, n=n: record(n, inp[0])) for n, layer in layers.items()]
@@ -378,8 +382,10 @@ def quantize_model(model: Transformer, spec: QuantSpec, calib: torch.Tensor | No
         for hook in hooks:
             hook.remove()
         for n, layer in layers.items():
+            hessians.setdefault(n, GPTQ(layer.in_features, full[n], device))  # an expert no token was routed to
             seen = hessians[n].n_samples > 0  # False for an expert no calibration token was routed to: RTN
             if spec.method == "gptq" and seen:
+                hessians[n].name = full[n]  # a shared H: its messages name the layer being quantized
                 q, _ = hessians[n].quantize(layer.weight, spec)
             else:
                 q = rtn_quantize(layer.weight, spec, full[n])
