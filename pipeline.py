@@ -232,7 +232,8 @@ def main(argv=None):
         parser.add_argument("--prompts", type=int, default=5)
         parser.add_argument("--max-new-tokens", type=int, default=64)
         parser.add_argument("--n-draft", type=int, default=4)
-        parser.add_argument("--repeats", type=int, default=3, help="decodings of each prompt each way; the fastest counts")
+        parser.add_argument("--repeats", type=int, default=3,
+                            help="decodings of each prompt each way; the fastest counts")
         parser.add_argument("--device", default="auto")
         args = parser.parse_args(argv[1:])
         if args.repeats < 1:

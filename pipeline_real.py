@@ -455,7 +455,8 @@ def speculate_stage(args) -> None:
     write_json(Path(args.out_dir) / "summary.json", {
         "prompts": len(prompts), "identical": identical, "acceptance_rate": accepted / max(drafted, 1),
         "drafted": drafted, "accepted": accepted, "n_draft": args.n_draft, "repeats": args.repeats,
-        "plain_s": seconds["plain"], "speculative_s": seconds["speculative"], "speedup": seconds["plain"] / max(seconds["speculative"], 1e-9),
+        "plain_s": seconds["plain"], "speculative_s": seconds["speculative"],
+        "speedup": seconds["plain"] / max(seconds["speculative"], 1e-9),
         "tokens": sum(map(len, outputs["plain"])), "draft_params": draft.num_params(),
         "target_params": target.num_params(), "peak_memory_mb": peak_memory_mb(device)})
 

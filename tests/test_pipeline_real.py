@@ -182,7 +182,8 @@ def test_speculate_with_the_target_as_its_own_draft_accepts_every_token(standin,
     assert spec["identical"] == spec["prompts"] == 2 and spec["repeats"] == 2
     assert spec["drafted"] > 0 and spec["accepted"] == spec["drafted"]
     assert spec["speedup"] == pytest.approx(spec["plain_s"] / spec["speculative_s"])
-    code, err = refused(main, "speculate", "--target", standin, "--draft", standin, "--out-dir", tmp_path, "--repeats", "0")
+    code, err = refused(main, "speculate", "--target", standin, "--draft", standin, "--out-dir", tmp_path,
+                        "--repeats", "0")
     assert code == 2 and "--repeats must be >= 1, got 0" in err
 
 
